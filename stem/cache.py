@@ -1,0 +1,422 @@
+"""On-disk cache of inverted latents, so a repeated job or a second edit of a video does no UNet work.
+
+One entry is one safetensors file, ``root/<key>.safetensors``, holding named tensors (e.g. the DDIM
+trajectory ``(T+1, N, 4, h, w)`` and uint8 reconstruction frames) and str->str metadata. The key is
+:func:`cache_key` of the input frames and the job's settings. Entries are written atomically (temp
+file + ``os.replace``), verified by a checksum when read, and evicted least-recently-used first
+once the folder grows past ``max_bytes``; a file's mtime is its last access time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import StemError
+
+FORMAT_VERSION = 1
+
+_SUFFIX = ".safetensors"
+_TMP_SUFFIX = ".tmp"  # temp files are ".<key>.<random>.tmp": never matched by "*.safetensors"
+_STALE_TMP_SECONDS = 3600.0  # a temp file this old belongs to a writer that died
+_RESERVED = ("stem_format", "stem_checksum")
+_KEY_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z_.-]*")
+_GB = 10**9
+_DEFAULT_MAX_GB = 20.0
+
+
+def default_cache_dir() -> Path:
+    """$STEM_CACHE_DIR, else $XDG_CACHE_HOME/stem, else %LOCALAPPDATA%\\stem (Windows) or ~/.cache/stem."""
+    if os.environ.get("STEM_CACHE_DIR"):
+        return Path(os.environ["STEM_CACHE_DIR"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "stem"
+    if os.name == "nt" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "stem"
+    return Path.home() / ".cache" / "stem"
+
+
+def default_max_bytes() -> int:
+    """$STEM_CACHE_MAX_GB (decimal GB, may be fractional) in bytes, else 20 GB."""
+    raw = os.environ.get("STEM_CACHE_MAX_GB", "").strip()
+    if not raw:
+        return int(_DEFAULT_MAX_GB * _GB)
+    try:
+        gb = float(raw)
+    except ValueError:
+        gb = float("nan")
+    if not gb >= 0 or gb == float("inf"):  # also rejects NaN
+        raise StemError(
+            f"STEM_CACHE_MAX_GB={raw!r} is not a size in GB; set it to a number such as 20 or 0.5."
+        )
+    return int(gb * _GB)
+
+
+def _json_default(obj: object) -> object:
+    """Make the few non-JSON values that appear in settings hashable by value, never by address."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (PurePath, torch.dtype, np.dtype)):
+        return str(obj)
+    raise TypeError(f"cache_key settings must be JSON-serialisable; got a {type(obj).__name__}: {obj!r}")
+
+
+def cache_key(frames: np.ndarray, settings: Mapping[str, object]) -> str:
+    """Content hash identifying one inversion job.
+
+    Args:
+        frames: the input video, e.g. ``(N, H, W, 3)`` uint8; any shape and non-object dtype.
+        settings: everything else the result depends on (model id, steps, prompt, ...), as a
+            mapping (or a dataclass instance). Nested values must be JSON-serialisable; dict order
+            does not matter, list order does.
+
+    Returns:
+        64-character sha256 hex digest of FORMAT_VERSION, the frames' shape, dtype and bytes, and
+        ``json.dumps(settings, sort_keys=True)``.
+    """
+    frames = np.asarray(frames)
+    if frames.dtype.hasobject:
+        raise TypeError("cache_key needs a numeric frames array, not an object array")
+    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        settings = dataclasses.asdict(settings)
+    h = hashlib.sha256()
+    h.update(f"stem-cache v{FORMAT_VERSION}\n{frames.shape}\n{frames.dtype.str}\n".encode())
+    h.update(memoryview(np.ascontiguousarray(frames)).cast("B"))  # no copy when already C-contiguous
+    h.update(b"\n")
+    h.update(json.dumps(dict(settings), sort_keys=True, default=_json_default).encode())
+    return h.hexdigest()
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, for any dtype (bfloat16 and bool included)."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _checksum(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """sha256 over the user metadata and every tensor's name, dtype, shape and data, names sorted."""
+    h = hashlib.sha256()
+    h.update(json.dumps(dict(metadata), sort_keys=True).encode() + b"\n")
+    for name in sorted(tensors):
+        t = tensors[name]
+        # nbytes in the record frames the raw data that follows, so records cannot run together
+        h.update(json.dumps([name, str(t.dtype), list(t.shape), t.nbytes]).encode() + b"\n")
+        h.update(_raw_bytes(t))
+    return h.hexdigest()
+
+
+def _prepare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors; ones sharing storage with an earlier one are cloned."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise TypeError(f"cache tensors must map str to torch.Tensor; got {name!r}: {type(t).__name__}")
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel() > 0:  # safetensors refuses tensors that share memory
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        seen.add(ptr)
+        out[name] = t
+    return out
+
+
+class _Corrupt(Exception):
+    """A cache file that exists but cannot be trusted; the message is the reason."""
+
+
+def _read_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read and verify one cache file; raises _Corrupt for anything wrong with its contents."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (FileNotFoundError, MemoryError):
+        raise
+    except Exception as e:  # SafetensorError, OSError, ...: unreadable means recompute
+        raise _Corrupt(f"{type(e).__name__}: {e}") from e
+    version = metadata.pop("stem_format", None)
+    if version != str(FORMAT_VERSION):
+        raise _Corrupt(f"format version {version!r}, expected {FORMAT_VERSION!r}")
+    expected = metadata.pop("stem_checksum", None)
+    if expected is None:
+        raise _Corrupt("no checksum")
+    if _checksum(tensors, metadata) != expected:
+        raise _Corrupt("checksum mismatch")
+    return tensors, metadata
+
+
+def _stat_id(path: Path) -> tuple[int, int, int] | None:
+    """Identity of the file now at path (inode, size, mtime), or None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass
+class CacheEntry:
+    """One cache hit: the tensors and user metadata that were saved, and the file they came from."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    path: Path
+
+
+class LatentCache:
+    """A folder of safetensors files keyed by :func:`cache_key`, bounded by LRU eviction.
+
+    Nothing is created on disk until the first :meth:`save` (or :meth:`ensure_writable`). Safe for
+    several processes sharing one folder: writers replace whole files atomically, and readers
+    verify a checksum, so the worst a race can cost is a recomputation.
+
+    Args:
+        root: cache folder; default :func:`default_cache_dir`.
+        max_bytes: size limit of all entries together; default :func:`default_max_bytes`.
+    """
+
+    def __init__(self, root: str | Path | None = None, max_bytes: int | None = None):
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        self.max_bytes = int(max_bytes) if max_bytes is not None else default_max_bytes()
+        if self.max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+
+    def __repr__(self) -> str:
+        return f"LatentCache(root={str(self.root)!r}, max_bytes={self.max_bytes})"
+
+    def path_for(self, key: str) -> Path:
+        """``root / f"{key}.safetensors"``; the key must be a plain file-name stem (e.g. a hex digest)."""
+        if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
+            raise ValueError(f"cache key must be letters, digits, '_', '.' or '-', got {key!r}")
+        return self.root / f"{key}{_SUFFIX}"
+
+    def load(self, key: str) -> CacheEntry | None:
+        """The entry saved under key, or None if there is none or its file is corrupt.
+
+        A corrupt file (unreadable, truncated, wrong format version, checksum mismatch) is reported
+        with a warning and deleted; this never raises for a bad file. A hit marks the entry as
+        recently used.
+        """
+        path = self.path_for(key)
+        before = _stat_id(path)
+        if before is None:
+            return None
+        try:
+            tensors, metadata = _read_entry(path)
+        except FileNotFoundError:  # evicted or cleared by another process just now
+            return None
+        except _Corrupt as e:
+            warnings.warn(f"STEM cache file {path} is corrupt ({e}); recomputing.", stacklevel=2)
+            if _stat_id(path) == before:  # do not delete a good file a concurrent writer just put there
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+            return None
+        try:
+            os.utime(path)  # mtime is the LRU clock
+        except OSError:
+            pass  # a read-only cache still serves hits
+        return CacheEntry(tensors=tensors, metadata=metadata, path=path)
+
+    def ensure_writable(self) -> None:
+        """Create the cache folder and check a file can be written there; raises StemError if not.
+
+        Call before a long computation whose result will be saved, so a bad folder fails early.
+        """
+        self._mkdir()
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".probe.", suffix=_TMP_SUFFIX, dir=self.root)
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise self._unwritable(e) from e
+
+    def save(
+        self,
+        key: str,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, str] | None = None,
+    ) -> Path:
+        """Write an entry atomically, then evict least-recently-used entries down to max_bytes.
+
+        Args:
+            key: usually ``cache_key(frames, settings)``.
+            tensors: name -> tensor, any device and dtype; stored contiguous on the CPU.
+            metadata: str -> str kept beside the tensors; the keys ``stem_format`` and
+                ``stem_checksum`` are reserved.
+
+        Returns:
+            The path of the entry. The entry itself is never evicted by this call, even when it
+            alone exceeds max_bytes (that is warned about).
+
+        Raises:
+            StemError: the cache folder cannot be created or written.
+        """
+        path = self.path_for(key)
+        metadata = dict(metadata or {})
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError(f"cache metadata must map str to str; got {k!r}: {type(v).__name__}")
+            if k in _RESERVED:
+                raise ValueError(f"cache metadata key {k!r} is reserved")
+        tensors = _prepare(tensors)
+        header = {**metadata, "stem_format": str(FORMAT_VERSION), "stem_checksum": _checksum(tensors, metadata)}
+
+        self._mkdir()
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=_TMP_SUFFIX, dir=self.root)
+        except OSError as e:
+            raise self._unwritable(e) from e
+        try:
+            os.close(fd)
+            save_file(tensors, tmp, metadata=header)
+            with open(tmp, "r+b") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a mix
+        except BaseException as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if isinstance(e, OSError):
+                raise self._unwritable(e) from e
+            raise
+        self._fsync_dir()
+
+        self.evict(keep=key)
+        size = path.stat().st_size
+        if size > self.max_bytes:
+            warnings.warn(
+                f"STEM cache entry {path} is {size / _GB:.2f} GB, more than the cache limit of "
+                f"{self.max_bytes / _GB:.2f} GB; keeping it anyway. Raise STEM_CACHE_MAX_GB to avoid this.",
+                stacklevel=2,
+            )
+        return path
+
+    def evict(self, keep: str | None = None) -> list[Path]:
+        """Delete least-recently-used entries until the cache fits in max_bytes.
+
+        Args:
+            keep: a key never to evict (the entry just written).
+
+        Returns:
+            The paths deleted, oldest first. Temp files of writers that died over an hour ago are
+            removed too, and not listed.
+        """
+        keep_path = self.path_for(keep) if keep is not None else None
+        self._remove_stale_tmp()
+        entries = []  # (mtime, size, path)
+        for path in self._entries():
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            entries.append((st.st_mtime, st.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        evicted = []
+        for _, size, path in sorted(entries, key=lambda e: (e[0], e[2].name)):
+            if total <= self.max_bytes:
+                break
+            if path == keep_path:
+                continue
+            try:
+                path.unlink()
+            except FileNotFoundError:  # another process evicted it first
+                pass
+            except OSError:
+                continue
+            else:
+                evicted.append(path)
+            total -= size
+        return evicted
+
+    def size_bytes(self) -> int:
+        """Total size of all entries (temp files of writers in progress are not counted)."""
+        total = 0
+        for path in self._entries():
+            try:
+                total += path.stat().st_size
+            except OSError:
+                pass
+        return total
+
+    def clear(self) -> None:
+        """Delete every entry (and stale temp files); the folder itself and other files stay."""
+        self._remove_stale_tmp()
+        for path in self._entries():
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def _entries(self) -> list[Path]:
+        """All entry files in the cache folder; none if it does not exist."""
+        if not self.root.is_dir():
+            return []
+        return [p for p in self.root.iterdir() if p.name.endswith(_SUFFIX) and not p.name.startswith(".")]
+
+    def _remove_stale_tmp(self) -> None:
+        """Remove temp files left by writers that died (older than an hour)."""
+        if not self.root.is_dir():
+            return
+        cutoff = time.time() - _STALE_TMP_SECONDS
+        for p in self.root.iterdir():
+            if p.name.startswith(".") and p.name.endswith(_TMP_SUFFIX):
+                try:
+                    if p.stat().st_mtime < cutoff:
+                        p.unlink()
+                except OSError:
+                    pass
+
+    def _mkdir(self) -> None:
+        """Create the cache folder on demand."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise self._unwritable(e) from e
+        if not self.root.is_dir():
+            raise self._unwritable(NotADirectoryError(f"{self.root} is not a folder"))
+
+    def _fsync_dir(self) -> None:
+        """Make the rename durable (POSIX only; best effort)."""
+        if os.name == "nt":
+            return
+        try:
+            fd = os.open(self.root, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def _unwritable(self, e: OSError) -> StemError:
+        """The user-facing error for a cache folder that cannot be created or written."""
+        reason = e.strerror or str(e)
+        return StemError(
+            f"Cannot write to the cache folder {self.root} ({reason}); pass --cache-dir or set "
+            f"STEM_CACHE_DIR to a writable folder with free space."
+        )

@@ -1,0 +1,207 @@
+"""`python -m stem ...`: invert, compare and edit videos from the command line.
+
+Every bad input ends in one sentence on stderr and a non-zero exit (a traceback only with
+--debug); results are written atomically at the end, so a failed run leaves nothing half-done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from .errors import StemError
+
+EXIT_ERROR = 2
+
+
+# -- shared options ---------------------------------------------------------------------------
+
+def add_inversion_options(parser: argparse.ArgumentParser, prompt_flags=("--prompt",)) -> None:
+    """Options that define an inversion job (they are its cache key)."""
+    from .engine import InversionSettings
+    from .models import DEFAULT_MODEL
+
+    d = InversionSettings()
+    parser.add_argument("video", help="video file (mp4/webm/mov/gif) or folder of frames")
+    parser.add_argument("--model", default=os.environ.get("STEM_MODEL", DEFAULT_MODEL),
+                        help=f"diffusers SD 1.x/2.x hub id or local folder, or tiny-random (default: $STEM_MODEL or {DEFAULT_MODEL})")
+    parser.add_argument("--method", default=d.method, help="self-attention during inversion: stem, ddim or inflated (default: %(default)s)")
+    parser.add_argument("--frames", type=int, default=None, help=f"number of frames to use (default: all, at most {d.max_frames})")
+    parser.add_argument("--stride", type=int, default=d.stride, help="use every S-th frame (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=d.size, help="pixels on the long side, rounded to multiples of 8 (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=d.num_steps, help="DDIM steps (default: %(default)s)")
+    parser.add_argument("--bases", type=int, default=d.num_bases, help="STEM: K bases per layer (default: %(default)s)")
+    parser.add_argument("--iters", type=int, default=d.num_iters, help="STEM: R EM iterations (default: %(default)s)")
+    parser.add_argument(*prompt_flags, dest="source_prompt", default="", help="text describing the video; conditions the inversion")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the EM initialisation (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="output folder (default: stem-out/<video name>)")
+    parser.add_argument("--cache-dir", default=None, help="latent cache folder (default: $STEM_CACHE_DIR or ~/.cache/stem)")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="frames per UNet call (default: all at once); STEM still uses all frames for its bases")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def settings_from(args, method: str | None = None):
+    """The frozen InversionSettings of parsed arguments, validated."""
+    from .engine import InversionSettings
+
+    return InversionSettings(
+        model=args.model, method=method or args.method, num_bases=args.bases, num_iters=args.iters,
+        num_steps=args.steps, num_frames=args.frames, stride=args.stride, size=args.size,
+        prompt=args.source_prompt, seed=args.seed,
+    ).validate()
+
+
+def make_engine(args):
+    """An Engine for the parsed arguments (the model loads on first use)."""
+    from .cache import LatentCache
+    from .engine import Engine
+
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise StemError(f"--chunk-size must be 1 or more, got {args.chunk_size}.")
+    return Engine(args.model, device=args.device, cache=LatentCache(args.cache_dir), unet_chunk_size=args.chunk_size)
+
+
+def load_video(args, settings):
+    from .video import read_video
+
+    return read_video(args.video, num_frames=settings.num_frames, stride=settings.stride, size=settings.size,
+                      max_frames=settings.max_frames)
+
+
+def out_dir(args) -> Path:
+    return Path(args.out) if args.out else Path("stem-out") / Path(args.video).stem
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class TqdmProgress:
+    """progress(phase, done, total) -> one tqdm bar per phase on stderr."""
+
+    def __init__(self):
+        self.phase, self.bar = None, None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        if phase != self.phase:
+            self.close()
+            self.phase, self.bar = phase, tqdm(total=total, desc=phase, unit="step", leave=False)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.phase, self.bar = None, None
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+def cmd_invert(args) -> dict:
+    from .engine import inversion_metrics
+    from .video import write_video
+
+    settings = settings_from(args)
+    engine = make_engine(args)
+    video = load_video(args, settings)
+    progress = TqdmProgress()
+    result = engine.invert(video, settings, progress)
+    progress.close()
+    metrics = inversion_metrics(video, result, engine)
+    out = out_dir(args)
+    write_video(out / "reconstruction.mp4", result.reconstruction, video.fps)
+    write_json(out / "metrics.json", metrics)
+    return {"out": str(out), **{k: metrics[k] for k in ("psnr", "ssim", "warp_error", "cache_hit", "seconds")}}
+
+
+def cmd_compare(args) -> dict:
+    from .engine import inversion_metrics
+    from .video import side_by_side, write_video
+
+    methods = ["ddim", "stem"] + (["inflated"] if args.all else [])
+    jobs = [settings_from(args, method) for method in methods]
+    engine = make_engine(args)
+    video = load_video(args, jobs[0])
+    progress = TqdmProgress()
+    results = {}
+    for settings in jobs:
+        results[settings.method] = engine.invert(video, settings, progress)
+        progress.close()
+    blocks = {m: inversion_metrics(video, r, engine) for m, r in results.items()}
+    labels = {"ddim": "DDIM", "stem": f"STEM (K={args.bases}, R={args.iters})", "inflated": "Inflated DDIM"}
+    panel = side_by_side([video.frames] + [results[m].reconstruction for m in methods],
+                         ["Input"] + [labels[m] for m in methods])
+    out = out_dir(args)
+    write_video(out / "comparison.mp4", panel, video.fps)
+    write_json(out / "metrics.json", {"video": str(args.video), "methods": blocks})
+    return {"out": str(out), **{m: {k: b[k] for k in ("psnr", "ssim", "warp_error", "cache_hit")} for m, b in blocks.items()}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stem", description="STEM inversion and text-guided editing of videos with Stable Diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    invert = sub.add_parser("invert", help="invert a video and reconstruct it; writes reconstruction.mp4 and metrics.json")
+    add_inversion_options(invert)
+    invert.set_defaults(run=cmd_invert)
+
+    compare = sub.add_parser("compare", help="invert with DDIM and STEM (and inflated DDIM with --all); writes comparison.mp4 and metrics.json")
+    add_inversion_options(compare)
+    compare.add_argument("--all", action="store_true", help="also run the inflated DDIM baseline (slow: quadratic in frames)")
+    compare.set_defaults(run=cmd_compare)
+
+    try:
+        from .editing_cli import add_edit_command
+    except ImportError:  # editing not installed in this build
+        pass
+    else:
+        add_edit_command(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    if not debug:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
+    try:
+        summary = args.run(args)
+    except StemError as error:
+        if debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - a bug or an environment failure: one line unless --debug
+        if debug:
+            raise
+        hint = ""
+        if "out of memory" in str(error).lower():
+            hint = " Try fewer --frames, a smaller --size, or --chunk-size."
+        print(f"error: {type(error).__name__}: {error}.{hint} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0

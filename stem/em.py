@@ -1,0 +1,102 @@
+"""Spatial-temporal expectation-maximisation (STEM): K bases that summarise the keys of a whole video.
+
+The paper's ST-E / ST-M steps, written as one pure function. Shapes use
+    B: independent problems (groups x heads), L: tokens (frames x pixels), C: channels per head,
+    K: number of bases.
+Everything inside runs in float32 whatever the input dtype, and tokens are streamed in chunks so
+the (B, L, K) responsibilities are never materialised at once for a long video.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-4  # the authors' guard in both normalisations
+
+# Responsibilities are streamed in chunks of at most this many (B x tokens x K) float32 elements.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 64 MiB
+
+
+def init_bases(keys: torch.Tensor, num_bases: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw (B, K, C) bases from a normal with each channel's mean/std over the L tokens."""
+    keys = keys.float()
+    std, mean = torch.std_mean(keys, dim=1, keepdim=True)  # (B, 1, C)
+    B, _, C = keys.shape
+    device = generator.device if generator is not None else keys.device
+    noise = torch.randn(B, num_bases, C, generator=generator, device=device, dtype=torch.float32)
+    return mean + std * noise.to(keys.device)
+
+
+def _token_chunk(batch: int, num_tokens: int, num_bases: int, chunk_elements: int) -> int:
+    """Tokens per chunk so that one (B, chunk, K) block holds at most `chunk_elements` values."""
+    return max(1, min(num_tokens, chunk_elements // max(1, batch * num_bases)))
+
+
+def _e_step_m_step(keys, values, bases, tau, chunk):
+    """One ST-E + ST-M pass, streamed over token chunks.
+
+    Returns (new key bases (B, K, C), new value bases (B, K, Cv) or None). The normalisation of the
+    responsibilities by their sum over tokens is applied after the sums, which is the same maths:
+    (z / (sum_L z + eps))^T x == (z^T x) / (sum_L z + eps).
+    """
+    B, L, C = keys.shape
+    K = bases.shape[1]
+    # ST-E uses l2-normalised bases: keys . (mu / (|mu| + eps))^T
+    unit_bases_t = (bases / (bases.norm(dim=-1, keepdim=True) + EPS)).transpose(1, 2) / tau  # (B, C, K)
+    key_sums = keys.new_zeros(B, K, C)
+    value_sums = None if values is None else values.new_zeros(B, K, values.shape[-1])
+    mass = keys.new_zeros(B, K, 1)
+    for start in range(0, L, chunk):
+        k = keys[:, start:start + chunk]  # (B, c, C)
+        z = torch.softmax(torch.bmm(k, unit_bases_t), dim=-1)  # (B, c, K) responsibilities
+        mass += z.sum(dim=1).unsqueeze(-1)
+        zt = z.transpose(1, 2)  # (B, K, c)
+        key_sums.baddbmm_(zt, k)
+        if value_sums is not None:
+            value_sums.baddbmm_(zt, values[:, start:start + chunk])
+    inv_mass = 1.0 / (mass + EPS)  # ST-M: responsibilities normalised over tokens
+    return key_sums * inv_mass, None if value_sums is None else value_sums * inv_mass
+
+
+@torch.no_grad()
+def estimate_bases(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    num_bases: int,
+    num_iters: int,
+    tau: float = 0.01,
+    init: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimate K key bases and K value bases of a token set by EM (STEM, Li et al. 2024).
+
+    init:  mu ~ N(mean_L(keys), std_L(keys))                                  (per channel)
+    ST-E:  z = softmax_K(keys . (mu / (|mu| + 1e-4))^T / tau)                  (B, L, K)
+           z = z / (sum_L z + 1e-4)
+    ST-M:  mu = z^T keys                                                       (B, K, C)
+    After `num_iters` iterations the value bases are z^T values with the last responsibilities.
+
+    Args:
+        keys: (B, L, C) keys of all tokens of the video (B = groups x heads).
+        values: (B, L, Cv) the matching values.
+        num_bases: K, the number of bases.
+        num_iters: R, the number of EM iterations (>= 1).
+        tau: softmax temperature of the E-step.
+        init: optional (B, K, C) initial bases; drawn from the keys' statistics when None.
+        generator: random generator for the initial bases (determinism).
+        chunk_elements: bound on the float32 elements of one (B, tokens, K) responsibility block.
+
+    Returns:
+        key_bases (B, K, C) and value_bases (B, K, Cv), float32.
+    """
+    if num_bases < 1 or num_iters < 1:
+        raise ValueError(f"num_bases and num_iters must be >= 1, got {num_bases} and {num_iters}")
+    keys, values = keys.float(), values.float()
+    bases = init_bases(keys, num_bases, generator) if init is None else init.float()
+    B, L, _ = keys.shape
+    chunk = _token_chunk(B, L, num_bases, chunk_elements)
+    for i in range(num_iters):
+        last = i == num_iters - 1
+        bases, value_bases = _e_step_m_step(keys, values if last else None, bases, tau, chunk)
+    return bases, value_bases

@@ -1,0 +1,213 @@
+"""The inversion job: settings, the cached trajectory, reconstruction. Tensors in, tensors out.
+
+`Engine` holds one loaded model and one latent cache and is shared by the command line and the
+app. `Engine.invert(video, settings)` returns the DDIM trajectory of the video under the chosen
+self-attention mode plus its reconstruction, from the cache when the same frames were inverted
+with the same settings before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .attention import METHODS, AttentionState, attention_mode
+from .cache import LatentCache, cache_key
+from .errors import StemError
+from .inversion import (
+    call_unet, ddim_invert, ddim_sample, ddim_schedule, decode_latents, encode_frames, encode_prompt, to_epsilon,
+)
+from .models import DEFAULT_MODEL, StableDiffusionParts, load_models
+from .video import DEFAULT_MAX_FRAMES, Video
+
+MAX_STEPS = 1000
+MAX_BASES = 4096
+MAX_ITERS = 100
+
+# progress(phase, done, total); phases: "loading", "encoding", "inverting", "reconstructing", "decoding"
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class InversionSettings:
+    """Everything that defines one inversion job; frozen and hashable (it is the cache key)."""
+
+    model: str = DEFAULT_MODEL
+    method: str = "stem"       # "stem" | "ddim" | "inflated"
+    num_bases: int = 256       # K, STEM bases per layer per step
+    num_iters: int = 5         # R, EM iterations
+    num_steps: int = 50        # DDIM steps T
+    num_frames: int | None = None  # None: all frames, up to max_frames
+    stride: int = 1            # keep every stride-th frame
+    size: int = 512            # pixels on the long side
+    prompt: str = ""           # source prompt (conditions inversion, guidance 1)
+    seed: int = 0              # EM initialisation
+    max_frames: int = DEFAULT_MAX_FRAMES
+
+    def validate(self) -> "InversionSettings":
+        """Raise StemError with one sentence for the first setting out of range."""
+        if self.method not in METHODS:
+            raise StemError(f"Unknown method {self.method!r}; choose one of: {', '.join(METHODS)}.")
+        if not 1 <= self.num_bases <= MAX_BASES:
+            raise StemError(f"--bases must be between 1 and {MAX_BASES} (the paper uses 256), got {self.num_bases}.")
+        if not 1 <= self.num_iters <= MAX_ITERS:
+            raise StemError(f"--iters must be between 1 and {MAX_ITERS} (the paper uses 5), got {self.num_iters}.")
+        if not 1 <= self.num_steps <= MAX_STEPS:
+            raise StemError(f"--steps must be between 1 and {MAX_STEPS} (50 is usual), got {self.num_steps}.")
+        if self.num_frames is not None and not 1 <= self.num_frames <= self.max_frames:
+            raise StemError(f"--frames must be between 1 and {self.max_frames}, got {self.num_frames}.")
+        if self.stride < 1:
+            raise StemError(f"--stride must be 1 or more, got {self.stride}.")
+        if not 64 <= self.size <= 2048:
+            raise StemError(f"--size must be between 64 and 2048 pixels, got {self.size}.")
+        return self
+
+    def result_fields(self) -> dict:
+        """The settings that change the inverted latents (K and R only matter for STEM)."""
+        fields = {"model": self.model, "method": self.method, "num_steps": self.num_steps,
+                  "prompt": self.prompt}
+        if self.method == "stem":
+            fields.update(num_bases=self.num_bases, num_iters=self.num_iters, seed=self.seed)
+        return fields
+
+
+@dataclass
+class InversionResult:
+    """An inverted video: the trajectory, and its reconstruction under the same attention mode."""
+
+    settings: InversionSettings
+    key: str
+    trajectory: torch.Tensor       # (T + 1, N, 4, h, w) float32, CPU: x_0 .. x_T
+    timesteps: torch.Tensor        # (T,) ascending
+    reconstruction: np.ndarray     # (N, H, W, 3) uint8
+    vae_roundtrip: np.ndarray      # (N, H, W, 3) uint8: decode(encode(frames)), the ceiling
+    cache_hit: bool
+    seconds: float                 # inversion + reconstruction (cache load on a hit)
+
+    @property
+    def inverted_latents(self) -> torch.Tensor:
+        """(N, 4, h, w) x_T, the inverted noise."""
+        return self.trajectory[-1]
+
+
+class Engine:
+    """One model (loaded on first use) and one latent cache, shared across jobs."""
+
+    def __init__(self, model: str = DEFAULT_MODEL, device=None, dtype=None, cache: LatentCache | None = None,
+                 unet_chunk_size: int | None = None, vae_batch_size: int = 4):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.cache = cache if cache is not None else LatentCache()
+        self.unet_chunk_size = unet_chunk_size
+        self.vae_batch_size = vae_batch_size
+        self._parts: StableDiffusionParts | None = None
+
+    @property
+    def parts(self) -> StableDiffusionParts:
+        """The model's components, loaded on first use."""
+        if self._parts is None:
+            self._parts = load_models(self.model, self.device, self.dtype)
+        return self._parts
+
+    def use_parts(self, parts: StableDiffusionParts) -> "Engine":
+        """Use already-built components (tests, benchmarks)."""
+        self._parts, self.model = parts, parts.model_id
+        return self
+
+    def _check_model(self, settings: InversionSettings) -> None:
+        if settings.model != self.model:
+            raise StemError(f"This engine holds the model {self.model!r} but the job asks for {settings.model!r}; use one engine per model.")
+
+    def key_for(self, video: Video, settings: InversionSettings) -> str:
+        """The cache key of inverting these frames with these settings (in this dtype)."""
+        return cache_key(video.frames, {**settings.result_fields(), "dtype": str(self.parts.dtype)})
+
+    def eps_fn(self, text: torch.Tensor, alphas: torch.Tensor, num_groups: int = 1):
+        """A noise predictor `eps_fn(x, t, step)` over all frames (float32 in and out)."""
+        parts = self.parts
+
+        def eps(x, t, step):
+            out = call_unet(parts.unet, x.to(parts.dtype), t, text.expand(x.shape[0], -1, -1),
+                            self.unet_chunk_size, num_groups)
+            return to_epsilon(out.float(), x, alphas[step], parts.prediction_type)
+
+        return eps
+
+    def attention_state(self, settings: InversionSettings, num_groups: int = 1) -> AttentionState:
+        """The processors' shared state for a job, with the EM's seeded generator."""
+        generator = torch.Generator(device=self.parts.device).manual_seed(settings.seed)
+        return AttentionState(method=settings.method, num_bases=settings.num_bases,
+                              num_iters=settings.num_iters, generator=generator, num_groups=num_groups)
+
+    def invert(self, video: Video, settings: InversionSettings, progress: Progress | None = None) -> InversionResult:
+        """Invert `video` with `settings` (from the cache when possible) and reconstruct it.
+
+        Args:
+            video: the decoded, resized frames.
+            settings: the job; `settings.model` must be this engine's model.
+            progress: optional `progress(phase, done, total)`.
+
+        Returns:
+            The trajectory, the reconstruction and the VAE round trip.
+        """
+        settings.validate()
+        self._check_model(settings)
+        report = progress or (lambda *_: None)
+        report("loading", 0, 1)
+        parts = self.parts
+        report("loading", 1, 1)
+        key = self.key_for(video, settings)
+        start = time.perf_counter()
+        entry = self.cache.load(key)
+        if entry is not None:
+            t = entry.tensors
+            return InversionResult(settings, key, t["trajectory"], t["timesteps"], t["reconstruction"].numpy(),
+                                   t["vae_roundtrip"].numpy(), True, time.perf_counter() - start)
+
+        self.cache.ensure_writable()  # fail before the expensive part, not after it
+        timesteps, alphas = ddim_schedule(parts.scheduler, settings.num_steps)
+        with torch.inference_mode():
+            latents = encode_frames(parts.vae, video.frames, self.vae_batch_size,
+                                    lambda d, n: report("encoding", d, n)).float()
+            text = encode_prompt(parts.tokenizer, parts.text_encoder, settings.prompt)
+            eps = self.eps_fn(text, alphas)
+            with attention_mode(parts.unet, self.attention_state(settings)):
+                trajectory = ddim_invert(eps, latents, timesteps, alphas, lambda i, n: report("inverting", i, n))
+                clean = ddim_sample(eps, trajectory[-1], timesteps, alphas, lambda i, n: report("reconstructing", i, n))
+            decode = lambda x: decode_latents(parts.vae, x, self.vae_batch_size,  # noqa: E731
+                                              lambda d, n: report("decoding", d, n))
+            reconstruction = decode(clean)
+            seconds = time.perf_counter() - start
+            roundtrip = decode(latents)
+        result = InversionResult(settings, key, trajectory.cpu(), timesteps, reconstruction, roundtrip, False, seconds)
+        self.cache.save(key, {
+            "trajectory": result.trajectory.contiguous(), "timesteps": timesteps,
+            "reconstruction": torch.from_numpy(reconstruction), "vae_roundtrip": torch.from_numpy(roundtrip),
+        }, {"settings": repr(dataclasses.asdict(settings)), "seconds": f"{seconds:.3f}"})
+        return result
+
+
+def inversion_metrics(video: Video, result: InversionResult, engine: Engine | None = None) -> dict:
+    """The metrics.json block of one inversion: settings, fidelity, steadiness, timing."""
+    from .metrics import reconstruction_metrics, warp_error
+
+    s = result.settings
+    block = {
+        "method": s.method, "model": s.model, "num_frames": video.num_frames, "width": video.width,
+        "height": video.height, "fps": video.fps, "num_steps": s.num_steps, "prompt": s.prompt,
+        "stride": s.stride, "size": s.size,
+    }
+    if s.method == "stem":
+        block.update(num_bases=s.num_bases, num_iters=s.num_iters, seed=s.seed)
+    block.update(reconstruction_metrics(video.frames, result.reconstruction, result.vae_roundtrip))
+    block["warp_error_input"] = warp_error(video.frames, video.frames)  # the input's own, for scale
+    block.update(cache_hit=result.cache_hit, seconds=round(result.seconds, 3))
+    if engine is not None and engine._parts is not None:
+        block.update(device=str(engine.parts.device), dtype=str(engine.parts.dtype).replace("torch.", ""))
+    return block

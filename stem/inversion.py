@@ -1,0 +1,169 @@
+"""DDIM inversion and sampling as pure loops, plus the tensor-level helpers around the UNet and VAE.
+
+Notation (Song et al. 2021, "Denoising Diffusion Implicit Models"):
+    x_i      latents at noise level i; i = 0 is the clean latent, i = T the inverted noise
+    a_i      alpha-bar (cumulative product of alphas) at level i; a_0 is the scheduler's final alpha
+    t_i      the UNet timestep of level i (ascending: t_1 < ... < t_T)
+    eps      the UNet's noise prediction
+
+One deterministic DDIM move from level i to level j (either direction):
+    x0_hat = (x_i - sqrt(1 - a_i) * eps) / sqrt(a_i)
+    x_j    = sqrt(a_j) * x0_hat + sqrt(1 - a_j) * eps
+Inversion moves 0 -> T evaluating eps at (x_{i-1}, t_i); sampling moves T -> 0 evaluating eps at
+(x_i, t_i). With a UNet whose output does not depend on its input the two are exact inverses.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .lockstep import run_lockstep
+
+# eps_fn(x, t, step) -> eps: the model at UNet timestep t; `step` is the level index i (1..T).
+EpsFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+# callback(step, total) after each step.
+Callback = Callable[[int, int], None]
+
+
+def ddim_schedule(scheduler, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps (T,) ascending and alpha-bars (T + 1,) of levels 0..T, from a DDIMScheduler."""
+    scheduler.set_timesteps(num_steps)
+    timesteps = scheduler.timesteps.flip(0).clone()  # (T,) ascending
+    alphas = torch.cat([scheduler.final_alpha_cumprod.reshape(1), scheduler.alphas_cumprod[timesteps]])
+    return timesteps, alphas.to(torch.float64)
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_from: torch.Tensor, alpha_to: torch.Tensor) -> torch.Tensor:
+    """Move latents `x` from the level with alpha-bar `alpha_from` to `alpha_to` (deterministic DDIM)."""
+    a_from, a_to = float(alpha_from), float(alpha_to)
+    x0_hat = (x - (1 - a_from) ** 0.5 * eps) / a_from ** 0.5
+    return a_to ** 0.5 * x0_hat + (1 - a_to) ** 0.5 * eps
+
+
+@torch.no_grad()
+def ddim_invert(eps_fn: EpsFn, latents: torch.Tensor, timesteps: torch.Tensor, alphas: torch.Tensor,
+                callback: Callback | None = None) -> torch.Tensor:
+    """DDIM inversion of clean latents to noise, keeping every level.
+
+    Args:
+        eps_fn: the noise predictor, `eps_fn(x, t, step)`.
+        latents: (N, 4, h, w) clean latents x_0.
+        timesteps: (T,) ascending UNet timesteps.
+        alphas: (T + 1,) alpha-bars of levels 0..T.
+        callback: called as `callback(i, T)` after level i is reached.
+
+    Returns:
+        The trajectory (T + 1, N, 4, h, w): x_0 (the input) to x_T (the inverted noise).
+    """
+    x = latents
+    trajectory = [x]
+    total = len(timesteps)
+    for i in range(1, total + 1):
+        eps = eps_fn(x, timesteps[i - 1], i)
+        x = ddim_step(x, eps, alphas[i - 1], alphas[i])
+        trajectory.append(x)
+        if callback is not None:
+            callback(i, total)
+    return torch.stack(trajectory)
+
+
+@torch.no_grad()
+def ddim_sample(eps_fn: EpsFn, noise: torch.Tensor, timesteps: torch.Tensor, alphas: torch.Tensor,
+                callback: Callback | None = None) -> torch.Tensor:
+    """DDIM sampling from level T down to clean latents.
+
+    Args:
+        eps_fn: the noise predictor, `eps_fn(x, t, step)`; step runs T, T-1, ..., 1.
+        noise: (N, 4, h, w) latents x_T.
+        timesteps, alphas: as for `ddim_invert`.
+        callback: called as `callback(k, T)` after the k-th step (k = 1..T).
+
+    Returns:
+        (N, 4, h, w) the clean latents x_0.
+    """
+    x = noise
+    total = len(timesteps)
+    for k, i in enumerate(range(total, 0, -1), start=1):
+        eps = eps_fn(x, timesteps[i - 1], i)
+        x = ddim_step(x, eps, alphas[i], alphas[i - 1])
+        if callback is not None:
+            callback(k, total)
+    return x
+
+
+def to_epsilon(model_output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Convert the UNet's output to a noise prediction (SD 2.x 768 models predict v)."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        a = float(alpha)
+        return a ** 0.5 * model_output + (1 - a) ** 0.5 * x
+    raise ValueError(f"unsupported prediction type {prediction_type!r}")
+
+
+def call_unet(unet, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+              chunk_size: int | None = None, num_groups: int = 1) -> torch.Tensor:
+    """Run the UNet on all frames, optionally on chunks of frames in lock-step.
+
+    Args:
+        unet: a diffusers UNet2DConditionModel (with whatever processors are installed).
+        latents: (G * N, 4, h, w), `num_groups` groups of N frames, group-major.
+        t: the timestep (scalar tensor).
+        text: (G * N, 77, D) text embeddings, one per latent.
+        chunk_size: frames per UNet call; None or >= N runs them all at once. Whole-video
+            attention layers meet across chunks, so the result does not depend on it.
+        num_groups: G.
+
+    Returns:
+        (G * N, 4, h, w) the UNet's output.
+    """
+    frames = latents.shape[0] // num_groups
+    if chunk_size is None or chunk_size >= frames:
+        return unet(latents, t, encoder_hidden_states=text).sample
+
+    def chunk_of(x, start):
+        grouped = x.view(num_groups, frames, *x.shape[1:])[:, start:start + chunk_size]
+        return grouped.reshape(-1, *x.shape[1:])
+
+    chunks = [(chunk_of(latents, s), chunk_of(text, s)) for s in range(0, frames, chunk_size)]
+    outputs = run_lockstep(lambda c: unet(c[0], t, encoder_hidden_states=c[1]).sample, chunks)
+    grouped = [o.view(num_groups, -1, *o.shape[1:]) for o in outputs]
+    return torch.cat(grouped, dim=1).reshape(latents.shape[0], *outputs[0].shape[1:])
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer, text_encoder, prompt: str) -> torch.Tensor:
+    """(1, 77, D) CLIP text embeddings of `prompt` (padded to the tokenizer's max length)."""
+    tokens = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
+    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+
+
+@torch.no_grad()
+def encode_frames(vae, frames: np.ndarray, batch_size: int = 4, callback: Callback | None = None) -> torch.Tensor:
+    """(N, H, W, 3) uint8 frames -> (N, 4, H/8, W/8) scaled latents (the posterior mean)."""
+    latents = []
+    for start in range(0, len(frames), batch_size):
+        images = torch.from_numpy(frames[start:start + batch_size]).to(vae.device)
+        images = images.permute(0, 3, 1, 2).to(vae.dtype) / 127.5 - 1.0
+        latents.append(vae.encode(images).latent_dist.mean * vae.config.scaling_factor)
+        if callback is not None:
+            callback(min(start + batch_size, len(frames)), len(frames))
+    return torch.cat(latents)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, batch_size: int = 4, callback: Callback | None = None) -> np.ndarray:
+    """(N, 4, h, w) scaled latents -> (N, 8h, 8w, 3) uint8 frames."""
+    frames = []
+    for start in range(0, len(latents), batch_size):
+        chunk = latents[start:start + batch_size].to(device=vae.device, dtype=vae.dtype)
+        images = vae.decode(chunk / vae.config.scaling_factor).sample
+        images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        frames.append(images.permute(0, 2, 3, 1).cpu().numpy())
+        if callback is not None:
+            callback(min(start + batch_size, len(latents)), len(latents))
+    return np.concatenate(frames)

@@ -1,0 +1,196 @@
+"""Loading Stable Diffusion components (a hub id or a local folder), and the built-in `tiny-random` model.
+
+`tiny-random` has the structure of Stable Diffusion (cross-attention UNet with four levels, an 8x
+VAE, a CLIP text encoder and tokenizer) with small random weights built in code: it serves tests
+and offline smoke runs, and its outputs are noise.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import StemError
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TINY_MODEL = "tiny-random"
+TINY_WARNING = "Using the built-in 'tiny-random' model: random weights, so every output is noise (for tests and offline smoke runs)."
+
+
+@dataclass
+class StableDiffusionParts:
+    """The components inversion and editing need, on one device in one dtype."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object  # a DDIMScheduler: the source of timesteps and alphas
+    model_id: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model_id == TINY_MODEL
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on accelerators, fp32 on the CPU (CPU half precision is slow and inaccurate)."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.float16
+
+
+def _tiny_tokenizer():
+    """A CLIP BPE tokenizer over single characters: lower-case letters, digits and punctuation."""
+    from transformers import CLIPTokenizer
+
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    symbols = list(string.ascii_lowercase + string.digits + "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
+    vocab = {token: i for i, token in enumerate(specials + symbols + [s + "</w>" for s in symbols])}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def build_tiny(device=None, dtype=None, seed: int = 0) -> StableDiffusionParts:
+    """Build `tiny-random` in code: SD-shaped components with small, seeded random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = _tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(8, 16, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=64,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        ))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+    )
+    return _finish(unet, vae, text_encoder, tokenizer, scheduler, TINY_MODEL, device, dtype)
+
+
+def _finish(unet, vae, text_encoder, tokenizer, scheduler, model_id, device, dtype) -> StableDiffusionParts:
+    """Move to the device/dtype and switch to inference mode."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    for module in (unet, vae, text_encoder):
+        if next(module.parameters()).dtype != dtype:  # diffusers warns on any dtype cast, even a no-op
+            module.to(dtype=dtype)
+        module.to(device=device).eval().requires_grad_(False)
+    return StableDiffusionParts(unet, vae, text_encoder, tokenizer, scheduler, model_id, device, dtype)
+
+
+def _is_offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def load_models(model_id: str = DEFAULT_MODEL, device=None, dtype=None) -> StableDiffusionParts:
+    """Load the components of a Stable Diffusion 1.x/2.x model.
+
+    Args:
+        model_id: a Hugging Face hub id, a local folder in diffusers layout (unet/, vae/,
+            text_encoder/, tokenizer/, scheduler/), or `tiny-random`.
+        device: defaults to CUDA, then MPS, then CPU.
+        dtype: defaults to fp16 on accelerators and fp32 on the CPU.
+
+    Returns:
+        The parts, with a DDIMScheduler built from the model's scheduler config.
+    """
+    if model_id == TINY_MODEL:
+        warnings.warn(TINY_WARNING, stacklevel=2)
+        return build_tiny(device, dtype)
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    local = Path(model_id).expanduser()
+    source = str(local) if local.is_dir() else model_id
+    if local.exists() and not local.is_dir():
+        raise StemError(f"--model {model_id!r} is a file; pass a diffusers model folder (with unet/, vae/, text_encoder/, tokenizer/), a hub id, or tiny-random.")
+    if not local.is_dir() and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
+        raise StemError(f"The model folder {model_id!r} does not exist; pass an existing diffusers model folder, a hub id such as {DEFAULT_MODEL}, or tiny-random.")
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+
+    def load(local_files_only: bool):
+        return (
+            UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, local_files_only=local_files_only),
+            AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, local_files_only=local_files_only),
+            CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, local_files_only=local_files_only),
+            CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local_files_only),
+            DDIMScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=local_files_only),
+        )
+
+    try:
+        try:  # a folder, or a hub id already in the local hub cache: no network at all
+            unet, vae, text_encoder, tokenizer, scheduler = load(local_files_only=True)
+        except Exception:
+            if local.is_dir() or _is_offline():
+                raise
+            unet, vae, text_encoder, tokenizer, scheduler = load(local_files_only=False)
+    except Exception as error:  # hub, network and file-format errors all mean "cannot load this model"
+        if local.is_dir():
+            raise StemError(
+                f"Could not load a Stable Diffusion model from the folder {model_id!r} ({type(error).__name__}); "
+                "it needs diffusers' layout with unet/, vae/, text_encoder/, tokenizer/ and scheduler/ subfolders."
+            ) from error
+        how = "the Hugging Face Hub is not reachable (offline mode is on)" if _is_offline() else "it could not be downloaded from the Hugging Face Hub (no network, or no such model)"
+        raise StemError(
+            f"Could not load the model {model_id!r}: it is not a local folder and {how}; "
+            "pass a local model folder with --model /path/to/model, or use --model tiny-random for an offline smoke run."
+        ) from error
+    # DDIM with the model's own betas; inversion and sampling need clip_sample off.
+    scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
+    return _finish(unet, vae, text_encoder, tokenizer, scheduler, model_id, device, dtype)
+
+
+def save_pretrained(parts: StableDiffusionParts, folder: str | Path) -> Path:
+    """Write the parts in diffusers' folder layout, loadable by `load_models(folder)`."""
+    folder = Path(folder)
+    parts.unet.save_pretrained(folder / "unet")
+    parts.vae.save_pretrained(folder / "vae")
+    parts.text_encoder.save_pretrained(folder / "text_encoder")
+    parts.tokenizer.save_pretrained(folder / "tokenizer")
+    parts.scheduler.save_pretrained(folder / "scheduler")
+    return folder

@@ -1,0 +1,437 @@
+"""The latent cache: round trips, keys, corruption handling, atomic writes, LRU eviction, defaults."""
+
+import dataclasses
+import os
+import struct
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import stem.cache as cache_mod
+from stem.cache import FORMAT_VERSION, LatentCache, cache_key, default_cache_dir, default_max_bytes
+from stem.errors import StemError
+
+KEY = "ab" * 32
+
+
+def make_tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A small stand-in for one inversion: trajectory (T+1, N, 4, h, w), reconstruction frames, a fp16 extra."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "inverted_latents": torch.randn(3, 2, 4, 8, 8, generator=g),
+        "reconstruction": torch.randint(0, 256, (2, 16, 16, 3), generator=g, dtype=torch.uint8),
+        "half": torch.randn(5, 7, generator=g).half(),
+    }
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert a[name].shape == b[name].shape, name
+        assert torch.equal(a[name], b[name]), name
+
+
+def leftovers(root) -> list[str]:
+    """Everything in the cache folder that is not a finished entry."""
+    return [p.name for p in root.iterdir() if not p.name.endswith(".safetensors")]
+
+
+def data_offset(path) -> int:
+    """Where the tensor data starts in a safetensors file (8-byte header length, then JSON header)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    return 8 + n
+
+
+# --- round trip and keys ---------------------------------------------------------------------------
+
+
+def test_round_trip_tensors_and_metadata(tmp_path):
+    cache = LatentCache(tmp_path / "cache")
+    tensors = make_tensors()
+    meta = {"model": "tiny-sd", "num_frames": "2"}
+    path = cache.save(KEY, tensors, meta)
+    assert path == cache.path_for(KEY) == tmp_path / "cache" / f"{KEY}.safetensors"
+    assert leftovers(tmp_path / "cache") == []
+
+    entry = cache.load(KEY)
+    assert entry is not None
+    assert_same(entry.tensors, tensors)
+    assert entry.metadata == meta  # reserved keys are not handed back
+    assert entry.path == path
+    assert cache.size_bytes() == path.stat().st_size
+
+
+def test_load_missing_returns_none_and_creates_nothing(tmp_path):
+    cache = LatentCache(tmp_path / "cache")
+    assert cache.load(KEY) is None
+    assert not (tmp_path / "cache").exists()
+    assert cache.size_bytes() == 0
+
+
+def test_save_non_contiguous_shared_and_bfloat16(tmp_path):
+    cache = LatentCache(tmp_path)
+    traj = torch.randn(4, 3, 5)
+    tensors = {
+        "trajectory": traj,
+        "last": traj[-1],  # shares storage with trajectory: safetensors alone would refuse this
+        "transposed": traj.transpose(0, 2),  # not contiguous
+        "bf16": torch.randn(6).bfloat16(),
+        "mask": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5),
+        "grad": torch.ones(2, requires_grad=True),
+    }
+    cache.save(KEY, tensors)
+    entry = cache.load(KEY)
+    assert entry is not None
+    assert_same(entry.tensors, {k: v.detach() for k, v in tensors.items()})
+
+
+def test_reserved_metadata_rejected(tmp_path):
+    with pytest.raises(ValueError, match="reserved"):
+        LatentCache(tmp_path).save(KEY, make_tensors(), {"stem_checksum": "x"})
+
+
+@pytest.mark.parametrize("bad", ["", "../evil", "a/b", ".hidden", "a\\b"])
+def test_bad_keys_rejected(tmp_path, bad):
+    with pytest.raises(ValueError):
+        LatentCache(tmp_path).path_for(bad)
+
+
+def test_cache_key_deterministic_and_sensitive():
+    frames = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    settings = {"model": "sd15", "steps": 50, "em": {"num_bases": 256, "num_iters": 3}, "scales": [1.0, 2.0]}
+    key = cache_key(frames, settings)
+    assert len(key) == 64 and int(key, 16) >= 0
+    assert cache_key(frames.copy(), dict(settings)) == key
+
+    # same dict, another insertion order (top level and nested): same key
+    reordered = {"scales": [1.0, 2.0], "em": {"num_iters": 3, "num_bases": 256}, "steps": 50, "model": "sd15"}
+    assert cache_key(frames, reordered) == key
+
+    # a non-contiguous view with the same contents hashes like the contiguous array
+    assert cache_key(np.asfortranarray(frames), settings) == key
+
+    flipped = frames.copy()
+    flipped[1, 4, 4, 2] ^= 1
+    assert cache_key(flipped, settings) != key
+    assert cache_key(frames.astype(np.int16), settings) != key  # dtype counts
+    assert cache_key(frames.reshape(3, 4, 16, 3), settings) != key  # shape counts
+    changed = [
+        {**settings, "steps": 51},
+        {**settings, "model": "sd21"},
+        {**settings, "em": {"num_bases": 256, "num_iters": 4}},
+        {**settings, "scales": [2.0, 1.0]},
+        {**settings, "extra": None},
+    ]
+    keys = {cache_key(frames, s) for s in changed}
+    assert key not in keys and len(keys) == len(changed)
+
+
+def test_cache_key_accepts_frozen_settings_dataclass():
+    @dataclasses.dataclass(frozen=True)
+    class Settings:
+        model: str = "sd15"
+        steps: int = 50
+
+    frames = np.zeros((1, 2, 2, 3), dtype=np.uint8)
+    assert cache_key(frames, Settings()) == cache_key(frames, {"steps": 50, "model": "sd15"})
+    with pytest.raises(TypeError, match="JSON"):
+        cache_key(frames, {"thing": object()})
+
+
+# --- corrupt files ---------------------------------------------------------------------------------
+
+
+def corrupt_truncated(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def corrupt_empty(path):
+    path.write_bytes(b"")
+
+
+def corrupt_garbage(path):
+    path.write_bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+
+
+def corrupt_flipped_data_byte(path):
+    data = bytearray(path.read_bytes())
+    i = data_offset(path) + (len(data) - data_offset(path)) // 2
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def corrupt_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x80
+    path.write_bytes(bytes(data))
+
+
+def corrupt_wrong_version(path):
+    save_file(make_tensors(), str(path), {"stem_format": str(FORMAT_VERSION + 1), "stem_checksum": "0"})
+
+
+def corrupt_no_checksum(path):
+    save_file(make_tensors(), str(path), {"stem_format": str(FORMAT_VERSION)})
+
+
+def corrupt_plain_safetensors(path):
+    save_file(make_tensors(), str(path))  # written by something else: no metadata at all
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "reason"),
+    [
+        (corrupt_truncated, "SafetensorError"),
+        (corrupt_empty, "SafetensorError"),
+        (corrupt_garbage, "SafetensorError"),
+        (corrupt_flipped_data_byte, "checksum mismatch"),
+        (corrupt_last_byte, "checksum mismatch"),
+        (corrupt_wrong_version, "format version '2', expected 1"),
+        (corrupt_no_checksum, "no checksum"),
+        (corrupt_plain_safetensors, "format version None"),
+    ],
+)
+def test_corrupt_file_warns_deletes_and_recovers(tmp_path, corrupt, reason):
+    cache = LatentCache(tmp_path)
+    path = cache.save(KEY, make_tensors())
+    corrupt(path)
+
+    with pytest.warns(UserWarning, match=r"cache file .* is corrupt \(.+\); recomputing\.") as record:
+        assert cache.load(KEY) is None
+    assert reason in str(record[0].message)
+    assert not path.exists()
+
+    # a later save / load works
+    cache.save(KEY, make_tensors(seed=1))
+    entry = cache.load(KEY)
+    assert entry is not None
+    assert_same(entry.tensors, make_tensors(seed=1))
+
+
+def test_checksum_covers_metadata(tmp_path):
+    cache = LatentCache(tmp_path)
+    path = cache.save(KEY, make_tensors(), {"prompt": "a cat"})
+    data = path.read_bytes()
+    assert b"a cat" in data
+    path.write_bytes(data.replace(b"a cat", b"a dog"))  # same length: header still parses
+    with pytest.warns(UserWarning, match="checksum mismatch"):
+        assert cache.load(KEY) is None
+
+
+def test_good_hit_does_not_warn(tmp_path):
+    cache = LatentCache(tmp_path)
+    cache.save(KEY, make_tensors())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.load(KEY) is not None
+
+
+# --- atomic save -----------------------------------------------------------------------------------
+
+
+def test_failure_inside_safetensors_save_leaves_nothing(tmp_path, monkeypatch):
+    cache = LatentCache(tmp_path)
+
+    def half_write_then_fail(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{partial")
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(cache_mod, "save_file", half_write_then_fail)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        cache.save(KEY, make_tensors())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_in_replace_keeps_old_entry_and_no_temp(tmp_path, monkeypatch):
+    cache = LatentCache(tmp_path)
+    cache.save(KEY, make_tensors(seed=0))
+
+    def fail_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_mod.os, "replace", fail_replace)
+    with pytest.raises(StemError, match="STEM_CACHE_DIR"):
+        cache.save(KEY, make_tensors(seed=1))
+    monkeypatch.undo()
+
+    assert leftovers(tmp_path) == []
+    entry = cache.load(KEY)  # the previous entry is intact
+    assert entry is not None
+    assert_same(entry.tensors, make_tensors(seed=0))
+
+
+def test_failed_first_save_leaves_no_file_for_key(tmp_path, monkeypatch):
+    cache = LatentCache(tmp_path)
+    monkeypatch.setattr(cache_mod.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(5, "I/O error")))
+    with pytest.raises(StemError):
+        cache.save(KEY, make_tensors())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_writers_of_one_key(tmp_path):
+    cache = LatentCache(tmp_path)
+    errors = []
+
+    def write(seed):
+        try:
+            for _ in range(5):
+                cache.save(KEY, make_tensors(seed))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert leftovers(tmp_path) == []
+    entry = cache.load(KEY)
+    assert entry is not None
+    assert any(torch.equal(entry.tensors["inverted_latents"], make_tensors(s)["inverted_latents"]) for s in range(4))
+
+
+# --- LRU eviction ----------------------------------------------------------------------------------
+
+
+def test_lru_eviction_keeps_recently_loaded(tmp_path):
+    cache = LatentCache(tmp_path, max_bytes=10**12)
+    a, b, c = "a" * 64, "b" * 64, "c" * 64
+    path_a = cache.save(a, make_tensors(0))
+    size = path_a.stat().st_size
+    cache.max_bytes = 2 * size + size // 2  # room for two entries
+    path_b = cache.save(b, make_tensors(1))
+    assert path_b.stat().st_size == size
+    os.utime(path_a, (1000, 1000))  # A is older than B ...
+    os.utime(path_b, (2000, 2000))
+
+    assert cache.load(a) is not None  # ... until a hit refreshes it
+    assert path_a.stat().st_mtime > 2000
+
+    path_c = cache.save(c, make_tensors(2))
+    assert path_a.exists() and path_c.exists()
+    assert not path_b.exists()
+    assert cache.size_bytes() == 2 * size
+    assert cache.load(b) is None
+
+
+def test_evict_returns_oldest_first_and_never_the_kept_key(tmp_path):
+    cache = LatentCache(tmp_path, max_bytes=10**12)
+    keys = [f"k{i}" for i in range(4)]
+    for i, k in enumerate(keys):
+        os.utime(cache.save(k, make_tensors(i)), (1000 + i, 1000 + i))
+    cache.max_bytes = 0
+    evicted = cache.evict(keep="k0")  # k0 is the oldest, but kept
+    assert evicted == [cache.path_for(k) for k in keys[1:]]
+    assert [p.name for p in tmp_path.iterdir()] == ["k0.safetensors"]
+
+
+def test_entry_larger_than_limit_is_kept_with_warning(tmp_path):
+    cache = LatentCache(tmp_path, max_bytes=10)
+    with pytest.warns(UserWarning, match="keeping it anyway"):
+        cache.save("old", make_tensors(0))
+    with pytest.warns(UserWarning, match="more than the cache limit"):
+        path = cache.save(KEY, make_tensors(1))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert cache.load(KEY) is not None
+
+
+def test_temp_files_ignored_and_stale_ones_cleaned(tmp_path):
+    cache = LatentCache(tmp_path)
+    path = cache.save(KEY, make_tensors())
+    fresh = tmp_path / f".{KEY}.fresh.tmp"
+    stale = tmp_path / f".{KEY}.stale.tmp"
+    other = tmp_path / "notes.txt"
+    for p in (fresh, stale, other):
+        p.write_bytes(b"x" * 1000)
+    os.utime(stale, (1000, 1000))
+    assert cache.size_bytes() == path.stat().st_size
+
+    assert cache.evict() == []
+    assert fresh.exists() and other.exists() and not stale.exists()
+
+    cache.clear()
+    assert not path.exists() and fresh.exists() and other.exists()
+    assert cache.size_bytes() == 0
+
+
+# --- defaults and environment ----------------------------------------------------------------------
+
+
+def test_default_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("STEM_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "mine"
+    assert LatentCache().root == tmp_path / "mine"
+
+    monkeypatch.delenv("STEM_CACHE_DIR")
+    assert default_cache_dir() == tmp_path / "xdg" / "stem"
+
+    monkeypatch.setenv("STEM_CACHE_DIR", "")  # empty counts as unset
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if os.name != "nt":
+        assert default_cache_dir() == tmp_path / "home" / ".cache" / "stem"
+
+
+def test_default_max_bytes_env(monkeypatch):
+    monkeypatch.delenv("STEM_CACHE_MAX_GB", raising=False)
+    assert default_max_bytes() == 20 * 10**9
+    monkeypatch.setenv("STEM_CACHE_MAX_GB", "1.5")
+    assert default_max_bytes() == 1_500_000_000
+    assert LatentCache(root="unused").max_bytes == 1_500_000_000
+    for bad in ("lots", "-1", "nan", "inf"):
+        monkeypatch.setenv("STEM_CACHE_MAX_GB", bad)
+        with pytest.raises(StemError, match="STEM_CACHE_MAX_GB"):
+            default_max_bytes()
+
+
+def test_unwritable_root_raises_stem_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for root in (blocker / "cache", blocker):
+        cache = LatentCache(root)
+        with pytest.raises(StemError, match="--cache-dir or set STEM_CACHE_DIR"):
+            cache.save(KEY, make_tensors())
+        with pytest.raises(StemError, match="STEM_CACHE_DIR"):
+            cache.ensure_writable()
+        assert cache.load(KEY) is None  # reading a bad root is just a miss
+    assert blocker.read_text() == "not a folder"
+
+
+def test_permission_denied_in_root_raises_stem_error(tmp_path, monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cache_mod.tempfile, "mkstemp", denied)  # what a read-only folder does, even for root
+    with pytest.raises(StemError, match="Permission denied.*--cache-dir or set STEM_CACHE_DIR"):
+        LatentCache(tmp_path).save(KEY, make_tensors())
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name == "nt" or os.geteuid() == 0, reason="needs POSIX permissions that bind the user")
+def test_read_only_root_raises_stem_error(tmp_path):
+    root = tmp_path / "ro"
+    root.mkdir()
+    root.chmod(0o500)
+    try:
+        with pytest.raises(StemError, match="STEM_CACHE_DIR"):
+            LatentCache(root).save(KEY, make_tensors())
+        assert list(root.iterdir()) == []
+    finally:
+        root.chmod(0o700)
+
+
+def test_ensure_writable_creates_folder(tmp_path):
+    cache = LatentCache(tmp_path / "deep" / "cache")
+    cache.ensure_writable()
+    assert cache.root.is_dir() and list(cache.root.iterdir()) == []
