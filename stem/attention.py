@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .em import DEFAULT_CHUNK_ELEMENTS, estimate_bases
+from .em import DEFAULT_CHUNK_ELEMENTS, estimate_bases, init_bases
 from .lockstep import whole_video
 
 METHODS = ("stem", "ddim", "inflated")
@@ -35,7 +35,8 @@ class AttentionState:
     num_bases: int = 256
     num_iters: int = 5
     tau: float = 0.01
-    generator: torch.Generator | None = None
+    seed: int = 0              # with `step` and the layer, seeds each EM's initial bases
+    step: int = 0              # the diffusion level being computed (set by the caller before each UNet call)
     num_groups: int = 1
     em_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     em_calls: int = field(default=0, init=False)  # how many EMs ran (one per layer per step)
@@ -44,9 +45,10 @@ class AttentionState:
 class FrameAttnProcessor:
     """Per-frame self-attention; the shared skeleton of every mode (mirrors `AttnProcessor2_0`)."""
 
-    def __init__(self, state: AttentionState | None = None, name: str = ""):
+    def __init__(self, state: AttentionState | None = None, name: str = "", layer_index: int = 0):
         self.state = state
         self.name = name
+        self.layer_index = layer_index
 
     def attend(self, attn, query, key, value, attention_mask=None):
         """(B, heads, L, d) queries, keys, values -> (B, heads, L, d) outputs."""
@@ -131,9 +133,13 @@ class StemAttnProcessor(FrameAttnProcessor):
         G, N, h, L, d = key.shape
         keys = _group_tokens(key).reshape(G * h, N * L, d)
         values = _group_tokens(value).reshape(G * h, N * L, value.shape[-1])
+        # The initial bases depend only on (seed, step, layer): inversion and reconstruction of the
+        # same level start EM from the same draw, and the draw is the same on every device.
+        generator = torch.Generator().manual_seed(hash((state.seed, state.step, self.layer_index)) & (2**63 - 1))
+        init = init_bases(keys, state.num_bases, generator)
         key_bases, value_bases = estimate_bases(
-            keys, values, state.num_bases, state.num_iters, tau=state.tau,
-            generator=state.generator, chunk_elements=state.em_chunk_elements,
+            keys, values, state.num_bases, state.num_iters, tau=state.tau, init=init,
+            chunk_elements=state.em_chunk_elements,
         )
         state.em_calls += 1
         return key_bases.view(G, h, -1, d), value_bases.view(G, h, -1, value.shape[-1])
@@ -185,5 +191,6 @@ def attention_mode(unet, state: AttentionState) -> Iterator[dict]:
     if state.method not in PROCESSORS:
         raise ValueError(f"unknown method {state.method!r}; choose one of {', '.join(METHODS)}")
     cls = PROCESSORS[state.method]
-    with processors_installed(unet, lambda name, _: cls(state, name) if is_self_attention(name) else None) as installed:
+    layers = {name: i for i, name in enumerate(n for n in unet.attn_processors if is_self_attention(n))}
+    with processors_installed(unet, lambda name, _: cls(state, name, layers[name]) if name in layers else None) as installed:
         yield installed

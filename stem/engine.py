@@ -128,22 +128,25 @@ class Engine:
         """The cache key of inverting these frames with these settings (in this dtype)."""
         return cache_key(video.frames, {**settings.result_fields(), "dtype": str(self.parts.dtype)})
 
-    def eps_fn(self, text: torch.Tensor, alphas: torch.Tensor, num_groups: int = 1):
-        """A noise predictor `eps_fn(x, t, step)` over all frames (float32 in and out)."""
+    def eps_fn(self, text: torch.Tensor, alphas: torch.Tensor, state: AttentionState | None = None,
+               num_groups: int = 1):
+        """A noise predictor `eps_fn(x, t, step)` over all frames (float32 in and out); sets `state.step`."""
         parts = self.parts
 
         def eps(x, t, step):
+            if state is not None:
+                state.step = step
             out = call_unet(parts.unet, x.to(parts.dtype), t, text.expand(x.shape[0], -1, -1),
                             self.unet_chunk_size, num_groups)
             return to_epsilon(out.float(), x, alphas[step], parts.prediction_type)
 
         return eps
 
-    def attention_state(self, settings: InversionSettings, num_groups: int = 1) -> AttentionState:
-        """The processors' shared state for a job, with the EM's seeded generator."""
-        generator = torch.Generator(device=self.parts.device).manual_seed(settings.seed)
+    @staticmethod
+    def attention_state(settings: InversionSettings, num_groups: int = 1) -> AttentionState:
+        """The processors' shared state for a job."""
         return AttentionState(method=settings.method, num_bases=settings.num_bases,
-                              num_iters=settings.num_iters, generator=generator, num_groups=num_groups)
+                              num_iters=settings.num_iters, seed=settings.seed, num_groups=num_groups)
 
     def invert(self, video: Video, settings: InversionSettings, progress: Progress | None = None) -> InversionResult:
         """Invert `video` with `settings` (from the cache when possible) and reconstruct it.
@@ -176,8 +179,9 @@ class Engine:
             latents = encode_frames(parts.vae, video.frames, self.vae_batch_size,
                                     lambda d, n: report("encoding", d, n)).float()
             text = encode_prompt(parts.tokenizer, parts.text_encoder, settings.prompt)
-            eps = self.eps_fn(text, alphas)
-            with attention_mode(parts.unet, self.attention_state(settings)):
+            state = self.attention_state(settings)
+            eps = self.eps_fn(text, alphas, state)
+            with attention_mode(parts.unet, state):
                 trajectory = ddim_invert(eps, latents, timesteps, alphas, lambda i, n: report("inverting", i, n))
                 clean = ddim_sample(eps, trajectory[-1], timesteps, alphas, lambda i, n: report("reconstructing", i, n))
             decode = lambda x: decode_latents(parts.vae, x, self.vae_batch_size,  # noqa: E731
@@ -195,7 +199,7 @@ class Engine:
 
 def inversion_metrics(video: Video, result: InversionResult, engine: Engine | None = None) -> dict:
     """The metrics.json block of one inversion: settings, fidelity, steadiness, timing."""
-    from .metrics import reconstruction_metrics, warp_error
+    from .metrics import reconstruction_metrics
 
     s = result.settings
     block = {
@@ -206,7 +210,6 @@ def inversion_metrics(video: Video, result: InversionResult, engine: Engine | No
     if s.method == "stem":
         block.update(num_bases=s.num_bases, num_iters=s.num_iters, seed=s.seed)
     block.update(reconstruction_metrics(video.frames, result.reconstruction, result.vae_roundtrip))
-    block["warp_error_input"] = warp_error(video.frames, video.frames)  # the input's own, for scale
     block.update(cache_hit=result.cache_hit, seconds=round(result.seconds, 3))
     if engine is not None and engine._parts is not None:
         block.update(device=str(engine.parts.device), dtype=str(engine.parts.dtype).replace("torch.", ""))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import cv2
 import numpy as np
 
@@ -107,39 +109,42 @@ def warp_error_per_pair(source: np.ndarray, output: np.ndarray) -> np.ndarray:
         (N - 1,) float64; nan for a pair where every pixel is occluded.
     """
     source, output = _check_pair(source, output)
-    return _warp_errors(_source_warps(source), output)
+    return _warp_errors(source, [output])[0]
 
 
-def _source_warps(source: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """For each pair (t, t+1) of the source: remap grids (map_x, map_y) onto frame t and the valid mask."""
+def _warp_errors(source: np.ndarray, outputs: list[np.ndarray]) -> np.ndarray:
+    """(len(outputs), N - 1) warp errors of several outputs, estimating the source's flow once per pair."""
+    errors = np.empty((len(outputs), len(source) - 1))
+    for t, (map_x, map_y, valid) in enumerate(_source_warps(source)):
+        for k, output in enumerate(outputs):
+            errors[k, t] = _pair_error(output[t], output[t + 1], map_x, map_y, valid)
+    return errors
+
+
+def _source_warps(source: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For each pair (t, t+1) of the source: remap grids (map_x, map_y) from frame t+1 onto t, and the valid mask."""
     gray = [cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in source]
     h, w = gray[0].shape
     grid_x, grid_y = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-    warps = []
     for prev, nxt in zip(gray[:-1], gray[1:]):
         backward = cv2.calcOpticalFlowFarneback(nxt, prev, None, *FARNEBACK)  # (H, W, 2): t+1 -> t
         forward = cv2.calcOpticalFlowFarneback(prev, nxt, None, *FARNEBACK)  # (H, W, 2): t -> t+1
         map_x, map_y = grid_x + backward[..., 0], grid_y + backward[..., 1]
         forward_at = cv2.remap(forward, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        # consistency check of Ruder et al. 2016 / Sundaram et al. 2010: a round trip must come back
+        # consistency check of Sundaram et al. 2010 / Ruder et al. 2016: the round trip must come back
         mismatch = ((backward + forward_at) ** 2).sum(-1)
         magnitude = (backward**2).sum(-1) + (forward_at**2).sum(-1)
         inside = (map_x >= 0) & (map_x <= w - 1) & (map_y >= 0) & (map_y <= h - 1)
-        warps.append((map_x, map_y, inside & (mismatch < 0.01 * magnitude + 0.5)))
-    return warps
+        yield map_x, map_y, inside & (mismatch < 0.01 * magnitude + 0.5)
 
 
-def _warp_errors(warps: list, output: np.ndarray) -> np.ndarray:
-    """Mean squared error between output[t+1] and output[t] warped with the source's flow, per pair."""
-    errors = []
-    for (map_x, map_y, valid), prev, nxt in zip(warps, output[:-1], output[1:]):
-        if not valid.any():
-            errors.append(np.nan)
-            continue
-        warped = cv2.remap(prev.astype(np.float32) / 255.0, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        sq = (nxt.astype(np.float32) / 255.0 - warped) ** 2  # (H, W, 3)
-        errors.append(float(sq[valid].mean(dtype=np.float64)))
-    return np.array(errors, dtype=np.float64)
+def _pair_error(prev: np.ndarray, nxt: np.ndarray, map_x: np.ndarray, map_y: np.ndarray, valid: np.ndarray) -> float:
+    """Mean squared difference over valid pixels between nxt and prev warped onto it, pixels in [0, 1]."""
+    if not valid.any():
+        return np.nan
+    warped = cv2.remap(prev.astype(np.float32) / 255.0, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    squared = (nxt.astype(np.float32) / 255.0 - warped) ** 2  # (H, W, 3)
+    return float(squared[valid].mean(dtype=np.float64))
 
 
 def reconstruction_metrics(
@@ -163,14 +168,14 @@ def reconstruction_metrics(
     """
     source, reconstruction = _check_pair(source, reconstruction)
     psnrs, ssims = psnr(source, reconstruction), ssim(source, reconstruction)
-    warps = _source_warps(source)
+    warp_errors = _warp_errors(source, [reconstruction, source])
     metrics = {
         "psnr": float(psnrs.mean()),
         "ssim": float(ssims.mean()),
         "psnr_per_frame": [float(v) for v in psnrs],
         "ssim_per_frame": [float(v) for v in ssims],
-        "warp_error": _mean_finite(_warp_errors(warps, reconstruction)),
-        "warp_error_source": _mean_finite(_warp_errors(warps, source)),
+        "warp_error": _mean_finite(warp_errors[0]),
+        "warp_error_source": _mean_finite(warp_errors[1]),
     }
     if vae_roundtrip is not None:
         metrics["psnr_vae"] = float(psnr(source, vae_roundtrip).mean())

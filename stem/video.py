@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import subprocess
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from .errors import StemError
 
 DEFAULT_MAX_FRAMES = 120  # cap on frames read when the caller does not choose a number (--frames)
 FOLDER_FPS = 10.0  # fps for sources without fps metadata (a folder of frames, a GIF without durations)
+# for file pickers; read_video takes anything ffmpeg reads
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 WRITE_EXTENSIONS = (".mp4", ".mov", ".mkv")  # containers that hold H.264
@@ -94,7 +96,7 @@ def read_video(
         StemError: a missing, empty or undecodable source, or an option out of range.
     """
     _check_options(num_frames, stride, size, fps)
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise StemError(f"'{path}' does not exist; pass the path of a video file or a folder of frames.")
 
@@ -143,7 +145,7 @@ def _open_source(path: Path) -> tuple[Iterator, Callable[[object], np.ndarray], 
 
 def _take_frames(path, items, decode, stride, limit, size, report_cap) -> tuple[list[np.ndarray], bool]:
     """Decode and resize frames 0, stride, 2*stride, ... (at most `limit`); also say whether the limit cut frames."""
-    selected = itertools.islice(items, 0, None, stride)  # skipped items are never decoded
+    selected = itertools.islice(items, 0, None, stride)  # a folder's skipped files are never opened
     if limit is not None:
         # one item past the limit tells whether the cap dropped frames; it is not decoded
         selected = itertools.islice(selected, limit + 1 if report_cap else limit)
@@ -153,14 +155,14 @@ def _take_frames(path, items, decode, stride, limit, size, report_cap) -> tuple[
             item = next(selected)
         except StopIteration:
             break
-        except (OSError, RuntimeError, EOFError, SyntaxError, ValueError) as err:
+        except (OSError, EOFError, SyntaxError, ValueError) as err:  # what pillow / a cut PPM raise
             if not frames:
                 raise _unreadable(path) from err
-            warnings.warn(f"'{path}' stopped decoding after {len(frames)} kept frames (it may be truncated); using those.")
+            warnings.warn(f"'{path}' stopped decoding after {len(frames)} kept frames (truncated?); using those.")
             break
         if len(frames) == limit:
             return frames, True
-        frame = _to_rgb(decode(item))
+        frame = decode(item)  # (H, W, 3) uint8 RGB: every reader converts gray/RGBA/palette to RGB
         if target is None:
             target = fit_size(frame.shape[1], frame.shape[0], size)  # every frame gets the first one's size
         frames.append(cv2.resize(frame, target, interpolation=cv2.INTER_AREA))
@@ -180,35 +182,67 @@ def _unreadable(path: Path) -> StemError:
     )
 
 
-def _to_rgb(frame: np.ndarray) -> np.ndarray:
-    """Grayscale or RGBA -> contiguous RGB uint8."""
-    if frame.ndim == 2:
-        frame = np.repeat(frame[..., None], 3, axis=2)
-    elif frame.shape[2] == 4:
-        frame = frame[..., :3]
-    elif frame.shape[2] == 1:
-        frame = np.repeat(frame, 3, axis=2)
-    return np.ascontiguousarray(frame, dtype=np.uint8)
-
-
-def _ffmpeg_frames(path: Path) -> tuple[Iterator[bytes], Callable[[bytes], np.ndarray], Callable[[], float]]:
-    """Stream raw rgb24 frames out of ffmpeg; returns (frame bytes, decoder, fps)."""
-    stream = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
-    try:
-        meta = next(stream)
-    except (OSError, RuntimeError, StopIteration) as err:
-        stream.close()
-        raise _unreadable(path) from err
-    width, height = meta["size"]  # after ffmpeg's auto-rotation
-    fps = _snap_ntsc(meta["fps"])
+def _ffmpeg_frames(path: Path) -> tuple[Iterator[np.ndarray], Callable, Callable[[], float]]:
+    """A video file as a lazy stream of RGB frames decoded by ffmpeg, with its fps."""
+    fps = _snap_ntsc(_probe_fps(path))
     if not fps > 0:
         warnings.warn(f"'{path}' has no fps metadata; using {FOLDER_FPS} fps (pass --fps to set it).")
         fps = FOLDER_FPS
+    return _ffmpeg_stream(path), lambda frame: frame, lambda: fps
 
-    def decode(raw: bytes) -> np.ndarray:
-        return np.frombuffer(raw, np.uint8).reshape(height, width, 3)
 
-    return stream, decode, lambda: fps
+def _ffmpeg_input(path: Path) -> str:
+    """An absolute file: URL, so names with ':' or a leading '-' are not read as ffmpeg options or protocols."""
+    return "file:" + os.path.abspath(path)
+
+
+def _probe_fps(path: Path) -> float:
+    """The fps ffmpeg reports for the first video stream (0.0 if none); a StemError if it finds no video stream."""
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", _ffmpeg_input(path)]
+    try:
+        # with no output file ffmpeg only prints what it found in the input, then exits
+        log = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=60).stderr
+    except subprocess.TimeoutExpired as err:
+        raise _unreadable(path) from err
+    stream = re.search(r"Stream #\S+.*?: Video: .*", log)
+    if stream is None:
+        raise _unreadable(path)
+    rate = re.search(r" ([0-9.]+) fps", stream.group(0)) or re.search(r" ([0-9.]+) tbr", stream.group(0))
+    return float(rate.group(1)) if rate else 0.0
+
+
+def _ffmpeg_stream(path: Path) -> Iterator[np.ndarray]:
+    """Yield the first video stream's frames, rotated as the file says, as (H, W, 3) uint8 RGB.
+
+    ffmpeg writes binary PPMs, which carry their own size, so no log parsing is needed to cut the
+    stream into frames. Decoding stops where the stream stops (e.g. at a truncated file's cut).
+    """
+    command = [
+        imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
+        "-i", _ffmpeg_input(path), "-map", "0:v:0",
+        "-fps_mode", "passthrough",  # every decoded frame exactly once: no frames repeated to fill timestamp gaps
+        "-pix_fmt", "rgb24", "-f", "image2pipe", "-vcodec", "ppm", "-",
+    ]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        while (frame := _read_ppm(process.stdout)) is not None:
+            yield frame
+    finally:  # also runs when the caller stops early: don't leave ffmpeg decoding the rest
+        process.kill()
+        process.wait()
+        process.stdout.close()
+
+
+def _read_ppm(stream) -> np.ndarray | None:
+    """Read one 8-bit binary PPM (header lines "P6", "W H", "255", then the pixels); None at the end or a cut frame."""
+    if stream.readline().strip() != b"P6":
+        return None
+    width, height = map(int, stream.readline().split())
+    stream.readline()  # maxval: 255 for rgb24
+    data = stream.read(width * height * 3)
+    if len(data) < width * height * 3:
+        return None
+    return np.frombuffer(data, np.uint8).reshape(height, width, 3)
 
 
 def _snap_ntsc(fps: float) -> float:

@@ -2,6 +2,7 @@
 
 import warnings
 
+import cv2
 import imageio_ffmpeg
 import numpy as np
 import pytest
@@ -36,7 +37,12 @@ def clip_path(tmp_path):
 
 @pytest.mark.parametrize(
     "width, height, size, expected",
-    [(854, 480, 256, (256, 144)), (480, 854, 256, (144, 256)), (300, 300, 512, (512, 512)), (1920, 1080, 512, (512, 288))],
+    [
+        (854, 480, 256, (256, 144)),
+        (480, 854, 256, (144, 256)),
+        (300, 300, 512, (512, 512)),
+        (1920, 1080, 512, (512, 288)),
+    ],
 )
 def test_fit_size(width, height, size, expected):
     assert fit_size(width, height, size) == expected
@@ -112,7 +118,7 @@ def test_gif_frames_and_fps(tmp_path):
     images = [Image.fromarray(f) for f in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=50, loop=0)
     clip = read_video(path, size=64)
-    assert clip.frames.shape == (6, 48, 64, 3)
+    assert clip.frames.shape == (6, 40, 64, 3)  # 96x64 -> 64x42.7 -> 64x40
     assert clip.fps == pytest.approx(20.0)
     assert read_video(path, size=64, num_frames=2).num_frames == 2
 
@@ -192,7 +198,9 @@ def _write_noise_mp4(path, faststart):
     if faststart:
         write_video(path, frames, 24)
         return
-    writer = imageio_ffmpeg.write_frames(str(path), (96, 64), fps=24, codec="libx264", macro_block_size=1, ffmpeg_log_level="error")
+    writer = imageio_ffmpeg.write_frames(
+        str(path), (96, 64), fps=24, codec="libx264", macro_block_size=1, ffmpeg_log_level="error"
+    )
     writer.send(None)
     for frame in frames:
         writer.send(frame.tobytes())
@@ -265,9 +273,11 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
 def test_write_odd_size_pads_to_even(tmp_path):
     path = tmp_path / "odd.mp4"
     write_video(path, make_clip(3, width=47, height=33), 10)
-    stream = imageio_ffmpeg.read_frames(str(path))
-    meta = next(stream)
-    assert meta["size"] == (48, 34) and sum(1 for _ in stream) == 3
+    capture = cv2.VideoCapture(str(path))  # an independent reader
+    size = (capture.get(cv2.CAP_PROP_FRAME_WIDTH), capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    count = capture.get(cv2.CAP_PROP_FRAME_COUNT)
+    capture.release()
+    assert size == (48, 34) and count == 3
 
 
 def test_write_rejects_other_containers(tmp_path):
@@ -286,7 +296,7 @@ def test_side_by_side_shape_and_content():
     strip = h - 64
     np.testing.assert_array_equal(grid[:, strip:, :80], a)  # panels are not altered
     np.testing.assert_array_equal(grid[:, strip:, 80:], b)
-    assert grid[:, :strip].max() == 255 and grid[:, :strip].min() < 64  # white text on a dark strip
+    assert grid[:, :strip].max() > 200 and grid[:, :strip].min() < 64  # white text on a dark strip
 
 
 def test_side_by_side_pads_odd_and_matches_heights():

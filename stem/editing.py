@@ -1,0 +1,461 @@
+"""Text-guided video editing: TokenFlow plug-and-play editing of an inverted video. Tensors in, tensors out.
+
+The STEM authors edit their inverted videos with TokenFlow (Geyer et al. 2023) on top of
+plug-and-play (PnP) feature injection (Tumanyan et al. 2023). At each DDIM step i (T down to 1) the
+UNet batch holds three groups of frames, group-major (`AttentionState.num_groups == 3`):
+
+    [ source x_i (from the inversion's trajectory) | edit x_i, negative prompt | edit x_i, target prompt ]
+
+and one step is:
+
+1. Keyframes. The frames are cut into batches of `batch_size` (the last one may be shorter); one
+   random keyframe is drawn per batch (a generator seeded with `EditSettings.seed`).
+2. Pass 1, keyframes only. Every self-attention layer lets each keyframe attend to all keyframes of
+   its group (extended attention), or to K STEM bases estimated from them (`attention="stem"`).
+   PnP injection: during the first `pnp_attn` fraction of the steps the decoder's self-attention
+   queries and keys of both edit groups are replaced by the source group's; during the first
+   `pnp_conv` fraction the residual branch of `up_blocks.1.resnets.1` (its `conv2` output) is.
+   Each self-attention layer stores its keyframe outputs and the source group's inputs in `EditState`.
+3. Pass 2, every frame. No self-attention is computed: each frame's output at each self-attention
+   layer is gathered from the stored keyframe outputs, token by token, at the nearest neighbour
+   (cosine similarity of the SOURCE group's attention inputs) in each of its two nearest keyframes
+   (its own batch's and the nearer adjacent batch's), blended linearly by temporal distance. The
+   same correspondence serves all three groups. Conv injection applies here too.
+4. Classifier-free guidance on the two edit groups; one deterministic DDIM step (`ddim_sample`).
+
+Attention changes are processors installed by layer name and restored afterwards; the conv
+injection is a forward hook on `up_blocks.1.resnets.1.conv2`, removed afterwards; everything a
+step shares lives in one `EditState`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .attention import (
+    AttentionState, FrameAttnProcessor, InflatedAttnProcessor, StemAttnProcessor, is_self_attention,
+    processors_installed,
+)
+from .engine import Engine, InversionResult, InversionSettings, Progress
+from .errors import StemError
+from .inversion import call_unet, ddim_sample, ddim_schedule, decode_latents, encode_prompt, to_epsilon
+from .lockstep import whole_video
+from .video import Video
+
+EDIT_ATTENTION = ("extended", "stem")
+SOURCE, UNCOND, COND = 0, 1, 2  # the groups of the UNet batch
+NUM_GROUPS = 3
+CONV_INJECTION_LAYER = "up_blocks.1.resnets.1"  # PnP's injected residual block (SD's 4th decoder layer)
+KEYFRAMES, PROPAGATE = "keyframes", "propagate"  # the two passes of a step
+DEFAULT_MATCH_CHUNK_ELEMENTS = 1 << 24  # float32 elements of one (frames x tokens x tokens) similarity block
+
+# trace(event, layer name, step, tensors): an observer for tests and debugging; events "qk" and "conv".
+Trace = Callable[[str, str, int, dict], None]
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """One edit of an inverted video (not part of the cache key: the InversionSettings are)."""
+
+    prompt: str                  # target prompt
+    negative_prompt: str = ""    # the unconditional text of classifier-free guidance
+    guidance: float = 7.5        # classifier-free guidance scale, >= 1
+    pnp_attn: float = 0.5        # fraction of steps with self-attention Q/K injection, in [0, 1]
+    pnp_conv: float = 0.8        # fraction of steps with conv (residual) feature injection, in [0, 1]
+    batch_size: int = 8          # frames per TokenFlow batch (one keyframe each), >= 1
+    attention: str = "extended"  # keyframe attention: "extended" (TokenFlow) or "stem" (STEM bases)
+    seed: int = 0                # keyframe choice
+
+    def validate(self) -> "EditSettings":
+        """Raise StemError with one sentence for the first setting out of range."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise StemError("The target prompt is empty; give --prompt a text that describes the edited video.")
+        if not isinstance(self.negative_prompt, str):
+            raise StemError(f"--negative-prompt must be text, got {self.negative_prompt!r}.")
+        if not _is_number(self.guidance) or not (math.isfinite(self.guidance) and self.guidance >= 1):
+            raise StemError(f"--guidance must be a number of at least 1 (7.5 is usual), got {self.guidance}.")
+        for flag, value in (("--pnp-attn", self.pnp_attn), ("--pnp-conv", self.pnp_conv)):
+            if not _is_number(value) or not 0 <= value <= 1:
+                raise StemError(f"{flag} must be a fraction of the steps between 0 and 1, got {value}.")
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
+            raise StemError(f"--batch-size must be 1 or more frames, got {self.batch_size}.")
+        if self.attention not in EDIT_ATTENTION:
+            raise StemError(f"Unknown edit attention {self.attention!r}; choose one of: {', '.join(EDIT_ATTENTION)}.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise StemError(f"--seed must be a whole number of 0 or more, got {self.seed}.")
+        return self
+
+    def num_injected_steps(self, num_steps: int) -> tuple[int, int]:
+        """(Q/K steps, conv steps): the first so many of `num_steps` denoising steps inject."""
+        return _leading_steps(self.pnp_attn, num_steps), _leading_steps(self.pnp_conv, num_steps)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _leading_steps(fraction: float, num_steps: int) -> int:
+    """floor(fraction * T), robust to 0.58 * 50 == 28.999..."""
+    return min(num_steps, math.floor(fraction * num_steps + 1e-6))
+
+
+@dataclass
+class EditResult:
+    """An edited video and how it was made."""
+
+    frames: np.ndarray            # (N, H, W, 3) uint8, every input frame
+    inversion: InversionResult
+    inversion_cache_hit: bool
+    seconds_inversion: float      # the inversion's own time (the cache load on a hit)
+    seconds_editing: float        # denoising + decoding
+    keyframes: list[list[int]]    # keyframe indices chosen at each denoising step (step T first)
+    settings: EditSettings        # the edit's settings (for edit_metrics)
+
+
+# -- the shared state, the processors and the hook ----------------------------------------------
+
+@dataclass
+class EditState:
+    """Everything the editing processors and the conv hook share during one edit."""
+
+    attention: AttentionState          # batch layout (num_groups = 3) and the STEM settings of pass 1
+    step: int = 0                      # level i of the current denoising step (T .. 1)
+    inject_qk: bool = False            # this step replaces edit queries/keys by the source's
+    inject_conv: bool = False          # this step replaces edit conv features by the source's
+    phase: str = KEYFRAMES             # KEYFRAMES (pass 1) or PROPAGATE (pass 2)
+    neighbours: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # ^ pass 2, for the frames of the current UNet call: own keyframe (n,), other keyframe (n,), own weight (n,)
+    keyframe_outputs: dict[str, torch.Tensor] = field(default_factory=dict)   # layer -> (G, M, L, C)
+    keyframe_features: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (M, L, C), unit norm
+    match_chunk_elements: int = DEFAULT_MATCH_CHUNK_ELEMENTS
+    trace: Trace | None = None
+
+    @property
+    def num_groups(self) -> int:
+        return self.attention.num_groups
+
+
+def _from_source(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(G*n, ...) -> (G*n, ...) with every group's frames replaced by the source group's."""
+    grouped = x.view(groups, -1, *x.shape[1:])
+    return grouped[:1].expand_as(grouped).reshape(x.shape)
+
+
+def nearest_tokens(queries: torch.Tensor, keys: torch.Tensor, chunk_elements: int = DEFAULT_MATCH_CHUNK_ELEMENTS) -> torch.Tensor:
+    """Index of the most cosine-similar key token for every query token.
+
+    Args:
+        queries: (n, L, C) unit-norm features of n frames.
+        keys: (n, L2, C) unit-norm features of each frame's keyframe.
+        chunk_elements: bound on the float32 elements of one (n, tokens, L2) similarity block.
+
+    Returns:
+        (n, L) long indices into L2.
+    """
+    n, L, _ = queries.shape
+    keys_t = keys.float().transpose(1, 2)  # (n, C, L2)
+    rows = max(1, chunk_elements // max(1, n * keys.shape[1]))
+    index = torch.empty(n, L, dtype=torch.long, device=queries.device)
+    for start in range(0, L, rows):
+        similarity = torch.bmm(queries[:, start:start + rows].float(), keys_t)  # (n, rows, L2)
+        index[:, start:start + rows] = similarity.argmax(dim=-1)
+    return index
+
+
+def choose_keyframes(num_frames: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """(M,) one random frame index per batch of `batch_size` frames (the last batch may be shorter)."""
+    starts = torch.arange(0, num_frames, batch_size)
+    sizes = (num_frames - starts).clamp(max=batch_size)
+    offsets = (torch.rand(len(starts), generator=generator, dtype=torch.float64) * sizes).long()
+    return starts + offsets.clamp(max=sizes - 1)
+
+
+def keyframe_neighbours(frames: torch.Tensor, keyframes: torch.Tensor, batch_size: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each frame's two nearest keyframes (its own batch's and the nearer adjacent batch's) and the blend.
+
+    Args:
+        frames: (n,) frame indices.
+        keyframes: (M,) the keyframe of each batch.
+        batch_size: frames per batch.
+
+    Returns:
+        own (n,) and other (n,) keyframe numbers (0..M-1), and own_weight (n,) float32: the weight of
+        the own keyframe's output, d_other / (d_own + d_other) (1 at a keyframe, 1 when M == 1).
+    """
+    M = len(keyframes)
+    own = frames // batch_size
+    d_own = (frames - keyframes[own]).abs().double()
+    if M == 1:
+        return own, own, torch.ones(len(frames))
+    before, after = (own - 1).clamp(min=0), (own + 1).clamp(max=M - 1)
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    d_before = torch.where(own > 0, (frames - keyframes[before]).abs().double(), inf)
+    d_after = torch.where(own < M - 1, (frames - keyframes[after]).abs().double(), inf)
+    other = torch.where(d_before <= d_after, before, after)
+    d_other = torch.minimum(d_before, d_after)
+    return own, other, (d_other / (d_own + d_other)).float()
+
+
+class TokenFlowAttnProcessor(FrameAttnProcessor):
+    """Self-attention of one layer during an edit: keyframe attention in pass 1, propagation in pass 2.
+
+    Pass 1 (`state.phase == KEYFRAMES`) runs `keyframe_attention` (extended or STEM) on the keyframes,
+    with the edit groups' queries and keys replaced by the source group's when this layer and step
+    inject, and stores the outputs. Pass 2 (`PROPAGATE`) computes no attention: it gathers every
+    frame's output from the stored keyframe outputs (see the module docstring).
+    """
+
+    def __init__(self, state: EditState, name: str, keyframe_attention: FrameAttnProcessor, injects_qk: bool):
+        super().__init__(state, name)
+        self.keyframe_attention = keyframe_attention
+        self.injects_qk = injects_qk
+
+    def attend(self, attn, query, key, value, attention_mask=None):
+        """(B, heads, L, d) -> (B, heads, L, d): PnP Q/K injection, then the keyframe attention."""
+        state = self.state
+        if self.injects_qk and state.inject_qk:
+            query, key = _from_source(query, state.num_groups), _from_source(key, state.num_groups)
+        if state.trace is not None:
+            state.trace("qk", self.name, state.step, {"query": query, "key": key})
+        return self.keyframe_attention.attend(attn, query, key, value, attention_mask)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if hidden_states.ndim != 3:
+            raise ValueError(f"{self.name}: TokenFlow editing expects (batch, tokens, channels) inputs")
+        if self.state.phase == PROPAGATE:
+            return self.propagate(attn, hidden_states)
+        out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        self.store(attn, hidden_states, out)
+        return out
+
+    def _core(self, attn, hidden_states, out):
+        """The layer's output without its residual and rescaling (what is propagated)."""
+        out = out * attn.rescale_output_factor
+        return out - hidden_states if attn.residual_connection else out
+
+    def store(self, attn, hidden_states, out) -> None:
+        """Keep the keyframes' outputs (all groups) and the source group's inputs, across lock-step chunks."""
+        state, G = self.state, self.state.num_groups
+        B, L, C = hidden_states.shape
+        core = self._core(attn, hidden_states, out).view(G, B // G, L, C)
+        source_inputs = hidden_states.view(G, B // G, L, C)[:SOURCE + 1]  # (1, n, L, C)
+
+        def keep(outputs, inputs):  # (G, M, L, C), (1, M, L, C): every keyframe of the video
+            state.keyframe_outputs[self.name] = outputs
+            state.keyframe_features[self.name] = F.normalize(inputs[0].float(), dim=-1).to(inputs.dtype)
+
+        whole_video(keep, core, source_inputs)
+
+    def propagate(self, attn, hidden_states):
+        """(G*n, L, C) inputs of n frames -> their outputs, gathered from the keyframes' outputs."""
+        state, G = self.state, self.state.num_groups
+        B, L, C = hidden_states.shape
+        n = B // G
+        own, other, own_weight = state.neighbours
+        outputs = state.keyframe_outputs[self.name]        # (G, M, L, C)
+        keyframe_features = state.keyframe_features[self.name]  # (M, L, C)
+        flat_outputs = outputs.reshape(G, -1, C)           # (G, M*L, C)
+        features = F.normalize(hidden_states.view(G, n, L, C)[SOURCE].float(), dim=-1)  # (n, L, C)
+
+        def gather(keyframe):  # (n,) keyframe numbers -> (G, n*L, C) outputs at the nearest tokens
+            index = nearest_tokens(features, keyframe_features[keyframe], state.match_chunk_elements)
+            return flat_outputs[:, (index + keyframe[:, None] * L).reshape(-1)]
+
+        out = gather(own)
+        if not torch.equal(own, other):
+            weight = own_weight.to(out.device, out.dtype).repeat_interleave(L).view(1, n * L, 1)
+            out = torch.lerp(gather(other), out, weight)  # weight * own + (1 - weight) * other
+        out = out.reshape(B, L, C)
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def qk_injection_layers(names) -> set[str]:
+    """The decoder's self-attention processors but the first (PnP's layers 4-11 of SD's decoder)."""
+    decoder = [n for n in names if n.startswith("up_blocks.") and is_self_attention(n)]
+    return set(decoder[1:])
+
+
+@contextlib.contextmanager
+def tokenflow_processors(unet, state: EditState, attention: str) -> Iterator[dict]:
+    """Install a TokenFlowAttnProcessor on every self-attention layer of `unet`; restore on exit."""
+    inner = {"extended": InflatedAttnProcessor, "stem": StemAttnProcessor}[attention]
+    injected = qk_injection_layers(unet.attn_processors)
+
+    def make(name, _previous):
+        if not is_self_attention(name):
+            return None
+        return TokenFlowAttnProcessor(state, name, inner(state.attention, name), name in injected)
+
+    with processors_installed(unet, make) as installed:
+        yield installed
+
+
+@contextlib.contextmanager
+def conv_injection(unet, state: EditState, layer: str = CONV_INJECTION_LAYER) -> Iterator[None]:
+    """Replace the edit groups' residual-branch features of `layer` (its conv2 output) by the source's.
+
+    PnP injects the residual branch only: the block's skip connection keeps the edit's own input.
+    """
+    modules = dict(unet.named_modules())
+    target = modules.get(f"{layer}.conv2")
+    if target is None:
+        raise StemError(f"This UNet has no residual block named {layer!r}; editing needs a Stable Diffusion 1.x/2.x UNet.")
+
+    def hook(_module, _args, output):
+        if state.inject_conv:
+            output = _from_source(output, state.num_groups)
+        if state.trace is not None:
+            state.trace("conv", layer, state.step, {"features": output})
+        return output
+
+    handle = target.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# -- the edit -------------------------------------------------------------------------------------
+
+def edit_latents(
+    parts,
+    trajectory: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas: torch.Tensor,
+    text: torch.Tensor,
+    edit: EditSettings,
+    attention: AttentionState,
+    chunk_size: int | None = None,
+    callback: Callable[[int, int], None] | None = None,
+    trace: Trace | None = None,
+) -> tuple[torch.Tensor, list[list[int]]]:
+    """TokenFlow PnP editing of an inverted video, from x_T to clean latents.
+
+    Args:
+        parts: the model (`StableDiffusionParts`).
+        trajectory: (T + 1, N, 4, h, w) the source's DDIM trajectory x_0 .. x_T (any device).
+        timesteps: (T,) ascending UNet timesteps of the inversion.
+        alphas: (T + 1,) alpha-bars of levels 0..T.
+        text: (3, 77, D) embeddings of [source prompt, negative prompt, target prompt].
+        edit: the edit's settings (validated).
+        attention: the STEM settings for `edit.attention == "stem"`; its num_groups must be 3.
+        chunk_size: frames per UNet call (None: a whole pass-1 call, `batch_size` frames in pass 2);
+            the output does not depend on it.
+        callback: `callback(k, T)` after the k-th denoising step.
+        trace: optional observer, see `Trace`.
+
+    Returns:
+        (N, 4, h, w) float32 edited clean latents, and the keyframes chosen at each step.
+    """
+    if attention.num_groups != NUM_GROUPS:
+        raise ValueError(f"the attention state must describe {NUM_GROUPS} groups, got {attention.num_groups}")
+    unet, device, dtype = parts.unet, parts.device, parts.dtype
+    num_steps, num_frames = len(timesteps), trajectory.shape[1]
+    qk_steps, conv_steps = edit.num_injected_steps(num_steps)
+    call_frames = edit.batch_size if chunk_size is None else min(edit.batch_size, chunk_size)
+    state = EditState(attention=attention, trace=trace)
+    generator = torch.Generator().manual_seed(edit.seed)
+    text = text.to(device=device, dtype=dtype)
+    chosen: list[list[int]] = []
+
+    def unet_groups(source, x, t, chunk):
+        """(n, 4, h, w) source and edit latents -> (3, n, 4, h, w) UNet outputs of the three groups."""
+        n = x.shape[0]
+        latents = torch.cat([source, x, x]).to(dtype)
+        out = call_unet(unet, latents, t, text.repeat_interleave(n, dim=0), chunk, NUM_GROUPS)
+        return out.float().view(NUM_GROUPS, n, *x.shape[1:])
+
+    def eps(x, t, step):
+        done = num_steps - step  # denoising steps already taken
+        state.step, state.inject_qk, state.inject_conv = step, done < qk_steps, done < conv_steps
+        keyframes = choose_keyframes(num_frames, edit.batch_size, generator)
+        chosen.append(keyframes.tolist())
+        source = trajectory[step].to(device=device, dtype=torch.float32)
+        keys = keyframes.to(device)
+
+        state.phase = KEYFRAMES  # pass 1: the keyframes attend to each other; outputs stored
+        unet_groups(source[keys], x[keys], t, chunk_size)
+
+        state.phase = PROPAGATE  # pass 2: every frame, self-attention propagated from the keyframes
+        noise = torch.empty_like(x)
+        for start in range(0, num_frames, call_frames):
+            frames = torch.arange(start, min(num_frames, start + call_frames))
+            state.neighbours = tuple(v.to(device) for v in keyframe_neighbours(frames, keyframes, edit.batch_size))
+            index = frames.to(device)
+            out = unet_groups(source[index], x[index], t, None)
+            uncond, cond = to_epsilon(out[UNCOND:], x[index], alphas[step], parts.prediction_type)
+            noise[index] = uncond + edit.guidance * (cond - uncond)
+        state.keyframe_outputs.clear()
+        state.keyframe_features.clear()
+        state.neighbours = None
+        return noise
+
+    noise = trajectory[-1].to(device=device, dtype=torch.float32)
+    with tokenflow_processors(unet, state, edit.attention), conv_injection(unet, state):
+        latents = ddim_sample(eps, noise, timesteps, alphas, callback)
+    return latents, chosen
+
+
+def edit_video(engine: Engine, video: Video, inversion: InversionSettings, edit: EditSettings,
+               progress: Progress | None = None) -> EditResult:
+    """Edit `video` to match `edit.prompt`, reusing the cached inversion when there is one.
+
+    Args:
+        engine: the model and latent cache; `inversion.model` must be its model.
+        video: the decoded, resized frames.
+        inversion: the inversion job (its settings are the cache key).
+        edit: the edit.
+        progress: optional `progress(phase, done, total)`: "loading", "encoding", "inverting",
+            "reconstructing", "decoding" (inversion, skipped on a cache hit), then "editing", "decoding".
+
+    Returns:
+        The edited frames (N, H, W, 3) uint8, the inversion, timings and the keyframes.
+    """
+    inversion.validate()
+    edit.validate()
+    report = progress or (lambda *_: None)
+    result = engine.invert(video, inversion, progress)
+    parts = engine.parts
+    start = time.perf_counter()
+    timesteps, alphas = ddim_schedule(parts.scheduler, inversion.num_steps)
+    if timesteps.tolist() != result.timesteps.tolist():
+        raise StemError("The cached inversion was made with other timesteps than this model's scheduler gives; clear the cache and try again.")
+    with torch.inference_mode():
+        text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p)
+                          for p in (inversion.prompt, edit.negative_prompt, edit.prompt)])
+        report("editing", 0, len(timesteps))
+        latents, keyframes = edit_latents(
+            parts, result.trajectory, timesteps, alphas, text, edit, engine.attention_state(inversion, NUM_GROUPS),
+            engine.unet_chunk_size, lambda k, n: report("editing", k, n),
+        )
+        frames = decode_latents(parts.vae, latents, engine.vae_batch_size, lambda d, n: report("decoding", d, n))
+    return EditResult(frames, result, result.cache_hit, result.seconds, time.perf_counter() - start, keyframes, edit)
+
+
+def edit_metrics(video: Video, result: EditResult) -> dict:
+    """The metrics.json block of one edit: settings, timing, and the edit's warp error (source motion)."""
+    from .metrics import warp_error
+
+    s, inv = result.settings, result.inversion.settings
+    return {
+        "inversion_cache_hit": result.inversion_cache_hit,
+        "seconds_inversion": round(result.seconds_inversion, 3),
+        "seconds_editing": round(result.seconds_editing, 3),
+        "num_frames": int(result.frames.shape[0]), "fps": video.fps, "width": video.width, "height": video.height,
+        "warp_error": warp_error(video.frames, result.frames),
+        "prompt": s.prompt, "negative_prompt": s.negative_prompt, "guidance": s.guidance,
+        "pnp_attn": s.pnp_attn, "pnp_conv": s.pnp_conv, "batch_size": s.batch_size, "attention": s.attention,
+        "method": inv.method, "seed": s.seed,
+        "source_prompt": inv.prompt, "model": inv.model, "num_steps": inv.num_steps,
+    }
