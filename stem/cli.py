@@ -101,6 +101,10 @@ class TqdmProgress:
     def __call__(self, phase: str, done: int, total: int) -> None:
         from tqdm.auto import tqdm
 
+        if phase == "loading":
+            if done == 0:
+                print("loading the model...", file=sys.stderr, flush=True)
+            return
         if phase != self.phase:
             self.close()
             self.phase, self.bar = phase, tqdm(total=total, desc=phase, unit="step", leave=False)

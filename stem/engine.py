@@ -115,6 +115,14 @@ class Engine:
             self._parts = load_models(self.model, self.device, self.dtype)
         return self._parts
 
+    def load(self, progress: Progress | None = None) -> StableDiffusionParts:
+        """Load the model now (reporting a "loading" phase) unless it is loaded already."""
+        if self._parts is None and progress is not None:
+            progress("loading", 0, 1)
+            self.parts
+            progress("loading", 1, 1)
+        return self.parts
+
     def use_parts(self, parts: StableDiffusionParts) -> "Engine":
         """Use already-built components (tests, benchmarks)."""
         self._parts, self.model = parts, parts.model_id
@@ -162,9 +170,7 @@ class Engine:
         settings.validate()
         self._check_model(settings)
         report = progress or (lambda *_: None)
-        report("loading", 0, 1)
-        parts = self.parts
-        report("loading", 1, 1)
+        parts = self.load(report)
         key = self.key_for(video, settings)
         start = time.perf_counter()
         entry = self.cache.load(key)
