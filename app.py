@@ -46,7 +46,7 @@ GPU_LIMIT, CPU_LIMIT = "48x512", "16x256"  # per job: frames x size, i.e. frames
 MAX_UPLOAD = "200mb"
 OUTPUT_TTL_SECONDS = 3600  # result files older than this are deleted
 METHODS = [("STEM", "stem"), ("DDIM", "ddim"), ("Inflated DDIM", "inflated")]
-TABLE_HEADERS = ["Method", "PSNR (dB) ↑", "SSIM ↑", "Warp error ↓", "From cache", "Seconds"]
+TABLE_HEADERS = ["Method", "PSNR dB ↑", "SSIM ↑", "Warp err. ↓", "Cached", "Seconds"]
 # The page's defaults, by endpoint parameter name; build_app(defaults=...) overrides them.
 DEFAULTS = dict(method="stem", bases=256, iters=5, steps=50, frames=16, stride=1, size=512, seed=0,
                 guidance=7.5, pnp_attn=0.5, pnp_conv=0.8, batch_size=8, negative_prompt="")
@@ -67,6 +67,12 @@ def parse_limit(text: str) -> int:
     if len(parts) not in (1, 2) or min(parts) < 1:
         raise StemError(f"The frames x size limit {text!r} is not valid; write it as FRAMESxSIZE, e.g. 48x512.")
     return parts[0] * parts[1] ** 2 if len(parts) == 2 else parts[0]
+
+
+def describe_limit(max_pixels: int) -> str:
+    """E.g. 'frames × size² ≤ 12,582,912: 48 frames at 512 px, 192 at 256 px'."""
+    return (f"frames × size² ≤ {max_pixels:,}: {max_pixels // 512**2} frames at 512 px, "
+            f"{max_pixels // 256**2} at 256 px")
 
 
 def _bad(message: str) -> gr.Error:
@@ -92,7 +98,7 @@ def _user_errors(handler):
         except Exception as error:  # noqa: BLE001 - a bug or the environment: log it, tell the user in a sentence
             log.exception("job failed")
             raise _bad(f"The job failed ({type(error).__name__}: {error}); try fewer frames or a smaller size, "
-                           "and see the server log for details.") from error
+                       "and see the server log for details.") from error
     return wrapped
 
 
@@ -117,8 +123,8 @@ def _jsonable(metrics: dict) -> dict:
 class Jobs:
     """The handlers behind the buttons and endpoints: page values in, the stem API, files and a status out."""
 
-    def __init__(self, engine: Engine, max_pixels: int, limit_text: str):
-        self.engine, self.max_pixels, self.limit_text = engine, max_pixels, limit_text
+    def __init__(self, engine: Engine, max_pixels: int):
+        self.engine, self.max_pixels = engine, max_pixels
         self.out_root = Path(tempfile.mkdtemp(prefix="stem-app-"))
 
     @_user_errors
@@ -132,7 +138,7 @@ class Jobs:
         status = (f"**Inversion** ({_describe(settings, clip)}): {_how(result.cache_hit, result.seconds)}. "
                   f"Reconstruction PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}, "
                   f"warp error {metrics['warp_error']:.4f}.{note}")
-        path = self._write("reconstruction.mp4", result.reconstruction, clip, settings)
+        path = self._write("reconstruction.mp4", result.reconstruction, clip)
         return path, status, _jsonable({"inversion_cache_hit": result.cache_hit, **metrics})
 
     @_user_errors
@@ -141,7 +147,7 @@ class Jobs:
         """Edit the clip towards the target prompt, inverting it first unless its inversion is cached."""
         if not (target_prompt or "").strip():
             raise _bad("Type a target prompt that describes the edited video, "
-                           "e.g. 'a shiny golden ball bouncing on a marble floor'.")
+                       "e.g. 'a shiny golden ball bouncing on a marble floor'.")
         settings = self._settings(source_prompt, method, bases, iters, steps, frames, stride, size, seed)
         edit = EditSettings(prompt=target_prompt.strip(), negative_prompt=(negative_prompt or "").strip(),
                             guidance=float(guidance), pnp_attn=float(pnp_attn), pnp_conv=float(pnp_conv),
@@ -151,7 +157,7 @@ class Jobs:
         status = (f"**Edit** to “{edit.prompt}” ({_describe(settings, clip)}): inversion "
                   f"{_how(result.inversion_cache_hit, result.seconds_inversion)}; "
                   f"editing took {result.seconds_editing:.1f} s.{note}")
-        path = self._write("edited.mp4", result.frames, clip, settings)
+        path = self._write("edited.mp4", result.frames, clip)
         return path, status, _jsonable(edit_metrics(clip, result))
 
     @_user_errors
@@ -165,7 +171,7 @@ class Jobs:
         results = {label: self.engine.invert(clip, s, _reporter(progress, f"{label}: ")) for label, s in jobs.items()}
         metrics = {label: inversion_metrics(clip, r, self.engine) for label, r in results.items()}
         panel = side_by_side([clip.frames, *(r.reconstruction for r in results.values())], ["Input", *results])
-        path = self._write("comparison.mp4", panel, clip, jobs["DDIM"])
+        path = self._write("comparison.mp4", panel, clip)
         first = next(iter(metrics.values()))
         table = [[label, f"{m['psnr']:.2f}", f"{m['ssim']:.4f}", f"{m['warp_error']:.5f}",
                   "yes" if m["cache_hit"] else "no", f"{m['seconds']:.1f}"] for label, m in metrics.items()]
@@ -180,7 +186,7 @@ class Jobs:
         """The page's values as validated InversionSettings (the cache key)."""
         if not (source_prompt or "").strip():
             raise _bad("Describe the input video in the source prompt, e.g. 'a red ball bouncing on a "
-                           "wooden floor'; it conditions the inversion.")
+                       "wooden floor'; it conditions the inversion.")
         return InversionSettings(
             model=self.engine.model, method=method, num_bases=int(bases), num_iters=int(iters),
             num_steps=int(steps), num_frames=int(frames) or None, stride=int(stride), size=int(size),
@@ -194,11 +200,11 @@ class Jobs:
         path, size = Path(video), settings.size
         cap = min(self.max_pixels // size**2, DEFAULT_MAX_FRAMES)
         if cap < 1:
-            raise _bad(f"A size of {size} px is over this app's limit of frames × size² ≤ {self.limit_text} "
-                           "even for one frame; choose a smaller size.")
+            raise _bad(f"A size of {size} px is over this app's limit ({describe_limit(self.max_pixels)}) "
+                       "even for one frame; choose a smaller size.")
         if settings.num_frames and settings.num_frames > cap:
             raise _bad(f"{settings.num_frames} frames at {size} px is over this app's limit of {cap} frames at "
-                           f"that size (frames × size² ≤ {self.limit_text}); choose fewer frames or a smaller size.")
+                       "that size; choose fewer frames or a smaller size.")
         if path.is_file() and path.stat().st_size == 0:
             raise _bad(f"'{path.name}' is empty (0 bytes); upload the complete video file again.")
         try:
@@ -210,14 +216,14 @@ class Jobs:
         clip = Video(clip.frames[:cap], clip.fps, clip.source)
         return clip, f" Used the first {cap} frames, the limit at {size} px."
 
-    def _write(self, name: str, frames, clip: Video, settings: InversionSettings) -> str:
-        """Write a result video into a fresh folder (playing at the clip's speed); old results are removed."""
+    def _write(self, name: str, frames, clip: Video) -> str:
+        """Write a result video (at the source fps, like the command line) into a fresh folder; prune old ones."""
         now = time.time()
         for old in self.out_root.iterdir():
             if now - old.stat().st_mtime > OUTPUT_TTL_SECONDS:
                 shutil.rmtree(old, ignore_errors=True)
         path = self.out_root / uuid.uuid4().hex / name
-        write_video(path, frames, clip.fps / settings.stride)
+        write_video(path, frames, clip.fps)
         return str(path)
 
 
@@ -258,8 +264,7 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
     if max_pixels is None:
         on_gpu = torch.device(engine.device or default_device()).type != "cpu"
         max_pixels = parse_limit(GPU_LIMIT if on_gpu else CPU_LIMIT)
-    limit_text = f"{max_pixels // 512**2}×512²" if max_pixels % 512**2 == 0 else f"{max_pixels:,} pixels"
-    jobs, d = Jobs(engine, max_pixels, limit_text), {**DEFAULTS, **(defaults or {})}
+    jobs, d = Jobs(engine, max_pixels), {**DEFAULTS, **(defaults or {})}
 
     with gr.Blocks(title="STEM video editing", delete_cache=(OUTPUT_TTL_SECONDS, OUTPUT_TTL_SECONDS)) as demo:
         gr.Markdown("# STEM video editing\nZero-shot text-guided video editing with STEM inversion "
@@ -290,14 +295,14 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                         guidance = gr.Slider(1, 20, d["guidance"], step=0.5, label="Guidance scale")
                     with gr.Row():
                         frames = gr.Slider(0, DEFAULT_MAX_FRAMES, d["frames"], step=1, label="Frames (0 = all)")
-                        stride = gr.Slider(1, 8, d["stride"], step=1, label="Stride (every n-th frame)")
                         size = gr.Slider(64, 1024, d["size"], step=32, label="Size (long side, px)")
-                    gr.Markdown(f"Limit per job: frames × size² ≤ {limit_text} "
-                                f"(e.g. {max_pixels // 512**2} frames at 512 px, {max_pixels // 256**2} at 256 px).")
+                    gr.Markdown(f"Limit per job: {describe_limit(max_pixels)}.")
+                    with gr.Row():
+                        stride = gr.Slider(1, 8, d["stride"], step=1, label="Stride (every n-th frame)")
+                        batch_size = gr.Slider(1, 32, d["batch_size"], step=1, label="Batch size (frames per keyframe)")
                     with gr.Row():
                         pnp_attn = gr.Slider(0, 1, d["pnp_attn"], step=0.05, label="PnP attention threshold")
                         pnp_conv = gr.Slider(0, 1, d["pnp_conv"], step=0.05, label="PnP convolution threshold")
-                        batch_size = gr.Slider(1, 32, d["batch_size"], step=1, label="Batch size")
                     negative_prompt = gr.Textbox(d["negative_prompt"], label="Negative prompt")
                     with gr.Row():
                         seed = gr.Number(d["seed"], precision=0, label="Seed")
@@ -312,8 +317,9 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                 with gr.Row():
                     reconstruction = gr.Video(label="Reconstruction", interactive=False, elem_id="reconstruction")
                     edited = gr.Video(label="Edited", interactive=False, elem_id="edited")
-                comparison = gr.Video(label="Input | DDIM | STEM", interactive=False, elem_id="comparison")
-                table = gr.Dataframe(headers=TABLE_HEADERS, label="Reconstruction quality", interactive=False)
+                comparison = gr.Video(label="Input | DDIM | STEM", show_label=False, interactive=False, elem_id="comparison")
+                table = gr.Dataframe(headers=TABLE_HEADERS, label="Reconstruction quality", interactive=False, wrap=True,
+                                     column_widths=["31%", "15%", "13%", "15%", "13%", "13%"])
                 with gr.Accordion("Details (JSON)", open=False):
                     details = gr.JSON(label="Metrics and timings")
 
@@ -341,7 +347,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"SD 1.x/2.x hub id or local folder, or tiny-random (default: $STEM_MODEL or {DEFAULT_MODEL})")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if on_spaces else "127.0.0.1"),
                         help="address to bind (default: 127.0.0.1; 0.0.0.0 on Hugging Face Spaces)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
+                        help="port (default: $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     parser.add_argument("--cache-dir", default=None, help="latent cache folder (default: $STEM_CACHE_DIR or ~/.cache/stem)")
     parser.add_argument("--max-frames-x-size", default=os.environ.get("STEM_MAX_FRAMES_X_SIZE"),

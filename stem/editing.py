@@ -246,8 +246,8 @@ class TokenFlowAttnProcessor(FrameAttnProcessor):
         """Keep the keyframes' outputs (all groups) and the source group's inputs, across lock-step chunks."""
         state, G = self.state, self.state.num_groups
         B, L, C = hidden_states.shape
-        core = self._core(attn, hidden_states, out).view(G, B // G, L, C)
-        source_inputs = hidden_states.view(G, B // G, L, C)[:SOURCE + 1]  # (1, n, L, C)
+        core = self._core(attn, hidden_states, out).reshape(G, B // G, L, C)
+        source_inputs = hidden_states.reshape(G, B // G, L, C)[:SOURCE + 1]  # (1, n, L, C)
 
         def keep(outputs, inputs):  # (G, M, L, C), (1, M, L, C): every keyframe of the video
             state.keyframe_outputs[self.name] = outputs
@@ -264,7 +264,7 @@ class TokenFlowAttnProcessor(FrameAttnProcessor):
         outputs = state.keyframe_outputs[self.name]        # (G, M, L, C)
         keyframe_features = state.keyframe_features[self.name]  # (M, L, C)
         flat_outputs = outputs.reshape(G, -1, C)           # (G, M*L, C)
-        features = F.normalize(hidden_states.view(G, n, L, C)[SOURCE].float(), dim=-1)  # (n, L, C)
+        features = F.normalize(hidden_states.reshape(G, n, L, C)[SOURCE].float(), dim=-1)  # (n, L, C)
 
         def gather(keyframe):  # (n,) keyframe numbers -> (G, n*L, C) outputs at the nearest tokens
             index = nearest_tokens(features, keyframe_features[keyframe], state.match_chunk_elements)
@@ -291,11 +291,12 @@ def tokenflow_processors(unet, state: EditState, attention: str) -> Iterator[dic
     """Install a TokenFlowAttnProcessor on every self-attention layer of `unet`; restore on exit."""
     inner = {"extended": InflatedAttnProcessor, "stem": StemAttnProcessor}[attention]
     injected = qk_injection_layers(unet.attn_processors)
+    layers = {name: i for i, name in enumerate(n for n in unet.attn_processors if is_self_attention(n))}
 
     def make(name, _previous):
-        if not is_self_attention(name):
+        if name not in layers:
             return None
-        return TokenFlowAttnProcessor(state, name, inner(state.attention, name), name in injected)
+        return TokenFlowAttnProcessor(state, name, inner(state.attention, name, layers[name]), name in injected)
 
     with processors_installed(unet, make) as installed:
         yield installed
@@ -379,9 +380,10 @@ def edit_latents(
     def eps(x, t, step):
         done = num_steps - step  # denoising steps already taken
         state.step, state.inject_qk, state.inject_conv = step, done < qk_steps, done < conv_steps
+        attention.step = step  # seeds the initial bases of STEM keyframe attention
         keyframes = choose_keyframes(num_frames, edit.batch_size, generator)
         chosen.append(keyframes.tolist())
-        source = trajectory[step].to(device=device, dtype=torch.float32)
+        source = trajectory[step].to(device=device, dtype=torch.float32).contiguous()
         keys = keyframes.to(device)
 
         state.phase = KEYFRAMES  # pass 1: the keyframes attend to each other; outputs stored
@@ -401,7 +403,9 @@ def edit_latents(
         state.neighbours = None
         return noise
 
-    noise = trajectory[-1].to(device=device, dtype=torch.float32)
+    # contiguous: a freshly inverted trajectory may be channels-last, a cached one is not, and the
+    # UNet's kernels (so the last bits of the result) depend on the memory format
+    noise = trajectory[-1].to(device=device, dtype=torch.float32).contiguous()
     with tokenflow_processors(unet, state, edit.attention), conv_injection(unet, state):
         latents = ddim_sample(eps, noise, timesteps, alphas, callback)
     return latents, chosen

@@ -195,9 +195,9 @@ class Engine:
             reconstruction = decode(clean)
             seconds = time.perf_counter() - start
             roundtrip = decode(latents)
-        result = InversionResult(settings, key, trajectory.cpu(), timesteps, reconstruction, roundtrip, False, seconds)
+        result = InversionResult(settings, key, trajectory.cpu().contiguous(), timesteps, reconstruction, roundtrip, False, seconds)
         self.cache.save(key, {
-            "trajectory": result.trajectory.contiguous(), "timesteps": timesteps,
+            "trajectory": result.trajectory, "timesteps": timesteps,
             "reconstruction": torch.from_numpy(reconstruction), "vae_roundtrip": torch.from_numpy(roundtrip),
         }, {"settings": repr(dataclasses.asdict(settings)), "seconds": f"{seconds:.3f}"})
         return result

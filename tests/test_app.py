@@ -8,23 +8,19 @@ uploads and empty prompts come back as one sentence, and the app keeps serving.
 
 from __future__ import annotations
 
-import os
+import socket
+from pathlib import Path
+from types import SimpleNamespace
 
-os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 
-import socket  # noqa: E402
-from pathlib import Path  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from gradio_client import Client, handle_file  # noqa: E402
-from gradio_client.exceptions import AppError  # noqa: E402
-
-import app  # noqa: E402
-from stem import Engine, LatentCache, StemError  # noqa: E402
-from stem.models import TINY_WARNING  # noqa: E402
-from stem.video import read_video, write_video  # noqa: E402
+import app  # conftest.py has set GRADIO_ANALYTICS_ENABLED=False and HF_HUB_OFFLINE=1 before this
+from stem import Engine, LatentCache, StemError
+from stem.models import TINY_WARNING
+from stem.video import read_video, write_video
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -47,11 +43,11 @@ def serve(engine_or_model, **kwargs) -> tuple:
 
 
 class UnetCalls:
-    """Counts UNet forward calls (a forward hook on the shared engine's UNet)."""
+    """Counts UNet forward calls (a forward hook on the engine's UNet; `remove()` takes it off)."""
 
     def __init__(self, unet):
         self.count = 0
-        unet.register_forward_hook(lambda *_: setattr(self, "count", self.count + 1))
+        self.remove = unet.register_forward_hook(lambda *_: setattr(self, "count", self.count + 1)).remove
 
     def during(self, fn, *args, **kwargs):
         """(fn's result, UNet calls it made)."""
@@ -71,13 +67,14 @@ def clip(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, tiny_parts):
     cache = tmp_path_factory.mktemp("cache")
-    engine = Engine("tiny-random", cache=LatentCache(cache))
+    engine = Engine("tiny-random", cache=LatentCache(cache)).use_parts(tiny_parts)
     unet = UnetCalls(engine.parts.unet)
-    demo, client = serve(engine)
+    demo, client = serve(engine, max_pixels=app.parse_limit("16x256"))  # the CPU default, on any machine
     yield SimpleNamespace(engine=engine, unet=unet, client=client, cache=cache, url=demo.local_url)
     demo.close()
+    unet.remove()
 
 
 def num_frames(path: str) -> int:
@@ -126,10 +123,10 @@ def test_invert_then_two_edits_reuse_the_inversion_and_compare(served, clip):
 
 def test_a_restarted_app_reuses_the_cache_on_disk(served, clip):
     served.client.predict(handle_file(str(clip)), SOURCE, api_name="/invert")  # cached (maybe already)
-    engine = Engine("tiny-random", cache=LatentCache(served.cache))  # a new process's engine
+    engine = Engine("tiny-random", cache=LatentCache(served.cache))  # a new process's engine: loads its own model
     demo, client = serve(engine)
+    unet = UnetCalls(engine.parts.unet)
     try:
-        unet = UnetCalls(engine.parts.unet)
         (_, status, details), calls = unet.during(client.predict, handle_file(str(clip)), SOURCE, api_name="/invert")
     finally:
         demo.close()
@@ -160,13 +157,29 @@ def test_edit_needs_a_target_prompt(served, clip):
 
 
 def test_the_frames_x_size_limit_is_enforced(served, clip):
-    # the CPU default is 16x256: 16 frames at 256 px, so 8 frames at 512 px is too much
+    # 16x256 is 16 frames at 256 px, so 4 at 512 px: 8 frames at 512 px is too much
     with pytest.raises(AppError, match=r"8 frames at 512 px is over this app's limit of 4 frames"):
         served.client.predict(handle_file(str(clip)), SOURCE, frames=8, size=512, api_name="/compare")
     with pytest.raises(AppError, match=r"Value 0 is less than minimum value 1"):  # Gradio checks the sliders' ranges
         served.client.predict(handle_file(str(clip)), SOURCE, steps=0, api_name="/invert")
     with pytest.raises(AppError, match=r"^Seed must be a whole number of 0 or more"):  # the engine's, with page labels
         served.client.predict(handle_file(str(clip)), SOURCE, "a golden ball", seed=-1, api_name="/edit")
+
+
+def test_all_frames_means_all_up_to_the_limit(served, clip):
+    jobs = app.Jobs(served.engine, max_pixels=3 * 64**2)
+    settings = jobs._settings(SOURCE, "stem", 8, 2, STEPS, 0, 1, 64, 0)  # frames 0: all of them
+    video, note = jobs._clip(str(clip), settings)
+    assert video.num_frames == 3 and "Used the first 3 frames" in note
+
+
+def test_engine_progress_is_shown_by_phase():
+    calls = []
+    report = app._reporter(lambda *args, **kwargs: calls.append((args, kwargs)), prefix="DDIM: ")
+    report("inverting", 2, 5)
+    report("loading", 0, 0)
+    assert calls == [(((2, 5),), {"desc": "DDIM: inverting", "unit": "steps"}),
+                     (((0, 1),), {"desc": "DDIM: loading", "unit": "steps"})]
 
 
 def test_a_missing_model_is_reported_in_the_page(tmp_path, clip):
@@ -183,6 +196,12 @@ def test_the_page_says_tiny_random_outputs_are_noise(served):
 
     config = httpx.get(served.url.rstrip("/") + "/config").text
     assert TINY_WARNING in config
+
+
+def test_the_seed_box():
+    assert app.pick_seed(5, False) == 5
+    seeds = {app.pick_seed(5, True) for _ in range(5)}
+    assert len(seeds) > 1 and all(0 <= s < 2**31 for s in seeds)
 
 
 def test_limits_and_command_line(monkeypatch):
