@@ -131,18 +131,25 @@ class StemAttnProcessor(FrameAttnProcessor):
         """(G, N, h, L, d) keys/values of the whole video -> (G, h, K, d) key and value bases."""
         state = self.state
         G, N, h, L, d = key.shape
+        # (G*h, N*L, d): a view, no copy, when G = 1 and the keys come straight from `to_k`.
         keys = _group_tokens(key).reshape(G * h, N * L, d)
         values = _group_tokens(value).reshape(G * h, N * L, value.shape[-1])
-        # The initial bases depend only on (seed, step, layer): inversion and reconstruction of the
-        # same level start EM from the same draw, and the draw is the same on every device.
-        generator = torch.Generator().manual_seed(hash((state.seed, state.step, self.layer_index)) & (2**63 - 1))
-        init = init_bases(keys, state.num_bases, generator)
         key_bases, value_bases = estimate_bases(
-            keys, values, state.num_bases, state.num_iters, tau=state.tau, init=init,
+            keys, values, state.num_bases, state.num_iters, tau=state.tau, init=self.initial_bases(keys),
             chunk_elements=state.em_chunk_elements,
         )
         state.em_calls += 1
         return key_bases.view(G, h, -1, d), value_bases.view(G, h, -1, value.shape[-1])
+
+    def initial_bases(self, keys: torch.Tensor) -> torch.Tensor:
+        """(B, L, d) keys -> (B, K, d) initial bases, drawn from a generator seeded by (seed, step, layer).
+
+        Inversion and reconstruction of the same level start EM from the same draw, and the draw is
+        the same on every device.
+        """
+        state = self.state
+        generator = torch.Generator().manual_seed(hash((state.seed, state.step, self.layer_index)) & (2**63 - 1))
+        return init_bases(keys, state.num_bases, generator)
 
     def attend(self, attn, query, key, value, attention_mask=None):
         groups = self.state.num_groups

@@ -10,11 +10,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 from .errors import StemError
+from .files import atomic_output
 
 EXIT_ERROR = 2
 
@@ -81,15 +81,9 @@ def out_dir(args) -> Path:
 
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(data, indent=2, allow_nan=False)  # fails before anything is written
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
 
 
 class TqdmProgress:

@@ -6,7 +6,6 @@ import itertools
 import os
 import re
 import subprocess
-import tempfile
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageSequence
 
 from .errors import StemError
+from .files import atomic_output
 
 DEFAULT_MAX_FRAMES = 120  # cap on frames read when the caller does not choose a number (--frames)
 FOLDER_FPS = 10.0  # fps for sources without fps metadata (a folder of frames, a GIF without durations)
@@ -316,15 +316,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None
     if not fps > 0:
         raise StemError(f"Cannot write '{path}' at {fps} fps; the fps must be positive.")
     frames = _pad_to_even(frames)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(handle)
-    try:
-        _encode(tmp, frames, fps, shown_as=path)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        _encode(str(tmp), frames, fps, shown_as=path)
 
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:
