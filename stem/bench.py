@@ -10,20 +10,20 @@ states, for the modes ddim, inflated, stem and stem-naive (the reference below).
 of SD-1.5's UNet architecture with random weights (same cost as the real model).
 
 Every row: {"bench", "mode", "frames", "tokens" | "size", "seconds", "peak_mb", "device", "dtype", ...}
-    seconds  median over --repeats timed calls, after --warmup untimed ones (CUDA synchronised);
-    peak_mb  the peak memory of the call above the baseline just before it:
-             cuda: torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated();
-             cpu:  peak resident set size (VmHWM, reset through /proc/self/clear_refs; where that
-                   is not allowed, a thread polling VmRSS every millisecond) minus VmRSS before the
-                   call, after handing freed heap memory back to the OS (malloc_trim), so memory
-                   freed by an earlier call is not counted as already there.
---json merges the rows into the file (a row replaces one with the same bench/mode/N/shape/device/dtype),
-so separate runs (fast modes with more repeats, inflated with one) build one table.
+with `seconds` the median over --repeats timed calls after --warmup untimed ones, and `peak_mb` the
+peak memory of a call above the baseline just before it (see PEAK_MEMORY). The timed calls of the
+modes are interleaved, so a change in the machine's load hits every mode alike. --json merges the
+rows into the file (a row replaces one with the same bench/mode/N/shape/device/dtype), so separate
+runs (fast modes with more repeats, inflated with one) build one table.
+
+On a GPU: `--device cuda --dtype float16` (CUDA is synchronised around each timed call; memory is
+torch.cuda.max_memory_allocated above the allocation before the call).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .attention import (
     PROCESSORS, AttentionState, StemAttnProcessor, _frames_major, _group_tokens, attention_mode, is_self_attention,
@@ -44,6 +43,12 @@ from .attention import (
 from .em import EPS
 from .lockstep import whole_video
 
+PEAK_MEMORY = (
+    "peak memory of one call above the baseline just before it. cuda: torch.cuda.max_memory_allocated() "
+    "- memory_allocated(). cpu: peak resident set size (VmHWM, reset through /proc/self/clear_refs; where "
+    "that is refused, a thread polling VmRSS every millisecond) - VmRSS before the call, measured after "
+    "malloc_trim(0) so that heap memory freed by an earlier call is not counted as already there."
+)
 BENCHES = ("attention", "inversion")
 MODES = {"attention": ("ddim", "inflated", "stem", "stem-naive"), "inversion": ("ddim", "stem", "inflated")}
 ALL_MODES = ("ddim", "inflated", "stem", "stem-naive")
@@ -104,9 +109,17 @@ def processor(mode: str, state: AttentionState):
     return NaiveStemAttnProcessor(state) if mode == "stem-naive" else PROCESSORS[mode](state)
 
 
+@contextlib.contextmanager
+def using_processor(attn, proc):
+    """Set `proc` on a single attention layer for the block."""
+    attn.set_processor(proc)
+    yield
+
+
 # -- measuring ---------------------------------------------------------------------------------
 
 def _status_kb(field: str) -> int:
+    """A kB field of /proc/self/status (VmRSS, VmHWM)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -123,6 +136,7 @@ def _trim_heap() -> None:
 
 
 def _can_reset_hwm() -> bool:
+    """Whether this kernel lets us reset VmHWM (writing 5 to /proc/self/clear_refs, Linux >= 4.0)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -132,7 +146,7 @@ def _can_reset_hwm() -> bool:
 
 
 class PeakMemory:
-    """Peak memory of a block above the baseline at its start, in MiB (`peak_mb`); see the module doc."""
+    """Peak memory of a block above the baseline at its start, in MiB (`peak_mb`); see PEAK_MEMORY."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -175,20 +189,30 @@ class PeakMemory:
         self.peak_mb = max(0, peak - self.base) / 1024
 
 
-def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> tuple[float, float, str]:
-    """(median seconds, max peak MiB, memory method) of `fn()` over `repeats` calls after `warmup`."""
-    for _ in range(warmup):
-        fn()
-    seconds, peaks = [], []
+def measure(cases: dict[str, tuple[Callable, Callable]], device: torch.device, repeats: int, warmup: int) -> dict:
+    """Time and peak memory of each case, `{mode: (setup, call)}`: `call()` runs inside `with setup():`.
+
+    Each mode gets `warmup` untimed calls; then the timed calls are interleaved, one per mode per
+    round, so a change in the machine's load affects every mode alike. Returns
+    `{mode: (median seconds, max peak MiB, memory method)}`.
+    """
+    for setup, call in cases.values():
+        with setup():
+            for _ in range(warmup):
+                call()
+    seconds = {mode: [] for mode in cases}
+    peaks = {mode: [] for mode in cases}
+    method = PeakMemory(device).method
     for _ in range(repeats):
-        with PeakMemory(device) as memory:
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds.append(time.perf_counter() - start)
-        peaks.append(memory.peak_mb)
-    return statistics.median(seconds), max(peaks), memory.method
+        for mode, (setup, call) in cases.items():
+            with setup(), PeakMemory(device) as memory:
+                start = time.perf_counter()
+                call()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds[mode].append(time.perf_counter() - start)
+            peaks[mode].append(memory.peak_mb)
+    return {mode: (statistics.median(seconds[mode]), max(peaks[mode]), method) for mode in cases}
 
 
 # -- the benchmarks ----------------------------------------------------------------------------
@@ -220,7 +244,9 @@ def sd15_unet(device, dtype, seed: int = 0):
             cross_attention_dim=768,
             attention_head_dim=8,
         )
-    return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if dtype != torch.float32:  # diffusers warns on any dtype cast, even a no-op
+        unet.to(dtype=dtype)
+    return unet.to(device=device).eval().requires_grad_(False)
 
 
 def tiny_unet(device, dtype):
@@ -236,11 +262,14 @@ def bench_attention(modes, frames, tokens, device, dtype, repeats, warmup, num_b
     generator = torch.Generator().manual_seed(0)
     for n in frames:
         x = torch.randn(n, tokens, attn.inner_dim, generator=generator).to(device=device, dtype=dtype)
-        for mode in modes:
+
+        def case(mode, x):
             state = AttentionState(method=mode.removesuffix("-naive"), num_bases=num_bases, num_iters=num_iters)
-            attn.set_processor(processor(mode, state))
-            with torch.inference_mode():
-                seconds, peak, how = measure(lambda: attn(x), device, repeats, warmup)
+            return lambda: using_processor(attn, processor(mode, state)), lambda: attn(x)
+
+        with torch.inference_mode():
+            results = measure({mode: case(mode, x) for mode in modes}, device, repeats, warmup)
+        for mode, (seconds, peak, how) in results.items():
             report({"bench": "attention", "mode": mode, "frames": n, "tokens": tokens, "seconds": seconds,
                     "peak_mb": peak, "memory": how})
         del x
@@ -257,10 +286,14 @@ def bench_inversion(modes, frames, size, device, dtype, repeats, warmup, num_bas
     for n in frames:
         latents = torch.randn(n, unet.config.in_channels, side, side, generator=generator).to(device=device, dtype=dtype)
         text = torch.randn(n, 77, unet.config.cross_attention_dim, generator=generator).to(device=device, dtype=dtype)
-        for mode in modes:
+
+        def case(mode, latents, text):
             state = AttentionState(method=mode.removesuffix("-naive"), num_bases=num_bases, num_iters=num_iters)
-            with install(unet, mode, state), torch.inference_mode():
-                seconds, peak, how = measure(lambda: call_unet(unet, latents, t, text), device, repeats, warmup)
+            return lambda: install(unet, mode, state), lambda: call_unet(unet, latents, t, text)
+
+        with torch.inference_mode():
+            results = measure({mode: case(mode, latents, text) for mode in modes}, device, repeats, warmup)
+        for mode, (seconds, peak, how) in results.items():
             report({"bench": "inversion", "mode": mode, "frames": n, "size": size, "seconds": seconds,
                     "peak_mb": peak, "memory": how})
         del latents, text
@@ -295,21 +328,21 @@ def merge_rows(path: Path, rows: list[dict]) -> dict:
     order = {m: i for i, m in enumerate(ALL_MODES)}
     ordered = sorted(merged.values(), key=lambda r: (BENCHES.index(r["bench"]), r["device"], r["dtype"],
                                                      r.get("tokens") or r.get("size"), r["frames"], order[r["mode"]]))
-    return {"machine": machine_info(), "seconds": "median over repeats after warm-up",
-            "peak_mb": __doc__.split("peak_mb", 1)[1].split("--json", 1)[0].strip(), "rows": ordered}
+    return {"machine": machine_info(), "seconds": "median over the timed calls after warm-up, modes interleaved",
+            "peak_mb": PEAK_MEMORY, "rows": ordered}
 
 
 def markdown_table(rows: list[dict]) -> str:
     """The rows as a markdown table, with each mode's time relative to ddim at the same N."""
     ddim = {(_key(r)[0],) + _key(r)[2:]: r["seconds"] for r in rows if r["mode"] == "ddim"}
-    lines = ["| bench | N | tokens / px | mode | seconds | × ddim | peak MiB | device | dtype |",
-             "|---|---:|---:|---|---:|---:|---:|---|---|"]
+    lines = ["| bench | N | tokens / px | mode | seconds | × ddim | peak MiB | timed calls | device | dtype |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
         base = ddim.get((_key(r)[0],) + _key(r)[2:])
         shape = r.get("tokens") if r["bench"] == "attention" else r.get("size")
         ratio = f"{r['seconds'] / base:.2f}" if base else "-"
         lines.append(f"| {r['bench']} | {r['frames']} | {shape} | {r['mode']} | {r['seconds']:.3f} | {ratio} | "
-                     f"{r['peak_mb']:.0f} | {r['device']} | {r['dtype']} |")
+                     f"{r['peak_mb']:.0f} | {r.get('repeats', '-')} | {r['device']} | {r['dtype']} |")
     return "\n".join(lines)
 
 
@@ -320,7 +353,7 @@ def markdown_document(doc: dict) -> str:
         "# Benchmark: self-attention modes against the number of frames N", "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}"
         + (f", GPU {m['gpu']}" if "gpu" in m else "") + ".", "",
-        "`seconds`: median over repeats after a warm-up call. `peak MiB`: " + doc["peak_mb"], "",
+        f"`seconds`: {doc['seconds']}. `peak MiB`: {doc['peak_mb']}", "",
         markdown_table(doc["rows"]), "",
     ])
 
@@ -331,6 +364,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     benches = [b for b in BENCHES if any(r["bench"] == b for r in rows)]
     fig, axes = plt.subplots(len(benches), 2, figsize=(10, 3.8 * len(benches)), squeeze=False)
@@ -345,7 +379,12 @@ def plot(rows: list[dict], path: Path) -> None:
             n, seconds, peak = zip(*line)
             ax_time.plot(n, seconds, marker="o", label=mode)
             ax_mem.plot(n, peak, marker="o", label=mode)
-        ax_time.set(title=f"{bench}: time ({where})", xlabel="frames N", ylabel="seconds", yscale="log")
+        times = [r["seconds"] for r in picked]
+        log = max(times) > 20 * min(times)  # inflated attention: two orders of magnitude
+        ax_time.set(title=f"{bench}: time ({where})", xlabel="frames N",
+                    ylabel="seconds (log scale)" if log else "seconds", yscale="log" if log else "linear")
+        if log:
+            ax_time.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax_mem.set(title=f"{bench}: peak memory above baseline", xlabel="frames N", ylabel="MiB")
         for ax in (ax_time, ax_mem):
             ax.set_xticks(sorted({r["frames"] for r in picked}))
@@ -361,7 +400,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stem.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("bench", choices=BENCHES)
+    parser.add_argument("bench", choices=BENCHES + ("report",),
+                        help="what to run; `report` only re-renders --md/--plot from the rows of --json")
     parser.add_argument("--frames", default="4,8,16", help="comma-separated N (default: %(default)s)")
     parser.add_argument("--modes", default=None, help="comma-separated modes (default: ddim,inflated,stem,stem-naive "
                         "for attention; ddim,stem,inflated for inversion)")
@@ -379,7 +419,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--unet", default="sd15", choices=("sd15", "tiny"), help=argparse.SUPPRESS)  # tests
     args = parser.parse_args(argv)
     args.frames = [int(n) for n in args.frames.split(",") if n]
-    args.modes = args.modes.split(",") if args.modes else list(MODES[args.bench])
+    args.modes = args.modes.split(",") if args.modes else list(MODES.get(args.bench, ()))
     unknown = set(args.modes) - set(MODES["attention"])
     if unknown:
         parser.error(f"unknown mode(s) {', '.join(sorted(unknown))}; choose from {', '.join(ALL_MODES)}")
@@ -387,6 +427,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--device cuda, but torch sees no CUDA device")
     if args.md and not args.json:
         parser.error("--md writes the rows of the --json file; pass --json too")
+    if args.bench == "report" and not (args.json and args.json.exists()):
+        parser.error("report reads the rows of an existing --json file")
     if args.size is None:
         args.size = 512 if args.device == "cuda" else 256
     return args
@@ -409,21 +451,21 @@ def main(argv=None) -> int:
                   warmup=args.warmup, num_bases=args.bases, num_iters=args.iters, report=report)
     if args.bench == "attention":
         bench_attention(tokens=args.tokens, **common)
-    else:
+    elif args.bench == "inversion":
         bench_inversion(size=args.size, unet_kind=args.unet, **common)
-    print()
-    print(markdown_table(rows))
-    table_rows = rows
+    doc = None  # the --json file's rows: the table of --md and --plot
     if args.json:
-        doc = merge_rows(args.json, rows)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=1) + "\n")
-        table_rows = doc["rows"]
-        if args.md:
-            args.md.parent.mkdir(parents=True, exist_ok=True)
-            args.md.write_text(markdown_document(doc))
+        doc = json.loads(args.json.read_text()) if args.bench == "report" else merge_rows(args.json, rows)
+        if rows:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(doc, indent=1) + "\n")
+    print()
+    print(markdown_table(rows or doc["rows"]))
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(markdown_document(doc))
     if args.plot:
-        plot(table_rows, args.plot)
+        plot(doc["rows"] if doc else rows, args.plot)
     return 0
 
 

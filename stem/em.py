@@ -15,16 +15,18 @@ EPS = 1e-4  # the authors' guard in both normalisations
 
 # Responsibilities are streamed in chunks of at most this many (B x tokens x K) float32 elements.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 64 MiB
-# On the CPU a block that stays in the L2 cache through E and M beats a big one by ~2x (measured
-# with `python -m stem.bench attention`); on GPUs big blocks mean fewer kernel launches.
-CPU_CHUNK_ELEMENTS = 1 << 17  # 512 KiB
+# On the CPU a block that stays in cache from the E- to the M-step is ~1.2x faster than a 64 MiB one
+# (1-8 MiB all measured alike on the EPYC of assets/bench-cpu.md); on GPUs big blocks mean fewer launches.
+CPU_CHUNK_ELEMENTS = 1 << 20  # 4 MiB
+SOFTMAX_FLOOR = 80.0  # see _softmax_
 
 
 def init_bases(keys: torch.Tensor, num_bases: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw (B, K, C) bases from a normal with each channel's mean/std over the L tokens."""
-    keys = keys.float()
-    # a single token (one frame at the lowest resolution) has no spread: std 0, not the nan of correction=1
+    # a single token (one frame at the lowest resolution) has no spread: std 0, not the nan of correction=1.
+    # Reduced in the keys' own dtype (accumulating in float32), so half keys are never copied whole.
     std, mean = torch.std_mean(keys, dim=1, keepdim=True, correction=int(keys.shape[1] > 1))  # (B, 1, C)
+    std, mean = std.float(), mean.float()
     B, _, C = keys.shape
     device = generator.device if generator is not None else keys.device
     noise = torch.randn(B, num_bases, C, generator=generator, device=device, dtype=torch.float32)
@@ -45,10 +47,17 @@ def _token_chunk(batch: int, num_tokens: int, num_bases: int, chunk_elements: in
 
 
 def _softmax_(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dim of a contiguous tensor: in place on the CPU (no new block per chunk)."""
-    if logits.device.type == "cpu":
-        return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
-    return torch.softmax(logits, dim=-1)
+    """Softmax over the last dim of a contiguous tensor; on the CPU in place, logits floored at max - 80.
+
+    With tau = 0.01 most logits lie hundreds below their row's maximum, where the CPU's vectorised
+    exp takes a slow underflow path (the softmax runs 2x slower). The floor moves no responsibility
+    by more than e^-80 (~2e-35).
+    """
+    if logits.device.type != "cpu":
+        return torch.softmax(logits, dim=-1)
+    floor = logits.amax(dim=-1, keepdim=True).sub_(SOFTMAX_FLOOR)
+    torch.maximum(logits, floor, out=logits)
+    return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
 
 
 def _e_step_m_step(keys, values, bases, tau, chunk, block):
@@ -63,20 +72,21 @@ def _e_step_m_step(keys, values, bases, tau, chunk, block):
     K = bases.shape[1]
     # ST-E uses l2-normalised bases, with 1/tau folded in: keys . (mu / (|mu| + eps) / tau)^T
     unit_bases_t = (bases / (bases.norm(dim=-1, keepdim=True) + EPS)).transpose(1, 2) / tau  # (B, C, K)
-    key_sums = bases.new_zeros(B, K, C)
-    value_sums = None if values is None else bases.new_zeros(B, K, values.shape[-1])
-    mass = bases.new_zeros(B, K)
+    # The sums are accumulated transposed, (B, C, K) = keys^T z: the faster GEMM layout on the CPU.
+    key_sums_t = bases.new_zeros(B, C, K)
+    value_sums_t = None if values is None else bases.new_zeros(B, values.shape[-1], K)
+    mass = bases.new_zeros(B, 1, K)
     for start in range(0, L, chunk):
         k = keys[:, start:start + chunk].float()  # (B, c, C); a view for float32 keys
         z = block[:B * k.shape[1] * K].view(B, -1, K)  # contiguous, also for the last, shorter chunk
         z = _softmax_(torch.bmm(k, unit_bases_t, out=z))  # (B, c, K) responsibilities
-        mass += z.sum(dim=1)
-        zt = z.transpose(1, 2)  # (B, K, c)
-        key_sums.baddbmm_(zt, k)
-        if value_sums is not None:
-            value_sums.baddbmm_(zt, values[:, start:start + chunk].float())
-    inv_mass = 1.0 / (mass.unsqueeze(-1) + EPS)  # ST-M: responsibilities normalised over tokens
-    return key_sums * inv_mass, None if value_sums is None else value_sums * inv_mass
+        mass += z.sum(dim=1, keepdim=True)
+        key_sums_t.baddbmm_(k.transpose(1, 2), z)
+        if value_sums_t is not None:
+            value_sums_t.baddbmm_(values[:, start:start + chunk].float().transpose(1, 2), z)
+    inv_mass = 1.0 / (mass + EPS)  # ST-M: responsibilities normalised over tokens
+    key_bases = (key_sums_t * inv_mass).transpose(1, 2).contiguous()  # (B, K, C)
+    return key_bases, None if value_sums_t is None else (value_sums_t * inv_mass).transpose(1, 2).contiguous()
 
 
 @torch.no_grad()
