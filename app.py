@@ -265,6 +265,9 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
         on_gpu = torch.device(engine.device or default_device()).type != "cpu"
         max_pixels = parse_limit(GPU_LIMIT if on_gpu else CPU_LIMIT)
     jobs, d = Jobs(engine, max_pixels), {**DEFAULTS, **(defaults or {})}
+    if d["frames"] * d["size"] ** 2 > max_pixels and "size" not in (defaults or {}):
+        # start within the limit (on a CPU: 16 frames at 256 px), so the defaults always run
+        d["size"] = max(64, math.isqrt(max_pixels // max(d["frames"], 1)) // 32 * 32)
 
     with gr.Blocks(title="STEM video editing", delete_cache=(OUTPUT_TTL_SECONDS, OUTPUT_TTL_SECONDS)) as demo:
         gr.Markdown("# STEM video editing\nZero-shot text-guided video editing with STEM inversion "

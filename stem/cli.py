@@ -65,7 +65,25 @@ def make_engine(args):
 
     if args.chunk_size is not None and args.chunk_size < 1:
         raise StemError(f"--chunk-size must be 1 or more, got {args.chunk_size}.")
-    return Engine(args.model, device=args.device, cache=LatentCache(args.cache_dir), unet_chunk_size=args.chunk_size)
+    return Engine(args.model, device=parse_device(args.device), cache=LatentCache(args.cache_dir),
+                  unet_chunk_size=args.chunk_size)
+
+
+def parse_device(name: str | None):
+    """--device as a torch.device, refused in one sentence when it is unknown or not present here."""
+    import torch
+
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise StemError(f"--device {name!r} is not a device; use cuda, mps or cpu.") from error
+    present = {"cpu": True, "cuda": torch.cuda.is_available(),
+               "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not present.get(device.type, False):
+        raise StemError(f"--device {name} is not available on this machine; leave --device out to use the best available one.")
+    return device
 
 
 def load_video(args, settings):
