@@ -173,6 +173,11 @@ def is_self_attention(name: str) -> bool:
     return name.endswith("attn1.processor")
 
 
+def self_attention_layers(unet) -> dict[str, int]:
+    """The self-attention processor names of `unet`, each with its index in the UNet's order."""
+    return {name: i for i, name in enumerate(n for n in unet.attn_processors if is_self_attention(n))}
+
+
 @contextlib.contextmanager
 def processors_installed(unet, make: Callable[[str, object], object | None]) -> Iterator[dict]:
     """Install `make(name, previous)` on every processor it returns non-None for; restore on exit.
@@ -198,6 +203,6 @@ def attention_mode(unet, state: AttentionState) -> Iterator[dict]:
     if state.method not in PROCESSORS:
         raise ValueError(f"unknown method {state.method!r}; choose one of {', '.join(METHODS)}")
     cls = PROCESSORS[state.method]
-    layers = {name: i for i, name in enumerate(n for n in unet.attn_processors if is_self_attention(n))}
+    layers = self_attention_layers(unet)
     with processors_installed(unet, lambda name, _: cls(state, name, layers[name]) if name in layers else None) as installed:
         yield installed

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .attention import (
     AttentionState, FrameAttnProcessor, InflatedAttnProcessor, StemAttnProcessor, is_self_attention,
-    processors_installed,
+    processors_installed, self_attention_layers,
 )
 from .engine import Engine, InversionResult, InversionSettings, Progress
 from .errors import StemError
@@ -291,7 +291,7 @@ def tokenflow_processors(unet, state: EditState, attention: str) -> Iterator[dic
     """Install a TokenFlowAttnProcessor on every self-attention layer of `unet`; restore on exit."""
     inner = {"extended": InflatedAttnProcessor, "stem": StemAttnProcessor}[attention]
     injected = qk_injection_layers(unet.attn_processors)
-    layers = {name: i for i, name in enumerate(n for n in unet.attn_processors if is_self_attention(n))}
+    layers = self_attention_layers(unet)
 
     def make(name, _previous):
         if name not in layers:
