@@ -37,8 +37,8 @@ from typing import Callable
 import torch
 
 from .attention import (
-    PROCESSORS, AttentionState, StemAttnProcessor, _frames_major, _group_tokens, attention_mode, is_self_attention,
-    processors_installed,
+    PROCESSORS, AttentionState, StemAttnProcessor, _frames_major, _group_tokens, attention_mode,
+    processors_installed, self_attention_layers,
 )
 from .em import EPS
 from .lockstep import whole_video
@@ -51,7 +51,7 @@ PEAK_MEMORY = (
 )
 BENCHES = ("attention", "inversion")
 MODES = {"attention": ("ddim", "inflated", "stem", "stem-naive"), "inversion": ("ddim", "stem", "inflated")}
-ALL_MODES = ("ddim", "inflated", "stem", "stem-naive")
+ALL_MODES = MODES["attention"]  # every mode, in table order
 
 
 # -- the reference: STEM as the authors wrote it ----------------------------------------------
@@ -100,7 +100,7 @@ def install(unet, mode: str, state: AttentionState):
     """Context manager: every self-attention of `unet` gets the processor of a benchmark mode."""
     if mode != "stem-naive":
         return attention_mode(unet, state)
-    layers = {name: i for i, name in enumerate(n for n in unet.attn_processors if is_self_attention(n))}
+    layers = self_attention_layers(unet)
     return processors_installed(unet, lambda name, _: NaiveStemAttnProcessor(state, name, layers[name]) if name in layers else None)
 
 
@@ -420,7 +420,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.frames = [int(n) for n in args.frames.split(",") if n]
     args.modes = args.modes.split(",") if args.modes else list(MODES.get(args.bench, ()))
-    unknown = set(args.modes) - set(MODES["attention"])
+    unknown = set(args.modes) - set(ALL_MODES)
     if unknown:
         parser.error(f"unknown mode(s) {', '.join(sorted(unknown))}; choose from {', '.join(ALL_MODES)}")
     if args.device == "cuda" and not torch.cuda.is_available():

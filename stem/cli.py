@@ -21,7 +21,8 @@ EXIT_ERROR = 2
 
 # -- shared options ---------------------------------------------------------------------------
 
-def add_inversion_options(parser: argparse.ArgumentParser, prompt_flags=("--prompt",)) -> None:
+def add_inversion_options(parser: argparse.ArgumentParser, prompt_flags=("--prompt",),
+                          seed_help="seed of the EM initialisation") -> None:
     """Options that define an inversion job (they are its cache key)."""
     from .engine import InversionSettings
     from .models import DEFAULT_MODEL
@@ -38,7 +39,7 @@ def add_inversion_options(parser: argparse.ArgumentParser, prompt_flags=("--prom
     parser.add_argument("--bases", type=int, default=d.num_bases, help="STEM: K bases per layer (default: %(default)s)")
     parser.add_argument("--iters", type=int, default=d.num_iters, help="STEM: R EM iterations (default: %(default)s)")
     parser.add_argument(*prompt_flags, dest="source_prompt", default="", help="text describing the video; conditions the inversion")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the EM initialisation (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help=seed_help + " (default: %(default)s)")
     parser.add_argument("--out", default=None, help="output folder (default: stem-out/<video name>)")
     parser.add_argument("--cache-dir", default=None, help="latent cache folder (default: $STEM_CACHE_DIR or ~/.cache/stem)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")

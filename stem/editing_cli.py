@@ -17,10 +17,8 @@ def add_edit_command(subparsers) -> None:
     d = EditSettings(prompt="")
     edit = subparsers.add_parser(
         "edit", help="edit a video with a text prompt (TokenFlow plug-and-play on its inversion); writes edited.mp4 and metrics.json")
-    add_inversion_options(edit, prompt_flags=("--source-prompt",))
-    for action in edit._actions:  # one --seed drives both the inversion's EM and the edit's keyframes
-        if action.dest == "seed":
-            action.help = "seed of the EM initialisation and of the keyframe choice (default: %(default)s)"
+    add_inversion_options(edit, prompt_flags=("--source-prompt",),  # one --seed drives both
+                          seed_help="seed of the EM initialisation and of the keyframe choice")
     edit.add_argument("--prompt", dest="prompts", action="append", default=None, metavar="TEXT",
                       help="target prompt; repeat it for several edits of the same inversion (one video each)")
     edit.add_argument("--negative-prompt", default=d.negative_prompt, help="unconditional text of the guidance (default: empty)")
