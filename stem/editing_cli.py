@@ -12,37 +12,65 @@ SLUG_CHARS = 40
 
 def add_edit_command(subparsers) -> None:
     """Register the `edit` command on the `python -m stem` subparsers."""
-    from .editing import EDIT_ATTENTION, EditSettings
-
-    d = EditSettings(prompt="")
     edit = subparsers.add_parser(
         "edit", help="edit a video with a text prompt (TokenFlow plug-and-play on its inversion); writes edited.mp4 and metrics.json")
     add_inversion_options(edit, prompt_flags=("--source-prompt",),  # one --seed drives both
                           seed_help="seed of the EM initialisation and of the keyframe choice")
     edit.add_argument("--prompt", dest="prompts", action="append", default=None, metavar="TEXT",
                       help="target prompt; repeat it for several edits of the same inversion (one video each)")
-    edit.add_argument("--negative-prompt", default=d.negative_prompt, help="unconditional text of the guidance (default: empty)")
-    edit.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale, >= 1 (default: %(default)s)")
-    edit.add_argument("--pnp-attn", type=float, default=d.pnp_attn,
-                      help="fraction of steps that inject the source's self-attention queries/keys (default: %(default)s)")
-    edit.add_argument("--pnp-conv", type=float, default=d.pnp_conv,
-                      help="fraction of steps that inject the source's conv features (default: %(default)s)")
-    edit.add_argument("--batch-size", type=int, default=d.batch_size, help="frames per TokenFlow batch, one keyframe each (default: %(default)s)")
-    edit.add_argument("--edit-attention", default=d.attention,
-                      help=f"keyframe attention while editing: {' or '.join(EDIT_ATTENTION)} (default: %(default)s)")
+    add_edit_options(edit)
     edit.set_defaults(run=cmd_edit)
 
 
-def edit_settings_from(args) -> list:
-    """One validated EditSettings per --prompt."""
-    from .editing import EditSettings
+def add_edit_options(parser) -> None:
+    """The options of an edit but its target prompt: the editor's choice, the shared ones, each editor's own."""
+    from .editing import TokenFlowSettings
 
-    if not args.prompts:
-        raise StemError("Give the target prompt with --prompt (repeat it for several edits of the same video).")
-    return [EditSettings(
+    d = TokenFlowSettings(prompt="")
+    parser.add_argument("--editor", default="tokenflow", choices=list(EDITOR_OPTIONS),
+                        help="the editing method (default: %(default)s)")
+    parser.add_argument("--negative-prompt", default=d.negative_prompt, help="unconditional text of the guidance (default: %(default)r)")
+    parser.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale, >= 1 (default: %(default)s)")
+    for name, (add_options, _) in EDITOR_OPTIONS.items():
+        add_options(parser.add_argument_group(f"{name} options"))
+
+
+def add_tokenflow_options(group) -> None:
+    from .editing import EDIT_ATTENTION, TokenFlowSettings
+
+    d = TokenFlowSettings(prompt="")
+    group.add_argument("--pnp-attn", type=float, default=d.pnp_attn,
+                       help="fraction of steps that inject the source's self-attention queries/keys (default: %(default)s)")
+    group.add_argument("--pnp-conv", type=float, default=d.pnp_conv,
+                       help="fraction of steps that inject the source's conv features (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, default=d.batch_size, help="frames per TokenFlow batch, one keyframe each (default: %(default)s)")
+    group.add_argument("--edit-attention", default=d.attention,
+                       help=f"keyframe attention while editing: {' or '.join(EDIT_ATTENTION)} (default: %(default)s)")
+
+
+def tokenflow_settings(args, prompt: str):
+    from .editing import TokenFlowSettings
+
+    return TokenFlowSettings(
         prompt=prompt, negative_prompt=args.negative_prompt, guidance=args.guidance, pnp_attn=args.pnp_attn,
         pnp_conv=args.pnp_conv, batch_size=args.batch_size, attention=args.edit_attention, seed=args.seed,
-    ).validate() for prompt in args.prompts]
+    )
+
+
+# editor name -> (add its options to an argument group, its settings for parsed arguments and one prompt)
+EDITOR_OPTIONS = {"tokenflow": (add_tokenflow_options, tokenflow_settings)}
+
+
+def edit_settings_for(args, prompt: str):
+    """The validated settings of one edit towards `prompt` with the parsed options."""
+    return EDITOR_OPTIONS[args.editor][1](args, prompt).validate()
+
+
+def edit_settings_from(args) -> list:
+    """One validated settings object per --prompt."""
+    if not args.prompts:
+        raise StemError("Give the target prompt with --prompt (repeat it for several edits of the same video).")
+    return [edit_settings_for(args, prompt) for prompt in args.prompts]
 
 
 def slug(text: str) -> str:

@@ -1,11 +1,8 @@
-"""Text-guided video editing: TokenFlow plug-and-play editing of an inverted video. Tensors in, tensors out.
+"""TokenFlow plug-and-play editing of an inverted video. Tensors in, tensors out.
 
 The STEM authors edit their inverted videos with TokenFlow (Geyer et al. 2023) on top of
 plug-and-play (PnP) feature injection (Tumanyan et al. 2023). At each DDIM step i (T down to 1) the
-UNet batch holds three groups of frames, group-major (`AttentionState.num_groups == 3`):
-
-    [ source x_i (from the inversion's trajectory) | edit x_i, negative prompt | edit x_i, target prompt ]
-
+UNet batch holds the three groups of `common` (source, negative, target; `AttentionState.num_groups == 3`)
 and one step is:
 
 1. Keyframes. The frames are cut into batches of `batch_size` (the last one may be shorter); one
@@ -31,28 +28,24 @@ step shares lives in one `EditState`.
 from __future__ import annotations
 
 import contextlib
-import math
-import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention import (
+from ..attention import (
     AttentionState, FrameAttnProcessor, InflatedAttnProcessor, StemAttnProcessor, is_self_attention,
     processors_installed, self_attention_layers,
 )
-from .engine import Engine, InversionResult, InversionSettings, Progress
-from .errors import StemError
-from .inversion import call_unet, ddim_sample, ddim_schedule, decode_latents, encode_prompt, to_epsilon
-from .lockstep import whole_video
-from .video import Video
+from ..errors import StemError
+from ..lockstep import whole_video
+from .common import (
+    COND, EDITORS, NUM_GROUPS, SOURCE, UNCOND, check_fraction, from_source, guided_noise, leading_steps, sample_edit,
+    source_latents, unet_groups, validate_common,
+)
 
 EDIT_ATTENTION = ("extended", "stem")
-SOURCE, UNCOND, COND = 0, 1, 2  # the groups of the UNet batch
-NUM_GROUPS = 3
 CONV_INJECTION_LAYER = "up_blocks.1.resnets.1"  # PnP's injected residual block (SD's 4th decoder layer)
 KEYFRAMES, PROPAGATE = "keyframes", "propagate"  # the two passes of a step
 DEFAULT_MATCH_CHUNK_ELEMENTS = 1 << 24  # float32 elements of one (frames x tokens x tokens) similarity block
@@ -62,8 +55,10 @@ Trace = Callable[[str, str, int, dict], None]
 
 
 @dataclass(frozen=True)
-class EditSettings:
-    """One edit of an inverted video (not part of the cache key: the InversionSettings are)."""
+class TokenFlowSettings:
+    """One TokenFlow edit of an inverted video (not part of the cache key: the InversionSettings are)."""
+
+    editor: ClassVar[str] = "tokenflow"
 
     prompt: str                  # target prompt
     negative_prompt: str = ""    # the unconditional text of classifier-free guidance
@@ -74,50 +69,29 @@ class EditSettings:
     attention: str = "extended"  # keyframe attention: "extended" (TokenFlow) or "stem" (STEM bases)
     seed: int = 0                # keyframe choice
 
-    def validate(self) -> "EditSettings":
+    def validate(self) -> "TokenFlowSettings":
         """Raise StemError with one sentence for the first setting out of range."""
-        if not isinstance(self.prompt, str) or not self.prompt.strip():
-            raise StemError("The target prompt is empty; give --prompt a text that describes the edited video.")
-        if not isinstance(self.negative_prompt, str):
-            raise StemError(f"--negative-prompt must be text, got {self.negative_prompt!r}.")
-        if not _is_number(self.guidance) or not (math.isfinite(self.guidance) and self.guidance >= 1):
-            raise StemError(f"--guidance must be a number of at least 1 (7.5 is usual), got {self.guidance}.")
+        validate_common(self)
         for flag, value in (("--pnp-attn", self.pnp_attn), ("--pnp-conv", self.pnp_conv)):
-            if not _is_number(value) or not 0 <= value <= 1:
-                raise StemError(f"{flag} must be a fraction of the steps between 0 and 1, got {value}.")
+            check_fraction(flag, value)
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
             raise StemError(f"--batch-size must be 1 or more frames, got {self.batch_size}.")
         if self.attention not in EDIT_ATTENTION:
             raise StemError(f"Unknown edit attention {self.attention!r}; choose one of: {', '.join(EDIT_ATTENTION)}.")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
-            raise StemError(f"--seed must be a whole number of 0 or more, got {self.seed}.")
         return self
 
     def num_injected_steps(self, num_steps: int) -> tuple[int, int]:
         """(Q/K steps, conv steps): the first so many of `num_steps` denoising steps inject."""
-        return _leading_steps(self.pnp_attn, num_steps), _leading_steps(self.pnp_conv, num_steps)
+        return leading_steps(self.pnp_attn, num_steps), leading_steps(self.pnp_conv, num_steps)
+
+    def metrics(self) -> dict:
+        """The settings as recorded in metrics.json."""
+        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "guidance": self.guidance,
+                "pnp_attn": self.pnp_attn, "pnp_conv": self.pnp_conv, "batch_size": self.batch_size,
+                "attention": self.attention, "seed": self.seed}
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _leading_steps(fraction: float, num_steps: int) -> int:
-    """floor(fraction * T), robust to 0.58 * 50 == 28.999..."""
-    return min(num_steps, math.floor(fraction * num_steps + 1e-6))
-
-
-@dataclass
-class EditResult:
-    """An edited video and how it was made."""
-
-    frames: np.ndarray            # (N, H, W, 3) uint8, every input frame
-    inversion: InversionResult
-    inversion_cache_hit: bool
-    seconds_inversion: float      # the inversion's own time (the cache load on a hit)
-    seconds_editing: float        # denoising + decoding
-    keyframes: list[list[int]]    # keyframe indices chosen at each denoising step (step T first)
-    settings: EditSettings        # the edit's settings (for edit_metrics)
+EditSettings = TokenFlowSettings  # the default editor's settings under their historical name
 
 
 # -- the shared state, the processors and the hook ----------------------------------------------
@@ -141,12 +115,6 @@ class EditState:
     @property
     def num_groups(self) -> int:
         return self.attention.num_groups
-
-
-def _from_source(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """(G*n, ...) -> (G*n, ...) with every group's frames replaced by the source group's."""
-    grouped = x.view(groups, -1, *x.shape[1:])
-    return grouped[:1].expand_as(grouped).reshape(x.shape)
 
 
 def nearest_tokens(queries: torch.Tensor, keys: torch.Tensor, chunk_elements: int = DEFAULT_MATCH_CHUNK_ELEMENTS) -> torch.Tensor:
@@ -223,7 +191,7 @@ class TokenFlowAttnProcessor(FrameAttnProcessor):
         """(B, heads, L, d) -> (B, heads, L, d): PnP Q/K injection, then the keyframe attention."""
         state = self.state
         if self.injects_qk and state.inject_qk:
-            query, key = _from_source(query, state.num_groups), _from_source(key, state.num_groups)
+            query, key = from_source(query, state.num_groups), from_source(key, state.num_groups)
         if state.trace is not None:
             state.trace("qk", self.name, state.step, {"query": query, "key": key})
         return self.keyframe_attention.attend(attn, query, key, value, attention_mask)
@@ -315,7 +283,7 @@ def conv_injection(unet, state: EditState, layer: str = CONV_INJECTION_LAYER) ->
 
     def hook(_module, _args, output):
         if state.inject_conv:
-            output = _from_source(output, state.num_groups)
+            output = from_source(output, state.num_groups)
         if state.trace is not None:
             state.trace("conv", layer, state.step, {"features": output})
         return output
@@ -335,7 +303,7 @@ def edit_latents(
     timesteps: torch.Tensor,
     alphas: torch.Tensor,
     text: torch.Tensor,
-    edit: EditSettings,
+    edit: TokenFlowSettings,
     attention: AttentionState,
     chunk_size: int | None = None,
     callback: Callable[[int, int], None] | None = None,
@@ -357,25 +325,18 @@ def edit_latents(
         trace: optional observer, see `Trace`.
 
     Returns:
-        (N, 4, h, w) float32 edited clean latents, and the keyframes chosen at each step.
+        (N, 4, h, w) float32 edited clean latents, and {"keyframes": the keyframes chosen at each step}.
     """
     if attention.num_groups != NUM_GROUPS:
         raise ValueError(f"the attention state must describe {NUM_GROUPS} groups, got {attention.num_groups}")
-    unet, device, dtype = parts.unet, parts.device, parts.dtype
+    unet, device = parts.unet, parts.device
     num_steps, num_frames = len(timesteps), trajectory.shape[1]
     qk_steps, conv_steps = edit.num_injected_steps(num_steps)
     call_frames = edit.batch_size if chunk_size is None else min(edit.batch_size, chunk_size)
     state = EditState(attention=attention, trace=trace)
     generator = torch.Generator().manual_seed(edit.seed)
-    text = text.to(device=device, dtype=dtype)
+    text = text.to(device=device, dtype=parts.dtype)
     chosen: list[list[int]] = []
-
-    def unet_groups(source, x, t, chunk):
-        """(n, 4, h, w) source and edit latents -> (3, n, 4, h, w) UNet outputs of the three groups."""
-        n = x.shape[0]
-        latents = torch.cat([source, x, x]).to(dtype)
-        out = call_unet(unet, latents, t, text.repeat_interleave(n, dim=0), chunk, NUM_GROUPS)
-        return out.float().view(NUM_GROUPS, n, *x.shape[1:])
 
     def eps(x, t, step):
         done = num_steps - step  # denoising steps already taken
@@ -383,11 +344,11 @@ def edit_latents(
         attention.step = step  # seeds the initial bases of STEM keyframe attention
         keyframes = choose_keyframes(num_frames, edit.batch_size, generator)
         chosen.append(keyframes.tolist())
-        source = trajectory[step].to(device=device, dtype=torch.float32).contiguous()
+        source = source_latents(trajectory, step, device)
         keys = keyframes.to(device)
 
         state.phase = KEYFRAMES  # pass 1: the keyframes attend to each other; outputs stored
-        unet_groups(source[keys], x[keys], t, chunk_size)
+        unet_groups(parts, text, source[keys], x[keys], t, chunk_size)
 
         state.phase = PROPAGATE  # pass 2: every frame, self-attention propagated from the keyframes
         noise = torch.empty_like(x)
@@ -395,71 +356,16 @@ def edit_latents(
             frames = torch.arange(start, min(num_frames, start + call_frames))
             state.neighbours = tuple(v.to(device) for v in keyframe_neighbours(frames, keyframes, edit.batch_size))
             index = frames.to(device)
-            out = unet_groups(source[index], x[index], t, None)
-            uncond, cond = to_epsilon(out[UNCOND:], x[index], alphas[step], parts.prediction_type)
-            noise[index] = uncond + edit.guidance * (cond - uncond)
+            out = unet_groups(parts, text, source[index], x[index], t, None)
+            noise[index] = guided_noise(out, x[index], alphas[step], edit.guidance, parts.prediction_type)
         state.keyframe_outputs.clear()
         state.keyframe_features.clear()
         state.neighbours = None
         return noise
 
-    # contiguous: a freshly inverted trajectory may be channels-last, a cached one is not, and the
-    # UNet's kernels (so the last bits of the result) depend on the memory format
-    noise = trajectory[-1].to(device=device, dtype=torch.float32).contiguous()
     with tokenflow_processors(unet, state, edit.attention), conv_injection(unet, state):
-        latents = ddim_sample(eps, noise, timesteps, alphas, callback)
-    return latents, chosen
+        latents = sample_edit(eps, trajectory, timesteps, alphas, device, callback)
+    return latents, {"keyframes": chosen}
 
 
-def edit_video(engine: Engine, video: Video, inversion: InversionSettings, edit: EditSettings,
-               progress: Progress | None = None) -> EditResult:
-    """Edit `video` to match `edit.prompt`, reusing the cached inversion when there is one.
-
-    Args:
-        engine: the model and latent cache; `inversion.model` must be its model.
-        video: the decoded, resized frames.
-        inversion: the inversion job (its settings are the cache key).
-        edit: the edit.
-        progress: optional `progress(phase, done, total)`: "loading", "encoding", "inverting",
-            "reconstructing", "decoding" (inversion, skipped on a cache hit), then "editing", "decoding".
-
-    Returns:
-        The edited frames (N, H, W, 3) uint8, the inversion, timings and the keyframes.
-    """
-    inversion.validate()
-    edit.validate()
-    report = progress or (lambda *_: None)
-    result = engine.invert(video, inversion, progress)
-    parts = engine.parts
-    start = time.perf_counter()
-    timesteps, alphas = ddim_schedule(parts.scheduler, inversion.num_steps)
-    if timesteps.tolist() != result.timesteps.tolist():
-        raise StemError("The cached inversion was made with other timesteps than this model's scheduler gives; clear the cache and try again.")
-    with torch.inference_mode():
-        text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p)
-                          for p in (inversion.prompt, edit.negative_prompt, edit.prompt)])
-        report("editing", 0, len(timesteps))
-        latents, keyframes = edit_latents(
-            parts, result.trajectory, timesteps, alphas, text, edit, engine.attention_state(inversion, NUM_GROUPS),
-            engine.unet_chunk_size, lambda k, n: report("editing", k, n),
-        )
-        frames = decode_latents(parts.vae, latents, engine.vae_batch_size, lambda d, n: report("decoding", d, n))
-    return EditResult(frames, result, result.cache_hit, result.seconds, time.perf_counter() - start, keyframes, edit)
-
-
-def edit_metrics(video: Video, result: EditResult) -> dict:
-    """The metrics.json block of one edit: settings, timing, and the edit's warp error (source motion)."""
-    from .metrics import warp_error
-
-    s, inv = result.settings, result.inversion.settings
-    return {
-        "inversion_cache_hit": result.inversion_cache_hit,
-        "seconds_inversion": round(result.seconds_inversion, 3),
-        "seconds_editing": round(result.seconds_editing, 3),
-        "num_frames": int(result.frames.shape[0]), "fps": video.fps, "width": video.width, "height": video.height,
-        "warp_error": warp_error(video.frames, result.frames),
-        "prompt": s.prompt, "negative_prompt": s.negative_prompt, "guidance": s.guidance,
-        "pnp_attn": s.pnp_attn, "pnp_conv": s.pnp_conv, "batch_size": s.batch_size, "attention": s.attention,
-        "method": inv.method, "seed": s.seed,
-        "source_prompt": inv.prompt, "model": inv.model, "num_steps": inv.num_steps,
-    }
+EDITORS[TokenFlowSettings.editor] = edit_latents

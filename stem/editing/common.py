@@ -1,0 +1,197 @@
+"""What every editor shares: the three-group UNet batch, injection from the source group, guidance,
+the denoising loop around the cached trajectory, and the edit job (invert or reuse, edit, decode).
+
+An edit runs, at each DDIM step i (T down to 1), one UNet batch of three groups of frames,
+group-major:
+
+    [ source x_i (from the inversion's trajectory) | edit x_i, negative prompt | edit x_i, target prompt ]
+
+The source group re-runs the source prompt on the cached trajectory, so whatever an editor injects
+(PnP features for TokenFlow, attention maps for FateZero) is computed on the fly beside the edit and
+never stored per step. Classifier-free guidance combines the two edit groups.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from ..engine import Engine, InversionResult, InversionSettings, Progress
+from ..errors import StemError
+from ..inversion import call_unet, ddim_sample, ddim_schedule, decode_latents, encode_prompt, to_epsilon
+from ..video import Video
+
+SOURCE, UNCOND, COND = 0, 1, 2  # the groups of the UNet batch
+NUM_GROUPS = 3
+DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"  # the STEM authors' editing configs
+
+
+class EditSettingsBase(Protocol):
+    """What `edit_video` needs of an editor's frozen settings dataclass."""
+
+    editor: str            # the editor's name (a ClassVar of the dataclass)
+    prompt: str
+    negative_prompt: str
+    guidance: float
+    seed: int
+
+    def validate(self): ...
+
+    def metrics(self) -> dict: ...
+
+
+# edit_latents(parts, trajectory, timesteps, alphas, text, settings, attention, chunk_size, callback)
+#   -> (latents (N, 4, h, w) float32, info dict for EditResult.details)
+EditFn = Callable[..., tuple[torch.Tensor, dict]]
+EDITORS: dict[str, EditFn] = {}  # editor name -> its edit_latents; filled by each editor's module
+
+
+@dataclass
+class EditResult:
+    """An edited video and how it was made."""
+
+    frames: np.ndarray            # (N, H, W, 3) uint8, every input frame
+    inversion: InversionResult
+    inversion_cache_hit: bool
+    seconds_inversion: float      # the inversion's own time (the cache load on a hit)
+    seconds_editing: float        # denoising + decoding
+    settings: EditSettingsBase    # the edit's settings (for edit_metrics)
+    details: dict                 # editor-specific record, e.g. TokenFlow's keyframes per step
+
+    @property
+    def keyframes(self) -> list[list[int]]:
+        """TokenFlow: the keyframe indices chosen at each denoising step (step T first)."""
+        return self.details.get("keyframes", [])
+
+
+def is_number(x) -> bool:
+    """A real number (int or float), not a bool."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def leading_steps(fraction: float, num_steps: int) -> int:
+    """floor(fraction * T), robust to 0.58 * 50 == 28.999..."""
+    return min(num_steps, math.floor(fraction * num_steps + 1e-6))
+
+
+def check_fraction(flag: str, value) -> None:
+    """Refuse a fraction of the steps outside [0, 1] in one sentence."""
+    if not is_number(value) or not 0 <= value <= 1:
+        raise StemError(f"{flag} must be a fraction of the steps between 0 and 1, got {value}.")
+
+
+def validate_common(edit: EditSettingsBase) -> None:
+    """Check what every editor's settings have: the prompts, the guidance scale and the seed."""
+    if not isinstance(edit.prompt, str) or not edit.prompt.strip():
+        raise StemError("The target prompt is empty; give --prompt a text that describes the edited video.")
+    if not isinstance(edit.negative_prompt, str):
+        raise StemError(f"--negative-prompt must be text, got {edit.negative_prompt!r}.")
+    if not is_number(edit.guidance) or not (math.isfinite(edit.guidance) and edit.guidance >= 1):
+        raise StemError(f"--guidance must be a number of at least 1 (7.5 is usual), got {edit.guidance}.")
+    if not isinstance(edit.seed, int) or isinstance(edit.seed, bool) or not 0 <= edit.seed < 2**63:
+        raise StemError(f"--seed must be a whole number of 0 or more, got {edit.seed}.")
+
+
+def from_source(x: torch.Tensor, groups: int = NUM_GROUPS) -> torch.Tensor:
+    """(G*n, ...) -> (G*n, ...) with every group's frames replaced by the source group's."""
+    grouped = x.view(groups, -1, *x.shape[1:])
+    return grouped[:1].expand_as(grouped).reshape(x.shape)
+
+
+def unet_groups(parts, text: torch.Tensor, source: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+                chunk_size: int | None = None) -> torch.Tensor:
+    """Run the UNet on the three groups of n frames.
+
+    Args:
+        parts: the model (`StableDiffusionParts`).
+        text: (3, 77, D) embeddings of [source prompt, negative prompt, target prompt].
+        source: (n, 4, h, w) the source's latents at this level (from the trajectory).
+        x: (n, 4, h, w) the edit's latents.
+        t: the timestep.
+        chunk_size: frames per UNet call (lock-step), None for one call.
+
+    Returns:
+        (3, n, 4, h, w) float32 UNet outputs of the source, negative and target groups.
+    """
+    n = x.shape[0]
+    latents = torch.cat([source, x, x]).to(parts.dtype)
+    out = call_unet(parts.unet, latents, t, text.repeat_interleave(n, dim=0), chunk_size, NUM_GROUPS)
+    return out.float().view(NUM_GROUPS, n, *x.shape[1:])
+
+
+def guided_noise(out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, guidance: float, prediction_type: str) -> torch.Tensor:
+    """(3, n, 4, h, w) UNet outputs -> (n, 4, h, w) the edit's classifier-free-guided noise."""
+    uncond, cond = to_epsilon(out[UNCOND:], x, alpha, prediction_type)
+    return uncond + guidance * (cond - uncond)
+
+
+def sample_edit(eps_fn, trajectory: torch.Tensor, timesteps: torch.Tensor, alphas: torch.Tensor, device,
+                callback=None) -> torch.Tensor:
+    """DDIM sampling of the edit from the source's inverted noise x_T (float32 on `device`)."""
+    # contiguous: a freshly inverted trajectory may be channels-last, a cached one is not, and the
+    # UNet's kernels (so the last bits of the result) depend on the memory format
+    noise = trajectory[-1].to(device=device, dtype=torch.float32).contiguous()
+    return ddim_sample(eps_fn, noise, timesteps, alphas, callback)
+
+
+def source_latents(trajectory: torch.Tensor, step: int, device) -> torch.Tensor:
+    """(N, 4, h, w) the source's latents x_step, float32 on `device`."""
+    return trajectory[step].to(device=device, dtype=torch.float32).contiguous()
+
+
+def edit_video(engine: Engine, video: Video, inversion: InversionSettings, edit: EditSettingsBase,
+               progress: Progress | None = None) -> EditResult:
+    """Edit `video` to match `edit.prompt`, reusing the cached inversion when there is one.
+
+    Args:
+        engine: the model and latent cache; `inversion.model` must be its model.
+        video: the decoded, resized frames.
+        inversion: the inversion job (its settings are the cache key).
+        edit: the edit's settings; `edit.editor` picks the editor (see `EDITORS`).
+        progress: optional `progress(phase, done, total)`: "loading", "encoding", "inverting",
+            "reconstructing", "decoding" (inversion, skipped on a cache hit), then "editing", "decoding".
+
+    Returns:
+        The edited frames (N, H, W, 3) uint8, the inversion, timings and the editor's details.
+    """
+    inversion.validate()
+    edit.validate()
+    edit_latents = EDITORS[edit.editor]
+    report = progress or (lambda *_: None)
+    result = engine.invert(video, inversion, progress)
+    parts = engine.parts
+    start = time.perf_counter()
+    timesteps, alphas = ddim_schedule(parts.scheduler, inversion.num_steps)
+    if timesteps.tolist() != result.timesteps.tolist():
+        raise StemError("The cached inversion was made with other timesteps than this model's scheduler gives; clear the cache and try again.")
+    with torch.inference_mode():
+        text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p)
+                          for p in (inversion.prompt, edit.negative_prompt, edit.prompt)])
+        report("editing", 0, len(timesteps))
+        latents, details = edit_latents(
+            parts, result.trajectory, timesteps, alphas, text, edit, engine.attention_state(inversion, NUM_GROUPS),
+            engine.unet_chunk_size, lambda k, n: report("editing", k, n),
+        )
+        frames = decode_latents(parts.vae, latents, engine.vae_batch_size, lambda d, n: report("decoding", d, n))
+    return EditResult(frames, result, result.cache_hit, result.seconds, time.perf_counter() - start, edit, details)
+
+
+def edit_metrics(video: Video, result: EditResult) -> dict:
+    """The metrics.json block of one edit: settings, timing, and the edit's warp error (source motion)."""
+    from ..metrics import warp_error
+
+    inv = result.inversion.settings
+    return {
+        "inversion_cache_hit": result.inversion_cache_hit,
+        "seconds_inversion": round(result.seconds_inversion, 3),
+        "seconds_editing": round(result.seconds_editing, 3),
+        "num_frames": int(result.frames.shape[0]), "fps": video.fps, "width": video.width, "height": video.height,
+        "warp_error": warp_error(video.frames, result.frames),
+        "editor": result.settings.editor, **result.settings.metrics(),
+        "method": inv.method, "source_prompt": inv.prompt, "model": inv.model, "num_steps": inv.num_steps,
+    }
