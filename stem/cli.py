@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_edit_command(sub)
+        from .evaluate import add_evaluate_command
+
+        add_evaluate_command(sub)
     return parser
 
 

@@ -19,6 +19,9 @@ def add_edit_command(subparsers) -> None:
     edit.add_argument("--prompt", dest="prompts", action="append", default=None, metavar="TEXT",
                       help="target prompt; repeat it for several edits of the same inversion (one video each)")
     add_edit_options(edit)
+    edit.add_argument("--clip-model", default=None, metavar="NAME",
+                      help="also score each edit with this CLIP model (e.g. openai/clip-vit-base-patch32, or tiny-random): "
+                           "clip_text, frame_acc and tem_con in metrics.json (default: off)")
     edit.set_defaults(run=cmd_edit)
 
 
@@ -88,11 +91,13 @@ def video_names(edits) -> list[str]:
 
 def cmd_edit(args) -> dict:
     from .editing import edit_metrics, edit_video
+    from .metrics import load_clip
     from .video import write_video
 
     edits = edit_settings_from(args)  # every setting is checked before the video or the model is touched
     settings = settings_from(args)
     engine = make_engine(args)
+    scorer = load_clip(args.clip_model, engine.device) if args.clip_model else None
     video = load_video(args, settings)
     progress = TqdmProgress()
     results = []
@@ -103,7 +108,8 @@ def cmd_edit(args) -> dict:
     blocks = []
     for name, result in zip(video_names(edits), results):
         write_video(out / name, result.frames, video.fps)
-        blocks.append({"file": name, **edit_metrics(video, result)})
+        clip = scorer.edit_metrics(result.frames, settings.prompt, result.settings.prompt) if scorer else {}
+        blocks.append({"file": name, **edit_metrics(video, result), **clip})
     write_json(out / "metrics.json", blocks[0] if len(blocks) == 1 else {"video": str(args.video), "edits": blocks})
     return {"out": str(out), "edits": [{k: b[k] for k in ("file", "prompt", "warp_error", "inversion_cache_hit",
                                                          "seconds_inversion", "seconds_editing")} for b in blocks]}

@@ -202,3 +202,220 @@ def _check_pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if a.shape != b.shape:
         raise ValueError(f"videos must have the same shape, got {a.shape} and {b.shape}")
     return a, b
+
+
+# -- CLIP metrics of edits ---------------------------------------------------------------------
+#
+# Computed on unit-length CLIP embeddings, all cosines (not scaled by 100 or by CLIP's logit scale):
+#   clip_text  TokenFlow's edit fidelity: the mean over frames of cos(frame, target prompt).
+#   frame_acc  FateZero's Frame-Acc: the share of frames with cos(frame, target) >= cos(frame, source);
+#              FateZero compares the softmax of CLIP's logits over [source, target], which orders the
+#              same way (a tie counts as a success there too).
+#   tem_con    FateZero's Tem-Con: the mean cos(frame t, frame t+1) over consecutive pairs.
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"  # ViT-B/32, the CLIP FateZero's scripts load
+TINY_CLIP = "tiny-random"
+TINY_CLIP_WARNING = ("Using the built-in 'tiny-random' CLIP: random weights, so clip_text, frame_acc and tem_con "
+                     "mean nothing (for tests and offline smoke runs).")
+TINY_CLIP_SIZE = 32  # pixels of its square input
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, float64."""
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def clip_text_alignment(image_embeds: np.ndarray, text_embed: np.ndarray) -> float:
+    """Mean cosine similarity of each frame's CLIP embedding to a prompt's (TokenFlow's edit fidelity).
+
+    Args:
+        image_embeds: (N, D) CLIP image embeddings of the frames (any length).
+        text_embed: (D,) CLIP text embedding of the prompt.
+
+    Returns:
+        The mean over frames of cos(frame, prompt), in [-1, 1].
+    """
+    return float((_unit_rows(image_embeds) @ _unit_rows(text_embed)).mean())
+
+
+def frame_accuracy(image_embeds: np.ndarray, source_embed: np.ndarray, target_embed: np.ndarray) -> float:
+    """FateZero's Frame-Acc: the share of frames closer to the target prompt than to the source prompt.
+
+    Args:
+        image_embeds: (N, D) CLIP image embeddings of the edited frames.
+        source_embed: (D,) CLIP text embedding of the source prompt.
+        target_embed: (D,) CLIP text embedding of the target prompt.
+
+    Returns:
+        In [0, 1]: the fraction of frames with cos(frame, target) >= cos(frame, source).
+    """
+    frames = _unit_rows(image_embeds)
+    return float((frames @ _unit_rows(target_embed) >= frames @ _unit_rows(source_embed)).mean())
+
+
+def temporal_consistency(image_embeds: np.ndarray) -> float:
+    """FateZero's Tem-Con: the mean cosine similarity of consecutive frames' CLIP image embeddings.
+
+    Args:
+        image_embeds: (N, D) CLIP image embeddings of the frames, in order.
+
+    Returns:
+        The mean over t of cos(frame t, frame t+1), in [-1, 1]; 1.0 for a single frame.
+    """
+    frames = _unit_rows(image_embeds)
+    if len(frames) < 2:
+        return 1.0
+    return float((frames[:-1] * frames[1:]).sum(-1).mean())
+
+
+class ClipScorer:
+    """A CLIP model (transformers' `CLIPModel`) that embeds frames and prompts, and scores edits with them."""
+
+    def __init__(self, model, tokenizer, image_processor, name: str):
+        self.model, self.tokenizer, self.image_processor, self.name = model, tokenizer, image_processor, name
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def embed_frames(self, frames: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """(N, H, W, 3) uint8 frames -> (N, D) float64 unit CLIP image embeddings.
+
+        The frames go through the model's own image processor: the short side resized (bicubic) to
+        CLIP's input size, a centred square crop, CLIP's mean/std normalisation.
+        """
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(frames), batch_size):
+                pixels = self.image_processor(images=list(frames[start:start + batch_size]), return_tensors="pt",
+                                              input_data_format="channels_last")
+                features = self.model.get_image_features(pixel_values=_pixel_values_on(pixels, self.model))
+                out.append(_pooled(features).float().cpu().numpy())
+        return _unit_rows(np.concatenate(out))
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Prompts -> (P, D) float64 unit CLIP text embeddings (truncated to CLIP's 77 tokens)."""
+        import torch
+
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, max_length=77, return_tensors="pt")
+        with torch.inference_mode():
+            features = self.model.get_text_features(input_ids=tokens["input_ids"].to(self.device),
+                                                    attention_mask=tokens["attention_mask"].to(self.device))
+        return _unit_rows(_pooled(features).float().cpu().numpy())
+
+    def edit_metrics(self, frames: np.ndarray, source_prompt: str, target_prompt: str) -> dict:
+        """clip_text, frame_acc and tem_con of an edited video (see the definitions above), JSON-ready.
+
+        Args:
+            frames: (N, H, W, 3) uint8, the edited video.
+            source_prompt: the text that describes the source video.
+            target_prompt: the text the edit was asked to match.
+        """
+        images = self.embed_frames(frames)
+        source, target = self.embed_texts([source_prompt, target_prompt])
+        return {"clip_model": self.name, "clip_text": clip_text_alignment(images, target),
+                "frame_acc": frame_accuracy(images, source, target), "tem_con": temporal_consistency(images)}
+
+
+def _pixel_values_on(pixels, model):
+    """The processor's pixel_values on the model's device and dtype."""
+    p = next(model.parameters())
+    return pixels["pixel_values"].to(device=p.device, dtype=p.dtype)
+
+
+def _pooled(features):
+    """transformers 5 returns a model output with the projected embeddings as pooler_output; 4.x the tensor."""
+    return features if hasattr(features, "float") else features.pooler_output
+
+
+def _image_processor_class():
+    """transformers' PIL-based CLIP image processor (the same resize everywhere, torchvision or not)."""
+    try:
+        from transformers import CLIPImageProcessorPil  # transformers >= 5
+    except ImportError:
+        from transformers import CLIPImageProcessor as CLIPImageProcessorPil
+    return CLIPImageProcessorPil
+
+
+def build_tiny_clip(device=None, seed: int = 0) -> ClipScorer:
+    """A CLIP with small, seeded random weights built in code (32x32 input, 16-d embeddings), for tests."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from .models import _tiny_tokenizer, default_device
+
+    tokenizer = _tiny_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=TINY_CLIP_SIZE, patch_size=8),
+        projection_dim=16,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    processor = _image_processor_class()(size={"shortest_edge": TINY_CLIP_SIZE},
+                                         crop_size={"height": TINY_CLIP_SIZE, "width": TINY_CLIP_SIZE})
+    model = model.to(device if device is not None else default_device()).eval().requires_grad_(False)
+    return ClipScorer(model, tokenizer, processor, TINY_CLIP)
+
+
+def load_clip(name: str = DEFAULT_CLIP_MODEL, device=None) -> ClipScorer:
+    """Load a CLIP model for the edit metrics: a hub id or local folder (local files first), or tiny-random.
+
+    Args:
+        name: e.g. `openai/clip-vit-base-patch32`, a folder saved by `CLIPModel.save_pretrained` with its
+            tokenizer and image processor, or `tiny-random` (random weights, with a warning).
+        device: defaults to CUDA, then MPS, then CPU; the model runs in float32.
+
+    Raises:
+        StemError: the model cannot be loaded (no such folder, offline and not in the local hub cache, ...).
+    """
+    import warnings
+    from pathlib import Path
+
+    import torch
+
+    from .errors import StemError
+    from .models import _is_offline, default_device
+
+    device = device if device is not None else default_device()
+    if name == TINY_CLIP:
+        warnings.warn(TINY_CLIP_WARNING, stacklevel=2)
+        return build_tiny_clip(device)
+    from transformers import CLIPModel, CLIPTokenizer
+
+    local = Path(name).expanduser()
+    if not local.is_dir() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise StemError(f"The CLIP model folder {name!r} does not exist; pass an existing folder, a hub id such as "
+                        f"{DEFAULT_CLIP_MODEL}, or tiny-random.")
+    source = str(local) if local.is_dir() else name
+
+    def load(local_files_only: bool):
+        kw = dict(local_files_only=local_files_only)
+        return (CLIPModel.from_pretrained(source, **kw), CLIPTokenizer.from_pretrained(source, **kw),
+                _image_processor_class().from_pretrained(source, **kw))
+
+    try:
+        try:  # a folder, or a hub id already in the local hub cache: no network at all
+            model, tokenizer, processor = load(local_files_only=True)
+        except Exception:
+            if local.is_dir() or _is_offline():
+                raise
+            model, tokenizer, processor = load(local_files_only=False)
+    except Exception as error:  # hub, network and file-format errors all mean "cannot load this model"
+        if local.is_dir():
+            raise StemError(f"Could not load a CLIP model from the folder {name!r} ({type(error).__name__}); it needs "
+                            "the files of CLIPModel.save_pretrained with its tokenizer and image processor.") from error
+        how = "the Hugging Face Hub is not reachable (offline mode is on)" if _is_offline() else \
+            "it could not be downloaded from the Hugging Face Hub (no network, or no such model)"
+        raise StemError(f"Could not load the CLIP model {name!r}: it is not a local folder and {how}; pass a local "
+                        "CLIP folder with --clip-model /path/to/clip, or --clip-model tiny-random for an offline "
+                        "smoke run.") from error
+    model = model.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    return ClipScorer(model, tokenizer, processor, name)
