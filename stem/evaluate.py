@@ -463,10 +463,10 @@ def cmd_evaluate(args) -> dict:
     rows = []
     if mine:
         engine = make_engine(argparse.Namespace(**{**vars(args), "device": str(device)}))
+        needs_clip = any(job.kind == EDIT and job.id not in done_ids for i in mine for job in plan.groups[i].jobs)
+        scorer = load_clip(plan.clip_model, device) if plan.clip_model and needs_clip else None  # the smaller download first
         progress = TqdmProgress() if count == 1 else None
         engine.load(progress)
-        needs_clip = any(job.kind == EDIT and job.id not in done_ids for i in mine for job in plan.groups[i].jobs)
-        scorer = load_clip(plan.clip_model, engine.parts.device) if plan.clip_model and needs_clip else None
         todo = sum(job.id not in done_ids for i in mine for job in plan.groups[i].jobs)
         log(f"{todo} jobs in {len(mine)} groups on {engine.parts.device}")
         for i in mine:
@@ -487,7 +487,7 @@ def cmd_evaluate(args) -> dict:
     failed = [row for row in table if row.get("error")]
     if failed:
         raise StemError(f"{len(failed)} of {len(table)} jobs failed (the first: {failed[0]['id']}: {failed[0]['error']}); "
-                        f"the others are in {out / 'results.json'}; rerun the same command to retry the failed ones.")
+                        f"every row is in {out / 'results.json'}; rerun the same command to retry the failed ones.")
     return {"out": str(out), "jobs": len(table), "ran": len(rows), "skipped": len(table) - len(rows),
             "processes": count, "summary": str(out / "summary.md")}
 
