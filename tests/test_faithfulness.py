@@ -422,3 +422,20 @@ def test_edit_without_freeu_matches_the_release_without_freeu(parts64):
     with_freeu = release_edit(parts64, trajectory, timesteps, alphas, text, keyframes)
     assert max_relative_difference(ours, without) < 2e-6
     assert max_relative_difference(ours, with_freeu) > 1e-2
+
+
+def test_hooks_installed_registers_by_name_and_removes_on_exit(tiny_parts):
+    from stem.hooks import hooks_installed
+
+    unet = tiny_parts.unet
+    conv = unet.get_submodule("up_blocks.1.resnets.1.conv2")
+    seen = []
+    with hooks_installed(unet, {"up_blocks.1.resnets.1.conv2": lambda m, args, out: seen.append(out.shape)}) as hooked:
+        assert hooked == {"up_blocks.1.resnets.1.conv2": conv} and len(conv._forward_hooks) == 1
+        with torch.no_grad():
+            unet(torch.zeros(1, 4, 8, 8), 1, encoder_hidden_states=torch.zeros(1, 77, 32))
+    assert len(seen) == 1 and not conv._forward_hooks
+    with pytest.raises(AttributeError):  # an unknown name: nothing is registered, not even the known one
+        with hooks_installed(unet, {"up_blocks.1.resnets.1.conv2": print, "up_blocks.9": print}, pre=True):
+            pass
+    assert not conv._forward_pre_hooks
