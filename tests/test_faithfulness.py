@@ -439,3 +439,22 @@ def test_hooks_installed_registers_by_name_and_removes_on_exit(tiny_parts):
         with hooks_installed(unet, {"up_blocks.1.resnets.1.conv2": print, "up_blocks.9": print}, pre=True):
             pass
     assert not conv._forward_pre_hooks
+
+
+def test_freeu_runs_while_editing_only(engine, monkeypatch):
+    """FreeU's filter runs in the edit's UNet calls, never in the inversion or the reconstruction."""
+    import stem.editing.freeu as freeu
+    from stem.editing import edit_video
+
+    phase, calls = {"now": None}, {}
+    filter_ = freeu.fourier_filter
+
+    def counted(*args, **kwargs):
+        calls[phase["now"]] = calls.get(phase["now"], 0) + 1
+        return filter_(*args, **kwargs)
+
+    monkeypatch.setattr(freeu, "fourier_filter", counted)
+    settings = InversionSettings(model=TINY_MODEL, method="stem", num_bases=4, num_iters=1, num_steps=2, size=64, prompt=SOURCE_PROMPT)
+    edit_video(engine, synthetic_video(3), settings, TokenFlowSettings(TARGET_PROMPT, batch_size=2),
+               lambda name, *_: phase.update(now=name))
+    assert set(calls) == {"editing"}  # the progress names the phase: loading ... inverting, reconstructing, editing
