@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import re
+from dataclasses import replace
 
 from .cli import TqdmProgress, add_inversion_options, load_video, make_engine, out_dir, settings_from, write_json
 from .errors import StemError
@@ -27,19 +29,49 @@ def add_edit_command(subparsers) -> None:
 
 def add_edit_options(parser) -> None:
     """The options of an edit but its target prompt: the editor's choice, the shared ones, each editor's own."""
-    from .editing import TokenFlowSettings
+    from .editing import DEFAULT_NEGATIVE_PROMPT, TokenFlowSettings
 
     d = TokenFlowSettings(prompt="")
     parser.add_argument("--editor", default="tokenflow", choices=list(EDITOR_OPTIONS),
                         help="the editing method (default: %(default)s)")
-    parser.add_argument("--negative-prompt", default=d.negative_prompt, help="unconditional text of the guidance (default: %(default)r)")
+    parser.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT,
+                        help='unconditional text of the guidance; "" for none (default: %(default)r, the STEM authors\')')
     parser.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale, >= 1 (default: %(default)s)")
+    add_freeu_options(parser.add_argument_group("FreeU in the editing UNet (any editor with FreeU settings)"))
     for name, (add_options, _) in EDITOR_OPTIONS.items():
         add_options(parser.add_argument_group(f"{name} options"))
 
 
+FREEU_OPTIONS = {"freeu": "enabled", "freeu_b1": "b1", "freeu_b2": "b2", "freeu_s1": "s1", "freeu_s2": "s2"}  # dest -> field
+
+
+def add_freeu_options(group) -> None:
+    """--freeu/--no-freeu and the four constants; left out, each editor's own default applies."""
+    from .editing import FreeUSettings
+
+    d = FreeUSettings()
+    group.add_argument("--freeu", action=argparse.BooleanOptionalAction, default=None,
+                       help="FreeU in the editing UNet (default: the editor's; on for tokenflow, as the STEM authors ran it)")
+    for dest, what in (("freeu_b1", "backbone scale at the widest up-block width"), ("freeu_b2", "backbone scale at the second width"),
+                       ("freeu_s1", "skip low-frequency scale at the widest width"), ("freeu_s2", "skip low-frequency scale at the second width")):
+        group.add_argument(f"--{dest.replace('_', '-')}", dest=dest, type=float, default=None, metavar="X",
+                           help=f"FreeU {what} (default: {getattr(d, FREEU_OPTIONS[dest])})")
+
+
+def with_freeu_options(settings, args):
+    """`settings` with the FreeU options given on the command line (an editor without FreeU refuses them)."""
+    given = {field: getattr(args, dest) for dest, field in FREEU_OPTIONS.items() if getattr(args, dest, None) is not None}
+    if not given:
+        return settings
+    if not hasattr(settings, "freeu"):
+        flags = ", ".join("--no-freeu" if getattr(args, dest) is False else f"--{dest.replace('_', '-')}"
+                          for dest in FREEU_OPTIONS if getattr(args, dest, None) is not None)
+        raise StemError(f"The {settings.editor} editor has no FreeU; leave out {flags}.")
+    return replace(settings, freeu=replace(settings.freeu, **given))
+
+
 def add_tokenflow_options(group) -> None:
-    from .editing import EDIT_ATTENTION, TokenFlowSettings
+    from .editing import EDIT_ATTENTION, PROPAGATION, TokenFlowSettings
 
     d = TokenFlowSettings(prompt="")
     group.add_argument("--pnp-attn", type=float, default=d.pnp_attn,
@@ -48,7 +80,11 @@ def add_tokenflow_options(group) -> None:
                        help="fraction of steps that inject the source's conv features (default: %(default)s)")
     group.add_argument("--batch-size", type=int, default=d.batch_size, help="frames per TokenFlow batch, one keyframe each (default: %(default)s)")
     group.add_argument("--edit-attention", default=d.attention,
-                       help=f"keyframe attention while editing: {' or '.join(EDIT_ATTENTION)} (default: %(default)s)")
+                       help=f"the edit groups' keyframe attention: {' or '.join(EDIT_ATTENTION)} (default: %(default)s)")
+    group.add_argument("--propagation", default=d.propagation,
+                       help=f"which two keyframes each frame's attention comes from: {' or '.join(PROPAGATION)} "
+                            "(previous: its batch's and the previous batch's, as the STEM authors ran it; "
+                            "nearest: the two nearest) (default: %(default)s)")
 
 
 def tokenflow_settings(args, prompt: str):
@@ -56,7 +92,8 @@ def tokenflow_settings(args, prompt: str):
 
     return TokenFlowSettings(
         prompt=prompt, negative_prompt=args.negative_prompt, guidance=args.guidance, pnp_attn=args.pnp_attn,
-        pnp_conv=args.pnp_conv, batch_size=args.batch_size, attention=args.edit_attention, seed=args.seed,
+        pnp_conv=args.pnp_conv, batch_size=args.batch_size, attention=args.edit_attention, propagation=args.propagation,
+        seed=args.seed,
     )
 
 
@@ -66,7 +103,7 @@ EDITOR_OPTIONS = {"tokenflow": (add_tokenflow_options, tokenflow_settings)}
 
 def edit_settings_for(args, prompt: str):
     """The validated settings of one edit towards `prompt` with the parsed options."""
-    return EDITOR_OPTIONS[args.editor][1](args, prompt).validate()
+    return with_freeu_options(EDITOR_OPTIONS[args.editor][1](args, prompt), args).validate()
 
 
 def edit_settings_from(args) -> list:

@@ -14,8 +14,8 @@ import torch
 from stem.cache import LatentCache
 from stem.cli import main
 from stem.editing import (
-    COND, CONV_INJECTION_LAYER, NUM_GROUPS, SOURCE, UNCOND, EditSettings, choose_keyframes, edit_latents,
-    edit_metrics, edit_video, keyframe_neighbours, nearest_tokens, qk_injection_layers,
+    COND, CONV_INJECTION_LAYER, DEFAULT_NEGATIVE_PROMPT, NUM_GROUPS, SOURCE, UNCOND, EditSettings, FreeUSettings,
+    choose_keyframes, edit_latents, edit_metrics, edit_video, keyframe_neighbours, nearest_tokens, qk_injection_layers,
 )
 from stem.engine import Engine, InversionSettings
 from stem.errors import StemError
@@ -56,7 +56,8 @@ def parts(tiny_parts):
     (dict(prompt=""), "prompt"), (dict(prompt="   "), "prompt"),
     (dict(pnp_attn=1.5), "--pnp-attn"), (dict(pnp_attn=-0.1), "--pnp-attn"), (dict(pnp_conv=float("nan")), "--pnp-conv"),
     (dict(batch_size=0), "--batch-size"), (dict(guidance=0.5), "--guidance"), (dict(guidance=float("inf")), "--guidance"),
-    (dict(attention="full"), "edit attention"), (dict(seed=-1), "--seed"),
+    (dict(attention="full"), "edit attention"), (dict(seed=-1), "--seed"), (dict(propagation="far"), "--propagation"),
+    (dict(freeu=FreeUSettings(s1=-0.5)), "--freeu-s1"), (dict(negative_prompt=None), "--negative-prompt"),
 ])
 def test_bad_settings_are_refused_with_one_sentence(overrides, words):
     with pytest.raises(StemError) as err:
@@ -65,10 +66,20 @@ def test_bad_settings_are_refused_with_one_sentence(overrides, words):
     assert words in message and "\n" not in message and message.endswith(".")
 
 
+def test_defaults_are_the_release_configs():
+    edit = EditSettings("a dog")
+    assert edit.negative_prompt == "ugly, blurry, low res, unrealistic, unaesthetic"
+    assert (edit.guidance, edit.pnp_attn, edit.pnp_conv, edit.batch_size) == (7.5, 0.5, 0.8, 8)
+    assert edit.propagation == "previous" and edit.attention == "extended"
+    assert edit.freeu == FreeUSettings(enabled=True, b1=1.2, b2=1.4, s1=0.9, s2=0.2)
+
+
 def test_good_settings_pass_and_are_hashable():
     edit = EditSettings("a dog", pnp_attn=0, pnp_conv=1, guidance=1, batch_size=1, attention="stem")
     assert edit.validate() is edit and hash(edit) == hash(EditSettings(**vars(edit)))
-    assert EditSettings("a dog", pnp_attn=0.58, pnp_conv=0.8).num_injected_steps(50) == (29, 40)
+    # int(T * fraction) as in the release, so 50 * 0.58 == 28.999... injects 28 steps
+    assert EditSettings("a dog", pnp_attn=0.58, pnp_conv=0.8).num_injected_steps(50) == (28, 40)
+    assert EditSettings("a dog").num_injected_steps(50) == (25, 40)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -81,14 +92,33 @@ def test_keyframes_one_per_batch_including_a_short_last_batch():
         assert all(5 * j <= k < min(13, 5 * j + 5) for j, k in enumerate(keyframes.tolist()))
 
 
-def test_neighbours_are_the_two_nearest_keyframes_blended_by_distance():
+def test_previous_batch_neighbours_blend_by_a_sigmoid_of_the_distances_to_batch_centres():
+    """The release's rule: batch b blends its keyframe with batch b-1's; centres b*n + n//2, nominal n."""
+    keyframes = torch.tensor([1, 6, 9])  # batches of 4: 0-3, 4-7, 8-9 (short); centres 2, 6, 10
+    own, other, weight = keyframe_neighbours(torch.arange(10), keyframes, 4, "previous")
+    assert own.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+    assert other.tolist() == [0, 0, 0, 0, 0, 0, 0, 0, 1, 1]
+    assert weight[:4].tolist() == [1, 1, 1, 1]  # batch 0: its own keyframe only
+
+    def sigmoid(x):
+        return 1 / (1 + math.exp(-x))
+
+    expected = {4: sigmoid(2 / (2 + 2)), 6: sigmoid(4 / (0 + 4)), 7: sigmoid(5 / (1 + 5)), 8: sigmoid(2 / (2 + 2)),
+                9: sigmoid(3 / (1 + 3))}  # frame: sigmoid(d_previous / (d_own + d_previous))
+    for frame, w in expected.items():
+        assert weight[frame].item() == pytest.approx(w, rel=1e-12), frame
+    assert weight[6] < 1  # a keyframe is blended too
+    assert keyframe_neighbours(torch.arange(3), torch.tensor([2]), 8)[2].tolist() == [1, 1, 1]
+
+
+def test_nearest_neighbours_are_the_two_nearest_keyframes_blended_by_distance():
     keyframes = torch.tensor([1, 6, 10])  # batches of 4: 0-3, 4-7, 8-9 (short)
-    own, other, weight = keyframe_neighbours(torch.arange(10), keyframes, 4)
+    own, other, weight = keyframe_neighbours(torch.arange(10), keyframes, 4, "nearest")
     assert own.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
     assert other.tolist() == [1, 1, 1, 1, 0, 0, 2, 2, 1, 1]
     assert weight[1] == 1 and weight[6] == 1  # a keyframe takes its own output
     assert weight[4].item() == pytest.approx(3 / 5)  # frame 4: own keyframe 6 at distance 2, keyframe 1 at distance 3
-    single = keyframe_neighbours(torch.arange(3), torch.tensor([2]), 8)
+    single = keyframe_neighbours(torch.arange(3), torch.tensor([2]), 8, "nearest")
     assert single[0].tolist() == single[1].tolist() == [0, 0, 0] and single[2].tolist() == [1, 1, 1]
 
 
@@ -212,16 +242,19 @@ def test_every_frame_is_kept_when_batches_do_not_divide(engine, num_frames, batc
 
 def test_one_frame_per_batch_without_injection_is_the_inflated_reconstruction(engine):
     """With batch size 1 every frame is a keyframe: extended attention over all keyframes is inflated
-    attention, propagation copies each frame's own output, and with guidance 1, the source prompt and no
-    injection the edit group is the reconstruction (up to float rounding of the three-group batch)."""
+    attention, `nearest` propagation copies each frame's own output, and with guidance 1, the source
+    prompt, no injection and no FreeU the edit group is the reconstruction (up to float rounding of the
+    three-group batch). (The release's `previous` propagation blends every frame with the previous one.)"""
     video, settings = synthetic_video(5), inversion(method="inflated")
-    result = edit_video(engine, video, settings, EditSettings(SOURCE_PROMPT, guidance=1, pnp_attn=0, pnp_conv=0, batch_size=1))
+    result = edit_video(engine, video, settings, EditSettings(
+        SOURCE_PROMPT, guidance=1, pnp_attn=0, pnp_conv=0, batch_size=1, propagation="nearest", freeu=FreeUSettings(enabled=False)))
     difference = np.abs(result.frames.astype(int) - result.inversion.reconstruction.astype(int))
     assert difference.max() <= 1 and difference.mean() < 1e-3
 
 
 def test_source_prompt_with_full_injection_stays_close_to_the_reconstruction(engine):
-    """Guidance 1, target prompt = source prompt, Q/K and conv injection at every step.
+    """Guidance 1, target prompt = source prompt, Q/K and conv injection at every step, FreeU off (FreeU
+    changes the UNet on purpose: with it the same edit is 17.6 dB from the reconstruction).
 
     Not exact: (1) only the keyframes run self-attention (extended over the keyframes, where the
     inversion used STEM bases of all frames) and every other frame's attention output is propagated
@@ -229,13 +262,14 @@ def test_source_prompt_with_full_injection_stays_close_to_the_reconstruction(eng
     the edit runs on its own DDIM samples, which drift from x_i (DDIM inversion is not exactly inverted),
     and the injected queries/keys/conv features come from the source branch. The tiny random model
     magnifies (2) (its own reconstruction is only ~13 dB from the VAE round trip).
-    Measured (7 frames, batch 3, 3 steps, CPU float32): PSNR to the reconstruction 30.2 dB (mean |diff|
-    5.2 / 255); the same edit without injection 32.9 dB (injection pulls towards the source branch, i.e.
-    towards the trajectory, not the reconstruction's own path); the prompt "a dog" at guidance 7.5 14.4 dB.
+    Measured (7 frames, batch 3, 3 steps, CPU float32): PSNR to the reconstruction 30.3 dB; the same edit
+    without injection 32.9 dB (injection pulls towards the source branch, i.e. towards the trajectory, not
+    the reconstruction's own path); the prompt "a dog" at guidance 7.5 (FreeU off) 13.8 dB.
     """
     video, settings = synthetic_video(7), inversion()
-    same = edit_video(engine, video, settings, EditSettings(SOURCE_PROMPT, guidance=1, pnp_attn=1, pnp_conv=1, batch_size=3))
-    other = edit_video(engine, video, settings, EditSettings("a dog", batch_size=3))
+    off = FreeUSettings(enabled=False)
+    same = edit_video(engine, video, settings, EditSettings(SOURCE_PROMPT, guidance=1, pnp_attn=1, pnp_conv=1, batch_size=3, freeu=off))
+    other = edit_video(engine, video, settings, EditSettings("a dog", batch_size=3, freeu=off))
     reconstruction = same.inversion.reconstruction
     close, far = psnr(reconstruction, same.frames).mean(), psnr(reconstruction, other.frames).mean()
     assert close > 26.0, close
@@ -261,7 +295,8 @@ def test_metrics_block(engine):
     block = edit_metrics(video, result)
     expected = {"inversion_cache_hit": False, "num_frames": 4, "fps": 12.0, "width": 64, "height": 64,
                 "prompt": "a dog", "negative_prompt": "blurry", "guidance": 7.5, "pnp_attn": 0.5, "pnp_conv": 0.8,
-                "batch_size": 2, "attention": "extended", "method": "stem", "seed": 3}
+                "batch_size": 2, "attention": "extended", "propagation": "previous", "freeu": True, "freeu_b1": 1.2,
+                "freeu_b2": 1.4, "freeu_s1": 0.9, "freeu_s2": 0.2, "method": "stem", "seed": 3}
     assert {k: block[k] for k in expected} == expected
     assert block["warp_error"] >= 0 and block["seconds_editing"] > 0 and block["seconds_inversion"] > 0
     json.dumps(block, allow_nan=False)
@@ -299,7 +334,34 @@ def test_cli_one_prompt_writes_edited_mp4(clip_file, tmp_path, capsys):
     assert main(edit_args(clip_file, tmp_path, "--prompt", "a dog", "--frames", "3", "--edit-attention", "stem")) == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["file"] == "edited.mp4" and metrics["attention"] == "stem" and metrics["num_frames"] == 3
+    assert metrics["negative_prompt"] == DEFAULT_NEGATIVE_PROMPT and metrics["propagation"] == "previous"
+    assert metrics["freeu"] is True and metrics["freeu_b1"] == 1.2
     assert read_video(tmp_path / "out" / "edited.mp4", size=64).num_frames == 3
+
+
+def test_cli_freeu_negative_prompt_and_propagation_options(clip_file, tmp_path, capsys):
+    extra = ["--prompt", "a dog", "--frames", "3", "--negative-prompt", "", "--no-freeu", "--freeu-b1", "1.3",
+             "--freeu-s2", "0.5", "--propagation", "nearest"]
+    assert main(edit_args(clip_file, tmp_path, *extra)) == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["negative_prompt"] == "" and metrics["propagation"] == "nearest"
+    assert (metrics["freeu"], metrics["freeu_b1"], metrics["freeu_b2"], metrics["freeu_s2"]) == (False, 1.3, 1.4, 0.5)
+
+
+def test_freeu_options_are_refused_by_an_editor_without_freeu():
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from stem.editing_cli import with_freeu_options
+
+    @dataclass(frozen=True)
+    class NoFreeU:
+        editor = "plain"
+
+    settings = NoFreeU()
+    assert with_freeu_options(settings, SimpleNamespace(freeu=None, freeu_b1=None)) is settings
+    with pytest.raises(StemError, match="plain editor has no FreeU; leave out --no-freeu"):
+        with_freeu_options(settings, SimpleNamespace(freeu=False, freeu_b1=None))
 
 
 @pytest.mark.parametrize("extra, words", [
@@ -307,6 +369,7 @@ def test_cli_one_prompt_writes_edited_mp4(clip_file, tmp_path, capsys):
     (["--prompt", "a dog", "--pnp-conv", "-1"], "--pnp-conv"), (["--prompt", "a dog", "--batch-size", "0"], "--batch-size"),
     (["--prompt", "a dog", "--guidance", "0.5"], "--guidance"), (["--prompt", "a dog", "--edit-attention", "full"], "full"),
     ([], "--prompt"), (["--prompt", "a dog", "--prompt", " "], "prompt"),
+    (["--prompt", "a dog", "--propagation", "far"], "--propagation"), (["--prompt", "a dog", "--freeu-b2", "nan"], "--freeu-b2"),
 ])
 def test_cli_refuses_bad_input_before_any_work(tmp_path, capsys, monkeypatch, extra, words):
     def no_model(*_, **__):

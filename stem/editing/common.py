@@ -97,6 +97,11 @@ def validate_common(edit: EditSettingsBase) -> None:
         raise StemError(f"--seed must be a whole number of 0 or more, got {edit.seed}.")
 
 
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or `dtype` when it is wider (float64): for arithmetic that half precision would spoil."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def from_source(x: torch.Tensor, groups: int = NUM_GROUPS) -> torch.Tensor:
     """(G*n, ...) -> (G*n, ...) with every group's frames replaced by the source group's."""
     grouped = x.view(groups, -1, *x.shape[1:])

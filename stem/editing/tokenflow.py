@@ -1,34 +1,45 @@
-"""TokenFlow plug-and-play editing of an inverted video. Tensors in, tensors out.
+"""TokenFlow plug-and-play editing of an inverted video, as the STEM authors ran it. Tensors in, tensors out.
 
 The STEM authors edit their inverted videos with TokenFlow (Geyer et al. 2023) on top of
-plug-and-play (PnP) feature injection (Tumanyan et al. 2023). At each DDIM step i (T down to 1) the
-UNet batch holds the three groups of `common` (source, negative, target; `AttentionState.num_groups == 3`)
-and one step is:
+plug-and-play (PnP) feature injection (Tumanyan et al. 2023) and FreeU (Si et al. 2024), in their
+release's `TokenFlow-Edit/`; the defaults here reproduce that code (see the README's "Faithfulness").
+At each DDIM step i (T down to 1) the UNet batch holds the three groups of `common` (source,
+negative, target; `AttentionState.num_groups == 3`) and one step is:
 
 1. Keyframes. The frames are cut into batches of `batch_size` (the last one may be shorter); one
-   random keyframe is drawn per batch (a generator seeded with `EditSettings.seed`).
-2. Pass 1, keyframes only. Every self-attention layer lets each keyframe attend to all keyframes of
-   its group (extended attention), or to K STEM bases estimated from them (`attention="stem"`).
-   PnP injection: during the first `pnp_attn` fraction of the steps the decoder's self-attention
-   queries and keys of both edit groups are replaced by the source group's; during the first
-   `pnp_conv` fraction the residual branch of `up_blocks.1.resnets.1` (its `conv2` output) is.
-   Each self-attention layer stores its keyframe outputs and the source group's inputs in `EditState`.
+   random keyframe is drawn per batch (a generator seeded with `TokenFlowSettings.seed`).
+2. Pass 1, keyframes only. At every self-attention layer each source keyframe attends to its own
+   tokens (per-frame attention, as in the release), and each keyframe of the two edit groups attends
+   to all keyframes of its group (extended attention) or to K STEM bases estimated from them
+   (`attention="stem"`). PnP injection: during the first int(T * `pnp_attn`) steps the decoder's
+   self-attention queries and keys of both edit groups are replaced by the source group's; during
+   the first int(T * `pnp_conv`) steps the residual branch of `up_blocks.1.resnets.1` (its `conv2`
+   output) is. Each self-attention layer stores its keyframe outputs and the source group's inputs
+   in `EditState`.
 3. Pass 2, every frame. No self-attention is computed: each frame's output at each self-attention
    layer is gathered from the stored keyframe outputs, token by token, at the nearest neighbour
-   (cosine similarity of the SOURCE group's attention inputs) in each of its two nearest keyframes
-   (its own batch's and the nearer adjacent batch's), blended linearly by temporal distance. The
-   same correspondence serves all three groups. Conv injection applies here too.
-4. Classifier-free guidance on the two edit groups; one deterministic DDIM step (`ddim_sample`).
+   (cosine similarity of the SOURCE group's attention inputs) in two keyframes, and blended. The same
+   correspondence serves all three groups. Conv injection applies here too. Which two keyframes and
+   which weights (`propagation`):
+       previous (the release's, TokenFlow's): a frame of batch b blends its own batch's keyframe
+           (weight w) with batch b-1's (1 - w), w = sigmoid(d2 / (d1 + d2)), d1 and d2 the frame's
+           distances to the centres of batches b and b-1, centre(b) = b * n + n // 2 (n = batch_size;
+           a short last batch keeps these nominal centres). Frames of batch 0 take their own
+           keyframe only; a keyframe is blended like any frame.
+       nearest: its own batch's keyframe and the nearer adjacent batch's, blended linearly by the
+           distance to each (weight 1 at a keyframe).
+4. FreeU (`freeu`, on by default) in the UNet's up blocks during both passes, for all three groups.
+5. Classifier-free guidance on the two edit groups; one deterministic DDIM step (`ddim_sample`).
 
 Attention changes are processors installed by layer name and restored afterwards; the conv
-injection is a forward hook on `up_blocks.1.resnets.1.conv2`, removed afterwards; everything a
-step shares lives in one `EditState`.
+injection and FreeU are module hooks installed by name and removed afterwards; everything a step
+shares lives in one `EditState`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, ClassVar, Iterator
 
 import torch
@@ -39,19 +50,26 @@ from ..attention import (
     processors_installed, self_attention_layers,
 )
 from ..errors import StemError
+from ..hooks import hooks_installed
 from ..lockstep import whole_video
 from .common import (
-    COND, EDITORS, NUM_GROUPS, SOURCE, UNCOND, check_fraction, from_source, guided_noise, leading_steps, sample_edit,
-    source_latents, unet_groups, validate_common,
+    DEFAULT_NEGATIVE_PROMPT, EDITORS, NUM_GROUPS, SOURCE, check_fraction, from_source, guided_noise, sample_edit,
+    source_latents, unet_groups, validate_common, wide_dtype,
 )
+from .freeu import FreeUSettings, freeu_installed
 
 EDIT_ATTENTION = ("extended", "stem")
+PROPAGATION = ("previous", "nearest")  # the second keyframe of a frame and the blend, see the module docstring
 CONV_INJECTION_LAYER = "up_blocks.1.resnets.1"  # PnP's injected residual block (SD's 4th decoder layer)
 KEYFRAMES, PROPAGATE = "keyframes", "propagate"  # the two passes of a step
 DEFAULT_MATCH_CHUNK_ELEMENTS = 1 << 24  # float32 elements of one (frames x tokens x tokens) similarity block
 
-# trace(event, layer name, step, tensors): an observer for tests and debugging; events "qk" and "conv".
+# trace(event, layer name, step, tensors): an observer for tests and debugging; events "qk" (pass 1's
+# queries and keys after injection), "keyframes" (a layer's stored keyframe outputs and source features),
+# "propagate" (a pass-2 call's frames, source features and propagated outputs) and "conv".
 Trace = Callable[[str, str, int, dict], None]
+# keyframe_chooser(num_frames, batch_size, generator) -> (M,) one frame per batch; called once per step, step T first
+KeyframeChooser = Callable[[int, int, torch.Generator], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -61,12 +79,14 @@ class TokenFlowSettings:
     editor: ClassVar[str] = "tokenflow"
 
     prompt: str                  # target prompt
-    negative_prompt: str = ""    # the unconditional text of classifier-free guidance
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT  # the unconditional text of classifier-free guidance
     guidance: float = 7.5        # classifier-free guidance scale, >= 1
     pnp_attn: float = 0.5        # fraction of steps with self-attention Q/K injection, in [0, 1]
     pnp_conv: float = 0.8        # fraction of steps with conv (residual) feature injection, in [0, 1]
     batch_size: int = 8          # frames per TokenFlow batch (one keyframe each), >= 1
-    attention: str = "extended"  # keyframe attention: "extended" (TokenFlow) or "stem" (STEM bases)
+    attention: str = "extended"  # the edit groups' keyframe attention: "extended" (TokenFlow) or "stem" (STEM bases)
+    propagation: str = "previous"  # pass 2: "previous" (the release's) or "nearest", see the module docstring
+    freeu: FreeUSettings = FreeUSettings()  # FreeU in the editing UNet, on as in the release
     seed: int = 0                # keyframe choice
 
     def validate(self) -> "TokenFlowSettings":
@@ -78,17 +98,22 @@ class TokenFlowSettings:
             raise StemError(f"--batch-size must be 1 or more frames, got {self.batch_size}.")
         if self.attention not in EDIT_ATTENTION:
             raise StemError(f"Unknown edit attention {self.attention!r}; choose one of: {', '.join(EDIT_ATTENTION)}.")
+        if self.propagation not in PROPAGATION:
+            raise StemError(f"Unknown --propagation {self.propagation!r}; choose one of: {', '.join(PROPAGATION)}.")
+        if not isinstance(self.freeu, FreeUSettings):
+            raise StemError(f"The FreeU settings must be a FreeUSettings, got {self.freeu!r}.")
+        self.freeu.validate()
         return self
 
     def num_injected_steps(self, num_steps: int) -> tuple[int, int]:
-        """(Q/K steps, conv steps): the first so many of `num_steps` denoising steps inject."""
-        return leading_steps(self.pnp_attn, num_steps), leading_steps(self.pnp_conv, num_steps)
+        """(Q/K steps, conv steps): the first int(T * fraction) of the T denoising steps inject, as in the release."""
+        return int(num_steps * self.pnp_attn), int(num_steps * self.pnp_conv)
 
     def metrics(self) -> dict:
         """The settings as recorded in metrics.json."""
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "guidance": self.guidance,
                 "pnp_attn": self.pnp_attn, "pnp_conv": self.pnp_conv, "batch_size": self.batch_size,
-                "attention": self.attention, "seed": self.seed}
+                "attention": self.attention, "propagation": self.propagation, **self.freeu.metrics(), "seed": self.seed}
 
 
 EditSettings = TokenFlowSettings  # the default editor's settings under their historical name
@@ -107,14 +132,28 @@ class EditState:
     phase: str = KEYFRAMES             # KEYFRAMES (pass 1) or PROPAGATE (pass 2)
     neighbours: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     # ^ pass 2, for the frames of the current UNet call: own keyframe (n,), other keyframe (n,), own weight (n,)
+    frames: torch.Tensor | None = None  # pass 2: the frame indices (n,) of the current UNet call
     keyframe_outputs: dict[str, torch.Tensor] = field(default_factory=dict)   # layer -> (G, M, L, C)
     keyframe_features: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (M, L, C), unit norm
     match_chunk_elements: int = DEFAULT_MATCH_CHUNK_ELEMENTS
     trace: Trace | None = None
+    edit_groups: AttentionState = field(init=False)  # `attention` for the two edit groups alone (pass 1)
+
+    def __post_init__(self):
+        self.edit_groups = replace(self.attention, num_groups=self.attention.num_groups - 1)
 
     @property
     def num_groups(self) -> int:
         return self.attention.num_groups
+
+    def set_step(self, step: int) -> None:
+        """Level i of the step about to run (it also seeds the initial bases of STEM keyframe attention)."""
+        self.step = self.attention.step = self.edit_groups.step = step
+
+
+def unit_features(x: torch.Tensor) -> torch.Tensor:
+    """(..., C) -> (..., C) unit-norm along the channels, in `wide_dtype`."""
+    return F.normalize(x.to(wide_dtype(x.dtype)), dim=-1)
 
 
 def nearest_tokens(queries: torch.Tensor, keys: torch.Tensor, chunk_elements: int = DEFAULT_MATCH_CHUNK_ELEMENTS) -> torch.Tensor:
@@ -129,11 +168,12 @@ def nearest_tokens(queries: torch.Tensor, keys: torch.Tensor, chunk_elements: in
         (n, L) long indices into L2.
     """
     n, L, _ = queries.shape
-    keys_t = keys.float().transpose(1, 2)  # (n, C, L2)
+    dtype = wide_dtype(queries.dtype)
+    keys_t = keys.to(dtype).transpose(1, 2)  # (n, C, L2)
     rows = max(1, chunk_elements // max(1, n * keys.shape[1]))
     index = torch.empty(n, L, dtype=torch.long, device=queries.device)
     for start in range(0, L, rows):
-        similarity = torch.bmm(queries[:, start:start + rows].float(), keys_t)  # (n, rows, L2)
+        similarity = torch.bmm(queries[:, start:start + rows].to(dtype), keys_t)  # (n, rows, L2)
         index[:, start:start + rows] = similarity.argmax(dim=-1)
     return index
 
@@ -146,40 +186,54 @@ def choose_keyframes(num_frames: int, batch_size: int, generator: torch.Generato
     return starts + offsets.clamp(max=sizes - 1)
 
 
-def keyframe_neighbours(frames: torch.Tensor, keyframes: torch.Tensor, batch_size: int
+def keyframe_neighbours(frames: torch.Tensor, keyframes: torch.Tensor, batch_size: int, propagation: str = "previous"
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each frame's two nearest keyframes (its own batch's and the nearer adjacent batch's) and the blend.
+    """The two keyframes each frame's self-attention outputs are gathered from, and the blend.
 
     Args:
         frames: (n,) frame indices.
         keyframes: (M,) the keyframe of each batch.
-        batch_size: frames per batch.
+        batch_size: frames per batch (the nominal size; the last batch may be shorter).
+        propagation: "previous" or "nearest" (see the module docstring).
 
     Returns:
-        own (n,) and other (n,) keyframe numbers (0..M-1), and own_weight (n,) float32: the weight of
-        the own keyframe's output, d_other / (d_own + d_other) (1 at a keyframe, 1 when M == 1).
+        own (n,) and other (n,) keyframe numbers (0..M-1), and own_weight (n,) float64: the weight of
+        the own keyframe's output (1 where `other == own`).
+        previous: own = the frame's batch b, other = b - 1, own_weight = sigmoid(d2 / (d1 + d2)) with
+            d1, d2 the distances to the centres b * n + n // 2 of batches b and b - 1; batch 0: other = own.
+        nearest: other = the nearer adjacent batch's keyframe, own_weight = d_other / (d_own + d_other)
+            with the distances to the two keyframes (1 at a keyframe, and when M == 1).
     """
-    M = len(keyframes)
     own = frames // batch_size
+    if propagation == "previous":
+        def centre(batch):
+            return batch * batch_size + batch_size // 2
+
+        d_own, d_previous = (frames - centre(own)).abs().double(), (frames - centre(own - 1)).abs().double()
+        first = own == 0
+        weight = torch.where(first, 1.0, torch.sigmoid(d_previous / (d_own + d_previous)))
+        return own, torch.where(first, own, own - 1), weight
+    M = len(keyframes)
     d_own = (frames - keyframes[own]).abs().double()
     if M == 1:
-        return own, own, torch.ones(len(frames))
+        return own, own, torch.ones(len(frames), dtype=torch.float64)
     before, after = (own - 1).clamp(min=0), (own + 1).clamp(max=M - 1)
     inf = torch.tensor(float("inf"), dtype=torch.float64)
     d_before = torch.where(own > 0, (frames - keyframes[before]).abs().double(), inf)
     d_after = torch.where(own < M - 1, (frames - keyframes[after]).abs().double(), inf)
     other = torch.where(d_before <= d_after, before, after)
     d_other = torch.minimum(d_before, d_after)
-    return own, other, (d_other / (d_own + d_other)).float()
+    return own, other, d_other / (d_own + d_other)
 
 
 class TokenFlowAttnProcessor(FrameAttnProcessor):
     """Self-attention of one layer during an edit: keyframe attention in pass 1, propagation in pass 2.
 
-    Pass 1 (`state.phase == KEYFRAMES`) runs `keyframe_attention` (extended or STEM) on the keyframes,
-    with the edit groups' queries and keys replaced by the source group's when this layer and step
-    inject, and stores the outputs. Pass 2 (`PROPAGATE`) computes no attention: it gathers every
-    frame's output from the stored keyframe outputs (see the module docstring).
+    Pass 1 (`state.phase == KEYFRAMES`) runs per-frame attention on the source group's keyframes and
+    `keyframe_attention` (extended or STEM, over the two edit groups: `state.edit_groups`) on the
+    edit groups', with the edit groups' queries and keys replaced by the source group's when this
+    layer and step inject, and stores the outputs. Pass 2 (`PROPAGATE`) computes no attention: it
+    gathers every frame's output from the stored keyframe outputs (see the module docstring).
     """
 
     def __init__(self, state: EditState, name: str, keyframe_attention: FrameAttnProcessor, injects_qk: bool):
@@ -188,13 +242,18 @@ class TokenFlowAttnProcessor(FrameAttnProcessor):
         self.injects_qk = injects_qk
 
     def attend(self, attn, query, key, value, attention_mask=None):
-        """(B, heads, L, d) -> (B, heads, L, d): PnP Q/K injection, then the keyframe attention."""
+        """(3n, heads, L, d) -> (3n, heads, L, d): PnP Q/K injection; the source group per frame, the
+        edit groups with the keyframe attention."""
         state = self.state
         if self.injects_qk and state.inject_qk:
             query, key = from_source(query, state.num_groups), from_source(key, state.num_groups)
         if state.trace is not None:
             state.trace("qk", self.name, state.step, {"query": query, "key": key})
-        return self.keyframe_attention.attend(attn, query, key, value, attention_mask)
+        n = query.shape[0] // state.num_groups
+        masks = (None, None) if attention_mask is None else (attention_mask[:n], attention_mask[n:])
+        source = super().attend(attn, query[:n], key[:n], value[:n], masks[0])  # (n, heads, L, d)
+        edits = self.keyframe_attention.attend(attn, query[n:], key[n:], value[n:], masks[1])  # (2n, heads, L, d)
+        return torch.cat([source, edits])
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if hidden_states.ndim != 3:
@@ -219,7 +278,9 @@ class TokenFlowAttnProcessor(FrameAttnProcessor):
 
         def keep(outputs, inputs):  # (G, M, L, C), (1, M, L, C): every keyframe of the video
             state.keyframe_outputs[self.name] = outputs
-            state.keyframe_features[self.name] = F.normalize(inputs[0].float(), dim=-1).to(inputs.dtype)
+            state.keyframe_features[self.name] = unit_features(inputs[0]).to(inputs.dtype)
+            if state.trace is not None:
+                state.trace("keyframes", self.name, state.step, {"features": inputs[0], "outputs": outputs})
 
         whole_video(keep, core, source_inputs)
 
@@ -232,7 +293,7 @@ class TokenFlowAttnProcessor(FrameAttnProcessor):
         outputs = state.keyframe_outputs[self.name]        # (G, M, L, C)
         keyframe_features = state.keyframe_features[self.name]  # (M, L, C)
         flat_outputs = outputs.reshape(G, -1, C)           # (G, M*L, C)
-        features = F.normalize(hidden_states.reshape(G, n, L, C)[SOURCE].float(), dim=-1)  # (n, L, C)
+        features = unit_features(hidden_states.reshape(G, n, L, C)[SOURCE])  # (n, L, C)
 
         def gather(keyframe):  # (n,) keyframe numbers -> (G, n*L, C) outputs at the nearest tokens
             index = nearest_tokens(features, keyframe_features[keyframe], state.match_chunk_elements)
@@ -242,6 +303,9 @@ class TokenFlowAttnProcessor(FrameAttnProcessor):
         if not torch.equal(own, other):
             weight = own_weight.to(out.device, out.dtype).repeat_interleave(L).view(1, n * L, 1)
             out = torch.lerp(gather(other), out, weight)  # weight * own + (1 - weight) * other
+        if state.trace is not None:
+            state.trace("propagate", self.name, state.step, {
+                "frames": state.frames, "features": hidden_states.reshape(G, n, L, C)[SOURCE], "outputs": out.view(G, n, L, C)})
         out = out.reshape(B, L, C)
         if attn.residual_connection:
             out = out + hidden_states
@@ -264,7 +328,7 @@ def tokenflow_processors(unet, state: EditState, attention: str) -> Iterator[dic
     def make(name, _previous):
         if name not in layers:
             return None
-        return TokenFlowAttnProcessor(state, name, inner(state.attention, name, layers[name]), name in injected)
+        return TokenFlowAttnProcessor(state, name, inner(state.edit_groups, name, layers[name]), name in injected)
 
     with processors_installed(unet, make) as installed:
         yield installed
@@ -276,9 +340,8 @@ def conv_injection(unet, state: EditState, layer: str = CONV_INJECTION_LAYER) ->
 
     PnP injects the residual branch only: the block's skip connection keeps the edit's own input.
     """
-    modules = dict(unet.named_modules())
-    target = modules.get(f"{layer}.conv2")
-    if target is None:
+    conv = f"{layer}.conv2"
+    if conv not in dict(unet.named_modules()):
         raise StemError(f"This UNet has no residual block named {layer!r}; editing needs a Stable Diffusion 1.x/2.x UNet.")
 
     def hook(_module, _args, output):
@@ -288,11 +351,8 @@ def conv_injection(unet, state: EditState, layer: str = CONV_INJECTION_LAYER) ->
             state.trace("conv", layer, state.step, {"features": output})
         return output
 
-    handle = target.register_forward_hook(hook)
-    try:
+    with hooks_installed(unet, {conv: hook}):
         yield
-    finally:
-        handle.remove()
 
 
 # -- the edit -------------------------------------------------------------------------------------
@@ -308,7 +368,8 @@ def edit_latents(
     chunk_size: int | None = None,
     callback: Callable[[int, int], None] | None = None,
     trace: Trace | None = None,
-) -> tuple[torch.Tensor, list[list[int]]]:
+    keyframe_chooser: KeyframeChooser = choose_keyframes,
+) -> tuple[torch.Tensor, dict]:
     """TokenFlow PnP editing of an inverted video, from x_T to clean latents.
 
     Args:
@@ -323,6 +384,8 @@ def edit_latents(
             the output does not depend on it.
         callback: `callback(k, T)` after the k-th denoising step.
         trace: optional observer, see `Trace`.
+        keyframe_chooser: picks each step's keyframes (default: one at random per batch, seeded by
+            `edit.seed`); tests pass given keyframes.
 
     Returns:
         (N, 4, h, w) float32 edited clean latents, and {"keyframes": the keyframes chosen at each step}.
@@ -340,30 +403,32 @@ def edit_latents(
 
     def eps(x, t, step):
         done = num_steps - step  # denoising steps already taken
-        state.step, state.inject_qk, state.inject_conv = step, done < qk_steps, done < conv_steps
-        attention.step = step  # seeds the initial bases of STEM keyframe attention
-        keyframes = choose_keyframes(num_frames, edit.batch_size, generator)
+        state.set_step(step)
+        state.inject_qk, state.inject_conv = done < qk_steps, done < conv_steps
+        keyframes = keyframe_chooser(num_frames, edit.batch_size, generator)
         chosen.append(keyframes.tolist())
         source = source_latents(trajectory, step, device)
         keys = keyframes.to(device)
 
-        state.phase = KEYFRAMES  # pass 1: the keyframes attend to each other; outputs stored
+        state.phase = KEYFRAMES  # pass 1: the keyframes attend (see TokenFlowAttnProcessor); outputs stored
         unet_groups(parts, text, source[keys], x[keys], t, chunk_size)
 
         state.phase = PROPAGATE  # pass 2: every frame, self-attention propagated from the keyframes
         noise = torch.empty_like(x)
         for start in range(0, num_frames, call_frames):
             frames = torch.arange(start, min(num_frames, start + call_frames))
-            state.neighbours = tuple(v.to(device) for v in keyframe_neighbours(frames, keyframes, edit.batch_size))
+            own, other, own_weight = keyframe_neighbours(frames, keyframes, edit.batch_size, edit.propagation)
+            state.neighbours = (own.to(device), other.to(device), own_weight.to(device, wide_dtype(parts.dtype)))
+            state.frames = frames
             index = frames.to(device)
             out = unet_groups(parts, text, source[index], x[index], t, None)
             noise[index] = guided_noise(out, x[index], alphas[step], edit.guidance, parts.prediction_type)
         state.keyframe_outputs.clear()
         state.keyframe_features.clear()
-        state.neighbours = None
+        state.neighbours = state.frames = None
         return noise
 
-    with tokenflow_processors(unet, state, edit.attention), conv_injection(unet, state):
+    with tokenflow_processors(unet, state, edit.attention), conv_injection(unet, state), freeu_installed(unet, edit.freeu):
         latents = sample_edit(eps, trajectory, timesteps, alphas, device, callback)
     return latents, {"keyframes": chosen}
 

@@ -1,0 +1,121 @@
+"""FreeU (Si et al., CVPR 2024) in the editing UNet, by the rule of the original FreeU code, which the
+STEM authors ship with their TokenFlow editing.
+
+Inside every up block, just before a resnet concatenates its skip connection, FreeU looks at the
+width of the hidden states arriving from below:
+
+    the UNet's widest width (1280 in SD 1.x/2.x):    first half of the hidden channels x b1, skip features filtered with s1
+    block_out_channels[1] (640 in SD 1.x/2.x):       first half of the hidden channels x b2, skip features filtered with s2
+
+The skip filter (`fourier_filter`) scales the lowest frequencies of each channel: a 2-D FFT over
+height and width (float32, or float64 for a float64 model), shifted so that frequency 0 sits at
+(H//2, W//2); the 2x2 block of rows H//2-1..H//2 and columns W//2-1..W//2 (threshold 1) is
+multiplied by s; the inverse shift and FFT; the real part, in the input's dtype. The two changes
+touch different tensors, so their order does not matter.
+
+In SD 1.x/2.x this rewrites up_blocks.0.resnets.0-2, up_blocks.1.resnets.0-2 and up_blocks.2.resnets.0
+(b1, s1) and up_blocks.2.resnets.1-2 and up_blocks.3.resnets.0 (b2, s2); up_blocks.3.resnets.1-2 stay
+as they are. diffusers' `enable_freeu` chooses by block index instead (b1 in up_blocks[0], b2 in
+up_blocks[1]), which touches other resnets, so it is not used.
+
+diffusers' up blocks concatenate [hidden | skip] before calling the resnet, so the rule is a forward
+pre-hook on each chosen resnet: it splits the input at the hidden width (known from the UNet's
+structure), rescales and filters, and concatenates again. `freeu_installed` registers the hooks by
+module name and removes them on exit; nothing is patched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..errors import StemError
+from ..hooks import hooks_installed
+from .common import is_number, wide_dtype
+
+THRESHOLD = 1  # half the side of the scaled block of lowest frequencies (FreeU's and the authors' value)
+
+
+@dataclass(frozen=True)
+class FreeUSettings:
+    """FreeU in the editing UNet; the defaults are the constants the STEM authors edit with."""
+
+    enabled: bool = True
+    b1: float = 1.2  # backbone scale where the arriving hidden states have the UNet's widest width
+    b2: float = 1.4  # backbone scale where they have the second width (block_out_channels[1])
+    s1: float = 0.9  # scale of the skip features' lowest frequencies at the widest width
+    s2: float = 0.2  # the same at the second width
+
+    def validate(self) -> "FreeUSettings":
+        """Raise StemError with one sentence for the first constant out of range."""
+        if not isinstance(self.enabled, bool):
+            raise StemError(f"--freeu must be on or off, got {self.enabled!r}.")
+        for flag, value in (("--freeu-b1", self.b1), ("--freeu-b2", self.b2), ("--freeu-s1", self.s1), ("--freeu-s2", self.s2)):
+            if not is_number(value) or not (math.isfinite(value) and value >= 0):
+                raise StemError(f"{flag} must be a finite number of 0 or more (FreeU's are 1.2, 1.4, 0.9, 0.2), got {value}.")
+        return self
+
+    def metrics(self) -> dict:
+        """The settings as recorded in metrics.json."""
+        return {"freeu": self.enabled, "freeu_b1": self.b1, "freeu_b2": self.b2, "freeu_s1": self.s1, "freeu_s2": self.s2}
+
+
+def fourier_filter(x: torch.Tensor, scale: float, threshold: int = THRESHOLD) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, H, W): the 2t x 2t lowest frequencies (centred by `fftshift`) times `scale`."""
+    dtype = x.dtype
+    spectrum = torch.fft.fftshift(torch.fft.fftn(x.to(wide_dtype(dtype)), dim=(-2, -1)), dim=(-2, -1))
+    H, W = x.shape[-2:]
+    mask = torch.ones(H, W, dtype=spectrum.real.dtype, device=x.device)
+    mask[max(0, H // 2 - threshold):H // 2 + threshold, max(0, W // 2 - threshold):W // 2 + threshold] = scale
+    filtered = torch.fft.ifftn(torch.fft.ifftshift(spectrum * mask, dim=(-2, -1)), dim=(-2, -1)).real
+    return filtered.to(dtype)
+
+
+def freeu_resnets(unet) -> dict[str, tuple[int, int]]:
+    """The up-block resnets FreeU rewrites: name -> (width of the hidden states arriving from below, 1 or 2).
+
+    1 marks the UNet's widest width (b1, s1), 2 the width of `block_out_channels[1]` (b2, s2); if the
+    two coincide the first rule applies.
+    """
+    channels = tuple(unet.config.block_out_channels)
+    rules = {max(channels): 1}
+    rules.setdefault(channels[1], 2)
+    arriving = channels[-1]  # up_blocks[0] receives the middle block's output, of the deepest width
+    chosen = {}
+    for i, block in enumerate(unet.up_blocks):
+        for j, resnet in enumerate(block.resnets):
+            if arriving in rules:
+                chosen[f"up_blocks.{i}.resnets.{j}"] = (arriving, rules[arriving])
+            arriving = resnet.out_channels  # the attention and the upsampler after a resnet keep its width
+    return chosen
+
+
+def freeu_hook(width: int, backbone: float, skip: float):
+    """A forward pre-hook (with kwargs) applying FreeU to a resnet's input [hidden (width) | skip]."""
+
+    def hook(_module, args, kwargs):
+        x = args[0]  # (B, width + skip channels, H, W)
+        half = width // 2
+        hidden = torch.cat([x[:, :half] * backbone, x[:, half:width]], dim=1)
+        return (torch.cat([hidden, fourier_filter(x[:, width:], skip)], dim=1), *args[1:]), kwargs
+
+    return hook
+
+
+@contextlib.contextmanager
+def freeu_installed(unet, settings: FreeUSettings | None) -> Iterator[dict]:
+    """FreeU on `unet` while the context is open (nothing when `settings` is None or disabled).
+
+    Yields the hooked resnets by name.
+    """
+    if settings is None or not settings.enabled:
+        yield {}
+        return
+    constants = {1: (settings.b1, settings.s1), 2: (settings.b2, settings.s2)}
+    hooks = {name: freeu_hook(width, *constants[rule]) for name, (width, rule) in freeu_resnets(unet).items()}
+    with hooks_installed(unet, hooks, pre=True, with_kwargs=True) as installed:
+        yield installed
