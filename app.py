@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -32,6 +33,7 @@ import time
 import typing
 import unicodedata
 import uuid
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -402,6 +404,7 @@ class Jobs:
         self._errors: dict[str, str] = {}  # session -> the status line of its last failed or stopped job
         self._local = threading.local()  # the worker thread's stop flag
         self._on_gpu = on_gpu(self._compute, duration=self.gpu_seconds)
+        _LIVE_JOBS.add(self)
 
     # - the Gradio-facing functions -
 
@@ -462,6 +465,12 @@ class Jobs:
         """A page was closed (or its Stop pressed): stop its jobs."""
         for flag in self._running.get(_session(request), ()):
             flag.set()
+
+    def stop_all(self) -> None:
+        """Stop every running job (the server is shutting down)."""
+        for flags in list(self._running.values()):
+            for flag in list(flags):
+                flag.set()
 
     def failed(self, player, table, request: gr.Request = None) -> tuple:
         """After a failed or stopped job: its sentence stays in the status line; what it revealed hides if empty."""
@@ -667,6 +676,9 @@ class Jobs:
         return f" With the source's sound ({clip.num_frames / clip.fps:.1f} s)."
 
 
+_LIVE_JOBS: weakref.WeakSet[Jobs] = weakref.WeakSet()  # for stopping every job at shutdown
+
+
 def _empty(value) -> bool:
     """A result component's value holds nothing (no video; a table without rows)."""
     return value is None or (hasattr(value, "__len__") and len(value) == 0)
@@ -739,6 +751,7 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
     if d["frames"] * d["size"] ** 2 > max_pixels and "size" not in (defaults or {}):
         # start within the limit (on a CPU: 16 frames at 256 px), so the defaults always run
         d["size"] = max(64, math.isqrt(max_pixels // max(d["frames"], 1)) // 32 * 32)
+        d["frames"] = max(1, min(d["frames"], max_pixels // d["size"] ** 2))
     jobs = Jobs(engine, max_pixels, d, results)
     on_spaces = bool(os.environ.get("SPACE_ID")) if on_spaces is None else on_spaces
 
@@ -938,23 +951,30 @@ def make_engine(model: str, cache_dir: str | None, zero_gpu: bool) -> Engine:
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     if not port_is_free(args.host, args.port):
-        print(f"Port {args.port} is busy; pass --port with a free port (or set GRADIO_SERVER_PORT).", file=sys.stderr)
-        sys.exit(2)
+        _port_busy(args.port)
     engine = make_engine(args.model, args.cache_dir, zero_gpu=bool(os.environ.get("SPACES_ZERO_GPU")))
     results = ResultFolder()
     demo = build_app(engine, max_pixels=args.max_pixels, results=results)
+    # a stop signal (e.g. a Space's restart) ends the server as Ctrl+C does, so the result folder goes too
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         launch(demo, server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD,
                allowed_paths=[str(EXAMPLES_DIR)])
     except OSError as error:
         if "port" not in str(error).lower():
             raise
-        results.close()  # taken between the check and the launch
-        print(f"Port {args.port} is busy; pass --port with a free port (or set GRADIO_SERVER_PORT).", file=sys.stderr)
-        sys.exit(2)
+        results.close()
+        _port_busy(args.port)  # taken between the check and the launch
+    for jobs in list(_LIVE_JOBS):  # the server has closed: end running jobs at their next step, then exit
+        jobs.stop_all()
+
+
+def _port_busy(port: int) -> typing.NoReturn:
+    print(f"Port {port} is busy; pass --port with a free port (or set GRADIO_SERVER_PORT).", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -236,7 +236,8 @@ def test_the_apis_defaults_are_the_pages(served):
     assert {name: params[name]["parameter_default"] for name in SMALL} == SMALL
     cpu = app.build_app(served.engine, max_pixels=app.parse_limit(app.CPU_LIMIT), results=app.ResultFolder())
     gpu = app.build_app(served.engine, max_pixels=app.parse_limit(app.GPU_LIMIT), results=app.ResultFolder())
-    for demo, frames, size in ((cpu, 16, 256), (gpu, 16, 512)):
+    tiny = app.build_app(served.engine, max_pixels=app.parse_limit("4x64"), results=app.ResultFolder())
+    for demo, frames, size in ((cpu, 16, 256), (gpu, 16, 512), (tiny, 4, 64)):  # always within the limit
         info = {p["parameter_name"]: p["parameter_default"]
                 for p in demo.get_api_info()["named_endpoints"]["/edit"]["parameters"]}
         assert (info["frames"], info["size"], info["steps"]) == (frames, size, 50)
