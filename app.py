@@ -463,7 +463,7 @@ class Jobs:
 
     def page_closed(self, request: gr.Request = None) -> None:
         """A page was closed (or its Stop pressed): stop its jobs."""
-        for flag in self._running.get(_session(request), ()):
+        for flag in list(self._running.get(_session(request), ())):  # a copy: jobs end on another thread
             flag.set()
 
     def stop_all(self) -> None:
