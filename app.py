@@ -3,50 +3,70 @@
     python app.py [--model ID_OR_PATH] [--host 127.0.0.1] [--port 7860] [--share]
                   [--cache-dir DIR] [--max-frames-x-size 48x512]
 
-One `Engine` per process: the model loads on the first job, and every inversion goes to the
-on-disk latent cache, so a second edit of the same clip with the same inversion settings does no
-inversion (across edits, users and restarts). The named endpoints /invert, /edit and /compare
-take a video file plus scalar settings and are scriptable with gradio_client.
+One `Engine` per process: the model loads on the first job (at start-up on ZeroGPU), and every
+inversion goes to the on-disk latent cache, so a second edit of the same clip with the same
+inversion settings does no inversion (across edits, users and restarts). The named endpoints
+/invert, /edit and /compare take a video file plus scalar settings (ENDPOINT_INPUTS) and are
+scriptable with gradio_client. A job runs in a worker thread that checks, at every denoising step,
+whether it was stopped (the Stop button, a cancelled client call, a closed page).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
+import inspect
 import json
 import logging
 import math
 import os
 import random
+import re
 import shutil
+import signal
+import socket
+import sys
 import tempfile
+import threading
 import time
+import typing
+import unicodedata
 import uuid
+import weakref
 from pathlib import Path
+from typing import Callable
 
+import anyio
+import av
 import gradio as gr
 import torch
+from PIL import Image
 
 from stem import Engine, InversionSettings, LatentCache, StemError, inversion_metrics, read_video, write_video
 from stem.editing import EditSettings, edit_metrics, edit_video
 from stem.models import DEFAULT_MODEL, TINY_MODEL, TINY_WARNING, default_device
-from stem.video import DEFAULT_MAX_FRAMES, Video, side_by_side
-
-try:  # Hugging Face ZeroGPU: hold a GPU only while a job runs
-    import spaces
-
-    gpu_job = spaces.GPU(duration=240)
-except ImportError:
-    def gpu_job(fn):
-        """No-op outside Spaces."""
-        return fn
+from stem.video import DEFAULT_MAX_FRAMES, Video, copy_audio, side_by_side
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 GPU_LIMIT, CPU_LIMIT = "48x512", "16x256"  # per job: frames x size, i.e. frames * size**2 pixels at most
 MAX_UPLOAD = "200mb"
 OUTPUT_TTL_SECONDS = 3600  # result files older than this are deleted
+RESULTS_PREFIX = "stem-app-"  # the per-process result folder in the temp folder: stem-app-<pid>-<random>
+PLAYER_HEIGHT = 360  # px: a portrait clip never pushes the prompts and buttons off a phone's screen
 METHODS = [("STEM", "stem"), ("DDIM", "ddim"), ("Inflated DDIM", "inflated")]
-TABLE_HEADERS = ["Method", "PSNR dB ↑", "SSIM ↑", "Warp err. ↓", "Cached", "Seconds"]
+TABLE_HEADERS = ["Method", "PSNR dB ↑", "SSIM ↑", "Warp error ↓", "Cached", "Seconds"]
+
+# The endpoints' parameters, in order; the API names them so. A new setting is a name here, a control
+# of the same name in build_app, a DEFAULTS entry and, for an edit setting, an EditSettings field of
+# the same name (the page's value is converted to that field's type).
+INVERSION_INPUTS = ("method", "bases", "iters", "steps", "frames", "stride", "size", "seed")
+EDIT_INPUTS = ("guidance", "pnp_attn", "pnp_conv", "batch_size", "negative_prompt")
+ENDPOINT_INPUTS = {
+    "invert": ("video", "source_prompt", *INVERSION_INPUTS),
+    "edit": ("video", "source_prompt", "target_prompt", *INVERSION_INPUTS, *EDIT_INPUTS),
+    "compare": ("video", "source_prompt", *(name for name in INVERSION_INPUTS if name != "method")),
+}
 # The page's defaults, by endpoint parameter name; build_app(defaults=...) overrides them.
 DEFAULTS = dict(method="stem", bases=256, iters=5, steps=50, frames=16, stride=1, size=512, seed=0,
                 guidance=7.5, pnp_attn=0.5, pnp_conv=0.8, batch_size=8, negative_prompt="")
@@ -55,8 +75,144 @@ LABELS = {"--bases": "Bases K", "--iters": "EM iterations R", "--steps": "Steps"
           "--stride": "Stride", "--size": "Size", "--guidance": "Guidance scale", "--seed": "Seed",
           "--pnp-attn": "PnP attention threshold", "--pnp-conv": "PnP convolution threshold",
           "--batch-size": "Batch size", "--negative-prompt": "Negative prompt"}
+STOPPED = "**Stopped.** Press a button to start again."
+SERVER_PROBLEM = ("This server cannot run jobs right now ({what}); please try again later or tell the person who "
+                  "runs it (the server log says what to fix).")
 log = logging.getLogger("stem.app")
 
+
+# -- the work of a job: one model of its cost drives the progress bar and ZeroGPU's duration ------------
+
+# One frame through the VAE, in UNet calls of one frame at the same size (from SD 1.5's multiply-adds).
+VAE_ENCODE_COST, VAE_DECODE_COST = 0.7, 1.5
+METHOD_COST = {"ddim": 1.0, "stem": 1.1, "inflated": 1.5}  # inversion UNet calls, relative to per-frame attention
+# UNet frame-calls per denoising step of an edit of n frames with m keyframes.
+EDITOR_STEP_COST = {"tokenflow": lambda n, m: 3 * (n + m)}  # 3 groups (source, negative, target) x (keyframes + all)
+# ZeroGPU: seconds of one frame through the SD-1.5 UNet at 512 px on its H200 slice in fp16, with a margin
+# of about 2x over published throughput (an assumption, not measured by this project), plus a fixed part
+# for text encoding, moving data and writing the videos.
+GPU_SECONDS_PER_UNIT, GPU_FIXED_SECONDS = 0.02, 15
+PHASE_NAMES = {"loading": ("Loading the model", ""), "encoding": ("Encoding", "frame"),
+               "inverting": ("Inverting", "step"), "reconstructing": ("Reconstructing", "step"),
+               "decoding": ("Decoding", "frame"), "editing": ("Editing", "step")}
+COMPARED = ("DDIM", "STEM")  # the inversions of /compare, in order
+
+
+def job_phases(kind: str, frames: int, steps: int, method: str = "stem", batch_size: int = 8,
+               editor: str = "tokenflow") -> list[tuple[str, float]]:
+    """The phases a job reports, in order, each with its work in UNet calls of one frame.
+
+    An inversion encodes, inverts, reconstructs and decodes twice (the reconstruction and the VAE
+    round trip); an edit adds the editing steps and one decoding; /compare inverts with DDIM, then STEM.
+    """
+    def inversion(method: str) -> list[tuple[str, float]]:
+        unet = steps * frames * METHOD_COST[method]
+        return [("encoding", VAE_ENCODE_COST * frames), ("inverting", unet), ("reconstructing", unet),
+                ("decoding", VAE_DECODE_COST * frames), ("decoding", VAE_DECODE_COST * frames)]
+
+    if kind == "invert":
+        return inversion(method)
+    if kind == "compare":
+        return [(f"{label} · {phase}", work) for label in COMPARED for phase, work in inversion(label.lower())]
+    keyframes = math.ceil(frames / max(batch_size, 1))
+    step_cost = EDITOR_STEP_COST.get(editor, EDITOR_STEP_COST["tokenflow"])
+    return inversion(method) + [("editing", steps * step_cost(frames, keyframes)),
+                                ("decoding", VAE_DECODE_COST * frames)]
+
+
+def estimate_gpu_seconds(kind: str, frames: int, size: int, steps: int, method: str = "stem", batch_size: int = 8,
+                         editor: str = "tokenflow") -> int:
+    """Seconds of GPU a job may take on ZeroGPU (its `duration`): all its work, scaled by the pixels per frame."""
+    work = sum(w for _, w in job_phases(kind, frames, steps, method, batch_size, editor))
+    return math.ceil(GPU_FIXED_SECONDS + work * GPU_SECONDS_PER_UNIT * (size / 512) ** 2)
+
+
+def on_gpu(fn: Callable, duration: Callable[..., int]) -> Callable:
+    """`fn` under ZeroGPU's `spaces.GPU`, which holds a GPU only while it runs, for `duration(*args)` seconds.
+
+    Without the `spaces` package (anywhere but Hugging Face Spaces) `fn` runs as it is.
+    """
+    try:
+        import spaces
+    except ImportError:
+        return fn
+    return spaces.GPU(duration=duration)(fn)
+
+
+class Stopped(Exception):
+    """The job was stopped: its Stop button was pressed, its client cancelled it, or its page was closed."""
+
+
+class JobProgress:
+    """The engine's `progress(phase, done, total)` as one bar for the whole job; raises Stopped when asked to.
+
+    The bar is the share of the planned work done (see `job_phases`); its text names the phase, the
+    step and the time left at the pace so far. Phases a job skips (an inversion found in the cache)
+    leave the plan when a later phase starts.
+    """
+
+    def __init__(self, bar: Callable, phases: list[tuple[str, float]], stop: threading.Event | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.bar, self.stop, self.clock = bar, stop, clock
+        self.names = [name for name, _ in phases]
+        self.work = [float(w) for _, w in phases]
+        self.current, self.last = -1, (0, 0)  # the phase being run; its last (done, total)
+        self.start: tuple[float, float] | None = None  # (time, work done) at the first report
+        self.fraction = 0.0  # the bar as last shown
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise Stopped()
+        self._follow(phase, done)
+        self.last = (done, total)
+        name, unit = _phase_name(phase)
+        if self.current < 0 or phase != self.names[self.current]:  # not in the plan (e.g. loading)
+            self.bar(self.fraction, desc=f"{name}…")
+            return
+        work_done = sum(self.work[:self.current]) + self.work[self.current] * done / max(total, 1)
+        now = self.clock()
+        if self.start is None:
+            self.start = (now, work_done)
+        desc = f"{name}: {unit} {done} of {total}" if unit else name
+        left = self._seconds_left(now, work_done)
+        self.fraction = min(1.0, work_done / max(sum(self.work), 1e-9))
+        self.bar(self.fraction, desc=desc + (f" · about {_duration_text(left)} left" if left else ""))
+
+    def _follow(self, phase: str, done: int) -> None:
+        """Move to the phase being reported: the current one, or the next planned one of that name."""
+        if self.current >= 0 and phase == self.names[self.current]:
+            last_done, last_total = self.last
+            if done >= last_done and last_done < last_total:
+                return  # the same phase, going on
+        later = [i for i in range(self.current + 1, len(self.names)) if self.names[i] == phase]
+        if not later:
+            return
+        for skipped in range(self.current + 1, later[0]):
+            self.work[skipped] = 0.0  # not run (e.g. the inversion came from the cache)
+        self.current = later[0]
+
+    def _seconds_left(self, now: float, work_done: float) -> float | None:
+        """At the pace since the first report; None until there is a pace to go by."""
+        start_time, start_work = self.start
+        if now - start_time < 1.0 or work_done <= start_work:
+            return None
+        return (now - start_time) / (work_done - start_work) * (sum(self.work) - work_done)
+
+
+def _phase_name(phase: str) -> tuple[str, str]:
+    """'DDIM · inverting' -> ('DDIM · Inverting', 'step')."""
+    prefix, _, base = phase.rpartition(" · ")
+    name, unit = PHASE_NAMES.get(base, (base.capitalize(), "step"))
+    return (f"{prefix} · {name}" if prefix else name), unit
+
+
+def _duration_text(seconds: float) -> str:
+    """42.3 -> '42 s', 125 -> '2 min 5 s'."""
+    seconds = max(1, round(seconds))
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
+# -- what the page says ------------------------------------------------------------------------------
 
 def parse_limit(text: str) -> int:
     """'48x512' (frames x size) or a plain pixel count -> the most frames * size**2 pixels per job."""
@@ -75,38 +231,56 @@ def describe_limit(max_pixels: int) -> str:
             f"{max_pixels // 256**2} at 256 px")
 
 
+def frames_note(used: int, available: int | None, stride: int, requested: int, cap: int, size: int) -> str:
+    """The status's note when frames were left out, e.g. ' Used 16 of 50 frames (the limit at 256 px).'"""
+    if available is None:
+        return ""
+    usable = math.ceil(available / stride)
+    if used >= usable:
+        return ""
+    of = f"{usable} frames (every {_ordinal(stride)} of {available})" if stride > 1 else f"{available} frames"
+    reason = f"the limit at {size} px" if used == cap else f"Frames is set to {requested}; 0 uses all, up to the limit"
+    return f" Used {used} of {of} ({reason})."
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def output_name(source: str | os.PathLike, kind: str, detail: str = "") -> str:
+    """A result's file name after its clip and what was done, e.g. 'city-edited-golden-skyscrapers.mp4'."""
+    def slug(text: str, limit: int) -> str:  # ASCII words joined by '-': 'Café au lait!' -> 'cafe-au-lait'
+        ascii_text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode()
+        words = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+        if len(words) > limit:  # cut at a word's end where there is one
+            words = words[:limit + 1].rsplit("-", 1)[0] if "-" in words[:limit + 1] else words[:limit]
+        return words
+
+    parts = [slug(Path(source).stem, 40) or "clip", kind, slug(detail, 48)]
+    return "-".join(p for p in parts if p) + ".mp4"
+
+
 def _bad(message: str) -> gr.Error:
-    """An error for the page: the sentence as a toast, no traceback in the server log."""
+    """An error for the page: the sentence in a toast (and the status line), no traceback in the server log."""
     return gr.Error(message, print_exception=False)
 
 
-def _user_errors(handler):
-    """Show StemError (and anything unexpected) in the page as one sentence, not a traceback."""
-    @functools.wraps(handler)
-    def wrapped(*args, **kwargs):
-        try:
-            return handler(*args, **kwargs)
-        except gr.Error:
-            raise
-        except StemError as error:
-            message = str(error)
-            for flag, label in LABELS.items():
-                message = message.replace(flag, label)
-            raise _bad(message) from error
-        except torch.cuda.OutOfMemoryError as error:
-            raise _bad("The GPU ran out of memory; choose fewer frames, a smaller size or a smaller batch size.") from error
-        except Exception as error:  # noqa: BLE001 - a bug or the environment: log it, tell the user in a sentence
-            log.exception("job failed")
-            raise _bad(f"The job failed ({type(error).__name__}: {error}); try fewer frames or a smaller size, "
-                       "and see the server log for details.") from error
-    return wrapped
-
-
-def _reporter(progress: gr.Progress, prefix: str = ""):
-    """The engine's progress(phase, done, total) as a Gradio progress bar named after the phase."""
-    def report(phase: str, done: int, total: int) -> None:
-        progress((done, max(total, 1)), desc=f"{prefix}{phase}", unit="steps")
-    return report
+def _for_the_page(error: Exception) -> gr.Error:
+    """An exception as a sentence a person at the page can act on; the rest goes to the server log."""
+    if isinstance(error, gr.Error):
+        return error
+    if isinstance(error, Stopped):
+        return _bad("The job was stopped.")
+    if isinstance(error, StemError):
+        message = str(error)
+        for flag, label in LABELS.items():
+            message = message.replace(flag, label)
+        return _bad(message)
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return _bad("The GPU ran out of memory; choose fewer frames, a smaller size or a smaller batch size.")
+    log.error("job failed", exc_info=error)  # a bug or the environment
+    return _bad(f"The job failed unexpectedly ({type(error).__name__}); try fewer frames or a smaller size, "
+                "or tell the person who runs this app (the server log has the details).")
 
 
 def _how(cache_hit: bool, seconds: float) -> str:
@@ -120,78 +294,340 @@ def _jsonable(metrics: dict) -> dict:
     return {k: [fix(x) for x in v] if isinstance(v, list) else fix(v) for k, v in metrics.items()}
 
 
+def _describe(settings: InversionSettings, clip: Video, with_method: bool = True) -> str:
+    """E.g. 'STEM, K=256, R=5, 50 steps, 16 frames at 512×344'."""
+    method = {"stem": f"STEM, K={settings.num_bases}, R={settings.num_iters}, ", "ddim": "DDIM, ",
+              "inflated": "inflated DDIM, "}[settings.method] if with_method else ""
+    return f"{method}{settings.num_steps} steps, {clip.num_frames} frames at {clip.width}×{clip.height}"
+
+
+def _shown(value) -> dict:
+    """A result component's new value, made visible (results stay hidden until a job makes them)."""
+    return gr.update(value=value, visible=True)
+
+
+def _typed(cls, values: dict) -> dict:
+    """The page's values converted to the types of `cls`'s fields of the same names (sliders give floats)."""
+    hints = typing.get_type_hints(cls)
+    convert = {int: int, float: float, bool: bool, str: lambda v: (v or "").strip()}
+    return {name: convert.get(hints[name], lambda v: v)(value) for name, value in values.items()}
+
+
+# -- media at the edges ---------------------------------------------------------------------------------
+
+def probe_clip(path: str | os.PathLike) -> tuple[int | None, bool]:
+    """(frames in the file's first video stream, whether it has sound), from its container; (None, False) if unreadable."""
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frames = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+            return frames, bool(container.streams.audio)
+    except (av.error.FFmpegError, IndexError, OSError):
+        return None, False
+
+
+class ResultFolder:
+    """This process's result files: `stem-app-<pid>-*` in the temp folder, made on first use, removed at exit.
+
+    Files older than OUTPUT_TTL_SECONDS are deleted as new ones come; folders left by processes that
+    are gone (a crash, a kill) are swept when the next app starts.
+    """
+
+    def __init__(self, parent: str | os.PathLike | None = None):
+        self.parent = Path(parent or tempfile.gettempdir())
+        self.root: Path | None = None
+        sweep_result_folders(self.parent)
+
+    def new_path(self, name: str) -> Path:
+        """A fresh path `<folder>/<random>/name` for a result file."""
+        if self.root is None:
+            self.root = Path(tempfile.mkdtemp(prefix=f"{RESULTS_PREFIX}{os.getpid()}-", dir=self.parent))
+            atexit.register(self.close)
+        now = time.time()
+        for old in self.root.iterdir():
+            if now - old.stat().st_mtime > OUTPUT_TTL_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+        return self.root / uuid.uuid4().hex / name
+
+    def close(self) -> None:
+        """Remove the folder and everything in it."""
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
+
+
+def sweep_result_folders(parent: Path) -> list[Path]:
+    """Remove this user's result folders whose process has ended (older unnamed ones after the TTL)."""
+    removed = []
+    for folder in parent.glob(f"{RESULTS_PREFIX}*"):
+        try:
+            if not folder.is_dir() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
+                continue
+            owner = re.match(rf"{RESULTS_PREFIX}(\d+)-", folder.name)
+            stale = (not _alive(int(owner.group(1))) if owner
+                     else time.time() - folder.stat().st_mtime > OUTPUT_TTL_SECONDS)
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- the jobs behind the buttons and endpoints ----------------------------------------------------------
+
 class Jobs:
-    """The handlers behind the buttons and endpoints: page values in, the stem API, files and a status out."""
+    """The handlers behind the buttons and endpoints: page values in, the stem API, files and a status out.
 
-    def __init__(self, engine: Engine, max_pixels: int):
+    `endpoint(kind)` is the Gradio function of /invert, /edit or /compare. It runs the job in a worker
+    thread, one job on the model at a time; the job's progress callback raises Stopped at the next
+    step once the job is cancelled (Stop, a client's cancel, a closed page), so the thread ends within
+    one denoising step and the next job starts.
+    """
+
+    def __init__(self, engine: Engine, max_pixels: int, defaults: dict | None = None, results: ResultFolder | None = None):
         self.engine, self.max_pixels = engine, max_pixels
-        self.out_root = Path(tempfile.mkdtemp(prefix="stem-app-"))
+        self.defaults = {**DEFAULTS, **(defaults or {})}
+        self.results = results or ResultFolder()
+        self._model_lock = threading.Lock()  # a stopped job may still finish its step while the next one starts
+        self._running: dict[str, set[threading.Event]] = {}  # session -> stop flags of its jobs
+        self._errors: dict[str, str] = {}  # session -> the status line of its last failed or stopped job
+        self._local = threading.local()  # the worker thread's stop flag
+        self._on_gpu = on_gpu(self._compute, duration=self.gpu_seconds)
+        _LIVE_JOBS.add(self)
 
-    @_user_errors
-    def invert(self, video, source_prompt, method, bases, iters, steps, frames, stride, size, seed,
-               progress=gr.Progress(track_tqdm=True)):
+    # - the Gradio-facing functions -
+
+    def endpoint(self, kind: str) -> Callable:
+        """The Gradio function of `kind`: parameters ENDPOINT_INPUTS[kind] (the API's names), then progress and request."""
+        names = ENDPOINT_INPUTS[kind]
+        plain = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        signature = inspect.Signature(
+            [inspect.Parameter(name, plain) for name in names]
+            + [inspect.Parameter("progress", plain, default=gr.Progress()),
+               inspect.Parameter("request", plain, default=None, annotation=gr.Request)])
+
+        async def handler(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            values = dict(bound.arguments)
+            progress, request = values.pop("progress"), values.pop("request")
+            return await self.run(kind, values, progress, request)
+
+        handler.__signature__ = signature
+        handler.__annotations__ = {"request": gr.Request}
+        handler.__name__ = handler.__qualname__ = kind
+        handler.__doc__ = getattr(self, f"_{kind}").__doc__
+        return handler
+
+    async def example(self, video, source_prompt, target_prompt, progress=gr.Progress(), request: gr.Request = None):
+        """An edit of an example with the page's default settings (cached lazily on Spaces)."""
+        values = {**{n: self.defaults[n] for n in ENDPOINT_INPUTS["edit"] if n in self.defaults},
+                  "video": video, "source_prompt": source_prompt, "target_prompt": target_prompt}
+        return (await self.run("edit", values, progress, request))[:3]
+
+    async def run(self, kind: str, values: dict, progress, request) -> tuple:
+        """Run a job in a worker thread; if this call is cancelled, stop the thread at its next step."""
+        session = _session(request)
+        stop = threading.Event()
+        self._running.setdefault(session, set()).add(stop)
+        try:
+            return await anyio.to_thread.run_sync(
+                functools.partial(self._in_worker, kind, values, progress, stop), abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            stop.set()
+            self._remember(session, STOPPED)
+            raise
+        except gr.Error as error:
+            self._remember(session, f"⚠️ {error.message}")
+            raise
+        finally:
+            self._running[session].discard(stop)
+            if not self._running[session]:
+                del self._running[session]
+
+    def stop(self, edited, reconstruction, comparison, table, request: gr.Request = None) -> tuple:
+        """The Stop button: stop this page's jobs (the queue drops them at once); hide results left empty."""
+        self.page_closed(request)
+        return (STOPPED, *(gr.update(visible=not _empty(r)) for r in (edited, reconstruction, comparison, table)))
+
+    def page_closed(self, request: gr.Request = None) -> None:
+        """A page was closed (or its Stop pressed): stop its jobs."""
+        for flag in list(self._running.get(_session(request), ())):  # a copy: jobs end on another thread
+            flag.set()
+
+    def stop_all(self) -> None:
+        """Stop every running job (the server is shutting down)."""
+        for flags in list(self._running.values()):
+            for flag in list(flags):
+                flag.set()
+
+    def failed(self, player, table, request: gr.Request = None) -> tuple:
+        """After a failed or stopped job: its sentence stays in the status line; what it revealed hides if empty."""
+        status = self._errors.pop(_session(request), "⚠️ The job did not run; see the message in the corner.")
+        return status, gr.update(visible=not _empty(player)), gr.update(visible=not _empty(table))
+
+    def _remember(self, session: str, status: str) -> None:
+        """Keep a job's last words for `failed`, which runs next on its page."""
+        self._errors[session] = status
+        while len(self._errors) > 1000:  # sessions that never ask (API clients)
+            self._errors.pop(next(iter(self._errors)))
+
+    def gif_to_video(self, upload) -> str:
+        """A GIF from the upload button as an mp4 for the player (the page's video box takes videos only)."""
+        if not upload:
+            raise _bad("Choose a GIF file to upload.")
+        path = Path(upload)
+        try:
+            with Image.open(path) as image:
+                long_side = max(image.size)
+            clip = read_video(path, size=min(1024, max(64, long_side)), max_frames=DEFAULT_MAX_FRAMES * 8)
+        except (OSError, StemError) as error:
+            raise _bad(f"'{path.name}' is not a GIF this app can read; upload another GIF or a video.") from error
+        target = self.results.new_path(output_name(path, ""))
+        write_video(target, clip.frames, clip.fps)
+        return str(target)
+
+    # - in the worker thread -
+
+    def _in_worker(self, kind: str, values: dict, progress, stop: threading.Event) -> tuple:
+        """Wait for the model (a stopped job may be ending its step), then run the job; errors become sentences."""
+        try:
+            if not self._model_lock.acquire(blocking=False):
+                progress(0.0, desc="Waiting for the previous job to end its step…")
+                while not self._model_lock.acquire(timeout=0.1):
+                    if stop.is_set():
+                        raise Stopped()
+            try:
+                self._local.stop = stop
+                return self._on_gpu(kind, values, progress)
+            finally:
+                self._local.stop = None
+                self._model_lock.release()
+        except Exception as error:  # noqa: BLE001 - every failure reaches the page as one sentence
+            raise _for_the_page(error) from error
+
+    def _compute(self, kind: str, values: dict, progress) -> tuple:
+        """The job itself (on the GPU under ZeroGPU): check the server, then invert, edit or compare."""
+        self._check_server(progress)
+        return getattr(self, f"_{kind}")(values, progress)
+
+    def gpu_seconds(self, kind: str, values: dict, progress=None) -> int:
+        """ZeroGPU's duration for `_compute(kind, values, progress)`: estimate_gpu_seconds for the frames it will use."""
+        size, stride = int(values["size"]), max(1, int(values["stride"]))
+        cap = min(self.max_pixels // size**2, DEFAULT_MAX_FRAMES)
+        frames = int(values.get("frames") or 0) or cap
+        available, _ = probe_clip(values["video"]) if values.get("video") else (None, False)
+        if available:
+            frames = min(frames, math.ceil(available / stride))
+        return estimate_gpu_seconds(kind, max(1, min(frames, cap)), size, int(values["steps"]),
+                                    values.get("method", "stem"), int(values.get("batch_size", 8)),
+                                    values.get("editor", "tokenflow"))
+
+    def _check_server(self, progress) -> None:
+        """Load the model and check the cache folder; what the operator must fix goes to the log, not the page."""
+        try:
+            self.engine.load(lambda *_: progress(0.0, desc="Loading the model (the first job only)…"))
+        except StemError as error:
+            log.error("cannot load the model: %s", error)
+            raise _bad(SERVER_PROBLEM.format(what="its model could not be loaded")) from error
+        try:
+            self.engine.cache.ensure_writable()
+        except StemError as error:
+            log.error("cannot use the cache: %s", error)
+            raise _bad(SERVER_PROBLEM.format(what="it cannot store results")) from error
+
+    def _tracker(self, progress, phases) -> JobProgress:
+        return JobProgress(progress, phases, getattr(self._local, "stop", None))
+
+    def _invert(self, values: dict, progress) -> tuple:
         """Invert the clip (or reuse its cached inversion) and reconstruct it."""
-        settings = self._settings(source_prompt, method, bases, iters, steps, frames, stride, size, seed)
-        clip, note = self._clip(video, settings)
-        result = self.engine.invert(clip, settings, _reporter(progress))
+        settings = self._settings(values)
+        clip, note = self._clip(values["video"], settings)
+        report = self._tracker(progress, job_phases("invert", clip.num_frames, settings.num_steps, settings.method))
+        result = self.engine.invert(clip, settings, report)
         metrics = inversion_metrics(clip, result, self.engine)
+        path, sound = self._write(output_name(clip.source, "reconstruction", settings.method),
+                                  result.reconstruction, clip, settings)
         status = (f"**Inversion** ({_describe(settings, clip)}): {_how(result.cache_hit, result.seconds)}. "
                   f"Reconstruction PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}, "
-                  f"warp error {metrics['warp_error']:.4f}.{note}")
-        path = self._write("reconstruction.mp4", result.reconstruction, clip)
+                  f"warp error {metrics['warp_error']:.4f}.{note}{sound}")
         return path, status, _jsonable({"inversion_cache_hit": result.cache_hit, **metrics})
 
-    @_user_errors
-    def edit(self, video, source_prompt, target_prompt, method, bases, iters, steps, frames, stride, size, seed,
-             guidance, pnp_attn, pnp_conv, batch_size, negative_prompt, progress=gr.Progress(track_tqdm=True)):
+    def _edit(self, values: dict, progress) -> tuple:
         """Edit the clip towards the target prompt, inverting it first unless its inversion is cached."""
-        if not (target_prompt or "").strip():
-            raise _bad("Type a target prompt that describes the edited video, "
-                       "e.g. 'a shiny golden ball bouncing on a marble floor'.")
-        settings = self._settings(source_prompt, method, bases, iters, steps, frames, stride, size, seed)
-        edit = EditSettings(prompt=target_prompt.strip(), negative_prompt=(negative_prompt or "").strip(),
-                            guidance=float(guidance), pnp_attn=float(pnp_attn), pnp_conv=float(pnp_conv),
-                            batch_size=int(batch_size), seed=int(seed)).validate()
-        clip, note = self._clip(video, settings)
-        result = edit_video(self.engine, clip, settings, edit, _reporter(progress))
+        settings = self._settings(values)
+        edit = self._edit_settings(values)
+        clip, note = self._clip(values["video"], settings)
+        report = self._tracker(progress, job_phases("edit", clip.num_frames, settings.num_steps, settings.method,
+                                                    edit.batch_size, values.get("editor", "tokenflow")))
+        result = edit_video(self.engine, clip, settings, edit, report)
+        path, sound = self._write(output_name(clip.source, "edited", edit.prompt), result.frames, clip, settings)
+        reconstruction, _ = self._write(output_name(clip.source, "reconstruction", settings.method),
+                                        result.inversion.reconstruction, clip, settings)
         status = (f"**Edit** to “{edit.prompt}” ({_describe(settings, clip)}): inversion "
                   f"{_how(result.inversion_cache_hit, result.seconds_inversion)}; "
-                  f"editing took {result.seconds_editing:.1f} s.{note}")
-        path = self._write("edited.mp4", result.frames, clip)
-        return path, status, _jsonable(edit_metrics(clip, result))
+                  f"editing took {result.seconds_editing:.1f} s.{note}{sound}")
+        return path, status, _jsonable(edit_metrics(clip, result)), reconstruction
 
-    @_user_errors
-    def compare(self, video, source_prompt, bases, iters, steps, frames, stride, size, seed,
-                progress=gr.Progress(track_tqdm=True)):
+    def _compare(self, values: dict, progress) -> tuple:
         """Invert the clip with DDIM and with STEM; a side-by-side video and a table of metrics."""
-        jobs = {"DDIM": self._settings(source_prompt, "ddim", bases, iters, steps, frames, stride, size, seed),
-                f"STEM (K={int(bases)}, R={int(iters)})":
-                    self._settings(source_prompt, "stem", bases, iters, steps, frames, stride, size, seed)}
-        clip, note = self._clip(video, jobs["DDIM"])
-        results = {label: self.engine.invert(clip, s, _reporter(progress, f"{label}: ")) for label, s in jobs.items()}
-        metrics = {label: inversion_metrics(clip, r, self.engine) for label, r in results.items()}
-        panel = side_by_side([clip.frames, *(r.reconstruction for r in results.values())], ["Input", *results])
-        path = self._write("comparison.mp4", panel, clip)
+        jobs = {label: self._settings(values, method=label.lower()) for label in COMPARED}
+        clip, note = self._clip(values["video"], jobs["DDIM"])
+        report = self._tracker(progress, job_phases("compare", clip.num_frames, jobs["DDIM"].num_steps))
+        results = {label: self.engine.invert(clip, s, lambda phase, done, total, label=label:
+                                             report(f"{label} · {phase}", done, total))
+                   for label, s in jobs.items()}
+        stem = jobs["STEM"]
+        labels = {"DDIM": "DDIM", "STEM": f"STEM (K={stem.num_bases}, R={stem.num_iters})"}
+        metrics = {labels[k]: inversion_metrics(clip, r, self.engine) for k, r in results.items()}
+        panel = side_by_side([clip.frames, *(r.reconstruction for r in results.values())], ["Input", *metrics])
+        path, sound = self._write(output_name(clip.source, "ddim-vs-stem"), panel, clip, stem)
         first = next(iter(metrics.values()))
         table = [[label, f"{m['psnr']:.2f}", f"{m['ssim']:.4f}", f"{m['warp_error']:.5f}",
                   "yes" if m["cache_hit"] else "no", f"{m['seconds']:.1f}"] for label, m in metrics.items()]
-        table += [["VAE round trip (best possible)", f"{first['psnr_vae']:.2f}", f"{first['ssim_vae']:.4f}", "", "", ""],
+        table += [["VAE only (reference)", f"{first['psnr_vae']:.2f}", f"{first['ssim_vae']:.4f}", "", "", ""],
                   ["Input video (warp floor)", "", "", f"{first['warp_error_source']:.5f}", "", ""]]
-        status = (f"**Compare** ({_describe(jobs['DDIM'], clip, with_method=False)}): "
-                  + "; ".join(f"{label} {_how(r.cache_hit, r.seconds)}" for label, r in results.items())
-                  + f". Higher PSNR/SSIM is a more faithful reconstruction; lower warp error is steadier.{note}")
+        status = (f"**Compare** ({_describe(stem, clip, with_method=False)}): "
+                  + "; ".join(f"{labels[k]} {_how(r.cache_hit, r.seconds)}" for k, r in results.items())
+                  + ". Higher PSNR/SSIM is a more faithful reconstruction; lower warp error is steadier. "
+                    "“VAE only” is the VAE's own reconstruction (encode → decode), the reference for latent "
+                    f"methods, not a ceiling: a method can score above it in pixel space.{note}{sound}")
         return path, table, status, {label: _jsonable(m) for label, m in metrics.items()}
 
-    def _settings(self, source_prompt, method, bases, iters, steps, frames, stride, size, seed) -> InversionSettings:
+    # - page values -> settings, clip, files -
+
+    def _settings(self, values: dict, method: str | None = None) -> InversionSettings:
         """The page's values as validated InversionSettings (the cache key)."""
-        if not (source_prompt or "").strip():
+        prompt = (values["source_prompt"] or "").strip()
+        if not prompt:
             raise _bad("Describe the input video in the source prompt, e.g. 'a red ball bouncing on a "
                        "wooden floor'; it conditions the inversion.")
+        v = values
         return InversionSettings(
-            model=self.engine.model, method=method, num_bases=int(bases), num_iters=int(iters),
-            num_steps=int(steps), num_frames=int(frames) or None, stride=int(stride), size=int(size),
-            prompt=source_prompt.strip(), seed=int(seed),
+            model=self.engine.model, method=method or v["method"], num_bases=int(v["bases"]),
+            num_iters=int(v["iters"]), num_steps=int(v["steps"]), num_frames=int(v["frames"]) or None,
+            stride=int(v["stride"]), size=int(v["size"]), prompt=prompt, seed=int(v["seed"]),
         ).validate()
+
+    def _edit_settings(self, values: dict) -> EditSettings:
+        """The page's EDIT_INPUTS and target prompt as validated EditSettings."""
+        target = (values["target_prompt"] or "").strip()
+        if not target:
+            raise _bad("Type a target prompt that describes the edited video, "
+                       "e.g. 'a shiny golden ball bouncing on a marble floor'.")
+        edit = _typed(EditSettings, {name: values[name] for name in EDIT_INPUTS})
+        return EditSettings(prompt=target, seed=int(values["seed"]), **edit).validate()
 
     def _clip(self, video, settings: InversionSettings) -> tuple[Video, str]:
         """Read the uploaded clip within the per-job limit; also a note when frames were left out."""
@@ -207,31 +643,49 @@ class Jobs:
                        "that size; choose fewer frames or a smaller size.")
         if path.is_file() and path.stat().st_size == 0:
             raise _bad(f"'{path.name}' is empty (0 bytes); upload the complete video file again.")
+        wanted = settings.num_frames or cap + 1  # one past the limit tells whether it left frames out
         try:
-            clip = read_video(path, num_frames=settings.num_frames or cap + 1, stride=settings.stride, size=size)
+            clip = read_video(path, num_frames=wanted, stride=settings.stride, size=size)
         except StemError as error:
             raise _bad(f"'{path.name}' is not a video this app can read; upload an mp4, webm, mov or gif clip.") from error
-        if clip.num_frames <= cap:
-            return clip, ""
+        if clip.num_frames < wanted:
+            return clip, ""  # the clip ended first: every frame is used
         clip = Video(clip.frames[:cap], clip.fps, clip.source)
-        return clip, f" Used the first {cap} frames, the limit at {size} px."
+        available, _ = probe_clip(path)
+        return clip, frames_note(clip.num_frames, available, settings.stride, settings.num_frames or 0, cap, size)
 
-    def _write(self, name: str, frames, clip: Video) -> str:
-        """Write a result video (at the source fps, like the command line) into a fresh folder; prune old ones."""
-        now = time.time()
-        for old in self.out_root.iterdir():
-            if now - old.stat().st_mtime > OUTPUT_TTL_SECONDS:
-                shutil.rmtree(old, ignore_errors=True)
-        path = self.out_root / uuid.uuid4().hex / name
+    def _write(self, name: str, frames, clip: Video, settings: InversionSettings) -> tuple[str, str]:
+        """Write a result video at the source fps with the source's sound where it fits; (path, status note)."""
+        path = self.results.new_path(name)
         write_video(path, frames, clip.fps)
-        return str(path)
+        return str(path), self._sound(clip, path, settings.stride)
+
+    @staticmethod
+    def _sound(clip: Video, path: Path, stride: int) -> str:
+        """Copy the source's sound into the result when the frames keep its timing; the status's note."""
+        _, has_sound = probe_clip(clip.source)
+        if not has_sound:
+            return ""
+        if stride > 1:
+            return f" No sound: at stride {stride} the result plays {stride}× faster than the source."
+        try:
+            copy_audio(clip.source, path)
+        except StemError as error:
+            log.warning("%s", error)
+            return " No sound: the source's sound could not be copied."
+        return f" With the source's sound ({clip.num_frames / clip.fps:.1f} s)."
 
 
-def _describe(settings: InversionSettings, clip: Video, with_method: bool = True) -> str:
-    """E.g. 'STEM, K=256, R=5, 50 steps, 16 frames at 512×344'."""
-    method = {"stem": f"STEM, K={settings.num_bases}, R={settings.num_iters}, ", "ddim": "DDIM, ",
-              "inflated": "inflated DDIM, "}[settings.method] if with_method else ""
-    return f"{method}{settings.num_steps} steps, {clip.num_frames} frames at {clip.width}×{clip.height}"
+_LIVE_JOBS: weakref.WeakSet[Jobs] = weakref.WeakSet()  # for stopping every job at shutdown
+
+
+def _empty(value) -> bool:
+    """A result component's value holds nothing (no video; a table without rows)."""
+    return value is None or (hasattr(value, "__len__") and len(value) == 0)
+
+
+def _session(request) -> str:
+    return getattr(request, "session_hash", None) or "local"
 
 
 def pick_seed(seed, randomize: bool) -> int:
@@ -239,109 +693,219 @@ def pick_seed(seed, randomize: bool) -> int:
     return random.randint(0, 2**31 - 1) if randomize else int(seed or 0)
 
 
-def load_examples() -> list[list[str]]:
-    """[video path, source prompt, target prompt] rows from examples/prompts.json (made by make_examples.py)."""
+def load_examples() -> list[dict]:
+    """The rows of examples/prompts.json whose clip is there: video path, label, source and target prompt."""
     index = EXAMPLES_DIR / "prompts.json"
     if not index.is_file():
         return []
     rows = json.loads(index.read_text())
-    return [[str(EXAMPLES_DIR / r["video"]), r["source_prompt"], r["target_prompt"]] for r in rows
+    return [{**r, "video": str(EXAMPLES_DIR / r["video"]), "label": r.get("label") or r["video"]} for r in rows
             if (EXAMPLES_DIR / r["video"]).is_file()]
 
 
+def examples_caching(on_spaces: bool, fn: Callable, outputs: list) -> dict:
+    """gr.Examples' caching: on Spaces, lazily (an example's edit `fn` runs on its first click, then is served)."""
+    if not on_spaces:
+        return dict(cache_examples=False)
+    return dict(fn=fn, outputs=outputs, cache_examples=True, cache_mode="lazy")
+
+
+# -- the page --------------------------------------------------------------------------------------------
+
+# Hints and placeholders carry instructions: at least 4.5:1 contrast on their backgrounds (WCAG AA).
+THEME = gr.themes.Default().set(
+    body_text_color_subdued="*neutral_600", body_text_color_subdued_dark="*neutral_300",
+    input_placeholder_color="*neutral_600", input_placeholder_color_dark="*neutral_300",
+)
+CSS = f"""
+#status {{ min-height: 2.5em; }}
+#input-video video, .result-player video {{ max-height: {PLAYER_HEIGHT}px; object-fit: contain; }}
+"""
+PAGE_JS = """
+() => {
+  const status = document.getElementById("status");
+  if (status) { status.setAttribute("role", "status"); status.setAttribute("aria-live", "polite"); }
+}
+"""
+
+
 def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str | None = None,
-              max_pixels: int | None = None, defaults: dict | None = None) -> gr.Blocks:
-    """The page, wired to one shared Engine (its model loads on the first job).
+              max_pixels: int | None = None, defaults: dict | None = None, on_spaces: bool | None = None,
+              results: ResultFolder | None = None) -> gr.Blocks:
+    """The page, wired to one shared Engine (its model loads on the first job). Serve it with `launch(demo)`.
 
     Args:
         engine_or_model: an Engine, or a model id / folder / 'tiny-random' to build one on `cache_dir`.
         cache_dir: the latent cache folder when an Engine is built (default: $STEM_CACHE_DIR or ~/.cache/stem).
         max_pixels: the most frames * size**2 per job (default: 48x512 on a GPU, 16x256 on the CPU).
         defaults: the page's starting values by parameter name (see DEFAULTS), e.g. small ones for tests.
+        on_spaces: cache the examples lazily, as on Hugging Face Spaces (default: whether $SPACE_ID is set).
+        results: where result files go (default: a new ResultFolder in the temp folder).
     """
     engine = engine_or_model if isinstance(engine_or_model, Engine) else Engine(
         engine_or_model, cache=LatentCache(cache_dir))
     if max_pixels is None:
-        on_gpu = torch.device(engine.device or default_device()).type != "cpu"
-        max_pixels = parse_limit(GPU_LIMIT if on_gpu else CPU_LIMIT)
-    jobs, d = Jobs(engine, max_pixels), {**DEFAULTS, **(defaults or {})}
+        on_gpu_device = torch.device(engine.device or default_device()).type != "cpu"
+        max_pixels = parse_limit(GPU_LIMIT if on_gpu_device else CPU_LIMIT)
+    d = {**DEFAULTS, **(defaults or {})}
     if d["frames"] * d["size"] ** 2 > max_pixels and "size" not in (defaults or {}):
         # start within the limit (on a CPU: 16 frames at 256 px), so the defaults always run
         d["size"] = max(64, math.isqrt(max_pixels // max(d["frames"], 1)) // 32 * 32)
+        d["frames"] = max(1, min(d["frames"], max_pixels // d["size"] ** 2))
+    jobs = Jobs(engine, max_pixels, d, results)
+    on_spaces = bool(os.environ.get("SPACE_ID")) if on_spaces is None else on_spaces
 
     with gr.Blocks(title="STEM video editing", delete_cache=(OUTPUT_TTL_SECONDS, OUTPUT_TTL_SECONDS)) as demo:
+        # the results, placed in the right-hand column below (made first: the examples name them)
+        status = gr.Markdown("Upload a clip or pick an example, describe it, then **Invert** or **Edit**.",
+                             elem_id="status", render=False)
+        player = dict(interactive=False, visible=False, loop=True, elem_classes=["result-player"], render=False)
+        edited = gr.Video(label="Edited", elem_id="edited", **player)
+        reconstruction = gr.Video(label="Reconstruction", elem_id="reconstruction", **player)
+        comparison = gr.Video(label="Input | DDIM | STEM", elem_id="comparison", **player)
+        table = gr.Dataframe(headers=TABLE_HEADERS, label="Reconstruction quality", interactive=False, wrap=True,
+                             # widths in px: on a phone the table scrolls sideways instead of breaking numbers
+                             column_widths=["165px", "90px", "75px", "100px", "70px", "80px"], visible=False,
+                             elem_id="quality-table", render=False)
+        details = gr.JSON(label="Metrics and timings", render=False)
+
         gr.Markdown("# STEM video editing\nZero-shot text-guided video editing with STEM inversion "
                     "(Li et al., CVPR 2024) over Stable Diffusion. Invert a clip once, then edit it with as "
                     "many prompts as you like: the inversion is cached and reused.")
         if engine.model == TINY_MODEL:
             gr.Markdown(f"⚠️ **{TINY_WARNING}**", elem_id="tiny-note")
+        c: dict[str, gr.components.Component] = {}  # the endpoints' inputs, by parameter name
         with gr.Row():
             with gr.Column():
-                video = gr.Video(label="Input video", sources=["upload"], elem_id="input-video")
-                source_prompt = gr.Textbox(label="Source prompt", elem_id="source-prompt",
-                                           info="Describes the input video; it conditions the inversion.",
-                                           placeholder="a red ball bouncing on a wooden floor")
-                target_prompt = gr.Textbox(label="Target prompt", elem_id="target-prompt",
-                                           info="Describes the video you want.",
-                                           placeholder="a shiny golden ball bouncing on a marble floor")
+                c["video"] = gr.Video(label="Input video", sources=["upload"], elem_id="input-video")
+                gif = gr.UploadButton("Upload a GIF instead", file_types=[".gif"], size="sm", elem_id="gif-upload")
+                c["source_prompt"] = gr.Textbox(label="Source prompt", elem_id="source-prompt", max_lines=3,
+                                                info="Describes the input video; it conditions the inversion.",
+                                                placeholder="a red ball bouncing on a wooden floor")
+                c["target_prompt"] = gr.Textbox(label="Target prompt", elem_id="target-prompt", max_lines=3,
+                                                info="Describes the video you want; press Enter to edit.",
+                                                placeholder="a shiny golden ball bouncing on a marble floor")
                 with gr.Row():
-                    invert_button = gr.Button("Invert & reconstruct", elem_id="invert-button")
-                    edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button")
-                    compare_button = gr.Button("Compare DDIM vs STEM", elem_id="compare-button")
+                    button = dict(min_width=120)  # four in a row on a desktop, two on a phone
+                    invert_button = gr.Button("Invert & reconstruct", elem_id="invert-button", **button)
+                    edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button", **button)
+                    compare_button = gr.Button("Compare DDIM vs STEM", elem_id="compare-button", **button)
+                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop-button", **button)
                 with gr.Accordion("Advanced", open=False):
-                    method = gr.Radio(METHODS, value=d["method"], label="Inversion method")
-                    with gr.Row():
-                        bases = gr.Slider(1, 1024, d["bases"], step=1, label="Bases K (STEM)")
-                        iters = gr.Slider(1, 20, d["iters"], step=1, label="EM iterations R (STEM)")
-                    with gr.Row():
-                        steps = gr.Slider(1, 100, d["steps"], step=1, label="DDIM steps")
-                        guidance = gr.Slider(1, 20, d["guidance"], step=0.5, label="Guidance scale")
-                    with gr.Row():
-                        frames = gr.Slider(0, DEFAULT_MAX_FRAMES, d["frames"], step=1, label="Frames (0 = all)")
-                        size = gr.Slider(64, 1024, d["size"], step=32, label="Size (long side, px)")
-                    gr.Markdown(f"Limit per job: {describe_limit(max_pixels)}.")
-                    with gr.Row():
-                        stride = gr.Slider(1, 8, d["stride"], step=1, label="Stride (every n-th frame)")
-                        batch_size = gr.Slider(1, 32, d["batch_size"], step=1, label="Batch size (frames per keyframe)")
-                    with gr.Row():
-                        pnp_attn = gr.Slider(0, 1, d["pnp_attn"], step=0.05, label="PnP attention threshold")
-                        pnp_conv = gr.Slider(0, 1, d["pnp_conv"], step=0.05, label="PnP convolution threshold")
-                    negative_prompt = gr.Textbox(d["negative_prompt"], label="Negative prompt")
-                    with gr.Row():
-                        seed = gr.Number(d["seed"], precision=0, label="Seed")
-                        randomize = gr.Checkbox(False, label="Randomise the seed on each run "
-                                                              "(a new seed re-runs the STEM inversion)")
+                    c.update(_inversion_controls(d, max_pixels))
+                    randomize = gr.Checkbox(False, label="Randomise the seed on each run "
+                                                         "(a new seed re-runs the STEM inversion)")
+                    c.update(_edit_controls(d))
                 examples = load_examples()
                 if examples:
-                    gr.Examples(examples, inputs=[video, source_prompt, target_prompt], label="Examples")
+                    examples = gr.Examples(
+                        [[e["video"], e["source_prompt"], e["target_prompt"]] for e in examples],
+                        inputs=[c["video"], c["source_prompt"], c["target_prompt"]],
+                        example_labels=[e["label"] for e in examples], label="Examples",
+                        **examples_caching(on_spaces, jobs.example, [edited, status, details]))
             with gr.Column():
-                status = gr.Markdown("Upload a clip or pick an example, describe it, then **Invert** or **Edit**.",
-                                     label="Status", elem_id="status")
-                with gr.Row():
-                    reconstruction = gr.Video(label="Reconstruction", interactive=False, elem_id="reconstruction")
-                    edited = gr.Video(label="Edited", interactive=False, elem_id="edited")
-                comparison = gr.Video(label="Input | DDIM | STEM", show_label=False, interactive=False, elem_id="comparison")
-                table = gr.Dataframe(headers=TABLE_HEADERS, label="Reconstruction quality", interactive=False, wrap=True,
-                                     column_widths=["31%", "15%", "13%", "15%", "13%", "13%"])
+                for component in (status, edited, reconstruction, comparison, table):
+                    component.render()
                 with gr.Accordion("Details (JSON)", open=False):
-                    details = gr.JSON(label="Metrics and timings")
+                    details.render()
+                edit_reconstruction = gr.State()  # the path of an edit's reconstruction, shown after the edit
 
-        # -- events: a seed step on the page, then the GPU job (one at a time, queued) -------------------
-        inversion = [method, bases, iters, steps, frames, stride, size, seed]
+        # -- events: a seed step on the page, then the job (one at a time, queued), then the status -------------
+        players = [edited, reconstruction, comparison]
+        inputs = {kind: [c[name] for name in names] for kind, names in ENDPOINT_INPUTS.items()}
         gpu = dict(concurrency_limit=1, concurrency_id="gpu")
-        new_seed = dict(fn=pick_seed, inputs=[seed, randomize], outputs=seed, queue=False, api_visibility="private")
-        invert_button.click(**new_seed).then(
-            gpu_job(jobs.invert), [video, source_prompt, *inversion], [reconstruction, status, details],
-            api_name="invert", **gpu)
-        edit_button.click(**new_seed).then(
-            gpu_job(jobs.edit), [video, source_prompt, target_prompt, *inversion, guidance, pnp_attn, pnp_conv,
-                                 batch_size, negative_prompt], [edited, status, details], api_name="edit", **gpu)
-        compare_button.click(**new_seed).then(
-            gpu_job(jobs.compare), [video, source_prompt, bases, iters, steps, frames, stride, size, seed],
-            [comparison, table, status, details], api_name="compare", **gpu)
+        outputs = {"invert": [reconstruction, status, details],
+                   "edit": [edited, status, details, edit_reconstruction],
+                   "compare": [comparison, table, status, details]}
+        triggers = {"invert": [invert_button.click], "edit": [edit_button.click, c["target_prompt"].submit],
+                    "compare": [compare_button.click]}
+        job_events = []
+        for kind, target in (("invert", reconstruction), ("edit", edited), ("compare", comparison)):
+            # the result's player (and the table) show as the job starts: the progress bar runs over it
+            shown = [target, table] if kind == "compare" else [target]
+            start = gr.on(triggers[kind], _starting(kind), [c["seed"], randomize], [c["seed"], status, *shown],
+                          queue=False, api_visibility="private")
+            job = start.then(jobs.endpoint(kind), inputs[kind], outputs[kind], api_name=kind,
+                             show_progress_on=[target], **gpu)
+            job.failure(jobs.failed, [target, table], [status, target, table], queue=False, api_visibility="private")
+            job_events.append(job)
+            if kind == "edit":
+                job.success(_shown, edit_reconstruction, reconstruction, queue=False, api_visibility="private")
+        views = [*players, table]
+        stop_button.click(jobs.stop, views, [status, *views], cancels=job_events, queue=False,
+                          api_visibility="private")
+        # a new clip: no results of the previous one on screen (a cached example brings its edit)
+        clear = dict(fn=_cleared, outputs=[status, *views, details], queue=False, api_visibility="private")
+        c["video"].upload(**clear)
+        c["video"].clear(**clear)
+        if examples and on_spaces:
+            examples.load_input_event.then(lambda: gr.update(visible=True), None, edited, queue=False,
+                                           api_visibility="private")
+        elif examples:
+            examples.load_input_event.then(**clear)
+        gif.upload(jobs.gif_to_video, gif, c["video"], api_visibility="private").success(**clear)
+        demo.unload(jobs.page_closed)
+        demo.load(None, js=PAGE_JS)
     demo.queue(default_concurrency_limit=1, max_size=32)
     return demo
 
+
+def _inversion_controls(d: dict, max_pixels: int) -> dict:
+    """The Advanced panel's inversion settings, by endpoint parameter name."""
+    c = {}
+    gr.Markdown("**Inversion**")
+    c["method"] = gr.Radio(METHODS, value=d["method"], label="Inversion method")
+    with gr.Row():
+        c["bases"] = gr.Slider(1, 1024, d["bases"], step=1, label="Bases K (STEM)")
+        c["iters"] = gr.Slider(1, 20, d["iters"], step=1, label="EM iterations R (STEM)")
+    with gr.Row():
+        c["steps"] = gr.Slider(1, 100, d["steps"], step=1, label="DDIM steps")
+        c["stride"] = gr.Slider(1, 8, d["stride"], step=1, label="Stride (every n-th frame)")
+    with gr.Row():
+        c["frames"] = gr.Slider(0, DEFAULT_MAX_FRAMES, d["frames"], step=1, label="Frames (0 = all)")
+        c["size"] = gr.Slider(64, 1024, d["size"], step=32, label="Size (long side, px)")
+    gr.Markdown(f"Limit per job: {describe_limit(max_pixels)}.")
+    c["seed"] = gr.Number(d["seed"], precision=0, label="Seed")
+    return c
+
+
+def _edit_controls(d: dict) -> dict:
+    """The Advanced panel's edit settings, by endpoint parameter name (EDIT_INPUTS)."""
+    c = {}
+    gr.Markdown("**Editing**")
+    with gr.Row():
+        c["guidance"] = gr.Slider(1, 20, d["guidance"], step=0.5, label="Guidance scale")
+        c["batch_size"] = gr.Slider(1, 32, d["batch_size"], step=1, label="Batch size (frames per keyframe)")
+    with gr.Row():
+        c["pnp_attn"] = gr.Slider(0, 1, d["pnp_attn"], step=0.05, label="PnP attention threshold")
+        c["pnp_conv"] = gr.Slider(0, 1, d["pnp_conv"], step=0.05, label="PnP convolution threshold")
+    c["negative_prompt"] = gr.Textbox(d["negative_prompt"], label="Negative prompt")
+    return c
+
+
+def _starting(kind: str) -> Callable:
+    """The page step before a job: the seed, a status line, and the result's player shown for the progress bar."""
+    what = {"invert": "Inverting and reconstructing", "edit": "Editing", "compare": "Comparing DDIM and STEM"}[kind]
+
+    def start(seed, randomize):
+        shown = (gr.update(visible=True),) * (2 if kind == "compare" else 1)
+        return pick_seed(seed, randomize), f"**{what}…** Press Stop to end it.", *shown
+    return start
+
+
+def _cleared() -> tuple:
+    """A new clip: no results of the previous one on screen."""
+    hidden = gr.update(value=None, visible=False)
+    return ("New clip: describe it in the source prompt, then **Invert** or **Edit**.",
+            hidden, hidden, hidden, hidden, None)
+
+
+def launch(demo: gr.Blocks, **kwargs):
+    """Serve the page with its theme and style (Gradio 6 takes them at launch)."""
+    return demo.launch(theme=THEME, css=CSS, **kwargs)
+
+
+# -- the server ------------------------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
     on_spaces = bool(os.environ.get("SPACE_ID"))
@@ -365,11 +929,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def make_engine(model: str, cache_dir: str | None, zero_gpu: bool) -> Engine:
+    """The server's engine; on ZeroGPU its model is loaded onto 'cuda' at start-up, as ZeroGPU asks."""
+    engine = Engine(model, device="cuda" if zero_gpu else None, cache=LatentCache(cache_dir))
+    if zero_gpu:
+        try:
+            engine.load()
+        except StemError as error:  # the page will say the server cannot run jobs; the log says why
+            log.error("cannot load the model: %s", error)
+    return engine
+
+
 def main(argv=None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    demo = build_app(args.model, cache_dir=args.cache_dir, max_pixels=args.max_pixels)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD,
-                allowed_paths=[str(EXAMPLES_DIR)])
+    if not port_is_free(args.host, args.port):
+        _port_busy(args.port)
+    engine = make_engine(args.model, args.cache_dir, zero_gpu=bool(os.environ.get("SPACES_ZERO_GPU")))
+    results = ResultFolder()
+    demo = build_app(engine, max_pixels=args.max_pixels, results=results)
+    # a stop signal (e.g. a Space's restart) ends the server as Ctrl+C does, so the result folder goes too
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        launch(demo, server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD,
+               allowed_paths=[str(EXAMPLES_DIR)])
+    except OSError as error:
+        if "port" not in str(error).lower():
+            raise
+        results.close()
+        _port_busy(args.port)  # taken between the check and the launch
+    for jobs in list(_LIVE_JOBS):  # the server has closed: end running jobs at their next step, then exit
+        jobs.stop_all()
+
+
+def _port_busy(port: int) -> typing.NoReturn:
+    print(f"Port {port} is busy; pass --port with a free port (or set GRADIO_SERVER_PORT).", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

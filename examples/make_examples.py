@@ -117,27 +117,30 @@ def drifting_clouds(rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.stack(frames), 0, 255).astype(np.uint8)
 
 
-# file name -> (how to draw it, source prompt, target prompt)
+# file name -> (how to draw it, label in the app, source prompt, target prompt)
 EXAMPLES = {
-    "ball.mp4": (bouncing_ball, "a red ball bouncing on a wooden floor",
+    "ball.mp4": (bouncing_ball, "Bouncing ball (procedural)", "a red ball bouncing on a wooden floor",
                  "a shiny golden ball bouncing on a marble floor"),
-    "flower.mp4": (spinning_flower, "a pink flower turning in front of green leaves",
+    "flower.mp4": (spinning_flower, "Turning flower (procedural)", "a pink flower turning in front of green leaves",
                    "a sunflower turning in front of autumn leaves"),
-    "clouds.mp4": (drifting_clouds, "white clouds drifting over green hills in a blue sky",
+    "clouds.mp4": (drifting_clouds, "Drifting clouds (procedural)",
+                   "white clouds drifting over green hills in a blue sky",
                    "dark storm clouds drifting over snowy hills at sunset"),
 }
 
 
 def main() -> None:
-    prompts = []
-    for seed, (name, (draw, source, target)) in enumerate(EXAMPLES.items()):
+    index = HERE / "prompts.json"
+    # keep the rows of other clips (the real footage of make_real_examples.py) before these
+    prompts = [r for r in json.loads(index.read_text()) if r["video"] not in EXAMPLES] if index.is_file() else []
+    for seed, (name, (draw, label, source, target)) in enumerate(EXAMPLES.items()):
         frames = draw(np.random.default_rng(seed))
         write_video(HERE / name, frames, FPS)
         (HERE / name).chmod(0o644)  # write_video's temp file is private (0600); these are served
-        prompts.append({"video": name, "source_prompt": source, "target_prompt": target})
+        prompts.append({"video": name, "label": label, "source_prompt": source, "target_prompt": target})
         print(f"{name}: {frames.shape[0]} frames {frames.shape[2]}x{frames.shape[1]}, "
               f"{(HERE / name).stat().st_size / 1024:.0f} KB")
-    (HERE / "prompts.json").write_text(json.dumps(prompts, indent=2) + "\n")
+    index.write_text(json.dumps(prompts, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -420,3 +420,91 @@ def _label_strip(label: str, width: int, height: int) -> np.ndarray:
     origin = (4, (height + th) // 2)
     cv2.putText(strip, label, origin, font, scale, (255, 255, 255), thickness, cv2.LINE_AA)
     return strip
+
+
+# -- sound: the source's audio track muxed into a result video (PyAV) ---------------------------
+
+AUDIO_REMUX_CODECS = ("aac", "mp3")  # audio an mp4 holds and browsers play as they are; others become AAC
+
+
+def copy_audio(source: str | os.PathLike, video_path: str | os.PathLike) -> bool:
+    """Add the first audio track of `source` to the video file `video_path`, cut to the video's length.
+
+    The video stream is copied as it is (no re-encoding); the audio is copied as well when it is AAC
+    or MP3, else re-encoded to AAC. Audio time 0 is the source's first video frame, so a result made
+    from the source's frames 0..N-1 (stride 1) plays in sync. The file is replaced atomically.
+
+    Args:
+        source: the clip the video was made from (any container PyAV reads).
+        video_path: an mp4/mov/mkv video written by `write_video`, replaced in place.
+
+    Returns:
+        True if a track was added; False if the source has no audio (the video is left as it was).
+
+    Raises:
+        StemError: the source's audio cannot be decoded or the result cannot be written.
+    """
+    import av  # imported here: only this part of the module needs PyAV
+
+    video_path = Path(video_path)
+    try:
+        with av.open(str(source)) as src:
+            if not src.streams.audio:
+                return False
+            with av.open(str(video_path)) as video, atomic_output(video_path) as tmp:
+                with av.open(str(tmp), "w", options={"movflags": "+faststart"}) as out:
+                    _mux_with_audio(video, src, out)
+    except av.error.FFmpegError as err:
+        raise StemError(f"Could not copy the sound of '{source}' into '{video_path.name}' ({err}); "
+                        "the video itself is fine without it.") from err
+    return True
+
+
+def _mux_with_audio(video, src, out) -> None:
+    """Copy `video`'s video stream and `src`'s first audio stream (cut to the video's length) into `out`."""
+    import av
+
+    video_in, audio_in = video.streams.video[0], src.streams.audio[0]
+    video_out = out.add_stream_from_template(video_in)
+    remux = audio_in.codec_context.codec.canonical_name in AUDIO_REMUX_CODECS
+    if remux:
+        audio_out = out.add_stream_from_template(audio_in)
+    else:
+        layout = audio_in.codec_context.layout.name if audio_in.codec_context.layout.nb_channels <= 2 else "stereo"
+        audio_out = out.add_stream("aac", rate=audio_in.codec_context.sample_rate, layout=layout)
+    packets = [p for p in video.demux(video_in) if p.dts is not None]  # the last, empty packet only flushes
+    end = max(float((p.pts + p.duration) * p.time_base) for p in packets)  # the video's length in seconds
+    source_video = src.streams.video[0] if src.streams.video else None
+    start = float(source_video.start_time * source_video.time_base) if source_video and source_video.start_time else 0.0
+
+    timed = [(float(p.dts * p.time_base), 0, p, video_out) for p in packets]
+
+    def plays(begin: float, seconds: float) -> bool:  # overlaps the video's [0, end) in video time
+        return begin < end and begin + seconds > 0
+
+    if remux:
+        for p in src.demux(audio_in):
+            if p.pts is None or p.dts is None or not plays(float(p.pts * p.time_base) - start, float(p.duration * p.time_base)):
+                continue
+            shift = round(start / p.time_base)
+            p.pts, p.dts = p.pts - shift, p.dts - shift
+            timed.append((float(p.dts * p.time_base), 1, p, audio_out))
+    else:
+        codec = audio_out.codec_context
+        resampler = av.AudioResampler(format=codec.format.name, layout=codec.layout.name, rate=codec.sample_rate)
+        kept = (f for f in src.decode(audio_in) if plays(float(f.time or 0) - start, f.samples / f.sample_rate))
+        written = 0  # samples so far: the kept sound is re-timed from 0
+        for frame in [*kept, None]:  # None flushes the resampler, then the encoder
+            if frame is not None:
+                frame.pts = None
+            encoded = []
+            for resampled in resampler.resample(frame):
+                resampled.pts, resampled.time_base = written, Fraction(1, codec.sample_rate)
+                written += resampled.samples
+                encoded += audio_out.encode(resampled)
+            if frame is None:
+                encoded += audio_out.encode(None)
+            timed += [(float(p.dts * p.time_base), 1, p, audio_out) for p in encoded]
+    for _, _, packet, stream in sorted(timed, key=lambda item: item[:2]):
+        packet.stream = stream
+        out.mux(packet)

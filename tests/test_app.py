@@ -1,21 +1,37 @@
-"""The Gradio app driven over HTTP with gradio_client, on the offline `tiny-random` model.
+"""The Gradio app driven over HTTP with gradio_client, on the offline `tiny-random` model, plus its parts.
 
 What a user (or a script) sees: /invert, /edit and /compare return videos with the right number of
-frames; a second edit of the same clip reuses the cached inversion and runs no inversion UNet steps;
-changing an inversion setting re-inverts; a new process on the same cache reuses it too; bad
-uploads and empty prompts come back as one sentence, and the app keeps serving.
+frames, named after the clip and the prompt; a second edit of the same clip reuses the cached
+inversion and runs no inversion UNet steps; changing an inversion setting re-inverts; a new process
+on the same cache reuses it too; bad uploads and empty prompts come back as one sentence, and the
+app keeps serving; a cancelled job stops within one step and frees the model for the next; the
+README's gradio_client snippet runs as written against a CPU server. And the parts: the progress
+bar, the ZeroGPU duration estimate, the file names, the "used k of n frames" note, the result folder.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
+import math
+import os
+import re
 import socket
+import subprocess
+import sys
+import threading
+import time
+import typing
 from pathlib import Path
 from types import SimpleNamespace
 
+import anyio
+import av
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from PIL import Image
 
 import app  # conftest.py has set GRADIO_ANALYTICS_ENABLED=False and HF_HUB_OFFLINE=1 before this
 from stem import Engine, LatentCache, StemError
@@ -24,6 +40,7 @@ from stem.video import read_video, write_video
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
+ROOT = Path(__file__).resolve().parents[1]
 FRAMES, SIZE, STEPS = 4, 64, 2
 SMALL = dict(bases=8, iters=2, steps=STEPS, frames=FRAMES, size=SIZE, batch_size=2)  # the page's defaults here
 SOURCE = "a red ball bouncing on a wooden floor"
@@ -35,24 +52,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(engine_or_model, **kwargs) -> tuple:
-    """Launch the app on a free local port; returns (demo, client)."""
-    demo = app.build_app(engine_or_model, defaults=SMALL, **kwargs)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+def serve(engine_or_model, tmp_path, defaults=SMALL, **kwargs) -> tuple:
+    """Launch the app on a free local port, its results under tmp_path; returns (demo, client)."""
+    demo = app.build_app(engine_or_model, defaults=defaults, results=app.ResultFolder(tmp_path), **kwargs)
+    app.launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
     return demo, Client(demo.local_url, verbose=False)
 
 
-class UnetCalls:
-    """Counts UNet forward calls (a forward hook on the engine's UNet; `remove()` takes it off)."""
+class UnetGate:
+    """Counts the UNet's forward calls per thread; while closed, each call waits until it is opened.
+
+    A forward pre-hook on the engine's UNet (`remove()` takes it off). `entered` is set by the first
+    call made while the gate is closed, and `held` is the thread making it.
+    """
 
     def __init__(self, unet):
-        self.count = 0
-        self.remove = unet.register_forward_hook(lambda *_: setattr(self, "count", self.count + 1)).remove
+        self.calls: list[int] = []  # the thread of each call
+        self.open, self.entered = threading.Event(), threading.Event()
+        self.open.set()
+        self.held: int | None = None
+        self.remove = unet.register_forward_pre_hook(self._hook).remove
+
+    def _hook(self, *_):
+        self.calls.append(threading.get_ident())
+        if not self.open.is_set():
+            if not self.entered.is_set():
+                self.held = threading.get_ident()
+                self.entered.set()
+            self.open.wait(120)
+
+    def close(self) -> None:
+        self.entered.clear()
+        self.open.clear()
+
+    def count(self, thread: int | None = None) -> int:
+        return len(self.calls) if thread is None else self.calls.count(thread)
 
     def during(self, fn, *args, **kwargs):
         """(fn's result, UNet calls it made)."""
-        before = self.count
-        return fn(*args, **kwargs), self.count - before
+        before = self.count()
+        return fn(*args, **kwargs), self.count() - before
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +109,10 @@ def clip(tmp_path_factory) -> Path:
 def served(tmp_path_factory, tiny_parts):
     cache = tmp_path_factory.mktemp("cache")
     engine = Engine("tiny-random", cache=LatentCache(cache)).use_parts(tiny_parts)
-    unet = UnetCalls(engine.parts.unet)
-    demo, client = serve(engine, max_pixels=app.parse_limit("16x256"))  # the CPU default, on any machine
+    unet = UnetGate(engine.parts.unet)
+    demo, client = serve(engine, tmp_path_factory.mktemp("results"), max_pixels=app.parse_limit("16x256"))
     yield SimpleNamespace(engine=engine, unet=unet, client=client, cache=cache, url=demo.local_url)
+    unet.open.set()
     demo.close()
     unet.remove()
 
@@ -87,7 +127,9 @@ def test_invert_then_two_edits_reuse_the_inversion_and_compare(served, clip):
 
     (path, status, details), calls = unet.during(client.predict, video, SOURCE, api_name="/invert")
     assert num_frames(path) == FRAMES
+    assert Path(path).name == "square-reconstruction-stem.mp4"
     assert "computed" in status and details["inversion_cache_hit"] is False
+    assert "Used 4 of 6 frames (Frames is set to 4" in status
     assert calls == 2 * STEPS  # DDIM inversion + reconstruction, one UNet call per step each
 
     edits = []
@@ -97,6 +139,7 @@ def test_invert_then_two_edits_reuse_the_inversion_and_compare(served, clip):
         assert "reused from the cache" in status and details["inversion_cache_hit"] is True
         assert details["prompt"] == prompt
         edits.append((read_video(path, size=SIZE).frames, calls))
+    assert Path(path).name == "square-edited-a-blue-ball-bouncing-on-grass.mp4"
     assert edits[0][1] == edits[1][1] > 0  # the same editing work each time: no inversion in either
     assert not np.array_equal(edits[0][0], edits[1][0])  # the prompt reached the model
 
@@ -112,26 +155,92 @@ def test_invert_then_two_edits_reuse_the_inversion_and_compare(served, clip):
 
     (path, table, status, details), _ = unet.during(client.predict, video, SOURCE, api_name="/compare")
     assert num_frames(path) == FRAMES
+    assert Path(path).name == "square-ddim-vs-stem.mp4"
     assert read_video(path, size=1024).width >= 3 * read_video(clip, size=SIZE).width  # input | DDIM | STEM
     methods = [row[0] for row in table["data"]]
     assert methods[:2] == ["DDIM", "STEM (K=8, R=2)"]
+    assert methods[2] == "VAE only (reference)"  # not "best possible": a method can beat it in pixel space
+    assert "“VAE only” is the VAE's own reconstruction (encode → decode), the reference for latent methods" in status
     for row in table["data"][:2]:
         assert float(row[1]) > 0 and 0 < float(row[2]) <= 1 and float(row[3]) >= 0
     assert table["data"][1][4] == "yes"  # STEM came from the /invert above
     assert set(details) == {"DDIM", "STEM (K=8, R=2)"} and "psnr" in details["DDIM"]
 
 
-def test_a_restarted_app_reuses_the_cache_on_disk(served, clip):
-    served.client.predict(handle_file(str(clip)), SOURCE, api_name="/invert")  # cached (maybe already)
-    engine = Engine("tiny-random", cache=LatentCache(served.cache))  # a new process's engine: loads its own model
-    demo, client = serve(engine)
-    unet = UnetCalls(engine.parts.unet)
+def test_a_cancelled_job_stops_within_one_step_and_the_next_one_runs(served, clip):
+    unet = served.unet
+    unet.close()
+    job = served.client.submit(handle_file(str(clip)), SOURCE, "a golden ball", steps=7, api_name="/edit")
     try:
-        (_, status, details), calls = unet.during(client.predict, handle_file(str(clip)), SOURCE, api_name="/invert")
+        assert unet.entered.wait(60)  # the edit is inside a UNet call (its inversion), held by the gate
+        job.cancel()  # what Stop does on the page (Gradio cancels the event)
+        nxt = served.client.submit(handle_file(str(clip)), SOURCE, steps=5, api_name="/invert")
+        time.sleep(0.5)
+    finally:
+        held, before = unet.held, unet.count(unet.held)
+        unet.open.set()
+    path, status, _ = nxt.result(timeout=120)
+    assert "computed" in status and num_frames(path) == FRAMES
+    assert unet.count(held) == before  # the stopped job made no UNet call after the one it was in
+
+
+def test_closing_the_page_stops_its_job(served, clip, tmp_path):
+    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder(tmp_path))
+    values = {**app.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "steps": 6}
+    page, outcome = SimpleNamespace(session_hash="page-1"), {}
+
+    def job():
+        try:
+            outcome["result"] = anyio.run(jobs.run, "invert", values, lambda *a, **k: None, page)
+        except Exception as error:  # noqa: BLE001 - the test looks at it
+            outcome["error"] = error
+
+    unet = served.unet
+    unet.close()
+    worker = threading.Thread(target=job)
+    worker.start()
+    try:
+        assert unet.entered.wait(60)
+        jobs.page_closed(SimpleNamespace(session_hash="another-page"))  # not this job's page
+        jobs.page_closed(page)  # what Gradio calls when the page goes (demo.unload)
+    finally:
+        held, before = unet.held, unet.count(unet.held)
+        unet.open.set()
+    worker.join(60)
+    assert getattr(outcome.get("error"), "message", None) == "The job was stopped."
+    assert unet.count(held) == before  # no UNet call after the one it was in
+
+
+def test_the_readme_snippet_runs_as_written_against_a_cpu_server(tmp_path, tiny_parts, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    api = readme[readme.index("### API"):]
+    snippet = re.search(r"```python\n(.*?)```", api, re.S).group(1)
+    assert 'Client("http://127.0.0.1:7860/")' in snippet
+    engine = Engine("tiny-random", cache=LatentCache(tmp_path / "cache")).use_parts(tiny_parts)
+    # `python app.py` on a CPU: the CPU limit and the page's defaults (16 frames at 256 px), only fewer steps
+    demo, _ = serve(engine, tmp_path, defaults=dict(steps=2, bases=8, iters=2), max_pixels=app.parse_limit(app.CPU_LIMIT))
+    monkeypatch.chdir(ROOT)
+    scope: dict = {}
+    try:
+        exec(snippet.replace("http://127.0.0.1:7860/", demo.local_url), scope)
     finally:
         demo.close()
-    assert "reused from the cache" in status and details["inversion_cache_hit"] is True
-    assert calls == 0
+    assert read_video(scope["video"], size=256, max_frames=None).num_frames == 16
+    assert scope["status"].startswith("**Edit**") and "16 frames at 256×" in scope["status"]
+    assert scope["metrics"]["inversion_cache_hit"] is False
+
+
+def test_the_apis_defaults_are_the_pages(served):
+    params = {p["parameter_name"]: p for p in served.client.view_api(return_format="dict")["named_endpoints"]["/edit"]["parameters"]}
+    assert list(params) == list(app.ENDPOINT_INPUTS["edit"])
+    assert {name: params[name]["parameter_default"] for name in SMALL} == SMALL
+    cpu = app.build_app(served.engine, max_pixels=app.parse_limit(app.CPU_LIMIT), results=app.ResultFolder())
+    gpu = app.build_app(served.engine, max_pixels=app.parse_limit(app.GPU_LIMIT), results=app.ResultFolder())
+    tiny = app.build_app(served.engine, max_pixels=app.parse_limit("4x64"), results=app.ResultFolder())
+    for demo, frames, size in ((cpu, 16, 256), (gpu, 16, 512), (tiny, 4, 64)):  # always within the limit
+        info = {p["parameter_name"]: p["parameter_default"]
+                for p in demo.get_api_info()["named_endpoints"]["/edit"]["parameters"]}
+        assert (info["frames"], info["size"], info["steps"]) == (frames, size, 50)
 
 
 @pytest.mark.parametrize("name, content, args, sentence", [
@@ -166,29 +275,54 @@ def test_the_frames_x_size_limit_is_enforced(served, clip):
         served.client.predict(handle_file(str(clip)), SOURCE, "a golden ball", seed=-1, api_name="/edit")
 
 
-def test_all_frames_means_all_up_to_the_limit(served, clip):
-    jobs = app.Jobs(served.engine, max_pixels=3 * 64**2)
-    settings = jobs._settings(SOURCE, "stem", 8, 2, STEPS, 0, 1, 64, 0)  # frames 0: all of them
+def test_all_frames_means_all_up_to_the_limit_and_the_status_says_so(served, clip):
+    jobs = app.Jobs(served.engine, max_pixels=3 * 64**2, results=app.ResultFolder())
+    settings = jobs._settings({**app.DEFAULTS, **SMALL, "source_prompt": SOURCE, "frames": 0})  # 0: all of them
     video, note = jobs._clip(str(clip), settings)
-    assert video.num_frames == 3 and "Used the first 3 frames" in note
+    assert video.num_frames == 3 and note == " Used 3 of 6 frames (the limit at 64 px)."
+    everything = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder())
+    video, note = everything._clip(str(clip), settings)
+    assert video.num_frames == 6 and note == ""
 
 
-def test_engine_progress_is_shown_by_phase():
-    calls = []
-    report = app._reporter(lambda *args, **kwargs: calls.append((args, kwargs)), prefix="DDIM: ")
-    report("inverting", 2, 5)
-    report("loading", 0, 0)
-    assert calls == [(((2, 5),), {"desc": "DDIM: inverting", "unit": "steps"}),
-                     (((0, 1),), {"desc": "DDIM: loading", "unit": "steps"})]
+def test_the_sources_sound_is_kept_when_the_frames_keep_its_timing(served, tmp_path):
+    from test_audio import make_clip
+
+    source = make_clip(tmp_path / "talk.mp4", "aac", seconds=1.0)  # 10 frames at 10 fps with a tone
+    path, status, _ = served.client.predict(handle_file(str(source)), SOURCE, api_name="/invert")
+    assert "With the source's sound (0.4 s)" in status
+    with av.open(path) as result:
+        assert len(result.streams.audio) == 1
+    path, status, _ = served.client.predict(handle_file(str(source)), SOURCE, stride=2, api_name="/invert")
+    assert "No sound: at stride 2 the result plays 2× faster" in status
+    with av.open(path) as result:
+        assert len(result.streams.audio) == 0
 
 
-def test_a_missing_model_is_reported_in_the_page(tmp_path, clip):
-    demo, client = serve("/nonexistent/stem-model", cache_dir=str(tmp_path))
+def test_a_restarted_app_reuses_the_cache_on_disk(served, clip, tmp_path):
+    served.client.predict(handle_file(str(clip)), SOURCE, api_name="/invert")  # cached (maybe already)
+    engine = Engine("tiny-random", cache=LatentCache(served.cache))  # a new process's engine: loads its own model
+    demo, client = serve(engine, tmp_path)
+    unet = UnetGate(engine.parts.unet)
     try:
-        with pytest.raises(AppError, match="The model folder '/nonexistent/stem-model' does not exist"):
-            client.predict(handle_file(str(clip)), SOURCE, api_name="/invert")
+        (_, status, details), calls = unet.during(client.predict, handle_file(str(clip)), SOURCE, api_name="/invert")
     finally:
         demo.close()
+    assert "reused from the cache" in status and details["inversion_cache_hit"] is True
+    assert calls == 0
+
+
+def test_a_missing_model_is_the_operators_problem_not_the_pages(tmp_path, clip, caplog):
+    demo, client = serve("/nonexistent/stem-model", tmp_path, cache_dir=str(tmp_path / "cache"))
+    try:
+        with caplog.at_level(logging.ERROR, logger="stem.app"):
+            with pytest.raises(AppError) as error:
+                client.predict(handle_file(str(clip)), SOURCE, api_name="/invert")
+    finally:
+        demo.close()
+    assert str(error.value).startswith("This server cannot run jobs right now (its model could not be loaded)")
+    assert "--model" not in str(error.value)
+    assert "The model folder '/nonexistent/stem-model' does not exist" in caplog.text  # the operator's hint
 
 
 def test_the_page_says_tiny_random_outputs_are_noise(served):
@@ -198,10 +332,180 @@ def test_the_page_says_tiny_random_outputs_are_noise(served):
     assert TINY_WARNING in config
 
 
+def test_a_gif_becomes_an_mp4_for_the_player(served, tmp_path):
+    gif = tmp_path / "Wave (1).gif"
+    images = [Image.fromarray(np.full((40, 60, 3), (30 * i, 90, 200 - 30 * i), np.uint8)) for i in range(5)]
+    images[0].save(gif, save_all=True, append_images=images[1:], duration=100, loop=0)
+    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder(tmp_path))
+    video = read_video(jobs.gif_to_video(str(gif)), size=64)
+    assert Path(video.source).name == "wave-1.mp4"
+    assert video.num_frames == 5 and video.fps == pytest.approx(10.0)
+    assert np.abs(video.frames[4].astype(int) - (120, 90, 80)).mean() < 8  # the last frame's colour
+    with pytest.raises(Exception, match="not a GIF this app can read"):
+        (tmp_path / "fake.gif").write_bytes(b"GIF89a but not really")
+        jobs.gif_to_video(str(tmp_path / "fake.gif"))
+
+
+# -- the parts --------------------------------------------------------------------------------------
+
+class Bar:
+    """Records what a JobProgress shows."""
+
+    def __init__(self):
+        self.shown: list[tuple[float, str]] = []
+
+    def __call__(self, fraction, desc=None):
+        self.shown.append((fraction, desc))
+
+
+def test_one_bar_for_the_whole_job_with_the_step_and_the_time_left():
+    bar, now = Bar(), [0.0]
+    phases = [("encoding", 1.0), ("inverting", 4.0), ("decoding", 1.0), ("decoding", 1.0), ("editing", 8.0)]
+    report = app.JobProgress(bar, phases, clock=lambda: now[0])
+    report("loading", 0, 1)
+    for done in (1, 2):
+        report("encoding", done, 2)
+    for done in range(1, 5):
+        now[0] += 1.0
+        report("inverting", done, 4)
+    report("waiting for the cache", 0, 1)  # a phase the plan does not know: the bar stays where it is
+    report("decoding", 1, 1)
+    report("decoding", 1, 1)  # the second decoding (the round trip): a phase of its own
+    report("editing", 0, 8)
+    assert bar.shown[7] == (bar.shown[6][0], "Waiting for the cache…")
+    fractions = [f for f, _ in bar.shown]
+    assert fractions == sorted(fractions)  # never goes back to 0 at a new phase
+    assert fractions[2] == pytest.approx(1 / 15)  # encoding done
+    assert fractions[-1] == pytest.approx(7 / 15)  # everything before editing
+    texts = [desc for _, desc in bar.shown]
+    assert texts[:3] == ["Loading the model…", "Encoding: frame 1 of 2", "Encoding: frame 2 of 2"]
+    # 4.5 units of work took 4 s since the first report (encoding 1 of 2): the 10 units left, about 9 s
+    assert texts[6] == "Inverting: step 4 of 4 · about 9 s left"
+
+
+def test_a_cached_inversion_leaves_the_plan_and_stop_raises():
+    bar, stop = Bar(), threading.Event()
+    report = app.JobProgress(bar, app.job_phases("edit", frames=4, steps=2, batch_size=2), stop)
+    report("editing", 0, 2)  # the inversion came from the cache
+    report("editing", 1, 2)
+    assert bar.shown[-1][0] == pytest.approx(0.5 * 36 / (36 + 6))  # editing 3*(4+2)*2 = 36, decoding 1.5*4 = 6
+    stop.set()
+    with pytest.raises(app.Stopped):
+        report("editing", 2, 2)
+
+
+def test_the_zerogpu_duration_grows_with_the_work():
+    est = app.estimate_gpu_seconds
+    # an independent count of the UNet frame-calls of a 16-frame, 50-step edit at 512 px, batch 8:
+    # VAE encode 16 x 0.7, inversion + reconstruction 2 x 50 x 16 x 1.1 (STEM), two decodings 2 x 16 x 1.5,
+    # editing 50 x 3 x (16 + 2 keyframes), a last decoding 16 x 1.5; 0.02 s each, plus 15 s
+    work = 16 * 0.7 + 2 * 50 * 16 * 1.1 + 2 * 16 * 1.5 + 50 * 3 * 18 + 16 * 1.5
+    assert est("edit", 16, 512, 50) == math.ceil(15 + 0.02 * work)
+    assert est("edit", 16, 256, 50) < est("edit", 16, 512, 50) < est("edit", 48, 512, 50) < est("edit", 48, 512, 100)
+    assert est("invert", 16, 512, 50) < est("compare", 16, 512, 50) < est("edit", 16, 512, 50)
+    assert est("invert", 16, 512, 50, method="ddim") < est("invert", 16, 512, 50, method="stem")
+    assert 60 <= est("edit", 48, 512, 50) <= 600  # the largest GPU job fits a ZeroGPU request
+
+
+def test_jobs_run_under_spaces_gpu_with_a_duration_for_their_frames(served, clip, tmp_path, monkeypatch):
+    asked = []
+
+    def gpu(duration):
+        def wrap(fn):
+            def run(*args, **kwargs):
+                asked.append(duration(*args, **kwargs))
+                return fn(*args, **kwargs)
+            return run
+        return wrap
+
+    monkeypatch.setitem(sys.modules, "spaces", SimpleNamespace(GPU=gpu))
+    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder(tmp_path))
+    values = {**app.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "frames": 0}
+    path, status, _ = anyio.run(jobs.run, "invert", values, lambda *a, **k: None, None)
+    assert num_frames(path) == 6  # all of the clip's 6 frames
+    assert asked == [app.estimate_gpu_seconds("invert", 6, SIZE, STEPS, "stem", 2)]
+
+
+@pytest.mark.parametrize("source, kind, detail, name", [
+    ("/tmp/g/city.mp4", "edited", "Glass skyscrapers at sunset, golden sky!", "city-edited-glass-skyscrapers-at-sunset-golden-sky.mp4"),
+    ("/tmp/g/city.mp4", "edited", "glass skyscrapers at sunset under a golden orange sky, seen from below",
+     "city-edited-glass-skyscrapers-at-sunset-under-a-golden.mp4"),  # cut at a word's end
+    ("/tmp/g/My Clip (1).MOV", "reconstruction", "stem", "my-clip-1-reconstruction-stem.mp4"),
+    ("/tmp/g/Café.webm", "ddim-vs-stem", "", "cafe-ddim-vs-stem.mp4"),
+    ("/tmp/g/视频.mp4", "edited", "x" * 80, "clip-edited-" + "x" * 48 + ".mp4"),
+])
+def test_output_names_say_which_clip_and_what_was_done(source, kind, detail, name):
+    assert app.output_name(source, kind, detail) == name
+
+
+@pytest.mark.parametrize("used, available, stride, requested, cap, note", [
+    (16, 50, 1, 16, 16, " Used 16 of 50 frames (the limit at 256 px)."),
+    (16, 50, 1, 16, 48, " Used 16 of 50 frames (Frames is set to 16; 0 uses all, up to the limit)."),
+    (16, 50, 2, 0, 16, " Used 16 of 25 frames (every 2nd of 50) (the limit at 256 px)."),
+    (16, 16, 1, 16, 16, ""),  # nothing left out
+    (25, 50, 2, 0, 48, ""),
+    (16, None, 1, 0, 16, ""),  # unknown length: no claim
+])
+def test_the_status_says_when_frames_were_left_out(used, available, stride, requested, cap, note):
+    assert app.frames_note(used, available, stride, requested, cap, 256) == note
+
+
 def test_the_seed_box():
     assert app.pick_seed(5, False) == 5
     seeds = {app.pick_seed(5, True) for _ in range(5)}
     assert len(seeds) > 1 and all(0 <= s < 2**31 for s in seeds)
+
+
+def test_examples_are_cached_lazily_on_spaces_only():
+    assert app.examples_caching(False, print, []) == {"cache_examples": False}
+    assert app.examples_caching(True, print, [])["cache_mode"] == "lazy"
+    rows = app.load_examples()
+    assert rows[0]["label"].startswith("Skyscrapers at night") and Path(rows[0]["video"]).is_file()
+    assert {Path(r["video"]).name for r in rows} >= {"city.mp4", "ball.mp4", "flower.mp4", "clouds.mp4"}
+
+
+def test_result_folders_of_ended_processes_are_swept_and_ours_goes_at_exit(tmp_path, monkeypatch):
+    at_exit = []
+    monkeypatch.setattr(app.atexit, "register", at_exit.append)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = tmp_path / f"stem-app-{ended.stdout.strip()}-x", tmp_path / f"stem-app-{os.getpid()}-y"
+    old, fresh, other = tmp_path / "stem-app-old", tmp_path / "stem-app-new", tmp_path / "unrelated"
+    for folder in (dead, alive, old, fresh, other):
+        (folder / "r").mkdir(parents=True)
+    os.utime(old, (time.time() - 2 * app.OUTPUT_TTL_SECONDS,) * 2)
+    results = app.ResultFolder(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (alive, fresh, other))
+    assert results.root is None  # made on first use only: a failed launch leaves nothing
+    path = results.new_path("a.mp4")
+    assert path.parent.parent.parent == tmp_path and path.parent.parent.name.startswith(f"stem-app-{os.getpid()}-")
+    path.parent.mkdir()
+    path.write_bytes(b"a result")
+    assert at_exit == [results.close]  # removed at exit
+    at_exit[0]()
+    assert not path.parent.parent.exists()
+
+
+def test_on_zerogpu_the_model_goes_to_cuda_at_start_up(monkeypatch, tmp_path):
+    loaded = []
+    monkeypatch.setattr(Engine, "load", lambda self, progress=None: loaded.append(self.device))
+    assert app.make_engine("tiny-random", str(tmp_path), zero_gpu=False).device is None and loaded == []
+    assert app.make_engine("tiny-random", str(tmp_path), zero_gpu=True).device == "cuda" and loaded == ["cuda"]
+
+
+def test_a_busy_port_is_one_sentence(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(app.logging, "basicConfig", lambda **kwargs: None)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_:
+            app.main(["--model", "tiny-random", "--port", str(port), "--host", "127.0.0.1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"Port {port} is busy; pass --port with a free port (or set GRADIO_SERVER_PORT)."
+    assert not list(tmp_path.glob("stem-app-*"))
 
 
 def test_limits_and_command_line(monkeypatch):
@@ -221,3 +525,12 @@ def test_limits_and_command_line(monkeypatch):
     assert (args.host, args.port, args.max_pixels) == ("0.0.0.0", 9000, 8 * 256 * 256)
     with pytest.raises(SystemExit):
         app.parse_args(["--max-frames-x-size", "lots"])
+
+
+def test_the_endpoints_take_one_list_of_inputs():
+    jobs = app.Jobs(Engine("tiny-random"), max_pixels=16 * 64**2, results=app.ResultFolder())
+    for kind, names in app.ENDPOINT_INPUTS.items():
+        params = list(inspect.signature(jobs.endpoint(kind)).parameters)
+        assert params == [*names, "progress", "request"]
+    assert set(app.EDIT_INPUTS) <= set(typing.get_type_hints(app.EditSettings))
+    assert set(app.DEFAULTS) == set(app.INVERSION_INPUTS) | set(app.EDIT_INPUTS)
