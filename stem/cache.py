@@ -218,6 +218,17 @@ def _stat_id_of(st: os.stat_result) -> tuple[int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _total_size(paths: list[Path]) -> int:
+    """Sum of the files' sizes; files gone meanwhile count 0."""
+    total = 0
+    for path in paths:
+        try:
+            total += path.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
 @dataclass
 class CacheEntry:
     """One cache hit: the tensors and user metadata that were saved, and the file they came from."""
@@ -425,7 +436,7 @@ class LatentCache:
             except OSError:
                 continue
             entries.append((st.st_mtime, st.st_size, path))
-        total = sum(size for _, size, _ in entries) + self._tmp_bytes()
+        total = sum(size for _, size, _ in entries) + _total_size(self._temp_files())
         evicted = []
         for _, size, path in sorted(entries, key=lambda e: (e[0], e[2].name)):
             if total <= self.max_bytes:
@@ -445,13 +456,7 @@ class LatentCache:
 
     def size_bytes(self) -> int:
         """Total size of all entries and of the temp files of writers in progress."""
-        total = self._tmp_bytes()
-        for path in self._entries():
-            try:
-                total += path.stat().st_size
-            except OSError:
-                pass
-        return total
+        return _total_size(self._entries() + self._temp_files())
 
     def clear(self) -> None:
         """Delete every entry (and dead writers' temp files); the folder itself and other files stay."""
@@ -476,16 +481,6 @@ class LatentCache:
     def _temp_files(self) -> list[Path]:
         """The temp files of writers, alive or dead."""
         return [p for p in self._listing() if p.name.startswith(".") and p.name.endswith(_TMP_SUFFIX)]
-
-    def _tmp_bytes(self) -> int:
-        """Total size of the temp files now in the folder."""
-        total = 0
-        for path in self._temp_files():
-            try:
-                total += path.stat().st_size
-            except OSError:
-                pass
-        return total
 
     def _remove_dead_tmp(self) -> None:
         """Remove temp files whose writer is gone (its process ended, e.g. killed mid-write)."""

@@ -95,7 +95,7 @@ def load_video(args, settings):
     from .video import read_video
 
     return read_video(args.video, num_frames=settings.num_frames, stride=settings.stride, size=settings.size,
-                      max_frames=settings.max_frames, fps=getattr(args, "fps", None))
+                      max_frames=settings.max_frames, fps=args.fps)
 
 
 def out_dir(args) -> Path:
