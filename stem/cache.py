@@ -2,23 +2,28 @@
 
 One entry is one safetensors file, ``root/<key>.safetensors``, holding named tensors (e.g. the DDIM
 trajectory ``(T+1, N, 4, h, w)`` and uint8 reconstruction frames) and str->str metadata. The key is
-:func:`cache_key` of the input frames and the job's settings. Entries are written atomically (temp
-file + ``os.replace``), verified by a checksum when read, and evicted least-recently-used first
-once the folder grows past ``max_bytes``; a file's mtime is its last access time.
+:func:`job_key` of the job: its settings, the frames' digest, the model's fingerprint. The job
+itself is stored in the entry and compared when it is read, so an entry copied or renamed under
+another key is a miss, never a hit. Entries are written atomically (temp file + ``os.replace``),
+verified by a checksum when read, and evicted least-recently-used first once the folder (temp files
+of writers in progress included) grows past ``max_bytes``; a file's mtime is its last access time.
+One job per key runs at a time: :meth:`LatentCache.lock` is a file lock per key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
@@ -28,13 +33,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import StemError
+from .files import left_by_dead_writer, owner_tag
 
 FORMAT_VERSION = 1
 
 _SUFFIX = ".safetensors"
-_TMP_SUFFIX = ".tmp"  # temp files are ".<key>.<random>.tmp": never matched by "*.safetensors"
-_STALE_TMP_SECONDS = 3600.0  # a temp file this old belongs to a writer that died
-_RESERVED = ("stem_format", "stem_checksum")
+_TMP_SUFFIX = ".tmp"  # temp files are ".<key>~<pid>~<host>~<random>.tmp": never matched by "*.safetensors"
+_LOCK_SUFFIX = ".lock"  # lock files are ".<key>.lock"
+_STALE_LOCK_SECONDS = 3600.0  # a free lock file of a key without entry, this old, is removed
+_RESERVED = ("stem_format", "stem_checksum", "stem_job")
 _KEY_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z_.-]*")
 _GB = 10**9
 _DEFAULT_MAX_GB = 20.0
@@ -80,30 +87,63 @@ def _json_default(obj: object) -> object:
     raise TypeError(f"cache_key settings must be JSON-serialisable; got a {type(obj).__name__}: {obj!r}")
 
 
+def frames_digest(frames: np.ndarray) -> str:
+    """``"<shape> <dtype> sha256:<hex>"`` of an array, e.g. ``"4x64x96x3 |u1 sha256:9f2c..."``."""
+    frames = np.asarray(frames)
+    if frames.dtype.hasobject:
+        raise TypeError("the frames must be a numeric array, not an object array")
+    h = hashlib.sha256(memoryview(np.ascontiguousarray(frames)).cast("B"))  # no copy when already C-contiguous
+    return f"{'x'.join(map(str, frames.shape))} {frames.dtype.str} sha256:{h.hexdigest()}"
+
+
+def _job_json(job: Mapping[str, object]) -> str:
+    """The canonical JSON of a job (keys sorted), as stored in an entry and hashed into its key."""
+    if dataclasses.is_dataclass(job) and not isinstance(job, type):
+        job = dataclasses.asdict(job)
+    return json.dumps(dict(job), sort_keys=True, default=_json_default)
+
+
+def job_key(job: Mapping[str, object]) -> str:
+    """The cache key of a job: sha256 hex of FORMAT_VERSION and ``json.dumps(job, sort_keys=True)``.
+
+    Args:
+        job: everything the result depends on (settings, a digest of the input, the model's
+            fingerprint, ...), as a mapping or a dataclass instance. Nested values must be
+            JSON-serialisable; dict order does not matter, list order does.
+    """
+    return hashlib.sha256(f"stem-cache v{FORMAT_VERSION}\n{_job_json(job)}".encode()).hexdigest()
+
+
 def cache_key(frames: np.ndarray, settings: Mapping[str, object]) -> str:
-    """Content hash identifying one inversion job.
+    """Content hash identifying one inversion job: :func:`job_key` of the settings and the frames' digest.
 
     Args:
         frames: the input video, e.g. ``(N, H, W, 3)`` uint8; any shape and non-object dtype.
-        settings: everything else the result depends on (model id, steps, prompt, ...), as a
-            mapping (or a dataclass instance). Nested values must be JSON-serialisable; dict order
-            does not matter, list order does.
+        settings: everything else the result depends on (model, steps, prompt, ...), as a
+            mapping (or a dataclass instance); see :func:`job_key`.
 
     Returns:
-        64-character sha256 hex digest of FORMAT_VERSION, the frames' shape, dtype and bytes, and
-        ``json.dumps(settings, sort_keys=True)``.
+        64-character sha256 hex digest.
     """
-    frames = np.asarray(frames)
-    if frames.dtype.hasobject:
-        raise TypeError("cache_key needs a numeric frames array, not an object array")
     if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
         settings = dataclasses.asdict(settings)
-    h = hashlib.sha256()
-    h.update(f"stem-cache v{FORMAT_VERSION}\n{frames.shape}\n{frames.dtype.str}\n".encode())
-    h.update(memoryview(np.ascontiguousarray(frames)).cast("B"))  # no copy when already C-contiguous
-    h.update(b"\n")
-    h.update(json.dumps(dict(settings), sort_keys=True, default=_json_default).encode())
-    return h.hexdigest()
+    return job_key({"frames": frames_digest(frames), "settings": dict(settings)})
+
+
+def _job_difference(stored: str | None, expected: str) -> str:
+    """What differs between a stored job and the expected one, e.g. "num_steps is 3 there, 2 here"."""
+    if stored is None:
+        return "it records no job"
+    try:
+        old = json.loads(stored)
+    except ValueError:
+        return "its job record is unreadable"
+    new = json.loads(expected)
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            short = lambda v: (repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "...")  # noqa: E731
+            return f"{name} is {short(old.get(name))} there, {short(new.get(name))} here"
+    return "its job record differs"
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:
@@ -145,7 +185,7 @@ class _Corrupt(Exception):
 
 
 def _read_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read and verify one cache file; raises _Corrupt for anything wrong with its contents."""
+    """Read and verify one cache file (metadata with its "stem_job"); raises _Corrupt for bad contents."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
@@ -168,10 +208,25 @@ def _read_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def _stat_id(path: Path) -> tuple[int, int, int] | None:
     """Identity of the file now at path (inode, size, mtime), or None if there is none."""
     try:
-        st = os.stat(path)
+        return _stat_id_of(os.stat(path))
     except OSError:
         return None
+
+
+def _stat_id_of(st: os.stat_result) -> tuple[int, int, int]:
+    """Identity of a file from its stat: inode, size, mtime."""
     return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _total_size(paths: list[Path]) -> int:
+    """Sum of the files' sizes; files gone meanwhile count 0."""
+    total = 0
+    for path in paths:
+        try:
+            total += path.stat().st_size
+        except OSError:
+            pass
+    return total
 
 
 @dataclass
@@ -181,18 +236,20 @@ class CacheEntry:
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str]
     path: Path
+    job: dict | None = None  # the job saved with the entry, if any
 
 
 class LatentCache:
-    """A folder of safetensors files keyed by :func:`cache_key`, bounded by LRU eviction.
+    """A folder of safetensors files keyed by :func:`job_key`, bounded by LRU eviction.
 
-    Nothing is created on disk until the first :meth:`save` (or :meth:`ensure_writable`). Safe for
-    several processes sharing one folder: writers replace whole files atomically, and readers
-    verify a checksum, so the worst a race can cost is a recomputation.
+    Nothing is created on disk until the first :meth:`save`, :meth:`lock` (or
+    :meth:`ensure_writable`). Safe for several processes sharing one folder: writers replace whole
+    files atomically, readers verify a checksum and the job an entry was made for, and
+    :meth:`lock` lets one job per key compute while the others wait for its entry.
 
     Args:
         root: cache folder; default :func:`default_cache_dir`.
-        max_bytes: size limit of all entries together; default :func:`default_max_bytes`.
+        max_bytes: size limit of all entries (and temp files) together; default :func:`default_max_bytes`.
     """
 
     def __init__(self, root: str | Path | None = None, max_bytes: int | None = None):
@@ -210,16 +267,49 @@ class LatentCache:
             raise ValueError(f"cache key must be letters, digits, '_', '.' or '-', got {key!r}")
         return self.root / f"{key}{_SUFFIX}"
 
-    def load(self, key: str) -> CacheEntry | None:
-        """The entry saved under key, or None if there is none or its file is corrupt.
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[bool]:
+        """Hold the file lock of one key: the job that computes its entry runs alone, others wait.
+
+        Use it around "load, or compute and save". Yields True while the lock is held, or False when
+        the folder cannot hold a lock file (a read-only cache, which still serves its entries).
+        """
+        from filelock import FileLock
+
+        path = self.path_for(key)
+        lock = FileLock(str(path.with_name(f".{key}{_LOCK_SUFFIX}")))
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except OSError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.release()
+
+    def load(self, key: str, job: Mapping[str, object] | None = None) -> CacheEntry | None:
+        """The entry saved under key, or None if there is none or it cannot be used.
 
         A corrupt file (unreadable, truncated, wrong format version, checksum mismatch) is reported
-        with a warning and deleted; this never raises for a bad file. A hit marks the entry as
-        recently used.
+        with a warning and deleted; an entry made for another `job` (copied or renamed under this
+        key, or written before jobs were recorded) and anything that is not a regular file are
+        reported and ignored, so the caller recomputes and overwrites them. This never raises for a
+        bad file. A hit marks the entry as recently used. Temp files of dead writers are removed.
+
+        Args:
+            key: usually ``job_key(job)``.
+            job: the job the caller wants; None skips the comparison.
         """
         path = self.path_for(key)
-        before = _stat_id(path)
-        if before is None:
+        self._remove_dead_tmp()
+        try:
+            before = os.stat(path)  # never open what is not a regular file: a FIFO would block forever
+        except OSError:
+            return None
+        if not stat.S_ISREG(before.st_mode):
+            warnings.warn(f"STEM cache entry {path} is not a regular file; ignoring it and recomputing.", stacklevel=2)
             return None
         try:
             tensors, metadata = _read_entry(path)
@@ -227,17 +317,22 @@ class LatentCache:
             return None
         except _Corrupt as e:
             warnings.warn(f"STEM cache file {path} is corrupt ({e}); recomputing.", stacklevel=2)
-            if _stat_id(path) == before:  # do not delete a good file a concurrent writer just put there
+            if _stat_id(path) == _stat_id_of(before):  # do not delete a good file a concurrent writer just put there
                 try:
                     path.unlink()
                 except OSError:
                     pass
             return None
+        stored = metadata.pop("stem_job", None)
+        if job is not None and stored != _job_json(job):
+            warnings.warn(f"STEM cache entry {path} was made for another job ({_job_difference(stored, _job_json(job))}); "
+                          "recomputing.", stacklevel=2)
+            return None
         try:
             os.utime(path)  # mtime is the LRU clock
         except OSError:
             pass  # a read-only cache still serves hits
-        return CacheEntry(tensors=tensors, metadata=metadata, path=path)
+        return CacheEntry(tensors=tensors, metadata=metadata, path=path, job=json.loads(stored) if stored else None)
 
     def ensure_writable(self) -> None:
         """Create the cache folder and check a file can be written there; raises StemError if not.
@@ -246,7 +341,7 @@ class LatentCache:
         """
         self._mkdir()
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".probe.", suffix=_TMP_SUFFIX, dir=self.root)
+            fd, tmp = tempfile.mkstemp(prefix=f".probe{owner_tag()}", suffix=_TMP_SUFFIX, dir=self.root)
             os.close(fd)
             os.unlink(tmp)
         except OSError as e:
@@ -257,14 +352,16 @@ class LatentCache:
         key: str,
         tensors: Mapping[str, torch.Tensor],
         metadata: Mapping[str, str] | None = None,
+        job: Mapping[str, object] | None = None,
     ) -> Path:
         """Write an entry atomically, then evict least-recently-used entries down to max_bytes.
 
         Args:
-            key: usually ``cache_key(frames, settings)``.
+            key: usually ``job_key(job)``.
             tensors: name -> tensor, any device and dtype; stored contiguous on the CPU.
-            metadata: str -> str kept beside the tensors; the keys ``stem_format`` and
-                ``stem_checksum`` are reserved.
+            metadata: str -> str kept beside the tensors; the keys ``stem_format``,
+                ``stem_checksum`` and ``stem_job`` are reserved.
+            job: the job the entry is for, stored (under the checksum) and compared by :meth:`load`.
 
         Returns:
             The path of the entry. The entry itself is never evicted by this call, even when it
@@ -280,12 +377,15 @@ class LatentCache:
                 raise TypeError(f"cache metadata must map str to str; got {k!r}: {type(v).__name__}")
             if k in _RESERVED:
                 raise ValueError(f"cache metadata key {k!r} is reserved")
+        if job is not None:
+            metadata["stem_job"] = _job_json(job)
         tensors = _prepare(tensors)
         header = {**metadata, "stem_format": str(FORMAT_VERSION), "stem_checksum": _checksum(tensors, metadata)}
 
         self._mkdir()
+        self._remove_dead_tmp()
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=_TMP_SUFFIX, dir=self.root)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key}{owner_tag()}", suffix=_TMP_SUFFIX, dir=self.root)
         except OSError as e:
             raise self._unwritable(e) from e
         try:
@@ -317,15 +417,18 @@ class LatentCache:
     def evict(self, keep: str | None = None) -> list[Path]:
         """Delete least-recently-used entries until the cache fits in max_bytes.
 
+        Temp files of writers in progress count towards the size but are never deleted; those of
+        dead writers are removed first, and so are free lock files of keys that have no entry.
+
         Args:
             keep: a key never to evict (the entry just written).
 
         Returns:
-            The paths deleted, oldest first. Temp files of writers that died over an hour ago are
-            removed too, and not listed.
+            The entry paths deleted, oldest first.
         """
         keep_path = self.path_for(keep) if keep is not None else None
-        self._remove_stale_tmp()
+        self._remove_dead_tmp()
+        self._remove_unused_locks()
         entries = []  # (mtime, size, path)
         for path in self._entries():
             try:
@@ -333,7 +436,7 @@ class LatentCache:
             except OSError:
                 continue
             entries.append((st.st_mtime, st.st_size, path))
-        total = sum(size for _, size, _ in entries)
+        total = sum(size for _, size, _ in entries) + _total_size(self._temp_files())
         evicted = []
         for _, size, path in sorted(entries, key=lambda e: (e[0], e[2].name)):
             if total <= self.max_bytes:
@@ -352,18 +455,12 @@ class LatentCache:
         return evicted
 
     def size_bytes(self) -> int:
-        """Total size of all entries (temp files of writers in progress are not counted)."""
-        total = 0
-        for path in self._entries():
-            try:
-                total += path.stat().st_size
-            except OSError:
-                pass
-        return total
+        """Total size of all entries and of the temp files of writers in progress."""
+        return _total_size(self._entries() + self._temp_files())
 
     def clear(self) -> None:
-        """Delete every entry (and stale temp files); the folder itself and other files stay."""
-        self._remove_stale_tmp()
+        """Delete every entry (and dead writers' temp files); the folder itself and other files stay."""
+        self._remove_dead_tmp()
         for path in self._entries():
             try:
                 path.unlink()
@@ -372,22 +469,50 @@ class LatentCache:
 
     def _entries(self) -> list[Path]:
         """All entry files in the cache folder; none if it does not exist."""
-        if not self.root.is_dir():
-            return []
-        return [p for p in self.root.iterdir() if p.name.endswith(_SUFFIX) and not p.name.startswith(".")]
+        return [p for p in self._listing() if p.name.endswith(_SUFFIX) and not p.name.startswith(".")]
 
-    def _remove_stale_tmp(self) -> None:
-        """Remove temp files left by writers that died (older than an hour)."""
-        if not self.root.is_dir():
-            return
-        cutoff = time.time() - _STALE_TMP_SECONDS
-        for p in self.root.iterdir():
-            if p.name.startswith(".") and p.name.endswith(_TMP_SUFFIX):
+    def _listing(self) -> list[Path]:
+        """Everything in the cache folder; nothing if it does not exist or cannot be read."""
+        try:
+            return list(self.root.iterdir())
+        except OSError:
+            return []
+
+    def _temp_files(self) -> list[Path]:
+        """The temp files of writers, alive or dead."""
+        return [p for p in self._listing() if p.name.startswith(".") and p.name.endswith(_TMP_SUFFIX)]
+
+    def _remove_dead_tmp(self) -> None:
+        """Remove temp files whose writer is gone (its process ended, e.g. killed mid-write)."""
+        for path in self._temp_files():
+            if left_by_dead_writer(path):
                 try:
-                    if p.stat().st_mtime < cutoff:
-                        p.unlink()
+                    path.unlink()
                 except OSError:
                     pass
+
+    def _remove_unused_locks(self) -> None:
+        """Remove lock files, over an hour old, of keys without an entry, when nobody holds them."""
+        from filelock import FileLock, Timeout
+
+        cutoff = time.time() - _STALE_LOCK_SECONDS
+        for path in self._listing():
+            name = path.name
+            if not (name.startswith(".") and name.endswith(_LOCK_SUFFIX)):
+                continue
+            try:
+                if path.stat().st_mtime > cutoff or path.with_name(name[1:-len(_LOCK_SUFFIX)] + _SUFFIX).exists():
+                    continue
+                lock = FileLock(str(path))
+                lock.acquire(timeout=0)
+            except (OSError, Timeout):
+                continue
+            try:
+                path.unlink()  # while held: a waiter on this inode notices it is gone and makes a new one
+            except OSError:
+                pass
+            finally:
+                lock.release()
 
     def _mkdir(self) -> None:
         """Create the cache folder on demand."""

@@ -1,7 +1,9 @@
 """`python -m stem ...`: invert, compare and edit videos from the command line.
 
 Every bad input ends in one sentence on stderr and a non-zero exit (a traceback only with
---debug); results are written atomically at the end, so a failed run leaves nothing half-done.
+--debug). The output folder is checked before the model loads; a run writes its outputs into a
+staging folder and moves them into place together at the end, so a failed run leaves the output
+folder as it was (and the next run removes what a killed one left).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from .errors import StemError
-from .files import atomic_output
+from .files import atomic_output, check_output_folder, remove_dead_stages, staged_outputs
 
 EXIT_ERROR = 2
 
@@ -40,6 +42,8 @@ def add_inversion_options(parser: argparse.ArgumentParser, prompt_flags=("--prom
     parser.add_argument("--iters", type=int, default=d.num_iters, help="STEM: R EM iterations (default: %(default)s)")
     parser.add_argument(*prompt_flags, dest="source_prompt", default="", help="text describing the video; conditions the inversion")
     parser.add_argument("--seed", type=int, default=d.seed, help=seed_help + " (default: %(default)s)")
+    parser.add_argument("--fps", type=float, default=None,
+                        help="frame rate of the outputs (default: the source's; 10 for a folder of frames)")
     parser.add_argument("--out", default=None, help="output folder (default: stem-out/<video name>)")
     parser.add_argument("--cache-dir", default=None, help="latent cache folder (default: $STEM_CACHE_DIR or ~/.cache/stem)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
@@ -91,11 +95,19 @@ def load_video(args, settings):
     from .video import read_video
 
     return read_video(args.video, num_frames=settings.num_frames, stride=settings.stride, size=settings.size,
-                      max_frames=settings.max_frames)
+                      max_frames=settings.max_frames, fps=args.fps)
 
 
 def out_dir(args) -> Path:
     return Path(args.out) if args.out else Path("stem-out") / Path(args.video).stem
+
+
+def checked_out_dir(args, names) -> Path:
+    """The output folder, checked before any work for the files `names`, and cleared of what killed runs left."""
+    out = out_dir(args)
+    check_output_folder(out, names)
+    remove_dead_stages(out)
+    return out
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -137,15 +149,17 @@ def cmd_invert(args) -> dict:
     from .video import write_video
 
     settings = settings_from(args)
+    names = ["reconstruction.mp4", "metrics.json"]
+    out = checked_out_dir(args, names)
     engine = make_engine(args)
     video = load_video(args, settings)
     progress = TqdmProgress()
     result = engine.invert(video, settings, progress)
     progress.close()
     metrics = inversion_metrics(video, result, engine)
-    out = out_dir(args)
-    write_video(out / "reconstruction.mp4", result.reconstruction, video.fps)
-    write_json(out / "metrics.json", metrics)
+    with staged_outputs(out, names) as stage:
+        write_video(stage / "reconstruction.mp4", result.reconstruction, video.fps)
+        write_json(stage / "metrics.json", metrics)
     return {"out": str(out), **{k: metrics[k] for k in ("psnr", "ssim", "warp_error", "cache_hit", "seconds")}}
 
 
@@ -155,6 +169,8 @@ def cmd_compare(args) -> dict:
 
     methods = ["ddim", "stem"] + (["inflated"] if args.all else [])
     jobs = [settings_from(args, method) for method in methods]
+    names = ["comparison.mp4", "metrics.json"]
+    out = checked_out_dir(args, names)
     engine = make_engine(args)
     video = load_video(args, jobs[0])
     progress = TqdmProgress()
@@ -166,9 +182,9 @@ def cmd_compare(args) -> dict:
     labels = {"ddim": "DDIM", "stem": f"STEM (K={args.bases}, R={args.iters})", "inflated": "Inflated DDIM"}
     panel = side_by_side([video.frames] + [results[m].reconstruction for m in methods],
                          ["Input"] + [labels[m] for m in methods])
-    out = out_dir(args)
-    write_video(out / "comparison.mp4", panel, video.fps)
-    write_json(out / "metrics.json", {"video": str(args.video), "methods": blocks})
+    with staged_outputs(out, names) as stage:
+        write_video(stage / "comparison.mp4", panel, video.fps)
+        write_json(stage / "metrics.json", {"video": str(args.video), "methods": blocks})
     return {"out": str(out), **{m: {k: b[k] for k in ("psnr", "ssim", "warp_error", "cache_hit")} for m, b in blocks.items()}}
 
 

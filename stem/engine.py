@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from .attention import METHODS, AttentionState, attention_mode
-from .cache import LatentCache, cache_key
+from .cache import CacheEntry, LatentCache, frames_digest, job_key
 from .errors import StemError
 from .inversion import (
     call_unet, ddim_invert, ddim_sample, ddim_schedule, decode_latents, encode_frames, encode_prompt, to_epsilon,
@@ -134,9 +135,34 @@ class Engine:
         if settings.model != self.model:
             raise StemError(f"This engine holds the model {self.model!r} but the job asks for {settings.model!r}; use one engine per model.")
 
+    @property
+    def model_fingerprint(self) -> str:
+        """What identifies the loaded weights (hub commit, folder digest, tiny-random's build); part of every cache key."""
+        return self.parts.fingerprint
+
+    def job_for(self, video: Video, settings: InversionSettings) -> dict:
+        """The full key material of inverting these frames with these settings: stored in the entry, compared on load."""
+        return {**settings.result_fields(), "dtype": str(self.parts.dtype), "model_fingerprint": self.model_fingerprint,
+                "frames": frames_digest(video.frames)}
+
     def key_for(self, video: Video, settings: InversionSettings) -> str:
-        """The cache key of inverting these frames with these settings (in this dtype)."""
-        return cache_key(video.frames, {**settings.result_fields(), "dtype": str(self.parts.dtype)})
+        """The cache key of inverting these frames with these settings (with this model, in this dtype)."""
+        return job_key(self.job_for(video, settings))
+
+    def _misfit(self, entry: CacheEntry, video: Video, settings: InversionSettings) -> str | None:
+        """Why a cache entry's tensors cannot be this job's result (a sentence part), or None if they fit."""
+        f, channels = self.parts.vae_scale_factor, self.parts.unet.config.in_channels
+        expected = {
+            "trajectory": (settings.num_steps + 1, video.num_frames, channels, video.height // f, video.width // f),
+            "timesteps": (settings.num_steps,), "reconstruction": video.frames.shape, "vae_roundtrip": video.frames.shape,
+        }
+        for name, shape in expected.items():
+            tensor = entry.tensors.get(name)
+            if tensor is None:
+                return f"has no {name}"
+            if tuple(tensor.shape) != tuple(shape):
+                return f"holds a {name} of shape {tuple(tensor.shape)}, not {tuple(shape)}"
+        return None
 
     def eps_fn(self, text: torch.Tensor, alphas: torch.Tensor, state: AttentionState | None = None,
                num_groups: int = 1):
@@ -172,14 +198,25 @@ class Engine:
         settings.validate()
         self._check_model(settings)
         report = progress or (lambda *_: None)
-        parts = self.load(report)
-        key = self.key_for(video, settings)
+        self.load(report)
+        job = self.job_for(video, settings)
+        key = job_key(job)
+        with self.cache.lock(key):  # one job per key: an identical job waits here, then reads this one's entry
+            return self._load_or_invert(video, settings, job, key, report)
+
+    def _load_or_invert(self, video: Video, settings: InversionSettings, job: dict, key: str,
+                        report: Progress) -> InversionResult:
+        """The cached result of `job` if there is a fitting one, else invert and save it."""
+        parts = self.parts
         start = time.perf_counter()
-        entry = self.cache.load(key)
+        entry = self.cache.load(key, job)
         if entry is not None:
-            t = entry.tensors
-            return InversionResult(settings, key, t["trajectory"], t["timesteps"], t["reconstruction"].numpy(),
-                                   t["vae_roundtrip"].numpy(), True, time.perf_counter() - start)
+            misfit = self._misfit(entry, video, settings)
+            if misfit is None:
+                t = entry.tensors
+                return InversionResult(settings, key, t["trajectory"], t["timesteps"], t["reconstruction"].numpy(),
+                                       t["vae_roundtrip"].numpy(), True, time.perf_counter() - start)
+            warnings.warn(f"STEM cache entry {entry.path} {misfit}; recomputing.", stacklevel=3)
 
         self.cache.ensure_writable()  # fail before the expensive part, not after it
         timesteps, alphas = ddim_schedule(parts.scheduler, settings.num_steps)
@@ -201,7 +238,7 @@ class Engine:
         self.cache.save(key, {
             "trajectory": result.trajectory, "timesteps": timesteps,
             "reconstruction": torch.from_numpy(reconstruction), "vae_roundtrip": torch.from_numpy(roundtrip),
-        }, {"settings": repr(dataclasses.asdict(settings)), "seconds": f"{seconds:.3f}"})
+        }, {"settings": repr(dataclasses.asdict(settings)), "seconds": f"{seconds:.3f}"}, job=job)
         return result
 
 

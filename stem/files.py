@@ -1,12 +1,26 @@
-"""Atomic file output: write to a temporary name beside the target, rename into place on success."""
+"""Atomic file output: write to a temporary name beside the target, rename into place on success.
+
+Temporary names carry their writer (``~<pid>~<host>~``), so the leftovers of a writer that was
+killed (``kill -9``, a power cut) can be told from a write in progress and removed by the next run.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from .errors import StemError
+
+STALE_SECONDS = 3600.0  # a temporary name this old, from another host, belongs to a writer that died
+_OWNER_RE = re.compile(r"~(\d+)~([0-9A-Za-z._-]*)~")
+STAGE_PREFIX = ".stem-out"  # staging folders of the command line: .stem-out~<pid>~<host>~<random>
 
 
 def _default_mode() -> int:
@@ -14,6 +28,53 @@ def _default_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+def _host() -> str:
+    """This machine's name, reduced to characters that are safe in a file name."""
+    return re.sub(r"[^0-9A-Za-z._-]", "_", socket.gethostname())[:64]
+
+
+def owner_tag() -> str:
+    """``~<pid>~<host>~``: put in a temporary name, it says which process writes that file."""
+    return f"~{os.getpid()}~{_host()}~"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (signal 0 checks without signalling)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def left_by_dead_writer(path: Path, max_age: float = STALE_SECONDS) -> bool:
+    """Whether a temporary file or folder was left by a writer that is gone.
+
+    A name with an owner tag of this host is judged by whether its process still runs; any other
+    name (another host, no tag, or Windows, where pids cannot be probed safely) by its age.
+    """
+    match = _OWNER_RE.search(path.name)
+    if match and match.group(2) == _host() and os.name != "nt":
+        return not _pid_alive(int(match.group(1)))
+    try:
+        return path.lstat().st_mtime < time.time() - max_age
+    except OSError:
+        return False
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a folder tree; whatever is already gone or cannot be removed is left."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+    except OSError:
+        pass
 
 
 @contextlib.contextmanager
@@ -24,7 +85,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}{owner_tag()}", suffix=path.suffix)
     os.close(handle)
     try:
         yield Path(tmp)
@@ -32,4 +93,103 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def remove_dead_stages(out: Path) -> None:
+    """Remove staging folders and temporary files that killed runs left in `out` or beside it."""
+    for folder in (out, out.parent):
+        try:
+            names = list(folder.iterdir())
+        except OSError:
+            continue
+        for path in names:
+            if path.name.startswith(".") and _OWNER_RE.search(path.name) and (
+                    path.name.startswith(STAGE_PREFIX) or folder == out) and left_by_dead_writer(path):
+                remove_path(path)
+
+
+def check_output_folder(out: Path, names: Iterable[str]) -> None:
+    """Refuse, in one sentence, an output folder the run could not write its files `names` into.
+
+    Checks before any work: `out` must be a folder or creatable as one, writable (a probe folder
+    is made and removed where the outputs will go), and hold no folder under an output's name.
+    """
+    if out.exists() and not out.is_dir():
+        raise StemError(f"--out {out} is a file; pass a folder for the outputs (it is created if missing).")
+    for name in names:
+        if (out / name).is_dir():
+            raise StemError(f"{out / name} is a folder, so the output {name} cannot be written there; "
+                            "move it away or pass another --out.")
+    existing = out
+    while not existing.exists():  # the nearest folder that exists: the outputs' folders are made in it
+        if existing.is_symlink() or existing.parent == existing:  # a dangling link; the root
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise StemError(f"--out {out} cannot be created because {existing} is not a folder; pass another --out.")
+    try:
+        probe = tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{owner_tag()}", dir=existing)
+        os.rmdir(probe)
+    except OSError as error:
+        raise StemError(f"--out {out} is not writable ({error.strerror or error}); pass a folder you can write to.") from error
+
+
+@contextlib.contextmanager
+def staged_outputs(out: str | os.PathLike, names: Iterable[str]) -> Iterator[Path]:
+    """Yield an empty staging folder for a run's outputs; on success move them into `out` together.
+
+    The staging folder lies in `out` (when it exists) or beside it, on the same file system, so
+    the outputs are renamed into place, not copied. On failure, or if any output `names` is
+    missing, the staging folder is removed and `out` stays as it was; so it does when the move
+    itself fails halfway (the outputs moved so far are put back).
+
+    Args:
+        out: the output folder; created (with its parents) only when the outputs are moved in.
+        names: the file names the run writes into the staging folder.
+    """
+    out, names = Path(out), list(names)
+    check_output_folder(out, names)
+    remove_dead_stages(out)
+    parent = out if out.is_dir() else out.parent
+    created = [p for p in (parent, *parent.parents) if not p.exists()]  # deepest first
+    parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{owner_tag()}", dir=parent))
+    moved = False
+    try:
+        yield stage
+        missing = [name for name in names if not (stage / name).is_file()]
+        if missing:
+            raise RuntimeError(f"the run did not write {', '.join(missing)}")
+        check_output_folder(out, names)  # nothing got in the way while the run worked
+        _move_into(stage, out, names)
+        moved = True
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        for folder in created if not moved else ():
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only while empty: a failed run leaves no new folders behind
+
+
+def _move_into(stage: Path, out: Path, names: list[str]) -> None:
+    """Rename stage/<name> to out/<name> for every name, all or none (previous files are restored)."""
+    out.mkdir(parents=True, exist_ok=True)
+    backups = stage / ".previous"
+    backups.mkdir()
+    done: list[tuple[str, bool]] = []  # (name, whether an old file was set aside)
+    try:
+        for name in names:
+            target = out / name
+            had_old = target.exists() or target.is_symlink()
+            if had_old:
+                os.replace(target, backups / name)
+            done.append((name, had_old))
+            os.replace(stage / name, target)
+    except OSError:
+        for name, had_old in reversed(done):
+            with contextlib.suppress(OSError):
+                if (out / name).exists() and not (stage / name).exists():
+                    os.replace(out / name, stage / name)
+                if had_old:
+                    os.replace(backups / name, out / name)
         raise

@@ -29,8 +29,18 @@ Callback = Callable[[int, int], None]
 
 
 def ddim_schedule(scheduler, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Timesteps (T,) ascending and alpha-bars (T + 1,) of levels 0..T, from a DDIMScheduler."""
+    """Timesteps (T,) ascending and alpha-bars (T + 1,) of levels 0..T, from a DDIMScheduler.
+
+    "leading" spacing adds the config's `steps_offset` (1 for Stable Diffusion) to every timestep;
+    at T = num_train_timesteps that pushes the last one to 1000, past the last trained timestep
+    999. The offset is then lowered just enough to keep every timestep in range (1000 steps use
+    each trained timestep 0..999 once); every other T keeps the scheduler's own timesteps.
+    """
     scheduler.set_timesteps(num_steps)
+    overshoot = int(scheduler.timesteps.max()) - (scheduler.config.num_train_timesteps - 1)
+    if overshoot > 0:
+        scheduler = type(scheduler).from_config(scheduler.config, steps_offset=scheduler.config.steps_offset - overshoot)
+        scheduler.set_timesteps(num_steps)
     timesteps = scheduler.timesteps.flip(0).clone()  # (T,) ascending
     alphas = torch.cat([scheduler.final_alpha_cumprod.reshape(1), scheduler.alphas_cumprod[timesteps]])
     return timesteps, alphas.to(torch.float64)

@@ -7,6 +7,8 @@ and offline smoke runs, and its outputs are noise.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import string
 import warnings
@@ -34,6 +36,7 @@ class StableDiffusionParts:
     model_id: str
     device: torch.device
     dtype: torch.dtype
+    fingerprint: str = ""  # what identifies the weights (see `model_fingerprint`); part of cache keys
 
     @property
     def is_tiny(self) -> bool:
@@ -108,10 +111,11 @@ def build_tiny(device=None, dtype=None, seed: int = 0) -> StableDiffusionParts:
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
     )
-    return _finish(unet, vae, text_encoder, tokenizer, scheduler, TINY_MODEL, device, dtype)
+    fingerprint = _built_fingerprint(unet, vae, text_encoder, tokenizer, scheduler)
+    return _finish(unet, vae, text_encoder, tokenizer, scheduler, TINY_MODEL, device, dtype, fingerprint)
 
 
-def _finish(unet, vae, text_encoder, tokenizer, scheduler, model_id, device, dtype) -> StableDiffusionParts:
+def _finish(unet, vae, text_encoder, tokenizer, scheduler, model_id, device, dtype, fingerprint) -> StableDiffusionParts:
     """Move to the device/dtype and switch to inference mode."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
@@ -119,7 +123,64 @@ def _finish(unet, vae, text_encoder, tokenizer, scheduler, model_id, device, dty
         if next(module.parameters()).dtype != dtype:  # diffusers warns on any dtype cast, even a no-op
             module.to(dtype=dtype)
         module.to(device=device).eval().requires_grad_(False)
-    return StableDiffusionParts(unet, vae, text_encoder, tokenizer, scheduler, model_id, device, dtype)
+    return StableDiffusionParts(unet, vae, text_encoder, tokenizer, scheduler, model_id, device, dtype, fingerprint)
+
+
+# -- fingerprints: what a cache entry was computed with ------------------------------------------
+
+_CONFIG_SUFFIXES = (".json", ".txt")  # configs, tokenizer vocabularies and merges: hashed by content
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "dtype", "torch_dtype", "_name_or_path")
+
+
+def model_fingerprint(model_id: str) -> str:
+    """What identifies the weights `load_models(model_id)` loads, for cache keys.
+
+    A hub id gives ``hub:<id>@<commit>``, the commit its local hub snapshot resolves to; a local
+    folder gives ``folder:<sha256>`` of its config files' contents and of each other file's name,
+    size and modification time (re-saved weights change it). `tiny-random` is fingerprinted by
+    `build_tiny` from what it builds.
+    """
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        return "folder:" + _folder_digest(local)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model_id, "unet/config.json")
+    commit = Path(cached).parents[1].name if isinstance(cached, str) else "unresolved"  # snapshots/<commit>/unet/config.json
+    return f"hub:{model_id}@{commit}"
+
+
+def _folder_digest(folder: Path) -> str:
+    """sha256 of a model folder: config files by content, every other file by name, size and mtime."""
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(folder).parts))  # no .git, .cache, editor files
+    for path in files:
+        name = path.relative_to(folder).as_posix()
+        st = path.stat()
+        if path.suffix in _CONFIG_SUFFIXES and st.st_size <= 16 * 2**20:
+            h.update(f"{name} {hashlib.sha256(path.read_bytes()).hexdigest()}\n".encode())
+        else:  # weights: hashing gigabytes on every start would be slow; a re-save changes size or mtime
+            h.update(f"{name} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _built_fingerprint(unet, vae, text_encoder, tokenizer, scheduler) -> str:
+    """``tiny-random:<sha256>`` of models built in code: their configs, vocabulary and weights."""
+    h = hashlib.sha256()
+    configs = {
+        "unet": dict(unet.config), "vae": dict(vae.config), "scheduler": dict(scheduler.config),
+        "text_encoder": text_encoder.config.to_dict(), "vocab": tokenizer.get_vocab(),
+    }
+    for config in configs.values():
+        for key in [k for k in config if k.startswith("_") or k in _VOLATILE_CONFIG_KEYS]:
+            del config[key]
+    h.update(json.dumps(configs, sort_keys=True, default=str).encode())
+    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        for key, tensor in module.state_dict().items():
+            h.update(f"{name}.{key} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return f"{TINY_MODEL}:{h.hexdigest()}"
 
 
 def _is_offline() -> bool:
@@ -152,6 +213,7 @@ def load_models(model_id: str = DEFAULT_MODEL, device=None, dtype=None) -> Stabl
         raise StemError(f"The model folder {model_id!r} does not exist; pass an existing diffusers model folder, a hub id such as {DEFAULT_MODEL}, or tiny-random.")
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
+    fingerprint = model_fingerprint(model_id) if local.is_dir() else ""  # a folder: before its files are read
 
     def load(local_files_only: bool):
         return (
@@ -182,7 +244,8 @@ def load_models(model_id: str = DEFAULT_MODEL, device=None, dtype=None) -> Stabl
         ) from error
     # DDIM with the model's own betas; inversion and sampling need clip_sample off.
     scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
-    return _finish(unet, vae, text_encoder, tokenizer, scheduler, model_id, device, dtype)
+    fingerprint = fingerprint or model_fingerprint(model_id)  # a hub id: the snapshot it resolved to
+    return _finish(unet, vae, text_encoder, tokenizer, scheduler, model_id, device, dtype, fingerprint)
 
 
 def save_pretrained(parts: StableDiffusionParts, folder: str | Path) -> Path:

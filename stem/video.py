@@ -1,33 +1,44 @@
-"""Video I/O at the edges: read a clip (file, GIF or folder of frames) into RGB frames, write H.264 mp4s."""
+"""Video I/O at the edges: read a clip (file, GIF or folder of frames) into RGB frames, write H.264 mp4s.
+
+Video files are decoded and encoded with PyAV (FFmpeg's libraries, shipped inside its wheel, whose
+FFmpeg includes libx264): frame rates come as exact fractions, the display matrix turns phone
+videos upright, FFmpeg converts every pixel format (10/16-bit, gray, alpha) to 8-bit RGB, and the
+decoder's errors are counted so a truncated or damaged file is reported. GIFs and folders of frames
+are read with Pillow.
+"""
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
-import subprocess
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import av
 import cv2
-import imageio_ffmpeg
 import numpy as np
-from PIL import Image, ImageSequence
+from PIL import Image, ImageOps, ImageSequence
 
 from .errors import StemError
 from .files import atomic_output
 
 DEFAULT_MAX_FRAMES = 120  # cap on frames read when the caller does not choose a number (--frames)
-FOLDER_FPS = 10.0  # fps for sources without fps metadata (a folder of frames, a GIF without durations)
-# for file pickers; read_video takes anything ffmpeg reads
+FOLDER_FPS = 10.0  # fps for sources without a frame rate (a folder of frames, a GIF without durations)
+MAX_FPS = 1000.0  # the highest --fps accepted
+RATE_DENOMINATOR = 100_000  # an fps float comes back as the exact fraction it was made from (30000/1001)
+# for file pickers; read_video takes anything FFmpeg reads
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-WRITE_EXTENSIONS = (".mp4", ".mov", ".mkv")  # containers that hold H.264
+WRITE_FORMATS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska"}  # containers that hold H.264
+WRITE_EXTENSIONS = tuple(WRITE_FORMATS)
 MIN_SIZE, MAX_SIZE = 64, 2048
 WRITE_CRF = 18  # x264 constant rate factor: visually lossless, so the metrics measure the method, not the codec
+BT601 = 6  # AVCOL_*_SMPTE170M: the matrix swscale converts RGB with, tagged so players decode it the same way
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: frames are an array, compare them with np.array_equal
@@ -49,6 +60,16 @@ class Video:
     @property
     def width(self) -> int:
         return self.frames.shape[2]
+
+    @property
+    def rate(self) -> Fraction:
+        """The fps as an exact fraction, e.g. 30000/1001 (what `write_video` stores)."""
+        return as_rate(self.fps)
+
+
+def as_rate(fps: float | Fraction) -> Fraction:
+    """An fps as the fraction it stands for: 29.97002997... -> 30000/1001, 24.0 -> 24."""
+    return Fraction(fps).limit_denominator(RATE_DENOMINATOR)
 
 
 def fit_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -74,20 +95,22 @@ def read_video(
 ) -> Video:
     """Read a video file, a GIF or a folder of frames into resized RGB frames.
 
-    Frames 0, stride, 2*stride, ... are kept, at most `num_frames` of them. Decoding streams, so only
-    the frames up to the last one kept are decoded. A truncated file that still decodes some frames
-    gives those frames (with a warning if decoding failed midway); one that decodes none is an error.
+    Frames 0, stride, 2*stride, ... are kept, at most `num_frames` of them. Decoding is lazy: it
+    stops at the last frame kept, and only kept frames are converted to RGB. A file that decodes
+    only partly (truncated, or with damaged packets) gives the frames that decoded, with a warning
+    such as "decoded 15 of 40 frames; the file looks truncated"; one that decodes none is an error.
 
     Args:
-        path: an .mp4/.webm/.mov/.mkv/.avi/.gif file (anything ffmpeg reads), or a folder of
-            .png/.jpg/.jpeg/.webp/.bmp frames taken in natural filename order (frame2 before frame10).
+        path: an .mp4/.webm/.mov/.mkv/.avi/.gif file (anything FFmpeg reads), or a folder of
+            .png/.jpg/.jpeg/.webp/.bmp frames taken in natural filename order (frame2 before frame10);
+            16-bit frames are scaled to 8 bits.
         num_frames: how many frames to keep; None keeps all of them up to `max_frames`
             (with a warning when that cap drops frames).
         stride: keep every `stride`-th frame.
         size: long side of the output frames in pixels (64..2048); the aspect ratio is kept and both
             sides are rounded to multiples of 8 (see `fit_size`).
         max_frames: the cap used when `num_frames` is None; None means no cap.
-        fps: overrides the source's fps (needed for a folder, which has none; default FOLDER_FPS).
+        fps: overrides the source's frame rate (a folder has none: FOLDER_FPS unless given).
 
     Returns:
         A `Video` with frames (N, H, W, 3) uint8 RGB and the source's fps (not divided by the stride).
@@ -100,20 +123,24 @@ def read_video(
     if not path.exists():
         raise StemError(f"'{path}' does not exist; pass the path of a video file or a folder of frames.")
 
-    items, decode, source_fps = _open_source(path)
+    source = _open_source(path)
     limit = num_frames if num_frames is not None else max_frames
     try:
-        frames, capped = _take_frames(path, items, decode, stride, limit, size, report_cap=num_frames is None)
+        frames, capped = _take_frames(path, source.items, source.decode, stride, limit, size, report_cap=num_frames is None)
+        problem, rate = source.problem(), source.rate()
     finally:
-        if hasattr(items, "close"):
-            items.close()  # stops ffmpeg when we leave before the end of the stream
+        source.close()
+    if problem:
+        warnings.warn(problem, stacklevel=2)
     if capped:
         warnings.warn(
             f"'{path}' has more than {max_frames} frames at stride {stride}; kept the first {max_frames} "
             f"(pass --frames / num_frames to choose how many to read).",
             stacklevel=2,
         )
-    return Video(frames=np.stack(frames), fps=float(fps if fps is not None else source_fps()), source=str(path))
+    if fps is None and rate is None:
+        warnings.warn(f"'{path}' has no frame rate; using {FOLDER_FPS:g} fps (pass --fps to set it).", stacklevel=2)
+    return Video(frames=np.stack(frames), fps=float(fps if fps is not None else rate or FOLDER_FPS), source=str(path))
 
 
 def _check_options(num_frames: int | None, stride: int, size: int, fps: float | None) -> None:
@@ -124,23 +151,35 @@ def _check_options(num_frames: int | None, stride: int, size: int, fps: float | 
         raise StemError(f"--stride must be at least 1 (got {stride}).")
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise StemError(f"--size must be between {MIN_SIZE} and {MAX_SIZE} pixels (got {size}).")
-    if fps is not None and not fps > 0:
-        raise StemError(f"--fps must be a positive number (got {fps}).")
+    if fps is not None and not 0 < fps <= MAX_FPS:  # also rejects NaN
+        raise StemError(f"--fps must be a positive number of at most {MAX_FPS:g} (got {fps}).")
 
 
-def _open_source(path: Path) -> tuple[Iterator, Callable[[object], np.ndarray], Callable[[], float]]:
-    """Lazy items of a source, how to decode one item to an RGB frame, and a function giving its fps.
+@dataclass
+class _Source:
+    """An opened source: lazy items, how to turn a kept one into RGB, and what reading it found out."""
 
-    The fps is a function because a GIF's is known only once its frames have been read.
-    """
+    items: Iterator
+    decode: Callable[[object], np.ndarray]  # item -> (H, W, 3) uint8 RGB
+    rate: Callable[[], Fraction | None]  # None: the source has no frame rate (known once read, for a GIF)
+    problem: Callable[[], str | None] = lambda: None  # a warning sentence when decoding went wrong
+    close: Callable[[], None] = lambda: None
+
+
+def _open_source(path: Path) -> _Source:
+    """Open a folder of frames, a GIF, or a video file (with PyAV)."""
     if path.is_dir():
-        return iter(_folder_frames(path)), _load_image, lambda: FOLDER_FPS
+        return _Source(iter(_folder_frames(path)), _load_image, lambda: Fraction(FOLDER_FPS))
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise StemError(f"'{path}' is not a regular file; pass a video file or a folder of frames.")
     if path.stat().st_size == 0:
         raise StemError(f"'{path}' is empty (0 bytes); pass a complete video file.")
     if path.suffix.lower() == ".gif":
         durations: list[float] = []
-        return _gif_frames(path, durations), lambda frame: frame, lambda: _gif_fps(durations)
-    return _ffmpeg_frames(path)
+        return _Source(_gif_frames(path, durations), lambda frame: frame, lambda: _gif_rate(durations))
+    decoder = _Decoder(path)
+    items = decoder.frames()
+    return _Source(items, _to_rgb, decoder.rate, decoder.problem, lambda: (items.close(), decoder.close()))
 
 
 def _take_frames(path, items, decode, stride, limit, size, report_cap) -> tuple[list[np.ndarray], bool]:
@@ -155,14 +194,14 @@ def _take_frames(path, items, decode, stride, limit, size, report_cap) -> tuple[
             item = next(selected)
         except StopIteration:
             break
-        except (OSError, EOFError, SyntaxError, ValueError) as err:  # what pillow / a cut PPM raise
+        except (OSError, EOFError, SyntaxError, ValueError) as err:  # what pillow raises on a cut GIF
             if not frames:
-                raise _unreadable(path) from err
-            warnings.warn(f"'{path}' stopped decoding after {len(frames)} kept frames (truncated?); using those.")
+                raise _unreadable(path, str(err)) from err
+            warnings.warn(f"'{path}' stopped decoding after {len(frames)} kept frames; the file looks truncated, so only those are used.")
             break
         if len(frames) == limit:
             return frames, True
-        frame = decode(item)  # (H, W, 3) uint8 RGB: every reader converts gray/RGBA/palette to RGB
+        frame = decode(item)  # (H, W, 3) uint8 RGB: every reader converts gray/RGBA/palette/16-bit to RGB
         if target is None:
             target = fit_size(frame.shape[1], frame.shape[0], size)  # every frame gets the first one's size
         frames.append(cv2.resize(frame, target, interpolation=cv2.INTER_AREA))
@@ -173,84 +212,103 @@ def _take_frames(path, items, decode, stride, limit, size, report_cap) -> tuple[
     return frames, False
 
 
-def _unreadable(path: Path) -> StemError:
-    """The error for a file ffmpeg / pillow cannot decode."""
-    what = "pillow" if path.suffix.lower() == ".gif" else "ffmpeg"
+def _unreadable(path: Path, reason: str) -> StemError:
+    """The error for a file FFmpeg / Pillow cannot open."""
     return StemError(
-        f"'{path}' is not a readable video ({what} could not decode it); "
-        f"pass an mp4/webm/mov/gif file or a folder of frames."
+        f"'{path}' is not a readable video ({reason}); if it is truncated or damaged re-export it, "
+        f"else pass an mp4/webm/mov/gif file or a folder of frames."
     )
 
 
-def _ffmpeg_frames(path: Path) -> tuple[Iterator[np.ndarray], Callable, Callable[[], float]]:
-    """A video file as a lazy stream of RGB frames decoded by ffmpeg, with its fps."""
-    fps = _snap_ntsc(_probe_fps(path))
-    if not fps > 0:
-        warnings.warn(f"'{path}' has no fps metadata; using {FOLDER_FPS} fps (pass --fps to set it).")
-        fps = FOLDER_FPS
-    return _ffmpeg_stream(path), lambda frame: frame, lambda: fps
-
-
-def _ffmpeg_input(path: Path) -> str:
-    """An absolute file: URL, so names with ':' or a leading '-' are not read as ffmpeg options or protocols."""
+def _av_url(path: str | os.PathLike) -> str:
+    """An absolute file: URL, so names with ':' are not read as FFmpeg protocols."""
     return "file:" + os.path.abspath(path)
 
 
-def _probe_fps(path: Path) -> float:
-    """The fps ffmpeg reports for the first video stream (0.0 if none); a StemError if it finds no video stream."""
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", _ffmpeg_input(path)]
-    try:
-        # with no output file ffmpeg only prints what it found in the input, then exits
-        log = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=60).stderr
-    except subprocess.TimeoutExpired as err:
-        raise _unreadable(path) from err
-    stream = re.search(r"Stream #\S+.*?: Video: .*", log)
-    if stream is None:
-        raise _unreadable(path)
-    rate = re.search(r" ([0-9.]+) fps", stream.group(0)) or re.search(r" ([0-9.]+) tbr", stream.group(0))
-    return float(rate.group(1)) if rate else 0.0
+class _Decoder:
+    """The first video stream of a file, decoded by PyAV, counting what failed to decode."""
 
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.container = av.open(_av_url(path))
+        except (av.FFmpegError, OSError, ValueError) as err:
+            raise _unreadable(path, _ffmpeg_reason(err)) from err
+        if not self.container.streams.video:
+            self.container.close()
+            raise StemError(f"'{path}' has no video stream; pass a video file (mp4/webm/mov/gif) or a folder of frames.")
+        self.stream = self.container.streams.video[0]
+        self.declared = self.stream.frames or 0  # the container's frame count; 0 when it does not say
+        self.decoded = 0  # frames out of the decoder
+        self.damaged = 0  # of those, frames the decoder marked corrupt (errors concealed)
+        self.errors = 0  # packets the decoder refused, or the demuxer's failure
+        self.packets = 0  # packets with data read from the container
+        self.cut = False  # the demuxer failed: the container ends or breaks early
+        self.finished = False  # the whole stream was read
 
-def _ffmpeg_stream(path: Path) -> Iterator[np.ndarray]:
-    """Yield the first video stream's frames, rotated as the file says, as (H, W, 3) uint8 RGB.
+    def frames(self) -> Iterator[av.VideoFrame]:
+        """Every decoded frame; packets that fail to decode are counted and skipped."""
+        packets = self.container.demux(self.stream)
+        while True:
+            try:
+                packet = next(packets)  # the last one is empty: it flushes the decoder
+            except StopIteration:
+                break
+            except av.FFmpegError:  # the container itself is cut or broken here: nothing more to read
+                self.errors, self.cut = self.errors + 1, True
+                break
+            self.packets += packet.size > 0
+            try:
+                decoded = packet.decode()
+            except av.FFmpegError:
+                self.errors += 1
+                continue
+            for frame in decoded:
+                self.decoded += 1
+                self.damaged += bool(frame.is_corrupt)
+                yield frame
+        self.finished = True
 
-    ffmpeg writes binary PPMs, which carry their own size, so no log parsing is needed to cut the
-    stream into frames. Decoding stops where the stream stops (e.g. at a truncated file's cut).
-    """
-    command = [
-        imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
-        "-i", _ffmpeg_input(path), "-map", "0:v:0",
-        "-fps_mode", "passthrough",  # every decoded frame exactly once: no frames repeated to fill timestamp gaps
-        "-pix_fmt", "rgb24", "-f", "image2pipe", "-vcodec", "ppm", "-",
-    ]
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        while (frame := _read_ppm(process.stdout)) is not None:
-            yield frame
-    finally:  # also runs when the caller stops early: don't leave ffmpeg decoding the rest
-        process.kill()
-        process.wait()
-        process.stdout.close()
-
-
-def _read_ppm(stream) -> np.ndarray | None:
-    """Read one 8-bit binary PPM (header lines "P6", "W H", "255", then the pixels); None at the end or a cut frame."""
-    if stream.readline().strip() != b"P6":
+    def rate(self) -> Fraction | None:
+        """The stream's frame rate as an exact fraction: its average rate, else FFmpeg's guess."""
+        for rate in (self.stream.average_rate, self.stream.guessed_rate):  # a Fraction, None, or (PyAV 19) 0/1
+            if rate and rate.numerator > 0 and rate.denominator > 0:
+                return Fraction(rate.numerator, rate.denominator)
         return None
-    width, height = map(int, stream.readline().split())
-    stream.readline()  # maxval: 255 for rgb24
-    data = stream.read(width * height * 3)
-    if len(data) < width * height * 3:
-        return None
-    return np.frombuffer(data, np.uint8).reshape(height, width, 3)
+
+    def problem(self) -> str | None:
+        """A warning sentence when frames failed to decode or are missing, else None."""
+        missing = self.finished and self.declared > self.decoded
+        if not (self.errors or self.damaged or missing):
+            return None
+        # fewer packets than the index lists, or a failing demuxer: the file ends early
+        kind = "truncated" if self.cut or (self.finished and self.declared > self.packets) else "damaged"
+        if self.finished and self.declared:
+            head = f"decoded {self.decoded} of {self.declared} frames"
+        else:
+            head = f"{self.errors} packet(s) failed to decode among the first {self.decoded} frames"
+        if self.damaged:
+            head += f" ({self.damaged} with concealed errors)"
+        return f"'{self.path}': {head}; the file looks {kind}, so only what decoded is used."
+
+    def close(self) -> None:
+        self.container.close()
 
 
-def _snap_ntsc(fps: float) -> float:
-    """ffmpeg prints fps to two decimals; restore NTSC rates like 30000/1001 that it rounded to 29.97."""
-    rate = round(fps * 1.001)
-    if rate > 0 and abs(fps - rate / 1.001) < 0.006 and abs(fps - rate) > 0.006:
-        return rate * 1000 / 1001
-    return fps
+def _ffmpeg_reason(error: Exception) -> str:
+    """FFmpeg's own words for an error, without the errno and file name PyAV adds."""
+    reason = getattr(error, "strerror", None) or str(error)
+    log = getattr(error, "log", None)  # (level, name, message) of FFmpeg's last log line, when PyAV kept it
+    if log and len(log) == 3 and log[2]:
+        reason = f"{reason}: {log[2].strip()}"
+    return f"FFmpeg: {reason}"
+
+
+def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a decoded frame, turned as its display matrix says (as ffmpeg shows it)."""
+    rgb = frame.to_ndarray(format="rgb24")  # FFmpeg converts any pixel format: 10/16-bit, gray, alpha, palette
+    turns = round(frame.rotation / 90) % 4  # counter-clockwise quarter turns
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
 def _gif_frames(path: Path, durations: list[float]) -> Iterator[np.ndarray]:
@@ -258,17 +316,17 @@ def _gif_frames(path: Path, durations: list[float]) -> Iterator[np.ndarray]:
     try:
         image = Image.open(path)
     except OSError as err:
-        raise _unreadable(path) from err
+        raise _unreadable(path, f"Pillow: {err}") from err
     with image:
         for frame in ImageSequence.Iterator(image):
             durations.append(float(frame.info.get("duration") or 0))
             yield np.asarray(frame.convert("RGB"))
 
 
-def _gif_fps(durations: list[float]) -> float:
-    """fps from the mean frame duration; browsers show a 0 ms frame for 100 ms, which is FOLDER_FPS."""
+def _gif_rate(durations: list[float]) -> Fraction:
+    """The rate from the mean frame duration; browsers show a 0 ms frame for 100 ms, which is FOLDER_FPS."""
     durations = [d for d in durations if d > 0]
-    return 1000.0 / float(np.mean(durations)) if durations else FOLDER_FPS
+    return as_rate(1000.0 / float(np.mean(durations))) if durations else Fraction(FOLDER_FPS)
 
 
 def _folder_frames(folder: Path) -> list[Path]:
@@ -289,16 +347,25 @@ def _natural_key(path: Path) -> list:
 
 
 def _load_image(path: Path) -> np.ndarray:
-    """One image file as an RGB array."""
+    """One image file as an RGB array, turned as its EXIF orientation says."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return _image_to_rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError) as err:
         raise StemError(f"'{path}' is not a readable image; remove it from the folder or replace it.") from err
 
 
+def _image_to_rgb(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB; 16-bit gray (Pillow's modes I;16* and I) is scaled to 8 bits, not clipped."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        gray = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        gray8 = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+        return np.repeat(gray8[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
-    """Write frames as an H.264 (yuv420p, crf 18) video, atomically.
+    """Write frames as an H.264 (yuv420p, crf 18) video with PyAV's libx264, atomically.
 
     The file is written to a temporary name in the same folder and renamed into place, so a reader
     never sees half a file. Every frame is written once (no frame dropped or repeated, whatever the
@@ -307,14 +374,15 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None
     Args:
         path: output file, .mp4 (or .mov/.mkv); missing parent folders are created.
         frames: (N, H, W, 3) uint8 RGB.
-        fps: frames per second, e.g. 24 or 30000/1001.
+        fps: frames per second, e.g. 24 or 30000/1001 (a float or a Fraction; stored as the exact
+            fraction, see `as_rate`).
     """
     path = Path(path)
     frames = _check_frames(frames)
     if path.suffix.lower() not in WRITE_EXTENSIONS:
         raise StemError(f"Cannot write '{path}': videos are written as H.264, so name the output '.mp4'.")
-    if not fps > 0:
-        raise StemError(f"Cannot write '{path}' at {fps} fps; the fps must be positive.")
+    if not (fps > 0 and math.isfinite(fps)):
+        raise StemError(f"Cannot write '{path}' at {fps} fps; the fps must be a positive number.")
     frames = _pad_to_even(frames)
     with atomic_output(path) as tmp:
         _encode(str(tmp), frames, fps, shown_as=path)
@@ -337,35 +405,28 @@ def _pad_to_even(frames: np.ndarray) -> np.ndarray:
 
 
 def _encode(filename: str, frames: np.ndarray, fps: float, shown_as: Path) -> None:
-    """Pipe frames into ffmpeg/libx264."""
+    """Encode frames with libx264 into the container the file name's suffix names."""
     _, h, w, _ = frames.shape
-    writer = imageio_ffmpeg.write_frames(
-        filename,
-        (w, h),
-        fps=Fraction(fps).limit_denominator(100_000),  # passed as a rational, so 30000/1001 stays exact
-        codec="libx264",
-        pix_fmt_out="yuv420p",
-        quality=None,
-        output_params=["-crf", str(WRITE_CRF), "-movflags", "+faststart"],  # moov atom first: plays while loading
-        macro_block_size=1,  # dims are already even; don't let imageio resize
-        ffmpeg_log_level="error",
-    )
+    container_format = WRITE_FORMATS[Path(filename).suffix.lower()]
+    options = {"movflags": "+faststart"} if container_format != "matroska" else {}  # index first: plays while loading
     try:
-        writer.send(None)  # start ffmpeg
-        for frame in frames:
-            writer.send(np.ascontiguousarray(frame).tobytes())
-        writer.close()  # waits for ffmpeg to finish the file
-    except OSError as err:
+        with av.open(_av_url(filename), "w", format=container_format, options=options) as container:
+            stream = container.add_stream("libx264", rate=as_rate(fps))  # a rational, so 30000/1001 stays exact
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            stream.options = {"crf": str(WRITE_CRF)}
+            context = stream.codec_context
+            context.colorspace = context.color_primaries = context.color_trc = BT601
+            context.color_range = 1  # limited ("tv") range, as swscale's RGB -> yuv420p gives
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+            container.mux(stream.encode())  # flush the encoder's delayed frames
+    except (av.FFmpegError, OSError) as err:
         raise _write_failed(shown_as) from err
-    finally:
-        writer.close()
-    if os.path.getsize(filename) == 0:  # imageio does not check ffmpeg's exit status
-        raise _write_failed(shown_as)
 
 
 def _write_failed(path: Path) -> StemError:
-    """The error for an ffmpeg write failure."""
-    return StemError(f"ffmpeg could not write '{path}'; check that its folder is writable and has free space.")
+    """The error for a failed encode or write."""
+    return StemError(f"Could not write the video '{path}'; check that its folder is writable and has free space.")
 
 
 def side_by_side(videos: Sequence[np.ndarray], labels: Sequence[str]) -> np.ndarray:

@@ -2,8 +2,12 @@
 
 import dataclasses
 import os
+import signal
 import struct
+import subprocess
+import sys
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -345,23 +349,24 @@ def test_entry_larger_than_limit_is_kept_with_warning(tmp_path):
     assert cache.load(KEY) is not None
 
 
-def test_temp_files_ignored_and_stale_ones_cleaned(tmp_path):
+def test_temp_files_count_towards_the_size_and_stale_ones_are_cleaned(tmp_path):
     cache = LatentCache(tmp_path)
     path = cache.save(KEY, make_tensors())
-    fresh = tmp_path / f".{KEY}.fresh.tmp"
+    fresh = tmp_path / f".{KEY}.fresh.tmp"  # untagged names (another host, an old version): judged by age
     stale = tmp_path / f".{KEY}.stale.tmp"
     other = tmp_path / "notes.txt"
     for p in (fresh, stale, other):
         p.write_bytes(b"x" * 1000)
     os.utime(stale, (1000, 1000))
-    assert cache.size_bytes() == path.stat().st_size
+    assert cache.size_bytes() == path.stat().st_size + 2000  # temp files count while they exist
 
     assert cache.evict() == []
     assert fresh.exists() and other.exists() and not stale.exists()
+    assert cache.size_bytes() == path.stat().st_size + 1000
 
     cache.clear()
     assert not path.exists() and fresh.exists() and other.exists()
-    assert cache.size_bytes() == 0
+    assert cache.size_bytes() == 1000
 
 
 # --- defaults and environment ----------------------------------------------------------------------
@@ -435,3 +440,131 @@ def test_ensure_writable_creates_folder(tmp_path):
     cache = LatentCache(tmp_path / "deep" / "cache")
     cache.ensure_writable()
     assert cache.root.is_dir() and list(cache.root.iterdir()) == []
+
+
+# --- the job an entry was made for -----------------------------------------------------------------
+
+JOB = {"model_fingerprint": "tiny-random:0", "num_steps": 3, "frames": "4x64x96x3 |u1 sha256:00"}
+
+
+def test_an_entry_is_served_only_for_the_job_it_was_made_for(tmp_path):
+    cache = LatentCache(tmp_path)
+    cache.save(KEY, make_tensors(), {"note": "x"}, job=JOB)
+    entry = cache.load(KEY, job=dict(reversed(list(JOB.items()))))  # key order does not matter
+    assert entry is not None and entry.job == JOB and entry.metadata == {"note": "x"}
+    with pytest.warns(UserWarning, match=r"made for another job \(num_steps is 3 there, 2 here\); recomputing"):
+        assert cache.load(KEY, job={**JOB, "num_steps": 2}) is None
+    assert cache.path_for(KEY).exists()  # left for the recomputation to overwrite
+    cache.save("other", make_tensors())  # an entry that records no job (written by an older version)
+    with pytest.warns(UserWarning, match="records no job"):
+        assert cache.load("other", job=JOB) is None
+
+
+def test_the_job_record_is_under_the_checksum(tmp_path):
+    cache = LatentCache(tmp_path)
+    path = cache.save(KEY, make_tensors(), job=JOB)
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b'\\"num_steps\\": 3', b'\\"num_steps\\": 2'))  # same length, header still parses
+    assert path.read_bytes() != data
+    with pytest.warns(UserWarning, match="checksum mismatch"):
+        assert cache.load(KEY, job={**JOB, "num_steps": 2}) is None
+
+
+def test_job_key_depends_on_every_field_and_not_on_order():
+    key = cache_mod.job_key(JOB)
+    assert cache_mod.job_key(dict(reversed(list(JOB.items())))) == key
+    assert len({key} | {cache_mod.job_key({**JOB, name: "changed"}) for name in JOB}) == len(JOB) + 1
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_a_fifo_under_an_entry_name_is_not_opened(tmp_path):
+    cache = LatentCache(tmp_path)
+    os.mkfifo(cache.path_for(KEY))
+    outcome = []
+
+    def load():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outcome.append((cache.load(KEY), [str(w.message) for w in caught]))
+
+    reader = threading.Thread(target=load, daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    if reader.is_alive():  # opening a FIFO blocks until a writer comes: be that writer, then fail
+        os.close(os.open(cache.path_for(KEY), os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("load() opened the FIFO and blocked")
+    entry, messages = outcome[0]
+    assert entry is None and any("not a regular file" in m for m in messages)
+    cache.save(KEY, make_tensors())  # the entry replaces it
+    assert cache.load(KEY) is not None
+
+
+# --- one job per key, writers that die -------------------------------------------------------------
+
+
+def test_lock_lets_one_holder_in_at_a_time(tmp_path):
+    cache = LatentCache(tmp_path / "cache")
+    events = []
+
+    def hold(name):
+        with cache.lock(KEY) as held:
+            events.append((name, "in", held))
+            time.sleep(0.3)
+            events.append((name, "out", held))
+
+    threads = [threading.Thread(target=hold, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [e[1] for e in events] == ["in", "out", "in", "out"] and all(e[2] for e in events)
+    assert events[0][0] == events[1][0]
+
+
+def test_unused_lock_files_are_removed_and_held_ones_kept(tmp_path):
+    cache = LatentCache(tmp_path)
+    cache.save(KEY, make_tensors())
+    with cache.lock("held"):
+        with cache.lock("gone"):
+            pass
+        with cache.lock(KEY):
+            pass
+        for name in ("held", "gone", KEY):
+            os.utime(tmp_path / f".{name}.lock", (1000, 1000))  # old
+        cache.evict()
+        left = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".lock"))
+    assert left == [f".{KEY}.lock", ".held.lock"]  # its entry exists; still held
+
+
+WRITER = """
+import os, sys, time
+import stem.cache as cache
+
+def stuck_save(tensors, filename, metadata=None):
+    with open(filename, "wb") as f:
+        f.write(b"x" * 5000)
+    print("writing", flush=True)
+    time.sleep(600)
+
+cache.save_file = stuck_save
+cache.LatentCache(sys.argv[1]).save("k" * 64, {"a": cache.torch.zeros(1)})
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="kill -9 is POSIX")
+def test_a_writer_killed_mid_write_leaves_a_temp_file_that_counts_until_the_next_load(tmp_path):
+    root = tmp_path / "cache"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        (tmp,) = [p for p in root.iterdir() if p.name.endswith(".tmp")]
+        assert f"~{writer.pid}~" in tmp.name
+        cache = LatentCache(root, max_bytes=10**9)
+        assert cache.load(KEY) is None and tmp.exists()  # the writer is alive: its file stays
+        assert cache.size_bytes() == 5000  # and counts towards the size bound
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+        writer.stdout.close()
+    assert cache.load(KEY) is None
+    assert not tmp.exists() and cache.size_bytes() == 0

@@ -1,6 +1,8 @@
 """`python -m stem invert|compare` end to end on clips made here, and every bad input."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -8,6 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import make_frames
+import stem.cli
+import stem.engine
+import stem.files
+import stem.video
 from stem.cli import main
 from stem.video import read_video, write_video
 
@@ -83,6 +89,7 @@ def bad_files(tmp_path, clip):
     ("clip", ["--bases", "0"], "--bases"), ("clip", ["--iters", "0"], "--iters"), ("clip", ["--frames", "0"], "--frames"),
     ("clip", ["--size", "10"], "--size"), ("clip", ["--method", "magic"], "method"), ("clip", ["--steps", "0"], "--steps"),
     ("clip", ["--chunk-size", "0"], "--chunk-size"), ("clip", ["--device", "gpu"], "--device"),
+    ("clip", ["--fps", "0"], "--fps"),
 ])
 def test_bad_input_exits_non_zero_with_one_sentence_and_writes_nothing(bad_files, tmp_path, capsys, name, extra, word):
     out = tmp_path / "never"
@@ -110,3 +117,159 @@ def test_python_dash_m_stem_runs(clip, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "stem", "invert", str(tmp_path / "nope.mp4"), *FAST],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "does not exist" in proc.stderr
+
+
+# --- where the outputs go: checked first, written all together or not at all ------------------------
+
+
+def snapshot(folder):
+    """Every file under a folder with its bytes (hidden ones included), or None if it does not exist."""
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else "dir") for p in sorted(folder.rglob("*"))}
+
+
+def no_model(monkeypatch):
+    """Make loading the model a failure the test would see (exit 1, not 2)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(stem.engine, "load_models", refuse)
+
+
+@pytest.mark.parametrize("case, word", [
+    ("a file", "is a file"), ("under a file", "cannot be created"), ("not writable", "not writable"),
+    ("a folder in the way", "is a folder"),
+])
+def test_out_is_checked_before_the_model_loads(clip, tmp_path, capsys, monkeypatch, case, word):
+    no_model(monkeypatch)
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    out = {"a file": taken, "under a file": taken / "sub", "not writable": tmp_path / "ro",
+           "a folder in the way": tmp_path / "out"}[case]
+    if case == "not writable":  # what a read-only folder does, even for root
+        monkeypatch.setattr(stem.files.tempfile, "mkdtemp", lambda *a, **k: (_ for _ in ()).throw(
+            PermissionError(13, "Permission denied")))
+    if case == "a folder in the way":
+        (out / "metrics.json").mkdir(parents=True)
+        (out / "reconstruction.mp4").write_bytes(b"the previous run's video")
+    before = snapshot(tmp_path)
+    code, stdout, err = run(["invert", clip, *FAST, "--out", out, "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and word in lines[0] and "--out" in lines[0], err
+    assert "loading the model" not in err and stdout == ""
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(os.name == "nt" or os.geteuid() == 0, reason="needs POSIX permissions that bind the user")
+def test_a_read_only_out_folder_is_refused_up_front(clip, tmp_path, capsys, monkeypatch):
+    no_model(monkeypatch)
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        code, _, err = run(["invert", clip, *FAST, "--out", out, "--cache-dir", tmp_path / "cache"], capsys)
+    finally:
+        out.chmod(0o700)
+    assert code == 2 and "not writable" in err and list(out.iterdir()) == []
+
+
+def _fail_second_write(monkeypatch):
+    """The first output is written, the second fails as a full disk would."""
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(stem.cli, "write_json", disk_full)
+
+
+@pytest.mark.parametrize("command, video_name", [("invert", "reconstruction.mp4"), ("compare", "comparison.mp4")])
+def test_a_failed_second_output_leaves_the_output_folder_as_it_was(clip, tmp_path, capsys, monkeypatch, command,
+                                                                    video_name):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / video_name).write_bytes(b"the previous run's video")
+    (out / "metrics.json").write_text('{"previous": true}')
+    before = snapshot(tmp_path / "out")
+    _fail_second_write(monkeypatch)
+    code, _, err = run([command, clip, *FAST, "--frames", "2", "--out", out, "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 1 and "No space left" in err
+    assert snapshot(out) == before  # no new video beside the old metrics, no staging folder left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    fresh = tmp_path / "fresh" / "deeper"  # a folder that does not exist yet is not created by a failed run
+    code, _, _ = run([command, clip, *FAST, "--frames", "2", "--out", fresh, "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 1 and not (tmp_path / "fresh").exists()
+
+
+def test_edit_with_several_prompts_writes_all_videos_or_none(clip, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    args = ["edit", clip, *FAST, "--frames", "2", "--size", "64", "--prompt", "a red square", "--prompt", "a blue square",
+            "--out", out, "--cache-dir", tmp_path / "cache"]
+    (out / "metrics.json").mkdir(parents=True)  # in the way: refused before any work
+    code, _, err = run(args, capsys)
+    assert code == 2 and "is a folder" in err and "loading the model" not in err
+    (out / "metrics.json").rmdir()
+
+    writes = []
+    real_write = stem.video.write_video
+
+    def second_fails(path, frames, fps):
+        writes.append(path)
+        if len(writes) == 2:
+            raise OSError(28, "No space left on device")
+        real_write(path, frames, fps)
+
+    monkeypatch.setattr(stem.video, "write_video", second_fails)
+    code, _, err = run(args, capsys)
+    assert code == 1 and len(writes) == 2
+    assert list(out.iterdir()) == []  # not edited-1-*.mp4 without the rest
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+KILLED_RUN = """
+import os, signal, sys
+import stem.cli
+
+def killed(path, data):  # the video is in the staging folder; die before the metrics, as kill -9 would
+    os.kill(os.getpid(), signal.SIGKILL)
+
+stem.cli.write_json = killed
+stem.cli.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="kill -9 is POSIX")
+def test_what_a_killed_run_left_is_removed_by_the_next_run(clip, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["invert", str(clip), *FAST, "--method", "ddim", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, *args], capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (stage,) = [p for p in tmp_path.iterdir() if p.name.startswith(".stem-out")]
+    assert (stage / "reconstruction.mp4").is_file() and not out.exists()
+
+    code, _, err = run(args, capsys)
+    assert code == 0, err
+    assert not stage.exists() and sorted(p.name for p in out.iterdir()) == ["metrics.json", "reconstruction.mp4"]
+
+    # temp files in the output folder: a dead writer's go, a live writer's stay
+    dead = out / f".reconstruction{stem.files.owner_tag().replace(f'~{os.getpid()}~', f'~{killed_pid(stage)}~')}x.mp4"
+    live = out / f".metrics{stem.files.owner_tag()}y.json"
+    dead.write_bytes(b"half")
+    live.write_bytes(b"half")
+    assert run(args, capsys)[0] == 0
+    assert not dead.exists() and live.exists()
+
+
+def killed_pid(stage):
+    """The pid in a staging folder's name (.stem-out~<pid>~<host>~<random>)."""
+    return int(stage.name.split("~")[1])
+
+
+def test_fps_sets_the_outputs_frame_rate(clip, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run(["invert", clip, *FAST, "--method", "ddim", "--fps", "5", "--out", out,
+                        "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["fps"] == 5
+    assert read_video(out / "reconstruction.mp4", size=96).fps == 5

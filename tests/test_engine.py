@@ -1,13 +1,16 @@
 """The inversion job: cache hits do no UNet work, any changed setting misses, corrupt files recompute."""
 
 import dataclasses
+import os
+import threading
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import make_frames
-from stem.engine import InversionSettings, inversion_metrics
+from stem.engine import Engine, InversionSettings, inversion_metrics
 from stem.errors import StemError
 from stem.video import Video
 
@@ -106,3 +109,112 @@ def test_settings_are_frozen_and_hashable():
 def test_a_job_for_another_model_is_refused(engine, video):
     with pytest.raises(StemError, match="model"):
         engine.invert(video, dataclasses.replace(BASE, model="other/model"))
+
+
+# --- an entry is served only for the job that made it ------------------------------------------------
+
+
+def _copy_entry(engine, source_key, target_key):
+    engine.cache.path_for(target_key).write_bytes(engine.cache.path_for(source_key).read_bytes())
+
+
+@pytest.mark.parametrize("other", ["frames", "steps", "dtype"])
+def test_an_entry_copied_under_another_jobs_key_is_recomputed(engine, video, count_calls, tmp_path, other):
+    # the issue's cases: `--stride 3` (other frames), other --steps, float64 under a float32 name
+    donor, job_engine, job_video, job = engine, engine, video, BASE
+    if other == "frames":
+        job_video = Video(video.frames[::3], video.fps, "made")
+    elif other == "steps":
+        job = dataclasses.replace(BASE, num_steps=2)
+    else:
+        from stem.models import build_tiny
+
+        donor = Engine("tiny-random", cache=engine.cache).use_parts(build_tiny(device="cpu", dtype=torch.float64))
+    first = donor.invert(video, BASE)
+    wanted = job_engine.invert(job_video, job)
+    assert wanted.key != first.key
+    _copy_entry(engine, first.key, wanted.key)
+    with pytest.warns(UserWarning, match="made for another job"), count_calls(engine.parts.unet) as counter:
+        again = job_engine.invert(job_video, job)
+    assert not again.cache_hit and counter.calls == 2 * job.num_steps
+    assert torch.equal(again.trajectory, wanted.trajectory)  # this job's latents, not the copied ones
+    assert job_engine.invert(job_video, job).cache_hit  # the entry was overwritten with the right one
+
+
+def test_an_entry_of_another_frame_size_is_recomputed_not_a_crash(engine, video, count_calls):
+    small = Video(np.ascontiguousarray(video.frames[:, :, :64]), video.fps, "made")  # 64x64 instead of 96x64
+    wide = engine.invert(video, BASE)
+    wanted = engine.invert(small, BASE)
+    _copy_entry(engine, wide.key, wanted.key)
+    with pytest.warns(UserWarning, match="another job"):
+        again = engine.invert(small, BASE)
+    assert not again.cache_hit and again.reconstruction.shape == small.frames.shape
+
+    # an entry whose job record matches but whose tensors do not fit (a damaged writer, a hand-made file)
+    tensors = dict(engine.cache.load(wide.key).tensors)
+    engine.cache.save(wanted.key, tensors, job=engine.job_for(small, BASE))
+    with pytest.warns(UserWarning, match=r"holds a trajectory of shape .*; recomputing"), \
+            count_calls(engine.parts.unet) as counter:
+        fixed = engine.invert(small, BASE)
+    assert not fixed.cache_hit and counter.calls == 2 * BASE.num_steps
+    torch.testing.assert_close(fixed.trajectory, wanted.trajectory)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_a_fifo_planted_under_the_entry_name_does_not_hang_the_job(engine, video):
+    path = engine.cache.path_for(engine.key_for(video, BASE))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    results = []
+    job = threading.Thread(target=lambda: results.append(engine.invert(video, BASE)), daemon=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        job.start()
+        job.join(timeout=300)
+    if job.is_alive():
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # unblock the reader before failing
+        pytest.fail("the job blocked on the FIFO")
+    assert not results[0].cache_hit and path.is_file()
+    assert engine.invert(video, BASE).cache_hit
+
+
+def test_two_identical_jobs_at_once_invert_once(tiny_parts, video, tmp_path, count_calls):
+    from stem.cache import LatentCache
+    from stem.models import build_tiny
+
+    # one engine per thread, each with its own modules, sharing one cache folder (like two processes)
+    engines = [Engine("tiny-random", cache=LatentCache(tmp_path / "shared")).use_parts(parts)
+               for parts in (tiny_parts, build_tiny(device="cpu"))]
+    start = threading.Barrier(2)
+    results = [None, None]
+
+    def run(i):
+        start.wait()
+        results[i] = engines[i].invert(video, BASE)
+
+    with count_calls(engines[0].parts.unet) as a, count_calls(engines[1].parts.unet) as b:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert a.calls + b.calls == 2 * BASE.num_steps  # exactly one inversion (and its reconstruction)
+    assert sorted(r.cache_hit for r in results) == [False, True]
+    assert torch.equal(results[0].trajectory, results[1].trajectory)
+
+
+def test_a_resaved_local_model_folder_is_a_new_model(tiny_parts, video, tmp_path):
+    from stem.cache import LatentCache
+    from stem.models import build_tiny, save_pretrained
+
+    folder = save_pretrained(tiny_parts, tmp_path / "my-model")
+    settings = dataclasses.replace(BASE, model=str(folder))
+    cache = LatentCache(tmp_path / "cache")
+    first = Engine(str(folder), device="cpu", cache=cache).invert(video, settings)
+    assert Engine(str(folder), device="cpu", cache=cache).invert(video, settings).cache_hit  # same files: a hit
+    save_pretrained(build_tiny(seed=1), folder)  # other weights, same names and configs
+    other = Engine(str(folder), device="cpu", cache=cache)
+    again = other.invert(video, settings)
+    assert not again.cache_hit and again.key != first.key
+    assert (again.trajectory[-1] - first.trajectory[-1]).abs().max() > 1e-3
+    assert other.model_fingerprint.startswith("folder:")

@@ -79,3 +79,20 @@ def test_stem_inversion_does_not_depend_on_the_unet_chunk_size(tmp_path):
     ddim = Engine("tiny-random", cache=LatentCache(tmp_path / "d")).use_parts(tiny_parts).invert(
         video, InversionSettings(model="tiny-random", method="ddim", num_steps=4))
     assert (ddim.trajectory[-1] - results[0].trajectory[-1]).abs().max() > 1e-3
+
+
+def test_1000_steps_use_every_trained_timestep_once_and_invert_exactly(tiny_parts):
+    # "leading" spacing plus steps_offset=1 would give timesteps 1..1000, past the last trained one (999)
+    InversionSettings(num_steps=1000).validate()  # documented as valid
+    timesteps, alphas = ddim_schedule(tiny_parts.scheduler, 1000)
+    assert timesteps.tolist() == list(range(1000))
+    torch.testing.assert_close(alphas[1:], tiny_parts.scheduler.alphas_cumprod.to(torch.float64))
+    assert ddim_schedule(tiny_parts.scheduler, 50)[0].tolist() == list(range(1, 1000, 20))  # other T unchanged
+
+    # the loops over all 1000 levels, with a noise prediction that depends on the timestep only
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    noise = torch.randn(1000, 2, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eps = lambda x, t, step: noise[int(t)]  # noqa: E731
+    trajectory = ddim_invert(eps, latents, timesteps, alphas)
+    assert trajectory.shape == (1001, 2, 4, 8, 8) and torch.isfinite(trajectory).all()
+    torch.testing.assert_close(ddim_sample(eps, trajectory[-1], timesteps, alphas), latents, rtol=0, atol=1e-9)

@@ -46,3 +46,54 @@ def test_missing_folder_and_incomplete_folder(tmp_path):
     (tmp_path / "file.ckpt").write_text("x")
     with pytest.raises(StemError, match="is a file"):
         load_models(str(tmp_path / "file.ckpt"), device="cpu")
+
+
+# --- fingerprints: part of every cache key ---------------------------------------------------------
+
+
+def test_tiny_random_fingerprint_follows_its_construction_not_its_dtype(tiny_parts):
+    from stem.models import build_tiny
+
+    assert tiny_parts.fingerprint.startswith("tiny-random:")
+    assert build_tiny(device="cpu", dtype=torch.float64).fingerprint == tiny_parts.fingerprint  # dtype is keyed apart
+    assert build_tiny(device="cpu", seed=1).fingerprint != tiny_parts.fingerprint  # other weights
+
+
+def test_folder_fingerprint_follows_configs_and_weight_files(tmp_path):
+    import os
+
+    from stem.models import model_fingerprint
+
+    folder = tmp_path / "model"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text('{"sample_size": 64}')
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"w" * 100)
+    (folder / ".cache").mkdir()
+    first = model_fingerprint(str(folder))
+    assert first.startswith("folder:") and model_fingerprint(str(folder)) == first
+    (folder / ".cache" / "lock").write_text("tools' own files do not count")
+    assert model_fingerprint(str(folder)) == first
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # re-saved: same size, newer
+    resaved = model_fingerprint(str(folder))
+    assert resaved != first
+    (folder / "unet" / "config.json").write_text('{"sample_size": 96}')
+    assert model_fingerprint(str(folder)) != resaved
+
+
+def test_hub_fingerprint_is_the_commit_of_the_local_snapshot(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from stem.models import model_fingerprint
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--someone--tiny-sd"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit / "unet").mkdir(parents=True)
+        (repo / "snapshots" / commit / "unet" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    assert model_fingerprint("someone/tiny-sd") == "hub:someone/tiny-sd@" + "a" * 40
+    (repo / "refs" / "main").write_text("b" * 40)  # a newer revision was downloaded
+    assert model_fingerprint("someone/tiny-sd") == "hub:someone/tiny-sd@" + "b" * 40

@@ -1,9 +1,11 @@
 """Reading, writing and laying out videos: clips are made in code, nothing is read from outside."""
 
+import os
 import warnings
+from fractions import Fraction
 
+import av
 import cv2
-import imageio_ffmpeg
 import numpy as np
 import pytest
 from PIL import Image
@@ -11,6 +13,21 @@ from PIL import Image
 from stem import video as video_module
 from stem.errors import StemError
 from stem.video import FOLDER_FPS, Video, fit_size, read_video, side_by_side, write_video
+
+
+def encode(path, frames, rate=24, codec="libx264", pix_fmt="yuv420p", frame_format="rgb24", faststart=True,
+           rotation=None):
+    """Write frames with PyAV directly (not with write_video): any codec, pixel format, rate or rotation."""
+    options = {"movflags": "+faststart"} if faststart and str(path).endswith(".mp4") else {}
+    with av.open(str(path), "w", options=options) as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = pix_fmt
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format=frame_format)))
+        container.mux(stream.encode())
 
 
 def make_clip(num_frames=10, width=96, height=64, seed=0):
@@ -192,19 +209,13 @@ def test_unreadable_frame_in_folder(tmp_path):
     _assert_stem_error(r"'.*1\.png' is not a readable image", path=folder)
 
 
-def _write_noise_mp4(path, faststart):
-    """A 30-frame noisy mp4, moov atom first (our writer) or last (ffmpeg's default)."""
-    frames = np.random.default_rng(0).integers(0, 256, (30, 64, 96, 3), dtype=np.uint8)
+def _write_noise_mp4(path, faststart, num_frames=30):
+    """A noisy mp4, moov atom first (our writer) or last (FFmpeg's default)."""
+    frames = np.random.default_rng(0).integers(0, 256, (num_frames, 64, 96, 3), dtype=np.uint8)
     if faststart:
         write_video(path, frames, 24)
-        return
-    writer = imageio_ffmpeg.write_frames(
-        str(path), (96, 64), fps=24, codec="libx264", macro_block_size=1, ffmpeg_log_level="error"
-    )
-    writer.send(None)
-    for frame in frames:
-        writer.send(frame.tobytes())
-    writer.close()
+    else:
+        encode(path, frames, faststart=False)
 
 
 @pytest.mark.parametrize("faststart", [True, False])
@@ -310,3 +321,133 @@ def test_side_by_side_rejects_mismatched_inputs():
         side_by_side([make_clip(2), make_clip(3)], ["a", "b"])
     with pytest.raises(ValueError):
         side_by_side([make_clip(2)], ["a", "b"])
+
+
+# ---- decoding with PyAV: damage is reported, every pixel format and rate comes through
+
+
+def _read_with_warnings(path, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        clip = read_video(path, **kwargs)
+    return clip, [str(w.message) for w in caught]
+
+
+def test_a_file_cut_in_half_says_how_many_frames_decoded(tmp_path):
+    full = tmp_path / "full.mp4"
+    _write_noise_mp4(full, faststart=True, num_frames=40)  # the index is at the start: the cut half still plays
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    clip, messages = _read_with_warnings(cut, size=64)
+    assert 1 <= clip.num_frames < 40
+    assert len(messages) == 1, messages
+    assert f"decoded {clip.num_frames} of 40 frames; the file looks truncated" in messages[0]
+
+
+def test_garbage_in_the_middle_is_reported_and_the_rest_still_decodes(tmp_path):
+    path = tmp_path / "damaged.mp4"
+    _write_noise_mp4(path, faststart=True, num_frames=40)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 2000] = np.random.default_rng(1).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    clip, messages = _read_with_warnings(path, size=64)
+    assert 20 < clip.num_frames <= 40  # frames after the damage still come out
+    assert len(messages) == 1 and "of 40 frames" in messages[0] and "damaged" in messages[0], messages
+
+
+def test_decoding_stops_at_the_last_frame_kept(tmp_path):
+    full = tmp_path / "full.mp4"
+    _write_noise_mp4(full, faststart=True, num_frames=40)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    clip, messages = _read_with_warnings(cut, size=64, num_frames=3, stride=2)
+    assert clip.num_frames == 3 and messages == []  # the cut lies past frame 4: never reached, nothing to report
+    every = read_video(full, size=64, num_frames=5).frames
+    np.testing.assert_array_equal(clip.frames, every[::2])
+
+
+def test_16_bit_gray_png_frames_are_scaled_not_clipped(tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    for i, level in enumerate((16384, 32768)):  # 25% and 50% gray, then a full ramp
+        Image.fromarray(np.full((64, 64), level, np.uint16)).save(folder / f"f{i}.png")
+    Image.fromarray(ramp).save(folder / "f2.png")
+    assert Image.open(folder / "f0.png").mode.startswith("I")  # really 16-bit on disk
+    clip = read_video(folder, size=64)
+    assert abs(clip.frames[0].mean() - 16384 / 257) < 1  # 63.75, not "almost white"
+    assert abs(clip.frames[1].mean() - 32768 / 257) < 1
+    assert clip.frames[2].min() <= 1 and clip.frames[2].max() >= 254  # the whole range maps onto 0..255
+    assert (clip.frames[..., 0] == clip.frames[..., 2]).all()  # gray stays gray
+
+
+@pytest.mark.parametrize("codec, pix_fmt, suffix, frame_format, level, expected", [
+    ("ffv1", "gray16le", ".mkv", "gray16le", 16384, 16384 / 257),
+    ("ffv1", "gray", ".mkv", "gray", 100, 100),
+    ("libx264", "yuv420p10le", ".mp4", "rgb24", 100, 100),
+    ("png", "rgb48be", ".mov", "rgb24", 180, 180),
+])
+def test_high_bit_depth_and_gray_videos_convert_to_8_bit_rgb(tmp_path, codec, pix_fmt, suffix, frame_format, level, expected):
+    shape = (3, 48, 64) if frame_format.startswith("gray") else (3, 48, 64, 3)
+    dtype = np.uint16 if frame_format.endswith("16le") else np.uint8
+    path = tmp_path / f"clip{suffix}"
+    encode(path, np.full(shape, level, dtype), codec=codec, pix_fmt=pix_fmt, frame_format=frame_format)
+    clip = read_video(path, size=64)
+    assert clip.frames.shape == (3, 48, 64, 3) and clip.frames.dtype == np.uint8
+    assert abs(clip.frames.mean() - expected) < 3
+
+
+def test_exact_rates_and_1000_fps(tmp_path):
+    frames = make_clip(6)
+    for rate in (Fraction(1000), Fraction(30000, 1001), Fraction(25, 2)):
+        path = tmp_path / f"rate-{rate.numerator}-{rate.denominator}.mp4"
+        encode(path, frames, rate=rate)
+        clip, messages = _read_with_warnings(path, size=64)
+        assert clip.fps == float(rate) and messages == []
+        assert clip.rate == rate
+        again = tmp_path / "again.mp4"
+        write_video(again, clip.frames, clip.fps)  # the float fps is written as the exact fraction
+        with av.open(str(again)) as container:
+            assert container.streams.video[0].average_rate == rate
+
+
+@pytest.mark.parametrize("rotation, turns", [(90, 1), (-90, 3), (180, 2)])
+def test_display_rotation_turns_frames_upright(tmp_path, rotation, turns):
+    # ffmpeg shows a stream with display rotation +90 turned a quarter counter-clockwise (np.rot90 k=1)
+    frame = np.zeros((48, 96, 3), np.uint8)
+    frame[:16, :32] = 255  # a white block in the top-left corner
+    path = tmp_path / "phone.mp4"
+    encode(path, np.stack([frame] * 2), rotation=rotation)
+    clip = read_video(path, size=96)
+    expected = np.rot90(frame, turns)
+    assert clip.frames.shape[1:] == expected.shape
+    assert np.abs(clip.frames[0].astype(int) - expected).mean() < 8
+
+
+def test_a_file_without_video_says_so(tmp_path):
+    path = tmp_path / "sound.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=8000)
+        samples = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        samples.sample_rate = 8000
+        container.mux(stream.encode(samples))
+        container.mux(stream.encode())
+    _assert_stem_error(r"'.*sound\.mp4' has no video stream", path=path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs POSIX FIFOs")
+def test_a_fifo_is_refused_not_opened(tmp_path):
+    path = tmp_path / "pipe.mp4"
+    os.mkfifo(path)
+    _assert_stem_error(r"'.*pipe\.mp4' is not a regular file", path=path)
+
+
+def test_written_files_are_tagged_h264_yuv420p_bt601(tmp_path):
+    path = tmp_path / "out.mp4"
+    write_video(path, make_clip(3), 24)
+    with av.open(str(path)) as container:
+        context = container.streams.video[0].codec_context
+        assert (context.name, context.pix_fmt) == ("h264", "yuv420p")
+        assert context.colorspace == video_module.BT601
+    assert path.read_bytes().find(b"moov") < path.read_bytes().find(b"mdat")  # index first: plays while loading
