@@ -62,6 +62,33 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "cpu" else torch.float16
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def resolve_dtype(dtype, device, bf16_supported: bool | None = None) -> torch.dtype:
+    """The model dtype for `device`: a torch.dtype, a name ("float16", "bf16", ...) or None (the default).
+
+    bfloat16 is refused on a CUDA GPU without bfloat16 support (before Ampere); `bf16_supported`
+    overrides what torch reports (tests).
+    """
+    device = torch.device(device)
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, str):
+        name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower().removeprefix("torch."))
+        if name not in DTYPES:
+            raise StemError(f"--dtype {dtype!r} is not a model precision; use one of: {', '.join(DTYPES)}.")
+        dtype = DTYPES[name]
+    if dtype not in DTYPES.values():
+        raise StemError(f"--dtype {dtype} is not a model precision; use one of: {', '.join(DTYPES)}.")
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        supported = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if bf16_supported is None else bf16_supported
+        if not supported:
+            raise StemError("This GPU has no bfloat16 support; use --dtype float16 (the GPU default) or float32.")
+    return dtype
+
+
 def _tiny_tokenizer():
     """A CLIP BPE tokenizer over single characters: lower-case letters, digits and punctuation."""
     from transformers import CLIPTokenizer
@@ -114,7 +141,7 @@ def build_tiny(device=None, dtype=None, seed: int = 0) -> StableDiffusionParts:
 def _finish(unet, vae, text_encoder, tokenizer, scheduler, model_id, device, dtype) -> StableDiffusionParts:
     """Move to the device/dtype and switch to inference mode."""
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    dtype = resolve_dtype(dtype, device)
     for module in (unet, vae, text_encoder):
         if next(module.parameters()).dtype != dtype:  # diffusers warns on any dtype cast, even a no-op
             module.to(dtype=dtype)
@@ -133,7 +160,7 @@ def load_models(model_id: str = DEFAULT_MODEL, device=None, dtype=None) -> Stabl
         model_id: a Hugging Face hub id, a local folder in diffusers layout (unet/, vae/,
             text_encoder/, tokenizer/, scheduler/), or `tiny-random`.
         device: defaults to CUDA, then MPS, then CPU.
-        dtype: defaults to fp16 on accelerators and fp32 on the CPU.
+        dtype: a torch dtype or its name; defaults to fp16 on accelerators and fp32 on the CPU.
 
     Returns:
         The parts, with a DDIMScheduler built from the model's scheduler config.
@@ -151,7 +178,7 @@ def load_models(model_id: str = DEFAULT_MODEL, device=None, dtype=None) -> Stabl
     if not local.is_dir() and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
         raise StemError(f"The model folder {model_id!r} does not exist; pass an existing diffusers model folder, a hub id such as {DEFAULT_MODEL}, or tiny-random.")
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    dtype = resolve_dtype(dtype, device)
 
     def load(local_files_only: bool):
         return (

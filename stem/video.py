@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import cv2
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageSequence
 
@@ -49,6 +48,13 @@ class Video:
     @property
     def width(self) -> int:
         return self.frames.shape[2]
+
+
+def _imageio_ffmpeg():
+    """imageio-ffmpeg, imported on first use: the engine and the benchmarks import this module without it."""
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg
 
 
 def fit_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -198,7 +204,7 @@ def _ffmpeg_input(path: Path) -> str:
 
 def _probe_fps(path: Path) -> float:
     """The fps ffmpeg reports for the first video stream (0.0 if none); a StemError if it finds no video stream."""
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", _ffmpeg_input(path)]
+    command = [_imageio_ffmpeg().get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", _ffmpeg_input(path)]
     try:
         # with no output file ffmpeg only prints what it found in the input, then exits
         log = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=60).stderr
@@ -218,7 +224,7 @@ def _ffmpeg_stream(path: Path) -> Iterator[np.ndarray]:
     stream into frames. Decoding stops where the stream stops (e.g. at a truncated file's cut).
     """
     command = [
-        imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
+        _imageio_ffmpeg().get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error",
         "-i", _ffmpeg_input(path), "-map", "0:v:0",
         "-fps_mode", "passthrough",  # every decoded frame exactly once: no frames repeated to fill timestamp gaps
         "-pix_fmt", "rgb24", "-f", "image2pipe", "-vcodec", "ppm", "-",
@@ -339,7 +345,7 @@ def _pad_to_even(frames: np.ndarray) -> np.ndarray:
 def _encode(filename: str, frames: np.ndarray, fps: float, shown_as: Path) -> None:
     """Pipe frames into ffmpeg/libx264."""
     _, h, w, _ = frames.shape
-    writer = imageio_ffmpeg.write_frames(
+    writer = _imageio_ffmpeg().write_frames(
         filename,
         (w, h),
         fps=Fraction(fps).limit_denominator(100_000),  # passed as a rational, so 30000/1001 stays exact
