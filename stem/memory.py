@@ -8,7 +8,7 @@ frame; w: the UNet's first block width / 320 (1 for SD 1.x and 2.x); C = 320 w; 
     VAE call of v frames (encode, decode)       v · H · W · VAE_ELEMENTS_PER_PIXEL · b
     UNet call of s samples while h samples of   (s · UNET_CALL + h · UNET_HELD) · w · L · b
       other lock-step chunks wait at a layer
-    + STEM                                      the EM's responsibility block (at most 64 MiB, float32)
+    + STEM                                      the EM's responsibility block and its softmax (2 x 64 MiB, float32)
                                                 and one head's keys in float32, N · L · C/heads · 4
     + STEM or inflated, chunked                 all frames' keys and values gathered, 2 · N · C · L · b
     + inflated                                  the queries regrouped over frames, 2 · s · C · L · b
@@ -50,7 +50,7 @@ GiB = 2**30
 UNET_CALL = 7240     # peak of one UNet call (slope over 16 -> 32 samples at 128 px: 7.07 MiB per sample in float32)
 UNET_HELD = 3526     # what a sample holds at a self-attention layer (64, 128, 256 px alike: 3522-3545)
 VAE_ELEMENTS_PER_PIXEL = 1000  # decode 969-1104, encode 642-720 per pixel (64-256 px); decode dominates
-EM_BLOCK_BYTES = 4 * (1 << 24)   # stem.em.DEFAULT_CHUNK_ELEMENTS float32 responsibilities
+EM_BLOCK_BYTES = 2 * 4 * (1 << 24)  # stem.em.DEFAULT_CHUNK_ELEMENTS float32 responsibilities, and softmax's output on a GPU
 SIMILARITY_BYTES = 4 * (1 << 24)  # TokenFlow's nearest-neighbour block (DEFAULT_MATCH_CHUNK_ELEMENTS)
 MARGIN = 1.25            # allocator rounding and fragmentation, kernels' workspaces
 RESERVE = 512 * MiB      # cuDNN/cuBLAS workspaces and whatever else this process allocates

@@ -15,8 +15,9 @@ from accelerate.hooks import CpuOffload, add_hook_to_module, remove_hook_from_mo
 
 
 def _on_device(module, device: torch.device) -> bool:
+    """Whether `module`'s weights are on the (accelerator) `device`; "cuda" and "cuda:0" alike."""
     parameter = next(module.parameters(), None)
-    return parameter is not None and parameter.device == device and device.type != "cpu"
+    return parameter is not None and device.type != "cpu" and parameter.device.type == device.type
 
 
 class _OneOnDevice(CpuOffload):

@@ -311,7 +311,7 @@ def section_sdpa(cfg: CheckConfig, rec: Recorder) -> str:
 
 
 def section_pytest(cfg: CheckConfig, rec: Recorder) -> str:
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-rs", "-p", "no:cacheprovider"]
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-rA", "-p", "no:cacheprovider"]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     print(proc.stdout[-6000:], proc.stderr[-2000:], sep="\n", flush=True)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else f"pytest exited {proc.returncode}"

@@ -19,6 +19,19 @@ def _seeded_on(device, seed: int):
         yield
 
 
+def _build(make, device, seed: int):
+    """`make()` on `device` directly; if building there fails, on the CPU (then moved by `_finish`)."""
+    try:
+        with _seeded_on(device, seed):
+            return make()
+    except Exception as error:  # noqa: BLE001 - a library that cannot build on the device: the slow way
+        if torch.device(device).type == "cpu":
+            raise
+        print(f"note: building on {device} failed ({type(error).__name__}: {error}); building on the CPU", flush=True)
+        with _seeded_on("cpu", seed):
+            return make()
+
+
 def _finish(module, device, dtype):
     if dtype != torch.float32:  # diffusers warns on any dtype cast, even a no-op
         module.to(dtype=dtype)
@@ -38,18 +51,17 @@ def sd15_unet(device, dtype, seed: int = 0):
     """SD-1.5's UNet architecture (860M parameters) with random weights: the real model's cost."""
     from diffusers import UNet2DConditionModel
 
-    with _seeded_on(device, seed):
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=768,
-            attention_head_dim=8,
-        )
+    unet = _build(lambda: UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    ), device, seed)
     return _finish(unet, device, dtype)
 
 
@@ -57,12 +69,11 @@ def sd15_vae(device, dtype, seed: int = 1):
     """SD-1.5's VAE architecture (84M parameters) with random weights."""
     from diffusers import AutoencoderKL
 
-    with _seeded_on(device, seed):
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-            block_out_channels=(128, 256, 512, 512), sample_size=512, scaling_factor=0.18215,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        )
+    vae = _build(lambda: AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+        block_out_channels=(128, 256, 512, 512), sample_size=512, scaling_factor=0.18215,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    ), device, seed)
     return _finish(vae, device, dtype)
 
 
@@ -70,12 +81,11 @@ def sd15_text_encoder(vocab_size: int, device, dtype, seed: int = 2):
     """SD-1.5's CLIP ViT-L/14 text encoder shape (12 layers of 768) with random weights, for `vocab_size` tokens."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    with _seeded_on(device, seed):
-        encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=vocab_size, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-            num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
-            bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        ))
+    encoder = _build(lambda: CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )), device, seed)
     return _finish(encoder, device, dtype)
 
 
