@@ -19,6 +19,9 @@ from .errors import StemError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_MODEL = "tiny-random"
+# Stable Diffusion 1.x/2.x UNet layout: three cross-attention levels down (and up) plus a plain one
+SD_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+SD_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 TINY_WARNING = "Using the built-in 'tiny-random' model: random weights, so every output is noise (for tests and offline smoke runs)."
 
 
@@ -111,8 +114,8 @@ def build_tiny(device=None, dtype=None, seed: int = 0) -> StableDiffusionParts:
             sample_size=16,
             block_out_channels=(32, 32, 64, 64),
             layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=SD_DOWN_BLOCKS,
+            up_block_types=SD_UP_BLOCKS,
             cross_attention_dim=32,
             attention_head_dim=8,
             norm_num_groups=8,

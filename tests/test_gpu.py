@@ -53,11 +53,12 @@ def test_em_of_fp16_keys_on_cuda_is_float32_and_matches_the_cpu():
     keys = (3 * torch.randn(8, 8192, 40, generator=generator)).half()
     values = torch.randn(8, 8192, 40, generator=generator).half()
     init = torch.randn(8, 256, 40, generator=generator)
-    gpu = estimate_bases(keys.to(CUDA), values.to(CUDA), 256, 5, init=init.to(CUDA))
-    cpu = estimate_bases(keys.float(), values.float(), 256, 5, init=init)
+    # tau = 1: smooth responsibilities, so summation orders cannot tip a token from one basis to another
+    gpu = estimate_bases(keys.to(CUDA), values.to(CUDA), 256, 5, tau=1.0, init=init.to(CUDA))
+    cpu = estimate_bases(keys.float(), values.float(), 256, 5, tau=1.0, init=init)
     for g, c in zip(gpu, cpu):
         assert g.dtype == torch.float32 and torch.isfinite(g).all()
-        assert relative_error(g, c) < 1e-3  # float32 both; only summation orders differ
+        assert relative_error(g, c) < 1e-4  # float32 both; fp16 accumulation would be off by ~5e-4
 
 
 @torch.no_grad()
@@ -135,16 +136,22 @@ def test_the_memory_plan_reads_the_free_gpu_memory(tmp_path):
         engine.plan_memory(clip(), SETTINGS)
 
 
+@pytest.fixture(scope="module")
+def sd15_unet_fp16():
+    from stem.bench.models import sd15_unet
+
+    return sd15_unet(CUDA, torch.float16)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("method, chunk", [("ddim", None), ("stem", None), ("stem", 2)])
-def test_the_memory_estimate_covers_a_measured_sd15_unet_call(method, chunk):
+def test_the_memory_estimate_covers_a_measured_sd15_unet_call(method, chunk, sd15_unet_fp16):
     """SD-1.5's UNet (random weights, fp16) on 8 frames at 256 px: measured peak within the estimate's activations."""
     from stem.attention import attention_mode
-    from stem.bench.models import sd15_unet
     from stem.inversion import call_unet
     from stem.memory import MARGIN, Job, ModelFacts, inversion_activations
 
-    unet = sd15_unet(CUDA, torch.float16)
+    unet = sd15_unet_fp16
     x = torch.randn(8, 4, 32, 32, device=CUDA, dtype=torch.float16)
     text = torch.randn(8, 77, 768, device=CUDA, dtype=torch.float16)
     with attention_mode(unet, AttentionState(method=method)):

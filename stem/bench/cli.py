@@ -8,7 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .report import ALL_MODES, MODES, markdown_document, markdown_table, merge_rows, plot, write_json
+from .measure import machine_info
+from .report import (
+    ALL_MODES, MODES, machine_summary, markdown_document, markdown_table, merge_rows, plot, write_json,
+)
 
 COMMANDS = ("attention", "inversion", "edit", "report", "memory", "gpu")
 
@@ -85,7 +88,8 @@ def main(argv=None) -> int:
     rows = []
 
     def report(row):
-        row.update(device=args.device, dtype=args.dtype, repeats=args.repeats, loadavg=_loadavg())
+        row.update(device=args.device, dtype=args.dtype, repeats=args.repeats, loadavg=_loadavg(),
+                   machine=machine_summary(machine_info()))
         rows.append(row)
         shape = f"tokens={row['tokens']}" if "tokens" in row else f"size={row['size']}"
         print(f"{row['bench']} {row['mode']:>10} N={row['frames']:<3} {shape}: {row['seconds']:.3f} s, "

@@ -38,7 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .report import full_jobs_table, markdown_document, markdown_table, merge_rows, plot, write_json
+from .measure import machine_info
+from .report import (
+    full_jobs_table, machine_summary, markdown_document, markdown_table, merge_rows, plot, write_json,
+)
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (tests/ lives here)
 DEADLINE = 450        # seconds for the whole check: the goal is 8 minutes, the integrator's hard limit 9
@@ -117,10 +120,11 @@ class Recorder:
         self.cfg = cfg
         self.device_name = "cpu" if cfg.dry else torch.cuda.get_device_name(cfg.device)
         self.dtype_name = str(cfg.dtype).removeprefix("torch.")
+        self.machine = machine_summary(machine_info())
 
     def row(self, row: dict) -> None:
         row.setdefault("repeats", 1)
-        row.update(device=self.device_name, dtype=self.dtype_name,
+        row.update(device=self.device_name, dtype=self.dtype_name, machine=self.machine,
                    loadavg=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None)
         doc = merge_rows(self.cfg.json, [row])
         write_json(self.cfg.json, doc)
@@ -268,7 +272,7 @@ def sdpa_probe(device: torch.device, dtype: torch.dtype, frames: int = 2) -> dic
                     with sdpa_kernel([backend]):
                         F.scaled_dot_product_attention(q, k, k)
                     usable[label] = "yes"
-                except RuntimeError:
+                except Exception:  # noqa: BLE001 - torch refuses a backend with RuntimeError (or others)
                     usable[label] = "no"
             cases.append({"name": name, "keys": keys, "head_dim": head_dim, "usable": usable})
     return {"about": f"{str(dtype).removeprefix('torch.')}, 8 heads; `yes`: the backend alone (torch.nn.attention."
@@ -393,7 +397,7 @@ def run_edit(cfg: CheckConfig, rec: Recorder, editor: str, frames: int, steps: i
            "memory": "cuda-max-allocated (absolute)" if cfg.device.type == "cuda" else "not measured on the CPU"}
     clock = PhaseClock()
     try:
-        with PeakGpu(cfg.device) as peak, FiniteInputs(parts.vae.post_quant_conv) as latents:
+        with PeakGpu(cfg.device) as peak, FiniteInputs(parts.vae.decoder) as latents:
             result = edit_video(engine, video, settings, edit, clock)
     except SectionTimeout:
         rec.row({**row, "seconds": time.perf_counter() - clock.start, "peak_mb": 0.0, "complete": False,
@@ -501,8 +505,6 @@ def run_check(out: Path, dry: bool = False, sections=None, isolate: bool | None 
 
     Returns 0 when every section ran or was skipped, 1 when one failed or ran out of time.
     """
-    from .measure import machine_info
-
     sections = list(sections or ([s for s in SECTIONS if s != "pytest"] if dry else SECTIONS))
     isolate = (not dry) if isolate is None else isolate
     if not dry and not torch.cuda.is_available():

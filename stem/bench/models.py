@@ -51,16 +51,11 @@ def sd15_unet(device, dtype, seed: int = 0):
     """SD-1.5's UNet architecture (860M parameters) with random weights: the real model's cost."""
     from diffusers import UNet2DConditionModel
 
+    from ..models import SD_DOWN_BLOCKS, SD_UP_BLOCKS
+
     unet = _build(lambda: UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768,
-        attention_head_dim=8,
+        sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+        down_block_types=SD_DOWN_BLOCKS, up_block_types=SD_UP_BLOCKS, cross_attention_dim=768, attention_head_dim=8,
     ), device, seed)
     return _finish(unet, device, dtype)
 

@@ -34,8 +34,15 @@ def merge_rows(path: Path, rows: list[dict]) -> dict:
     order = {m: i for i, m in enumerate(ALL_MODES)}
     ordered = sorted(merged.values(), key=lambda r: (BENCHES.index(r["bench"]), r["device"], r["dtype"],
                                                      r.get("tokens") or r.get("size"), r["frames"], order[r["mode"]]))
-    return {**doc, "machine": machine_info(), "seconds": "median over the timed calls after warm-up, modes interleaved",
-            "peak_mb": PEAK_MEMORY, "rows": ordered}
+    return {**doc, "machine": doc.get("machine") or machine_info(),  # rows from another machine carry their own
+            "seconds": "median over the timed calls after warm-up, modes interleaved", "peak_mb": PEAK_MEMORY,
+            "rows": ordered}
+
+
+def machine_summary(info: dict) -> str:
+    """"CPU, N cores (T torch threads), torch V[, GPU]": what a row was measured on."""
+    return (f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), torch {info['torch']}"
+            + (f", GPU {info['gpu']}" if "gpu" in info else ""))
 
 
 def write_json(path: Path, doc: dict) -> None:
@@ -79,11 +86,15 @@ def full_jobs_table(rows: list[dict]) -> str:
 
 def markdown_document(doc: dict) -> str:
     """The benchmark page: machine, how it was measured, the tables."""
-    m = doc["machine"]
+    machine = machine_summary(doc["machine"])
+    elsewhere = {}
+    for r in doc["rows"]:
+        if r.get("machine", machine) != machine:
+            elsewhere.setdefault(r["machine"], set()).add(r["bench"])
     parts = [
         "# Benchmarks: self-attention modes, editing and whole jobs against the number of frames N", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}"
-        + (f", GPU {m['gpu']}" if "gpu" in m else "") + ".", "",
+        f"Machine: {machine}."
+        + "".join(f" The {', '.join(sorted(b))} rows: {m}." for m, b in elsewhere.items()), "",
         f"`seconds`: {doc['seconds']}. `peak MiB`: {doc['peak_mb']}", "",
         markdown_table(doc["rows"]), "",
     ]
