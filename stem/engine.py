@@ -194,9 +194,11 @@ class Engine:
             StemError: one sentence saying what to change when the job does not fit even one frame at a time.
         """
         parts = self.parts
-        budget = self.memory_budget() if self.memory_budget is not None else (
-            available_bytes(parts.device, (parts.unet, parts.vae, parts.text_encoder)) if parts.device.type == "cuda" else None)
-        if budget is None:
+        if self.memory_budget is not None:
+            budget = self.memory_budget()
+        elif parts.device.type == "cuda":
+            budget = available_bytes(parts.device, (parts.unet, parts.vae, parts.text_encoder))
+        else:
             self.plan = None
             return None
         job = Job(frames=video.num_frames, height=video.height, width=video.width, method=settings.method,

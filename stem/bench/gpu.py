@@ -275,9 +275,12 @@ def sdpa_probe(device: torch.device, dtype: torch.dtype, frames: int = 2) -> dic
                 except Exception:  # noqa: BLE001 - torch refuses a backend with RuntimeError (or others)
                     usable[label] = "no"
             cases.append({"name": name, "keys": keys, "head_dim": head_dim, "usable": usable})
+    try:
+        ran = sdpa_kernels_ran(device, dtype, 4096 // scale, frames)
+    except Exception as error:  # noqa: BLE001 - the profiler is optional; the table above still stands
+        ran = {"profiler": f"failed ({type(error).__name__}: {error})"}
     return {"about": f"{str(dtype).removeprefix('torch.')}, 8 heads; `yes`: the backend alone (torch.nn.attention."
-                     "sdpa_kernel) ran the shape.", "backends": list(SDPA_BACKENDS), "cases": cases,
-            "ran": sdpa_kernels_ran(device, dtype, 4096 // scale, frames)}
+                     "sdpa_kernel) ran the shape.", "backends": list(SDPA_BACKENDS), "cases": cases, "ran": ran}
 
 
 def sdpa_kernels_ran(device, dtype, tokens, frames) -> dict:

@@ -95,7 +95,8 @@ def measure(cases: dict[str, tuple[Callable, Callable]], device: torch.device, r
     """Time and peak memory of each case, `{mode: (setup, call)}`: `call()` runs inside `with setup():`.
 
     Each mode gets `warmup` untimed calls; then the timed calls are interleaved, one per mode per
-    round, so a change in the machine's load affects every mode alike. Returns
+    round, in reverse order every other round (ABBA), so a change in the machine's load affects
+    every mode alike. Returns
     `{mode: (median seconds, max peak MiB, memory method)}`.
     """
     for setup, call in cases.values():
@@ -105,8 +106,11 @@ def measure(cases: dict[str, tuple[Callable, Callable]], device: torch.device, r
     seconds = {mode: [] for mode in cases}
     peaks = {mode: [] for mode in cases}
     method = PeakMemory(device).method
-    for _ in range(repeats):
-        for mode, (setup, call) in cases.items():
+    for round_ in range(repeats):
+        # ABBA: every other round runs the modes in reverse, so a steady drift of the machine's load
+        # (other processes starting or ending) favours no mode
+        order = list(cases.items()) if round_ % 2 == 0 else list(cases.items())[::-1]
+        for mode, (setup, call) in order:
             with setup(), PeakMemory(device) as memory:
                 start = time.perf_counter()
                 call()

@@ -148,7 +148,9 @@ def plot(rows: list[dict], path: Path) -> None:
         if log:
             ax_time.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax_mem.set(title=f"{bench}: peak memory above baseline", xlabel="frames N", ylabel="MiB")
-        for ax in (ax_time, ax_mem):
+        for ax, values in ((ax_time, times), (ax_mem, [r["peak_mb"] for r in picked])):
+            if len({r["frames"] for r in picked}) == 1 and ax.get_yscale() == "linear":
+                ax.set_ylim(0, 1.15 * max(values))  # one N: points, compared from zero
             ax.set_xticks(sorted({r["frames"] for r in picked}))
             ax.grid(alpha=0.3)
             ax.legend()
