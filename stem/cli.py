@@ -48,7 +48,12 @@ def add_inversion_options(parser: argparse.ArgumentParser, prompt_flags=("--prom
     parser.add_argument("--cache-dir", default=None, help="latent cache folder (default: $STEM_CACHE_DIR or ~/.cache/stem)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--chunk-size", type=int, default=None,
-                        help="frames per UNet call (default: all at once); STEM still uses all frames for its bases")
+                        help="frames per UNet call (default: as many as fit in the GPU's free memory, all at once on a CPU); "
+                             "STEM still uses all frames for its bases")
+    parser.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
+                        help="model precision (default: float16 on a GPU, float32 on the CPU); EM statistics and softmax stay float32")
+    parser.add_argument("--offload", action="store_true",
+                        help="keep the model on the CPU and move each part to the GPU when it runs (for small GPUs)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
@@ -70,8 +75,8 @@ def make_engine(args):
 
     if args.chunk_size is not None and args.chunk_size < 1:
         raise StemError(f"--chunk-size must be 1 or more, got {args.chunk_size}.")
-    return Engine(args.model, device=parse_device(args.device), cache=LatentCache(args.cache_dir),
-                  unet_chunk_size=args.chunk_size)
+    return Engine(args.model, device=parse_device(args.device), dtype=args.dtype, cache=LatentCache(args.cache_dir),
+                  unet_chunk_size=args.chunk_size, offload=args.offload)
 
 
 def parse_device(name: str | None):
@@ -236,7 +241,7 @@ def main(argv=None) -> int:
             raise
         hint = ""
         if "out of memory" in str(error).lower():
-            hint = " Try fewer --frames, a smaller --size, or --chunk-size."
+            hint = " Try fewer --frames, a smaller --size, --chunk-size or --offload."
         print(f"error: {type(error).__name__}: {error}.{hint} (run with --debug for the traceback)", file=sys.stderr)
         return 1
     print(json.dumps(summary, indent=2))

@@ -21,12 +21,24 @@ CPU_CHUNK_ELEMENTS = 1 << 20  # 4 MiB
 SOFTMAX_FLOOR = 80.0  # see _softmax_
 
 
+def channel_stats(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, C) keys -> float32 std and mean over the L tokens, (B, 1, C) each.
+
+    Half-precision keys are converted one problem (head) at a time, so the statistics are float32
+    without a float32 copy of all keys. A single token (one frame at the lowest resolution) has no
+    spread: std 0, not the nan of correction=1.
+    """
+    correction = int(keys.shape[1] > 1)
+    if keys.dtype in (torch.float32, torch.float64):
+        std, mean = torch.std_mean(keys, dim=1, keepdim=True, correction=correction)
+        return std.float(), mean.float()
+    stats = [torch.std_mean(k.float(), dim=1, keepdim=True, correction=correction) for k in keys.split(1)]
+    return torch.cat([std for std, _ in stats]), torch.cat([mean for _, mean in stats])
+
+
 def init_bases(keys: torch.Tensor, num_bases: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw (B, K, C) bases from a normal with each channel's mean/std over the L tokens."""
-    # a single token (one frame at the lowest resolution) has no spread: std 0, not the nan of correction=1.
-    # Reduced in the keys' own dtype (accumulating in float32), so half keys are never copied whole.
-    std, mean = torch.std_mean(keys, dim=1, keepdim=True, correction=int(keys.shape[1] > 1))  # (B, 1, C)
-    std, mean = std.float(), mean.float()
+    """Draw (B, K, C) bases from a normal with each channel's float32 mean/std over the L tokens."""
+    std, mean = channel_stats(keys)  # (B, 1, C)
     B, _, C = keys.shape
     device = generator.device if generator is not None else keys.device
     noise = torch.randn(B, num_bases, C, generator=generator, device=device, dtype=torch.float32)

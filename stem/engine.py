@@ -23,7 +23,8 @@ from .errors import StemError
 from .inversion import (
     call_unet, ddim_invert, ddim_sample, ddim_schedule, decode_latents, encode_frames, encode_prompt, to_epsilon,
 )
-from .models import DEFAULT_MODEL, StableDiffusionParts, load_models
+from .memory import Job, MemoryPlan, ModelFacts, available_bytes, plan
+from .models import DEFAULT_MODEL, StableDiffusionParts, default_device, load_models, resolve_dtype
 from .video import DEFAULT_MAX_FRAMES, Video
 
 MAX_STEPS = 1000
@@ -99,24 +100,69 @@ class InversionResult:
 
 
 class Engine:
-    """One model (loaded on first use) and one latent cache, shared across jobs."""
+    """One model (loaded on first use) and one latent cache, shared across jobs.
+
+    Memory: `dtype` is a torch dtype or its name ("float16", "bfloat16", "float32"; default fp16 on
+    GPUs, fp32 on the CPU). `offload` keeps the components on the CPU and moves each to the GPU in
+    turn (`stem.offload`). Before each job on a CUDA device (or whenever `memory_budget`, a function
+    returning the bytes a job may use, is given) the job's peak memory is estimated (`stem.memory`):
+    the UNet chunk (unless `unet_chunk_size` is given) and the VAE batch are chosen to fit, or the job
+    is refused with one sentence before any work.
+    """
 
     def __init__(self, model: str = DEFAULT_MODEL, device=None, dtype=None, cache: LatentCache | None = None,
-                 unet_chunk_size: int | None = None, vae_batch_size: int = 4):
+                 unet_chunk_size: int | None = None, vae_batch_size: int = 4, offload: bool = False,
+                 memory_budget: Callable[[], int] | None = None):
         self.model = model
         self.device = device
         self.dtype = dtype
+        resolve_dtype(dtype, device if device is not None else default_device())  # a bad dtype fails now
         self.cache = cache if cache is not None else LatentCache()
         self.unet_chunk_size = unet_chunk_size
         self.vae_batch_size = vae_batch_size
+        self.offload = offload
+        self.memory_budget = memory_budget
+        self.plan: MemoryPlan | None = None  # the memory plan of the current job (None: no planning, e.g. on a CPU)
+        self._offload = None
         self._parts: StableDiffusionParts | None = None
+
+    @property
+    def unet_chunk_size(self) -> int | None:
+        """Frames per UNet call: the one asked for, else the memory plan's (None: all frames at once)."""
+        if self._unet_chunk_size is not None or self.plan is None:
+            return self._unet_chunk_size
+        return self.plan.chunk_size
+
+    @unet_chunk_size.setter
+    def unet_chunk_size(self, value: int | None) -> None:
+        self._unet_chunk_size = value
+
+    @property
+    def vae_batch_size(self) -> int:
+        """Frames per VAE call: at most the one asked for, fewer when the memory plan says so."""
+        return self._vae_batch_size if self.plan is None else min(self._vae_batch_size, self.plan.vae_batch_size)
+
+    @vae_batch_size.setter
+    def vae_batch_size(self, value: int) -> None:
+        self._vae_batch_size = value
 
     @property
     def parts(self) -> StableDiffusionParts:
         """The model's components, loaded on first use."""
         if self._parts is None:
-            self._parts = load_models(self.model, self.device, self.dtype)
+            if not self.offload:
+                self._parts = load_models(self.model, self.device, self.dtype)
+            else:  # loaded on the CPU in the GPU's dtype; each part moves to the GPU when it runs
+                device = torch.device(self.device) if self.device is not None else default_device()
+                self._use_offload(load_models(self.model, "cpu", resolve_dtype(self.dtype, device)), device)
         return self._parts
+
+    def _use_offload(self, parts: StableDiffusionParts, device) -> None:
+        from .offload import Offload
+
+        self._offload = Offload(parts, device)
+        parts.device = torch.device(device)
+        self._parts = parts
 
     def load(self, progress: Progress | None = None) -> StableDiffusionParts:
         """Load the model now (reporting a "loading" phase) unless it is loaded already."""
@@ -127,9 +173,53 @@ class Engine:
         return self.parts
 
     def use_parts(self, parts: StableDiffusionParts) -> "Engine":
-        """Use already-built components (tests, benchmarks)."""
+        """Use already-built components (tests, benchmarks); with `offload`, they take turns on their device."""
         self._parts, self.model = parts, parts.model_id
+        if self.offload:
+            self._use_offload(parts, parts.device)
         return self
+
+    def plan_memory(self, video: Video, settings: InversionSettings, edit=None) -> MemoryPlan | None:
+        """Estimate the job's peak GPU memory and choose the UNet chunk and VAE batch that fit.
+
+        Args:
+            video: the frames (their number and size).
+            settings: the inversion job.
+            edit: optional edit settings (TokenFlow: its `batch_size`); the plan then covers the edit
+                too, and the inversion of the same job keeps it.
+
+        Returns:
+            The plan (also `self.plan`), or None where nothing is planned (a CPU without `memory_budget`).
+
+        Raises:
+            StemError: one sentence saying what to change when the job does not fit even one frame at a time.
+        """
+        parts = self.parts
+        if self.memory_budget is not None:
+            budget = self.memory_budget()
+        elif parts.device.type == "cuda":
+            budget = available_bytes(parts.device, (parts.unet, parts.vae, parts.text_encoder))
+        else:
+            self.plan = None
+            return None
+        job = Job(frames=video.num_frames, height=video.height, width=video.width, method=settings.method,
+                  num_steps=settings.num_steps, editor=None if edit is None else getattr(edit, "editor", "tokenflow"),
+                  edit_batch_size=getattr(edit, "batch_size", 8))
+        self.plan = plan(job, ModelFacts.of(parts), budget, self._unet_chunk_size, self._vae_batch_size,
+                         offload=self._offload is not None)
+        if self.plan.vae_tiling:
+            parts.vae.enable_tiling()
+        elif hasattr(parts.vae, "disable_tiling"):
+            parts.vae.disable_tiling()
+        if self._offload is not None:
+            self._offload.stream_unet(self.plan.stream_unet)
+        return self.plan
+
+    def _plan_job(self, video: Video, settings: InversionSettings) -> None:
+        """Plan the memory of an inversion unless a plan of the same job (e.g. made for its edit) exists."""
+        job = Job(video.num_frames, video.height, video.width, settings.method, settings.num_steps)
+        if self.plan is None or self.plan.job_key != job.key():
+            self.plan_memory(video, settings)
 
     def _check_model(self, settings: InversionSettings) -> None:
         if settings.model != self.model:
@@ -142,8 +232,9 @@ class Engine:
 
     def job_for(self, video: Video, settings: InversionSettings) -> dict:
         """The full key material of inverting these frames with these settings: stored in the entry, compared on load."""
+        tiled = {"vae_tiling": True} if self.plan is not None and self.plan.vae_tiling else {}  # tiles change the latents
         return {**settings.result_fields(), "dtype": str(self.parts.dtype), "model_fingerprint": self.model_fingerprint,
-                "frames": frames_digest(video.frames)}
+                "frames": frames_digest(video.frames), **tiled}
 
     def key_for(self, video: Video, settings: InversionSettings) -> str:
         """The cache key of inverting these frames with these settings (with this model, in this dtype)."""
@@ -199,6 +290,7 @@ class Engine:
         self._check_model(settings)
         report = progress or (lambda *_: None)
         self.load(report)
+        self._plan_job(video, settings)  # the memory plan (chunk, VAE batch) or a refusal, before any work
         job = self.job_for(video, settings)
         key = job_key(job)
         with self.cache.lock(key):  # one job per key: an identical job waits here, then reads this one's entry

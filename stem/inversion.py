@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .lockstep import run_lockstep
+from .offload import execution_device
 
 # eps_fn(x, t, step) -> eps: the model at UNet timestep t; `step` is the level index i (1..T).
 EpsFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -149,7 +150,7 @@ def encode_prompt(tokenizer, text_encoder, prompt: str) -> torch.Tensor:
     """(1, 77, D) CLIP text embeddings of `prompt` (padded to the tokenizer's max length)."""
     tokens = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
                        truncation=True, return_tensors="pt")
-    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+    return text_encoder(tokens.input_ids.to(execution_device(text_encoder)))[0]
 
 
 @torch.no_grad()
@@ -157,7 +158,7 @@ def encode_frames(vae, frames: np.ndarray, batch_size: int = 4, callback: Callba
     """(N, H, W, 3) uint8 frames -> (N, 4, H/8, W/8) scaled latents (the posterior mean)."""
     latents = []
     for start in range(0, len(frames), batch_size):
-        images = torch.from_numpy(frames[start:start + batch_size]).to(vae.device)
+        images = torch.from_numpy(frames[start:start + batch_size]).to(execution_device(vae))
         images = images.permute(0, 3, 1, 2).to(vae.dtype) / 127.5 - 1.0
         latents.append(vae.encode(images).latent_dist.mean * vae.config.scaling_factor)
         if callback is not None:
@@ -170,7 +171,7 @@ def decode_latents(vae, latents: torch.Tensor, batch_size: int = 4, callback: Ca
     """(N, 4, h, w) scaled latents -> (N, 8h, 8w, 3) uint8 frames."""
     frames = []
     for start in range(0, len(latents), batch_size):
-        chunk = latents[start:start + batch_size].to(device=vae.device, dtype=vae.dtype)
+        chunk = latents[start:start + batch_size].to(device=execution_device(vae), dtype=vae.dtype)
         images = vae.decode(chunk / vae.config.scaling_factor).sample
         images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         frames.append(images.permute(0, 2, 3, 1).cpu().numpy())

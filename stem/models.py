@@ -21,6 +21,9 @@ from .errors import StemError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_MODEL = "tiny-random"
+# Stable Diffusion 1.x/2.x UNet layout: three cross-attention levels down (and up) plus a plain one
+SD_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+SD_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 TINY_WARNING = "Using the built-in 'tiny-random' model: random weights, so every output is noise (for tests and offline smoke runs)."
 
 
@@ -65,6 +68,33 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if torch.device(device).type == "cpu" else torch.float16
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def resolve_dtype(dtype, device, bf16_supported: bool | None = None) -> torch.dtype:
+    """The model dtype for `device`: a torch.dtype, a name ("float16", "bf16", ...) or None (the default).
+
+    bfloat16 is refused on a CUDA GPU without bfloat16 support (before Ampere); `bf16_supported`
+    overrides what torch reports (tests).
+    """
+    device = torch.device(device)
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, str):
+        name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower().removeprefix("torch."))
+        if name not in DTYPES:
+            raise StemError(f"--dtype {dtype!r} is not a model precision; use one of: {', '.join(DTYPES)}.")
+        dtype = DTYPES[name]
+    if dtype not in DTYPES.values():
+        raise StemError(f"--dtype {dtype} is not a model precision; use one of: {', '.join(DTYPES)}.")
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        supported = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if bf16_supported is None else bf16_supported
+        if not supported:
+            raise StemError("This GPU has no bfloat16 support; use --dtype float16 (the GPU default) or float32.")
+    return dtype
+
+
 def _tiny_tokenizer():
     """A CLIP BPE tokenizer over single characters: lower-case letters, digits and punctuation."""
     from transformers import CLIPTokenizer
@@ -87,8 +117,8 @@ def build_tiny(device=None, dtype=None, seed: int = 0) -> StableDiffusionParts:
             sample_size=16,
             block_out_channels=(32, 32, 64, 64),
             layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=SD_DOWN_BLOCKS,
+            up_block_types=SD_UP_BLOCKS,
             cross_attention_dim=32,
             attention_head_dim=8,
             norm_num_groups=8,
@@ -118,7 +148,7 @@ def build_tiny(device=None, dtype=None, seed: int = 0) -> StableDiffusionParts:
 def _finish(unet, vae, text_encoder, tokenizer, scheduler, model_id, device, dtype, fingerprint) -> StableDiffusionParts:
     """Move to the device/dtype and switch to inference mode."""
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    dtype = resolve_dtype(dtype, device)
     for module in (unet, vae, text_encoder):
         if next(module.parameters()).dtype != dtype:  # diffusers warns on any dtype cast, even a no-op
             module.to(dtype=dtype)
@@ -194,7 +224,7 @@ def load_models(model_id: str = DEFAULT_MODEL, device=None, dtype=None) -> Stabl
         model_id: a Hugging Face hub id, a local folder in diffusers layout (unet/, vae/,
             text_encoder/, tokenizer/, scheduler/), or `tiny-random`.
         device: defaults to CUDA, then MPS, then CPU.
-        dtype: defaults to fp16 on accelerators and fp32 on the CPU.
+        dtype: a torch dtype or its name; defaults to fp16 on accelerators and fp32 on the CPU.
 
     Returns:
         The parts, with a DDIMScheduler built from the model's scheduler config.
@@ -212,7 +242,7 @@ def load_models(model_id: str = DEFAULT_MODEL, device=None, dtype=None) -> Stabl
     if not local.is_dir() and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
         raise StemError(f"The model folder {model_id!r} does not exist; pass an existing diffusers model folder, a hub id such as {DEFAULT_MODEL}, or tiny-random.")
     device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    dtype = resolve_dtype(dtype, device)
     fingerprint = model_fingerprint(model_id) if local.is_dir() else ""  # a folder: before its files are read
 
     def load(local_files_only: bool):

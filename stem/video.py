@@ -19,13 +19,17 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import av
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, ImageSequence
 
 from .errors import StemError
 from .files import atomic_output
+
+try:
+    import av
+except ImportError:  # the engine and the GPU check run without PyAV; only reading and writing video files need it
+    av = None
 
 DEFAULT_MAX_FRAMES = 120  # cap on frames read when the caller does not choose a number (--frames)
 FOLDER_FPS = 10.0  # fps for sources without a frame rate (a folder of frames, a GIF without durations)
@@ -220,6 +224,12 @@ def _unreadable(path: Path, reason: str) -> StemError:
     )
 
 
+def _need_av() -> None:
+    """Refuse in one sentence when PyAV is missing (video files are read and written with it)."""
+    if av is None:
+        raise StemError("Reading and writing video files needs PyAV; install it with `pip install av`.")
+
+
 def _av_url(path: str | os.PathLike) -> str:
     """An absolute file: URL, so names with ':' are not read as FFmpeg protocols."""
     return "file:" + os.path.abspath(path)
@@ -230,6 +240,7 @@ class _Decoder:
 
     def __init__(self, path: Path):
         self.path = path
+        _need_av()
         try:
             self.container = av.open(_av_url(path))
         except (av.FFmpegError, OSError, ValueError) as err:
@@ -377,6 +388,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None
         fps: frames per second, e.g. 24 or 30000/1001 (a float or a Fraction; stored as the exact
             fraction, see `as_rate`).
     """
+    _need_av()
     path = Path(path)
     frames = _check_frames(frames)
     if path.suffix.lower() not in WRITE_EXTENSIONS:
@@ -505,6 +517,7 @@ def copy_audio(source: str | os.PathLike, video_path: str | os.PathLike) -> bool
     Raises:
         StemError: the source's audio cannot be decoded or the result cannot be written.
     """
+    _need_av()
     import av  # imported here: only this part of the module needs PyAV
 
     video_path = Path(video_path)

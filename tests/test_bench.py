@@ -93,3 +93,69 @@ def test_naive_reference_installs_like_the_engine_on_a_unet(tiny_parts):
     with attention_mode(unet, AttentionState(method="stem", num_bases=6, num_iters=2, step=4)):
         other_step = unet(x, 10, encoder_hidden_states=text).sample
     assert not torch.allclose(other_step, naive, rtol=1e-3, atol=1e-3)  # same layer seeds matter
+
+
+# -- the editing bench and the GPU check ------------------------------------------------------------
+
+def test_edit_benchmark_compares_one_editing_step_with_3n_unet_calls(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    main(["edit", "--unet", "tiny", "--size", "64", "--frames", "4", "--batch-size", "2", "--repeats", "1",
+          "--editors", "tokenflow,fatezero", "--json", str(out), "--md", str(tmp_path / "bench.md")])
+    rows = json.loads(out.read_text())["rows"]
+    printed = capsys.readouterr().out
+    modes = {r["mode"] for r in rows}
+    assert {"ddim", "tokenflow"} <= modes and all(r["bench"] == "edit" and r["frames"] == 4 for r in rows)
+    assert "fatezero" in modes or "edit fatezero: skipped" in printed  # the slot: skipped until it exists
+    assert "| edit | 4 | 64 | tokenflow |" in (tmp_path / "bench.md").read_text()
+
+
+def test_edit_step_runs_the_keyframe_pass_and_the_propagation(tiny_parts, count_calls):
+    """One step of 3 groups: the keyframe call and one propagation call per batch of frames."""
+    from stem.bench.benches import sd_scheduler, tokenflow_step
+    from stem.inversion import ddim_schedule
+
+    timesteps, alphas = ddim_schedule(sd_scheduler(), 1)
+    trajectory, text = torch.randn(2, 5, 4, 8, 8), torch.randn(3, 77, 32)
+    setup, call = tokenflow_step(tiny_parts, trajectory, timesteps, alphas, text, batch_size=2)
+    with setup(), count_calls(tiny_parts.unet) as unet, torch.inference_mode():
+        latents, keyframes = call()
+    assert unet.calls == 1 + 3 and latents.shape == (5, 4, 8, 8) and len(keyframes[0]) == 3
+
+
+def test_gpu_check_dry_run_writes_every_section(tmp_path):
+    assert main(["gpu", "--dry", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "bench-gpu.json").read_text())
+    benches = {(r["bench"], r["mode"]) for r in doc["rows"]}
+    assert {("attention", "stem"), ("inversion", "stem"), ("inversion", "inflated"), ("full", "stem"),
+            ("full", "ddim"), ("full-edit", "tokenflow")} <= benches
+    full = next(r for r in doc["rows"] if r["bench"] == "full" and r["mode"] == "stem")
+    assert full["finite"] and full["steps"] == 2 and full["seconds"] > 0 and full["estimate_mb"] > 0
+    assert {s["status"] for s in doc["sections"].values()} <= {"ok", "skipped"} and "pytest" not in doc["sections"]
+    assert doc["sdpa"]["cases"] and all(c["usable"]["math"] in ("yes", "not tried") for c in doc["sdpa"]["cases"])
+    page = (tmp_path / "bench-gpu.md").read_text()
+    assert "## Whole jobs" in page and "| full | stem |" in page and "## Sections of the GPU check" in page
+    assert (tmp_path / "bench-gpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_check_script_runs_sections_in_their_own_processes_without_video_libraries(tmp_path):
+    """The script as the GPU machine runs it, with PyAV, imageio and gradio absent (as they are there)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\nfor name in ('av', 'imageio', 'imageio_ffmpeg', 'gradio'):\n    sys.modules[name] = None\n")
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(site)}
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry", str(tmp_path / "out"), "--isolate",
+                           "--sections", "pytest,full-edit"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "out" / "bench-gpu.json").read_text())
+    assert doc["sections"]["pytest"]["status"] == "ok" and doc["pytest"]["skipped"] > 0  # no CUDA here
+    assert doc["sections"]["full-edit"]["status"] == "ok"
+    assert [r["bench"] for r in doc["rows"]] == ["full-edit"]
+    assert "| full-edit | ok |" in proc.stdout  # the summary table comes last

@@ -1,0 +1,148 @@
+"""The benchmarks: one attention layer, one inversion step, one editing step; rows go to a `report` callback."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+
+import torch
+
+from ..attention import AttentionState
+from .measure import measure
+from .models import attention_layer, bench_unet
+from .modes import install, processor, using_processor
+
+
+def bench_attention(modes, frames, tokens, device, dtype, repeats, warmup, num_bases, num_iters, report):
+    """Time one self-attention layer per mode and N; rows go to `report`."""
+    attn = attention_layer(device, dtype)
+    generator = torch.Generator().manual_seed(0)
+    for n in frames:
+        x = torch.randn(n, tokens, attn.inner_dim, generator=generator).to(device=device, dtype=dtype)
+
+        def case(mode, x):
+            state = AttentionState(method=mode.removesuffix("-naive"), num_bases=num_bases, num_iters=num_iters)
+            return lambda: using_processor(attn, processor(mode, state)), lambda: attn(x)
+
+        with torch.inference_mode():
+            results = measure({mode: case(mode, x) for mode in modes}, device, repeats, warmup)
+        for mode, (seconds, peak, how) in results.items():
+            report({"bench": "attention", "mode": mode, "frames": n, "tokens": tokens, "seconds": seconds,
+                    "peak_mb": peak, "memory": how})
+        del x
+
+
+def bench_inversion(modes, frames, size, device, dtype, repeats, warmup, num_bases, num_iters, report, unet_kind="sd15",
+                    unet=None):
+    """Time one inversion step (one UNet call over all N frames) per mode and N; rows go to `report`."""
+    from ..inversion import call_unet
+
+    unet = unet if unet is not None else bench_unet(unet_kind, device, dtype)
+    side = size // 8  # latent pixels
+    generator = torch.Generator().manual_seed(0)
+    t = torch.tensor(500, device=device)
+    for n in frames:
+        latents = torch.randn(n, unet.config.in_channels, side, side, generator=generator).to(device=device, dtype=dtype)
+        text = torch.randn(n, 77, unet.config.cross_attention_dim, generator=generator).to(device=device, dtype=dtype)
+
+        def case(mode, latents, text):
+            state = AttentionState(method=mode.removesuffix("-naive"), num_bases=num_bases, num_iters=num_iters)
+            return lambda: install(unet, mode, state), lambda: call_unet(unet, latents, t, text)
+
+        with torch.inference_mode():
+            results = measure({mode: case(mode, latents, text) for mode in modes}, device, repeats, warmup)
+        for mode, (seconds, peak, how) in results.items():
+            report({"bench": "inversion", "mode": mode, "frames": n, "size": size, "seconds": seconds,
+                    "peak_mb": peak, "memory": how})
+        del latents, text
+
+
+# -- editing ------------------------------------------------------------------------------------
+
+class EditorUnavailable(Exception):
+    """An editor the benchmark knows but this build lacks (its row is skipped with this note)."""
+
+
+def tokenflow_step(parts, trajectory, timesteps, alphas, text, batch_size):
+    """(setup, call) of one TokenFlow step: the keyframe pass and the propagation over every frame."""
+    from ..editing import EditSettings, edit_latents
+
+    # injecting in this step, as the first steps of a real edit do
+    edit = EditSettings(prompt="bench", batch_size=batch_size, pnp_attn=1.0, pnp_conv=1.0).validate()
+    state = AttentionState(method="stem", num_groups=3)
+    return contextlib.nullcontext, lambda: edit_latents(parts, trajectory, timesteps, alphas, text, edit, state)
+
+
+def fatezero_step(parts, trajectory, timesteps, alphas, text, batch_size):
+    """(setup, call) of one FateZero step, once `stem.editing.fatezero` exists.
+
+    The slot for the FateZero engineer: it assumes `EditSettings(editor="fatezero")` through the same
+    `stem.editing.edit_latents`; if FateZero's entry point differs, this function is the one place to change.
+    """
+    try:
+        present = importlib.util.find_spec("stem.editing.fatezero") is not None
+    except ImportError:  # stem.editing is still a module, not a package
+        present = False
+    if not present:
+        raise EditorUnavailable("stem.editing.fatezero does not exist yet")
+    from ..editing import EditSettings, edit_latents
+
+    if "editor" not in getattr(EditSettings, "__dataclass_fields__", {}):
+        raise EditorUnavailable("EditSettings has no `editor` field; wire FateZero into stem/bench/benches.py:fatezero_step")
+    edit = EditSettings(prompt="bench", batch_size=batch_size, pnp_attn=1.0, pnp_conv=1.0, editor="fatezero").validate()
+    state = AttentionState(method="stem", num_groups=3)
+    return contextlib.nullcontext, lambda: edit_latents(parts, trajectory, timesteps, alphas, text, edit, state)
+
+
+EDITORS = {"tokenflow": tokenflow_step, "fatezero": fatezero_step}
+
+
+def sd_scheduler():
+    """SD-1.5's DDIM scheduler (the benchmarks' source of timesteps and alphas)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def bench_edit(editors, frames, size, device, dtype, repeats, warmup, batch_size, report, unet_kind="sd15"):
+    """Time one editing step per editor against 3·N plain per-frame UNet evaluations (mode "ddim").
+
+    The editing step is one denoising step of `stem.editing.edit_latents` on a one-step schedule
+    (keyframe pass, propagation, guidance). The baseline evaluates the UNet with its default
+    processors on 3·N samples in calls of 3·batch_size samples, the size of the propagation's calls.
+    Editors this build lacks are skipped with a note.
+    """
+    from ..inversion import call_unet, ddim_schedule
+    from ..models import StableDiffusionParts
+
+    unet = bench_unet(unet_kind, device, dtype)
+    scheduler = sd_scheduler()
+    parts = StableDiffusionParts(unet, None, None, None, scheduler, "bench", torch.device(device), dtype)
+    timesteps, alphas = ddim_schedule(scheduler, 1)
+    side, width = size // 8, unet.config.cross_attention_dim
+    generator = torch.Generator().manual_seed(0)
+    t = timesteps[0].to(device)
+    for n in frames:
+        trajectory = torch.randn(2, n, unet.config.in_channels, side, side, generator=generator)  # x_0, x_1 on the host
+        text = torch.randn(3, 77, width, generator=generator)
+        samples = torch.randn(3 * n, unet.config.in_channels, side, side, generator=generator).to(device=device, dtype=dtype)
+        sample_text = text.repeat_interleave(n, dim=0).to(device=device, dtype=dtype)
+        call = 3 * batch_size
+
+        def per_frame():
+            for start in range(0, 3 * n, call):
+                call_unet(unet, samples[start:start + call], t, sample_text[start:start + call])
+
+        cases = {"ddim": (contextlib.nullcontext, per_frame)}
+        for editor in editors:
+            try:
+                cases[editor] = EDITORS[editor](parts, trajectory, timesteps, alphas, text, batch_size)
+            except EditorUnavailable as note:
+                print(f"edit {editor}: skipped ({note})", flush=True)
+        with torch.inference_mode():
+            results = measure(cases, torch.device(device), repeats, warmup)
+        for mode, (seconds, peak, how) in results.items():
+            report({"bench": "edit", "mode": mode, "frames": n, "size": size, "seconds": seconds, "peak_mb": peak,
+                    "memory": how, "batch_size": batch_size})
+        del samples, sample_text

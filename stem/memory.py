@@ -1,0 +1,301 @@
+"""Peak GPU memory of a job, estimated before it runs, and the frame chunk and VAE batch that fit.
+
+The model, in bytes. b: bytes per element of the model's dtype; L = (H/8)(W/8): latent tokens per
+frame; w: the UNet's first block width / 320 (1 for SD 1.x and 2.x); C = 320 w; T: DDIM steps.
+
+    peak = max over the job's phases of (weights on the GPU in that phase) + (activations of the phase)
+
+    VAE call of v frames (encode, decode)       v · H · W · VAE_ELEMENTS_PER_PIXEL · b
+    UNet call of s samples while h samples of   (s · UNET_CALL + h · UNET_HELD) · w · L · b
+      other lock-step chunks wait at a layer
+    + STEM                                      the EM's responsibility block and its softmax (2 x 64 MiB, float32)
+                                                and one head's keys in float32, N · L · C/heads · 4
+    + STEM or inflated, chunked                 all frames' keys and values gathered, 2 · N · C · L · b
+    + inflated                                  the queries regrouped over frames, 2 · s · C · L · b
+    + inversion                                 the trajectory, every level of every frame in float32
+                                                (kept on the device until the end), 2 · (T + 1) · N · 4 · L · 4
+    TokenFlow edit (3 groups, M = ⌈N / batch⌉   the keyframe pass (3 · chunk samples, the other keyframes'
+      keyframes)                                samples held), the propagation pass (3 · min(batch, chunk)
+                                                samples) and a 64 MiB similarity block; during both, the
+                                                stored keyframe outputs and features, 4 · M · S · L · b, where
+                                                S = Σ over self-attention layers of tokens · channels / L
+
+UNET_CALL, UNET_HELD and VAE_ELEMENTS_PER_PIXEL are elements per latent token (per pixel for the VAE)
+per sample, measured on the SD-1.5 architecture on the CPU by `python -m stem.bench memory`, which
+counts live tensor bytes through the profiler's allocation events (the counterpart of CUDA's
+`max_memory_allocated`). They do not depend on the size (64-256 px measured): attention runs in
+fused kernels (flash or memory-efficient on CUDA), so no (tokens x tokens) matrix is held. The GPU
+check records this estimate beside the measured peak of its full jobs.
+
+A phase fits when MARGIN · activations + weights + RESERVE <= the bytes available to the job
+(free GPU memory, plus what torch has cached, plus our own weights already on the GPU). The plan
+takes the largest balanced UNet chunk that fits (all frames at once when possible), lowers the VAE
+batch down to 1 frame and then tiles the VAE, and with offload streams the UNet's weights when even
+its own weights and one frame do not fit; otherwise it refuses with one sentence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import StemError
+
+MiB = 2**20
+GiB = 2**30
+
+# Elements per latent token per sample, SD-1.5 UNet (w = 1); see the module docstring.
+UNET_CALL = 7240     # peak of one UNet call (slope over 16 -> 32 samples at 128 px: 7.07 MiB per sample in float32)
+UNET_HELD = 3526     # what a sample holds at a self-attention layer (64, 128, 256 px alike: 3522-3545)
+VAE_ELEMENTS_PER_PIXEL = 1000  # decode 969-1104, encode 642-720 per pixel (64-256 px); decode dominates
+EM_BLOCK_BYTES = 2 * 4 * (1 << 24)  # stem.em.DEFAULT_CHUNK_ELEMENTS float32 responsibilities, and softmax's output on a GPU
+SIMILARITY_BYTES = 4 * (1 << 24)  # TokenFlow's nearest-neighbour block (DEFAULT_MATCH_CHUNK_ELEMENTS)
+MARGIN = 1.25            # allocator rounding and fragmentation, kernels' workspaces
+RESERVE = 512 * MiB      # cuDNN/cuBLAS workspaces and whatever else this process allocates
+WHOLE_VIDEO = ("stem", "inflated")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a job's memory depends on."""
+
+    frames: int
+    height: int              # pixels
+    width: int
+    method: str = "stem"
+    num_steps: int = 50
+    editor: str | None = None   # None (inversion only) or "tokenflow"
+    edit_batch_size: int = 8
+
+    @property
+    def tokens(self) -> int:
+        """Latent tokens per frame."""
+        return (self.height // 8) * (self.width // 8)
+
+    def key(self) -> tuple:
+        return (self.frames, self.height, self.width, self.method, self.num_steps)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The numbers of a loaded model that the estimate needs."""
+
+    unet_bytes: int
+    vae_bytes: int
+    text_bytes: int
+    element_bytes: int        # of the model's dtype
+    width: float = 1.0        # UNet first block width / 320
+    heads: int = 8            # heads of the first self-attention level
+    self_attention_elements: float = 2820.0  # S: Σ tokens · channels over self-attention layers, per latent token
+    largest_unet_module_bytes: int = 0       # what a streamed (sequentially offloaded) UNet keeps on the GPU
+    vae_tile_pixels: int = 512 * 512         # pixels of one VAE tile when tiling
+
+    @classmethod
+    def of(cls, parts) -> "ModelFacts":
+        """The facts of `StableDiffusionParts` (weights counted exactly)."""
+        unet = parts.unet
+        channels = unet.config.block_out_channels
+        levels = len(channels)
+        attn_dim = unet.config.attention_head_dim
+        heads = attn_dim[0] if isinstance(attn_dim, (list, tuple)) else attn_dim
+        sample = getattr(parts.vae.config, "sample_size", 512)
+        sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+        return cls(
+            unet_bytes=module_bytes(unet), vae_bytes=module_bytes(parts.vae), text_bytes=module_bytes(parts.text_encoder),
+            element_bytes=torch.finfo(parts.dtype).bits // 8, width=channels[0] / 320, heads=heads,
+            self_attention_elements=self_attention_elements(unet, channels, levels),
+            largest_unet_module_bytes=max(module_bytes(m, recurse=False) for m in unet.modules()),
+            vae_tile_pixels=sample * sample,
+        )
+
+
+def module_bytes(module, recurse: bool = True) -> int:
+    """Bytes of a module's parameters and buffers."""
+    tensors = list(module.parameters(recurse=recurse)) + list(module.buffers(recurse=recurse))
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def self_attention_elements(unet, channels, levels) -> float:
+    """S: Σ over the UNet's self-attention layers of tokens · channels, per latent token of a frame."""
+    from .attention import self_attention_layers
+
+    total = 0.0
+    for name in self_attention_layers(unet):
+        block, index = name.split(".")[0], name.split(".")[1]
+        level = levels - 1 if block == "mid_block" else int(index) if block == "down_blocks" else levels - 1 - int(index)
+        total += channels[level] / 4**level
+    return total
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a job will use: the UNet chunk, the VAE batch and tiling, whether the UNet streams."""
+
+    chunk_size: int | None     # frames per UNet call; None: all at once
+    vae_batch_size: int
+    vae_tiling: bool
+    stream_unet: bool          # the UNet's weights are offloaded module by module (slow; only when needed)
+    estimate_bytes: int        # the peak of the job's phases, margin and reserve included
+    available_bytes: int
+    phases: dict = field(default_factory=dict, compare=False)  # phase -> estimated bytes
+    job_key: tuple = ()
+
+    def describe(self) -> str:
+        chunk = "all frames" if self.chunk_size is None else f"{self.chunk_size} frames"
+        extra = (", tiled VAE" if self.vae_tiling else "") + (", UNet streamed from the CPU" if self.stream_unet else "")
+        return (f"about {self.estimate_bytes / GiB:.1f} GiB of {self.available_bytes / GiB:.1f} GiB: UNet on {chunk} "
+                f"per call, VAE on {self.vae_batch_size} frame(s){extra}")
+
+
+# -- the estimate ---------------------------------------------------------------------------------
+
+def _unet_call(samples: int, held: int, job: Job, facts: ModelFacts) -> float:
+    return (samples * UNET_CALL + held * UNET_HELD) * facts.width * job.tokens * facts.element_bytes
+
+
+def inversion_activations(job: Job, facts: ModelFacts, chunk: int | None) -> float:
+    """Bytes of the UNet phase of an inversion + reconstruction (activations only)."""
+    n, L, b, C = job.frames, job.tokens, facts.element_bytes, 320 * facts.width
+    s = n if chunk is None else min(chunk, n)
+    chunked = s < n and job.method in WHOLE_VIDEO
+    total = _unet_call(s, n - s if chunked else 0, job, facts)
+    if job.method == "stem":
+        total += EM_BLOCK_BYTES + n * L * (C / facts.heads) * 4
+    if chunked:
+        total += 2 * n * C * L * b
+    if job.method == "inflated":
+        total += 2 * s * C * L * b
+    return total + 2 * (job.num_steps + 1) * n * 4 * L * 4
+
+
+def tokenflow_activations(job: Job, facts: ModelFacts, chunk: int | None) -> float:
+    """Bytes of a TokenFlow edit's denoising (activations only): three groups, keyframes, then propagation."""
+    n, L, b, C = job.frames, job.tokens, facts.element_bytes, 320 * facts.width
+    keyframes = math.ceil(n / job.edit_batch_size)
+    s = keyframes if chunk is None else min(chunk, keyframes)
+    chunked = s < keyframes
+    keyframe_pass = _unet_call(3 * s, 3 * (keyframes - s) if chunked else 0, job, facts) + 2 * 3 * s * C * L * b
+    if chunked:
+        keyframe_pass += 2 * 3 * keyframes * C * L * b
+    frames = job.edit_batch_size if chunk is None else min(job.edit_batch_size, chunk)
+    propagation = _unet_call(3 * frames, 0, job, facts) + SIMILARITY_BYTES
+    stored = 4 * keyframes * facts.self_attention_elements * L * b
+    return stored + max(keyframe_pass, propagation) + 3 * n * 4 * L * 4
+
+
+# Editors' activation terms; an editor adds its function here (e.g. "fatezero").
+EDITORS = {"tokenflow": tokenflow_activations}
+
+
+def vae_activations(job: Job, facts: ModelFacts, batch: int, tiling: bool) -> float:
+    pixels = min(job.height * job.width, facts.vae_tile_pixels) if tiling else job.height * job.width
+    return batch * pixels * VAE_ELEMENTS_PER_PIXEL * facts.element_bytes
+
+
+def estimate(job: Job, facts: ModelFacts, chunk: int | None = None, vae_batch: int = 4, vae_tiling: bool = False,
+             offload: bool = False, stream_unet: bool = False) -> dict[str, int]:
+    """Estimated peak bytes of each phase of `job` (margin and reserve included), and of the job ("peak").
+
+    Args:
+        job: frames, size, method, steps and editor.
+        facts: the model's weights and shape (`ModelFacts.of(parts)`).
+        chunk: frames per UNet call (None: all at once).
+        vae_batch: frames per VAE call; vae_tiling: whether the VAE runs on tiles.
+        offload: only the component that runs is on the GPU (else all three always are).
+        stream_unet: the UNet's weights are streamed module by module (needs offload).
+
+    Returns:
+        {"vae": bytes, "unet": bytes, "edit": bytes (with an editor), "peak": the largest}.
+    """
+    all_weights = facts.unet_bytes + facts.vae_bytes + facts.text_bytes
+    unet_weights = (facts.largest_unet_module_bytes if stream_unet else facts.unet_bytes) if offload else all_weights
+    vae_weights = facts.vae_bytes if offload else all_weights
+
+    def total(weights, activations):
+        return int(weights + MARGIN * activations + RESERVE)
+
+    phases = {
+        "vae": total(vae_weights, vae_activations(job, facts, vae_batch, vae_tiling)),
+        "unet": total(unet_weights, inversion_activations(job, facts, chunk)),
+    }
+    if job.editor is not None:
+        if job.editor not in EDITORS:
+            raise ValueError(f"no memory model for the editor {job.editor!r}; add one to stem.memory.EDITORS")
+        phases["edit"] = total(unet_weights, EDITORS[job.editor](job, facts, chunk))
+    phases["peak"] = max(phases.values())
+    return phases
+
+
+# -- the plan -------------------------------------------------------------------------------------
+
+def balanced_chunks(frames: int) -> list[int]:
+    """Candidate chunk sizes, largest first: ⌈N / k⌉ for k = 1..N (equal-sized calls)."""
+    return sorted({math.ceil(frames / k) for k in range(1, frames + 1)}, reverse=True)
+
+
+def plan(job: Job, facts: ModelFacts, available: int, chunk: int | None = None, vae_batch: int = 4,
+         offload: bool = False) -> MemoryPlan:
+    """The largest UNet chunk and VAE batch that fit in `available` bytes, or a StemError saying what to change.
+
+    Args:
+        job, facts: as for `estimate`.
+        available: bytes the job may use on the GPU (see `available_bytes`).
+        chunk: the user's --chunk-size (kept, or refused when it does not fit); None: chosen here.
+        vae_batch: the most frames per VAE call.
+        offload: whether --offload is on (the UNet may then also stream its weights).
+
+    Returns:
+        The plan; `chunk_size` is None when all frames fit in one UNet call.
+    """
+    chunks = [chunk] if chunk is not None else balanced_chunks(job.frames)
+
+    def unet_peak(c, stream):
+        phases = estimate(job, facts, c, 1, False, offload, stream)
+        return max(v for k, v in phases.items() if k in ("unet", "edit"))
+
+    chosen = None
+    for stream in ((False, True) if offload else (False,)):
+        chosen = next(((c, stream) for c in chunks if unet_peak(c, stream) <= available), None)
+        if chosen is not None:
+            break
+    if chosen is None:
+        raise StemError(_refusal(job, facts, available, chunk, offload))
+    unet_chunk, stream = chosen
+    vae_options = [(v, False) for v in range(max(1, vae_batch), 0, -1)] + [(1, True)]
+    vae = next(((v, t) for v, t in vae_options
+                if estimate(job, facts, unet_chunk, v, t, offload, stream)["vae"] <= available), None)
+    if vae is None:
+        raise StemError(_refusal(job, facts, available, chunk, offload))
+    phases = estimate(job, facts, unet_chunk, vae[0], vae[1], offload, stream)
+    return MemoryPlan(chunk_size=None if unet_chunk >= job.frames else unet_chunk, vae_batch_size=vae[0],
+                      vae_tiling=vae[1], stream_unet=stream, estimate_bytes=phases["peak"], available_bytes=available,
+                      phases=phases, job_key=job.key())
+
+
+def _refusal(job: Job, facts: ModelFacts, available: int, chunk: int | None, offload: bool) -> str:
+    """One sentence: how much the job needs at its smallest, what is available, what to change."""
+    what = f"{job.frames} frames at {job.width}x{job.height} ({job.method}{', ' + job.editor if job.editor else ''})"
+    if chunk is not None and chunk > 1:
+        need = estimate(job, facts, chunk, 1, True, offload, offload)["peak"]
+        return (f"This job ({what}) needs about {need / GiB:.1f} GiB of GPU memory with --chunk-size {chunk} but "
+                f"{available / GiB:.1f} GiB are available; lower --chunk-size or leave it out to choose one that fits.")
+    smallest = estimate(job, facts, 1, 1, True, offload, offload)["peak"]
+    with_offload = estimate(job, facts, 1, 1, True, True, True)["peak"]
+    if not offload and with_offload <= available:
+        change = "add --offload, or use fewer --frames or a smaller --size"
+    else:
+        change = "use fewer --frames or a smaller --size" + ("" if offload else " (--offload is not enough)")
+    return (f"This job ({what}) needs about {smallest / GiB:.1f} GiB of GPU memory even one frame at a time but "
+            f"{available / GiB:.1f} GiB are available; {change}.")
+
+
+def available_bytes(device, modules=()) -> int:
+    """Bytes a job may use on a CUDA device: free memory, torch's cached blocks, and `modules`' weights there."""
+    device = torch.device(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    ours = sum(t.numel() * t.element_size() for m in modules for t in list(m.parameters()) + list(m.buffers())
+               if t.device.type == "cuda")
+    return int(free + cached + ours)
