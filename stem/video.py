@@ -518,7 +518,6 @@ def copy_audio(source: str | os.PathLike, video_path: str | os.PathLike) -> bool
         StemError: the source's audio cannot be decoded or the result cannot be written.
     """
     _need_av()
-    import av  # imported here: only this part of the module needs PyAV
 
     video_path = Path(video_path)
     try:
