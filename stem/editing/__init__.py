@@ -4,18 +4,24 @@
 inversion) and runs the editor that `edit_settings.editor` names:
 
     tokenflow   TokenFlow plug-and-play editing, as the STEM authors ran it (`TokenFlowSettings`)
+    fatezero    FateZero attention fusion with Prompt-to-Prompt word maps and local blending (`FateZeroSettings`)
 """
 
 from .common import (
-    COND, DEFAULT_NEGATIVE_PROMPT, EDITORS, NUM_GROUPS, SOURCE, UNCOND, EditResult, edit_metrics, edit_video,
+    COND, DEFAULT_NEGATIVE_PROMPT, EDITOR_CHECKS, EDITORS, NUM_GROUPS, SOURCE, UNCOND, EditResult, edit_metrics,
+    edit_video,
 )
+from .fatezero import MAX_FUSED_TOKENS, FateZeroSettings, parse_reweight
 from .tokenflow import (
     CONV_INJECTION_LAYER, EDIT_ATTENTION, EditSettings, TokenFlowSettings, choose_keyframes, edit_latents,
     keyframe_neighbours, nearest_tokens, qk_injection_layers,
 )
+from .wordmap import WORD_MAPS, WordMap, align_tokens, word_map
 
 __all__ = [
-    "COND", "CONV_INJECTION_LAYER", "DEFAULT_NEGATIVE_PROMPT", "EDITORS", "EDIT_ATTENTION", "NUM_GROUPS", "SOURCE",
-    "UNCOND", "EditResult", "EditSettings", "TokenFlowSettings", "choose_keyframes", "edit_latents", "edit_metrics",
-    "edit_video", "keyframe_neighbours", "nearest_tokens", "qk_injection_layers",
+    "COND", "CONV_INJECTION_LAYER", "DEFAULT_NEGATIVE_PROMPT", "EDITORS", "EDITOR_CHECKS", "EDIT_ATTENTION",
+    "MAX_FUSED_TOKENS", "NUM_GROUPS", "SOURCE", "UNCOND", "WORD_MAPS", "EditResult", "EditSettings",
+    "FateZeroSettings", "TokenFlowSettings", "WordMap", "align_tokens", "choose_keyframes", "edit_latents",
+    "edit_metrics", "edit_video", "keyframe_neighbours", "nearest_tokens", "parse_reweight", "qk_injection_layers",
+    "word_map",
 ]
