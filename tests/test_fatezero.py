@@ -473,3 +473,20 @@ def test_cli_refuses_replace_with_different_token_counts_before_inverting(clip_f
     assert err.startswith("error: ") and "--word-map replace" in err
     assert not (tmp_path / "out").exists()
     assert not list((tmp_path / "cache").glob("**/*.safetensors"))
+
+
+# -- the memory benchmark (tiny configuration) -----------------------------------------------------
+
+def test_memory_benchmark_writes_rows_table_and_plot(tmp_path, capsys):
+    from stem.bench_fatezero import main as bench
+
+    out = tmp_path / "bench.json"
+    bench(["--unet", "tiny", "--frames", "1,2", "--steps", "1", "--size", "64", "--modes", "ddim", "--json", str(out),
+           "--md", str(tmp_path / "bench.md"), "--plot", str(tmp_path / "bench.png")])
+    doc = json.loads(out.read_text())
+    assert [(r["frames"], r["steps"]) for r in doc["rows"]] == [(1, 1), (2, 1)]
+    for r in doc["rows"]:
+        assert r["bench"] == "fatezero-memory" and r["mode"] == "ddim" and r["size"] == 64
+        assert r["seconds"] > 0 and r["peak_mb"] >= 0 and (r["device"], r["dtype"]) == ("cpu", "float32")
+    assert "100 GB" in (tmp_path / "bench.md").read_text() and "| ddim | 2 | 64 | 1 |" in capsys.readouterr().out
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

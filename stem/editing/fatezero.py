@@ -53,8 +53,8 @@ from ..errors import StemError
 from ..inversion import ddim_step
 from ..lockstep import run_lockstep, whole_video
 from .common import (
-    COND, EDITOR_CHECKS, EDITORS, NUM_GROUPS, SOURCE, check_fraction, guided_noise, is_number, leading_steps, source_latents,
-    validate_common,
+    COND, EDITOR_CHECKS, EDITORS, NUM_GROUPS, SOURCE, UNCOND, check_fraction, guided_noise, is_number, leading_steps,
+    source_latents, validate_common,
 )
 from .wordmap import WORD_MAPS, contains_word, reweight_scales, word_map, word_mask
 
@@ -171,13 +171,14 @@ def parse_reweight(items: str | Iterable[str] | None) -> tuple[tuple[str, float]
         items = [item for item in items.split(",") if item.strip()]
     pairs = []
     for item in items:
-        word, sep, scale = item.partition("=")
+        word, _, scale = item.partition("=")
         try:
-            pairs.append((word.strip(), float(scale)))
+            value = float(scale)
         except ValueError:
-            sep = ""
-        if not sep or not word.strip():
+            value = None
+        if value is None or not word.strip():
             raise StemError(f"--reweight takes WORD=SCALE (e.g. watercolor=2), got {item!r}.")
+        pairs.append((word.strip(), value))
     return tuple(pairs)
 
 
@@ -281,7 +282,12 @@ class FrameChunk:
 
 
 class _ChunkCall:
-    """A processor bound to the chunk of one call; `FrameAttnProcessor.__call__` runs with it as `self`."""
+    """A processor bound to the chunk of one call.
+
+    The lock-step chunk threads share the processors, so a call's chunk cannot live on the processor:
+    `FrameAttnProcessor.__call__` (projections, head reshapes, residual) runs with this as `self`, and its
+    `attend` reaches the processor with the chunk.
+    """
 
     def __init__(self, processor, chunk: FrameChunk):
         self.processor, self.chunk = processor, chunk
@@ -328,12 +334,13 @@ class FateZeroSelfAttnProcessor(FateZeroAttnProcessor):
         state, G = self.edit, chunk.groups
         L = query.shape[2]
         fuse = G == EDIT_PASS and state.fuse_self and L <= MAX_FUSED_TOKENS
-        if not fuse:
-            out = self.plain(attn, query, key, value, G)
-        elif self.state.method == "stem":
-            out = self.fused_stem(attn, query, key, value, chunk.self_mask(L, state.threshold))
+        mask = chunk.self_mask(L, state.threshold) if fuse else None
+        if G == EDIT_PASS and self.state.method == "stem":
+            out = self.stem_groups(attn, query, key, value, fuse, mask)
+        elif fuse:
+            out = self.fused_maps(attn, query, key, value, mask)
         else:
-            out = self.fused_maps(attn, query, key, value, chunk.self_mask(L, state.threshold))
+            out = self.plain(attn, query, key, value, G)
         self.observe("self", chunk, {"query": query, "key": key, "value": value, "output": out})
         return out
 
@@ -344,8 +351,12 @@ class FateZeroSelfAttnProcessor(FateZeroAttnProcessor):
             return F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
         if method == "inflated":
             return InflatedAttnProcessor(AttentionState(method="inflated", num_groups=groups)).attend(attn, query, key, value)
-        key_bases, value_bases = whole_video(self.stem.bases, _frames_major(key, groups), _frames_major(value, groups))
-        frames = query.shape[0] // groups  # every frame of a group shares its group's bases
+        return self.attend_bases(attn, query, *whole_video(self.stem.bases, _frames_major(key, groups), _frames_major(value, groups)))
+
+    @staticmethod
+    def attend_bases(attn, query, key_bases, value_bases) -> torch.Tensor:
+        """(G*n, h, L, d) queries, (G, h, K, d|dv) bases -> (G*n, h, L, dv): each frame over its group's bases."""
+        frames = query.shape[0] // key_bases.shape[0]
         return F.scaled_dot_product_attention(query, key_bases.to(query.dtype).repeat_interleave(frames, dim=0),
                                               value_bases.to(query.dtype).repeat_interleave(frames, dim=0), scale=attn.scale)
 
@@ -361,22 +372,22 @@ class FateZeroSelfAttnProcessor(FateZeroAttnProcessor):
         groups[COND] = torch.where(mask, own, groups[COND])
         return torch.cat(groups)
 
-    def fused_stem(self, attn, query, key, value, mask):
-        """STEM: the source's probabilities over its bases, applied to value bases of the edit's values.
+    def stem_groups(self, attn, query, key, value, fuse: bool, mask):
+        """STEM, edit pass: the source's EM on its own (as in the reconstruction), then the edit groups'.
 
-        One EM on the source's keys yields the key bases mu and the responsibilities z; the value bases
-        of [source values | target values] are z^T [v_src | v_edit] (normalised over tokens), so the
-        source's output softmax(q mu^T) (z^T v_src) and the fused output softmax(q mu^T) (z^T v_edit) come
-        from one attention over 2d value channels. The negative-prompt group (and, inside a blend mask,
-        the target group) attends to the bases of its own EM.
+        Fused, the target group takes the source's probabilities over the source's bases applied to value
+        bases of its own values: one EM on the source's keys gives the key bases mu and the
+        responsibilities z, the value bases of [source values | target values] are z^T [v_src | v_edit]
+        (normalised over tokens), so the source's output softmax(q mu^T) (z^T v_src) and the fused one
+        softmax(q mu^T) (z^T v_edit) come from one attention over 2d value channels. The negative-prompt
+        group (and, unfused or inside a blend mask, the target group) attends to the bases of its own EM.
         """
         q, k, v = (_groups(x, NUM_GROUPS) for x in (query, key, value))
-        n, d = query.shape[0] // NUM_GROUPS, value.shape[-1]
-        key_bases, value_bases = whole_video(self.stem.bases, k[SOURCE][None], torch.cat([v[SOURCE], v[COND]], dim=-1)[None])
-        both = F.scaled_dot_product_attention(q[SOURCE], key_bases[0].to(query.dtype).expand(n, -1, -1, -1),
-                                              value_bases[0].to(query.dtype).expand(n, -1, -1, -1), scale=attn.scale)
-        out = [both[..., :d], None, both[..., d:]]
-        own = [g for g in range(NUM_GROUPS) if out[g] is None or (g == COND and mask is not None)]
+        d = value.shape[-1]
+        values = torch.cat([v[SOURCE], v[COND]], dim=-1) if fuse else v[SOURCE]
+        both = self.attend_bases(attn, q[SOURCE], *whole_video(self.stem.bases, k[SOURCE][None], values[None]))
+        out = [both[..., :d], None, both[..., d:] if fuse else None]
+        own = [g for g in (UNCOND, COND) if out[g] is None or mask is not None]
         mine = _groups(self.plain(attn, *(torch.cat([x[g] for g in own]) for x in (q, k, v)), len(own)), len(own))
         for g, result in zip(own, mine):
             out[g] = result if out[g] is None else torch.where(mask, result, out[g])
