@@ -16,7 +16,7 @@ SLUG_CHARS = 40
 def add_edit_command(subparsers) -> None:
     """Register the `edit` command on the `python -m stem` subparsers."""
     edit = subparsers.add_parser(
-        "edit", help="edit a video with a text prompt (TokenFlow plug-and-play on its inversion); writes edited.mp4 and metrics.json")
+        "edit", help="edit a video with a text prompt (TokenFlow or FateZero on its inversion); writes edited.mp4 and metrics.json")
     add_inversion_options(edit, prompt_flags=("--source-prompt",),  # one --seed drives both
                           seed_help="seed of the EM initialisation and of the keyframe choice")
     edit.add_argument("--prompt", dest="prompts", action="append", default=None, metavar="TEXT",
@@ -98,8 +98,39 @@ def tokenflow_settings(args, prompt: str):
     )
 
 
+def add_fatezero_options(group) -> None:
+    from .editing import WORD_MAPS, FateZeroSettings
+
+    d = FateZeroSettings(prompt="")
+    group.add_argument("--self-replace", type=float, default=d.self_replace,
+                       help="fraction of steps whose self-attention (layers of <= 32x32 tokens) is the source's (default: %(default)s)")
+    group.add_argument("--cross-replace", type=float, default=d.cross_replace,
+                       help="fraction of steps whose cross-attention maps come from the source's (default: %(default)s)")
+    group.add_argument("--word-map", default=d.word_map,
+                       help=f"how target tokens take the source's maps: {', '.join(WORD_MAPS)} (auto: replace when the "
+                            "prompts have as many tokens, else refine) (default: %(default)s)")
+    group.add_argument("--reweight", action="append", default=None, metavar="WORD=SCALE",
+                       help="scale the cross-attention of a target word while the maps are fused; repeatable")
+    group.add_argument("--blend-words", default=d.blend_words, metavar="SRC[,TGT]",
+                       help="local edit: the source (and target) words whose attention masks where the edit may change the video")
+    group.add_argument("--blend-threshold", type=float, default=d.blend_threshold,
+                       help="mask threshold on the per-frame normalised word maps, in (0, 1] (default: %(default)s)")
+
+
+def fatezero_settings(args, prompt: str):
+    from .editing import FateZeroSettings, parse_reweight
+
+    return FateZeroSettings(
+        prompt=prompt, source_prompt=args.source_prompt, negative_prompt=args.negative_prompt, guidance=args.guidance,
+        self_replace=args.self_replace, cross_replace=args.cross_replace, word_map=args.word_map,
+        reweight=parse_reweight(args.reweight), blend_words=args.blend_words, blend_threshold=args.blend_threshold,
+        seed=args.seed,
+    )
+
+
 # editor name -> (add its options to an argument group, its settings for parsed arguments and one prompt)
-EDITOR_OPTIONS = {"tokenflow": (add_tokenflow_options, tokenflow_settings)}
+EDITOR_OPTIONS = {"tokenflow": (add_tokenflow_options, tokenflow_settings),
+                  "fatezero": (add_fatezero_options, fatezero_settings)}
 
 
 def edit_settings_for(args, prompt: str):

@@ -49,6 +49,9 @@ class EditSettingsBase(Protocol):
 #   -> (latents (N, 4, h, w) float32, info dict for EditResult.details)
 EditFn = Callable[..., tuple[torch.Tensor, dict]]
 EDITORS: dict[str, EditFn] = {}  # editor name -> its edit_latents; filled by each editor's module
+# editor name -> check(settings, inversion settings, tokenizer), run before the inversion: what can only be
+# checked against the inversion's prompt or the model's tokenizer (FateZero's word maps). Optional.
+EDITOR_CHECKS: dict[str, Callable[[EditSettingsBase, InversionSettings, object], None]] = {}
 
 
 @dataclass
@@ -167,6 +170,9 @@ def edit_video(engine: Engine, video: Video, inversion: InversionSettings, edit:
     inversion.validate()
     edit.validate()
     edit_latents = EDITORS[edit.editor]
+    check = EDITOR_CHECKS.get(edit.editor)
+    if check is not None:
+        check(edit, inversion, engine.load(progress).tokenizer)
     report = progress or (lambda *_: None)
     result = engine.invert(video, inversion, progress)
     parts = engine.parts

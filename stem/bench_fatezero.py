@@ -1,0 +1,203 @@
+"""Benchmark: peak memory of a FateZero edit against the number of frames N and of steps T.
+
+    python -m stem.bench_fatezero --frames 4,8,16 --steps 2,4 --size 128 --json out.json --md out.md --plot out.png
+    python -m stem.bench_fatezero --device cuda --dtype float16 --size 512 --frames 8,16,32,48 --steps 10,50 --json gpu.json
+
+One row per (mode, N, T): a whole FateZero edit (`stem.editing.fatezero.edit_latents`, T denoising
+steps over N frames, the three-group batch, with blend words so that the self-attention mask pass
+and the latent blending run too) of SD-1.5's UNet architecture with random weights on a random
+trajectory (what the cache would hold; it lives on the CPU, as a cached one does). `mode` is the
+inversion method the edit fuses under (stem: in the space of the K bases; ddim: per-frame maps).
+FateZero keeps every step's attention maps (100 GB of host RAM for 8 frames at 50 steps); here
+nothing is kept per step, so `peak_mb` should not change with T and should grow linearly with N.
+
+Row: {"bench": "fatezero-memory", "mode", "frames", "size", "steps", "seconds", "peak_mb", "device",
+"dtype", ...}: `seconds` the wall time of the edit (one run), `peak_mb` its peak memory above the level
+just before it (see `stem.bench.PEAK_MEMORY`). --json merges rows into the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .bench import PEAK_MEMORY, PeakMemory, machine_info, sd15_unet
+
+BENCH = "fatezero-memory"
+MODES = ("stem", "ddim", "inflated")
+SOURCE_PROMPT = "a silver jeep driving down a curvy road in the countryside"   # FateZero's teaser
+TARGET_PROMPT = "a porsche car driving down a curvy road in the countryside"
+BLEND_WORDS = "jeep,car"
+PUBLISHED = "FateZero (its config/TuningGuidance.md): 8 frames, 50 steps, 512 px, fp16 on an RTX 3090: 100 GB host RAM, 12 GB GPU"
+
+
+def model_parts(device: torch.device, dtype: torch.dtype, unet_kind: str):
+    """SD-1.5's UNet with random weights (or the tiny one, for tests), a DDIM scheduler and a tokenizer."""
+    from diffusers import DDIMScheduler
+
+    from .models import StableDiffusionParts, build_tiny
+
+    tiny = build_tiny(device="cpu")
+    unet = sd15_unet(device, dtype) if unet_kind == "sd15" else tiny.unet.to(device=device, dtype=dtype)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionParts(unet, None, None, tiny.tokenizer, scheduler, f"{unet_kind}-random", device, dtype)
+
+
+def run_edit(parts, mode: str, frames: int, size: int, steps: int, chunk_size: int | None, seed: int = 0):
+    """One FateZero edit of `frames` random latents over `steps` steps; returns (seconds, peak MiB, memory method)."""
+    from .attention import AttentionState
+    from .editing.common import NUM_GROUPS
+    from .editing.fatezero import FateZeroSettings, edit_latents
+    from .inversion import ddim_schedule
+
+    generator = torch.Generator().manual_seed(seed)
+    side = size // 8
+    trajectory = torch.randn(steps + 1, frames, parts.unet.config.in_channels, side, side, generator=generator)
+    text = torch.randn(NUM_GROUPS, 77, parts.unet.config.cross_attention_dim, generator=generator)
+    text = text.to(device=parts.device, dtype=parts.dtype)
+    timesteps, alphas = ddim_schedule(parts.scheduler, steps)
+    edit = FateZeroSettings(TARGET_PROMPT, source_prompt=SOURCE_PROMPT, blend_words=BLEND_WORDS).validate()
+    attention = AttentionState(method=mode, num_groups=NUM_GROUPS)
+    with torch.inference_mode(), PeakMemory(parts.device) as memory:
+        start = time.perf_counter()
+        edit_latents(parts, trajectory, timesteps, alphas, text, edit, attention, chunk_size)
+        if parts.device.type == "cuda":
+            torch.cuda.synchronize(parts.device)
+        seconds = time.perf_counter() - start
+    return seconds, memory.peak_mb, memory.method
+
+
+def _key(row: dict) -> tuple:
+    return row["mode"], row["frames"], row["size"], row["steps"], row["device"], row["dtype"], row.get("chunk_size")
+
+
+def merge_rows(path: Path, rows: list[dict]) -> dict:
+    """The rows of `path` (if any) updated with `rows`, sorted; the document to write back."""
+    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    merged = {_key(r): r for r in old}
+    merged.update({_key(r): r for r in rows})
+    ordered = sorted(merged.values(), key=lambda r: (r["device"], r["dtype"], MODES.index(r["mode"]), r["size"],
+                                                     r["steps"], r["frames"]))
+    return {"machine": machine_info(), "bench": BENCH, "seconds": "wall time of one whole edit",
+            "peak_mb": PEAK_MEMORY, "published": PUBLISHED, "rows": ordered}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a markdown table, with each row's memory relative to the fewest frames and steps of its mode."""
+    lines = ["| mode | N | px | T | seconds | s / step | peak MiB | MiB / frame | device | dtype |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['frames']} | {r['size']} | {r['steps']} | {r['seconds']:.1f} | "
+                     f"{r['seconds'] / r['steps']:.2f} | {r['peak_mb']:.0f} | {r['peak_mb'] / r['frames']:.1f} | "
+                     f"{r['device']} | {r['dtype']} |")
+    return "\n".join(lines)
+
+
+def markdown_document(doc: dict) -> str:
+    m = doc["machine"]
+    return "\n".join([
+        "# Benchmark: peak memory of a FateZero edit against frames N and steps T", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}"
+        + (f", GPU {m['gpu']}" if "gpu" in m else "") + ".", "",
+        "SD-1.5 UNet architecture, random weights, random trajectory, blend words (mask pass and latent blending on), "
+        "no UNet chunking.", "",
+        f"`seconds`: {doc['seconds']}. `peak MiB`: {doc['peak_mb']}", "",
+        markdown_table(doc["rows"]), "",
+        f"For comparison, {doc['published']}.", "",
+    ])
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Peak memory and seconds per step against N, one line per (mode, T)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for mode in MODES:
+        for steps in sorted({r["steps"] for r in rows if r["mode"] == mode}):
+            line = sorted((r["frames"], r["peak_mb"], r["seconds"] / r["steps"]) for r in rows
+                          if r["mode"] == mode and r["steps"] == steps)
+            n, peak, per_step = zip(*line)
+            ax_mem.plot(n, peak, marker="o", label=f"{mode}, T = {steps}")
+            ax_time.plot(n, per_step, marker="o", label=f"{mode}, T = {steps}")
+    where = f"{rows[0]['device']} {rows[0]['dtype']}, {rows[0]['size']} px"
+    ax_mem.set(title=f"FateZero edit: peak memory ({where})", xlabel="frames N", ylabel="MiB above baseline")
+    ax_time.set(title="FateZero edit: time per step", xlabel="frames N", ylabel="seconds / step")
+    for ax in (ax_mem, ax_time):
+        ax.set_xticks(sorted({r["frames"] for r in rows}))
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m stem.bench_fatezero", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", default="4,8,16", help="comma-separated N (default: %(default)s)")
+    parser.add_argument("--steps", default="2,4", help="comma-separated T (default: %(default)s)")
+    parser.add_argument("--modes", default="stem", help=f"comma-separated inversion methods of {', '.join(MODES)} (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=None, help="frame side in pixels (default: 128 on cpu, 512 on cuda)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16"))
+    parser.add_argument("--chunk-size", type=int, default=None, help="frames per UNet call (default: all at once)")
+    parser.add_argument("--json", type=Path, default=None, help="merge the rows into this JSON file")
+    parser.add_argument("--md", type=Path, default=None, help="write the JSON file's rows as a markdown page (needs --json)")
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of peak memory and time per step against N")
+    parser.add_argument("--unet", default="sd15", choices=("sd15", "tiny"), help=argparse.SUPPRESS)  # tests
+    args = parser.parse_args(argv)
+    args.frames = [int(n) for n in args.frames.split(",") if n]
+    args.steps = [int(t) for t in args.steps.split(",") if t]
+    args.modes = [m for m in args.modes.split(",") if m]
+    if set(args.modes) - set(MODES):
+        parser.error(f"unknown mode(s) {', '.join(sorted(set(args.modes) - set(MODES)))}; choose from {', '.join(MODES)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    if args.md and not args.json:
+        parser.error("--md writes the rows of the --json file; pass --json too")
+    if args.size is None:
+        args.size = 512 if args.device == "cuda" else 128
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    parts = model_parts(device, dtype, args.unet)
+    rows = []
+    for mode in args.modes:
+        run_edit(parts, mode, 1, args.size, 1, args.chunk_size)  # warm-up: one-time allocations are not the edit's
+        for steps in args.steps:
+            for frames in args.frames:
+                seconds, peak, how = run_edit(parts, mode, frames, args.size, steps, args.chunk_size)
+                rows.append({"bench": BENCH, "mode": mode, "frames": frames, "size": args.size, "steps": steps,
+                             "seconds": seconds, "peak_mb": peak, "device": args.device, "dtype": args.dtype,
+                             "memory": how, "chunk_size": args.chunk_size, "blend_words": BLEND_WORDS})
+                print(f"{BENCH} {mode} N={frames:<3} T={steps:<3} {args.size} px: {seconds:.1f} s, "
+                      f"peak +{peak:.0f} MiB", flush=True)
+    doc = None
+    if args.json:
+        doc = merge_rows(args.json, rows)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")
+    print()
+    print(markdown_table(rows))
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(markdown_document(doc))
+    if args.plot:
+        plot(doc["rows"] if doc else rows, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

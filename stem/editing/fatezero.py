@@ -1,0 +1,557 @@
+"""FateZero attention-fusion editing of an inverted video (Qi et al., ICCV 2023), fused on the fly.
+
+At each DDIM step i (T down to 1) the UNet batch holds the three groups of `common`
+(source x_i from the cached trajectory under the source prompt | edit, negative prompt | edit,
+target prompt). FateZero edits the attention of the **target-prompt group** from the source group's
+(the negative-prompt group runs unfused, as in FateZero and Prompt-to-Prompt):
+
+1. Self-attention fusion, during the first `self_replace` fraction of the steps, in the
+   self-attention layers with at most 32x32 tokens per frame (FateZero skips SD's 64x64 layers): the
+   target group's self-attention probabilities are the source's, applied to the target's own values.
+   Per inversion method:
+       ddim      per-frame maps: softmax(q_src k_src^T) v_edit;
+       inflated  all-frame maps: each frame's source queries over the source keys of every frame;
+       stem      in the space of the K bases: the source's probabilities over the source's key bases,
+                 softmax(q_src mu_src^T), applied to value bases formed from the edit's values with the
+                 source's responsibilities, z_src^T v_edit (z normalised over tokens, as in the ST-M
+                 step). The source's EM runs once, with the edit's values beside its own.
+2. Cross-attention fusion, during the first `cross_replace` fraction, in the same layers: the target's
+   maps come from the source's through a Prompt-to-Prompt word map (`wordmap`: replace or refine),
+   times the `reweight` scales.
+3. Local blending with `blend_words` "SRC[,TGT]": a mask per frame from the cross-attention of the blend
+   words in the cross-attention layers of `down_blocks.2` and `up_blocks.1` (SD's 16x16 layers at
+   512 px; FateZero's `down_cross[2:4] + up_cross[:3]`), mean over heads and layers, 3x3 max-pool,
+   resized, divided by the frame's maximum, above `blend_threshold`. Self-attention is fused as
+   mask * edit + (1 - mask) * fused, with the mask of the source's words at this step; after the
+   denoising steps k in (blend_start * T, blend_end * T] the latents keep the edit inside the union of
+   the source mask (this step) and the target mask (the target's maps summed over the steps so far)
+   and take the source's trajectory x_{i-1} outside it.
+
+Nothing is stored per step: the source branch is recomputed beside the edit from the cached
+trajectory, so memory does not grow with the number of steps. The self-attention masks need this
+step's source maps before the first fused layer runs; when blend words are given, a step with
+self-attention fusion first runs the source group alone (the mask pass). With `chunk_size` the UNet
+runs on frame chunks in lock-step threads (STEM bases and inflated keys from all frames); each chunk's
+per-frame state travels to the processors in `cross_attention_kwargs={"chunk": FrameChunk}`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import (
+    AttentionState, FrameAttnProcessor, InflatedAttnProcessor, StemAttnProcessor, _frames_major,
+    processors_installed, self_attention_layers,
+)
+from ..errors import StemError
+from ..inversion import ddim_step
+from ..lockstep import run_lockstep, whole_video
+from .common import (
+    COND, EDITOR_CHECKS, EDITORS, NUM_GROUPS, SOURCE, UNCOND, check_fraction, guided_noise, is_number, leading_steps,
+    source_latents, validate_common,
+)
+from .wordmap import WORD_MAPS, contains_word, reweight_scales, word_map, word_mask
+
+MAX_FUSED_TOKENS = 32 * 32  # FateZero fuses only in layers with at most 32x32 tokens per frame
+BLEND_BLOCKS = ("down_blocks.2.", "up_blocks.1.")  # their cross-attentions make the blend masks
+BLEND_POOL = 3  # max-pool window of the masks
+MASK_PASS, EDIT_PASS = 1, NUM_GROUPS  # groups in the UNet batch of each pass
+
+# trace(event, layer name, step, tensors): an observer for tests and debugging. Events: "self" and
+# "cross" (every attention call of the edit pass: query, key, value (B, heads, L, d) before fusion and
+# the output after it), "blend" (the latent mask (N, 1, h, w) and the latents after blending).
+Trace = Callable[[str, str, int, dict], None]
+
+
+# -- settings ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FateZeroSettings:
+    """One FateZero edit of an inverted video (not part of the cache key: the InversionSettings are).
+
+    Defaults from FateZero's configs: guidance 7.5 (every config), cross_replace 0.8 (its tuning
+    guide and teaser), self_replace 0.6 (its attribute and shape edits use 0.5-0.7), blend threshold
+    0.3 (`bend_th` of its local edits), latent blending between 20 % and 80 % of the steps.
+    """
+
+    editor: ClassVar[str] = "fatezero"
+
+    prompt: str                  # target prompt
+    source_prompt: str = ""      # the inversion's prompt (the word maps need both)
+    negative_prompt: str = ""    # the unconditional text of classifier-free guidance
+    guidance: float = 7.5        # classifier-free guidance scale, >= 1
+    self_replace: float = 0.6    # fraction of steps with self-attention fusion, in [0, 1]
+    cross_replace: float = 0.8   # fraction of steps with cross-attention fusion, in [0, 1]
+    word_map: str = "auto"       # "replace" (equal token counts), "refine", or "auto" (replace when possible)
+    reweight: tuple[tuple[str, float], ...] = ()  # (target word, scale) pairs: scale that word's maps
+    blend_words: str = ""        # "SRC" or "SRC,TGT" (each side one or more words): local editing
+    blend_threshold: float = 0.3  # mask threshold on the per-frame normalised maps, in (0, 1]
+    blend_start: float = 0.2     # latents are blended after the steps k with blend_start*T < k <= blend_end*T
+    blend_end: float = 0.8
+    seed: int = 0                # unused: FateZero draws nothing at random (the EM seed is the inversion's)
+
+    def blend_word_lists(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(source words, target words) of `blend_words`; the target's are the source's when no TGT is given."""
+        if not self.blend_words.strip():
+            return (), ()
+        sides = [tuple(side.split()) for side in self.blend_words.split(",")]
+        return sides[0], sides[-1]
+
+    def validate(self) -> "FateZeroSettings":
+        """Raise StemError with one sentence for the first setting out of range."""
+        validate_common(self)
+        if not isinstance(self.source_prompt, str):
+            raise StemError(f"--source-prompt must be text, got {self.source_prompt!r}.")
+        check_fraction("--self-replace", self.self_replace)
+        check_fraction("--cross-replace", self.cross_replace)
+        if self.word_map not in WORD_MAPS:
+            raise StemError(f"Unknown word map {self.word_map!r}; choose one of: {', '.join(WORD_MAPS)}.")
+        if not is_number(self.blend_threshold) or not 0 < self.blend_threshold <= 1:
+            raise StemError(f"--blend-threshold must be above 0 and at most 1 (0.3 is usual), got {self.blend_threshold}.")
+        check_fraction("The blend start", self.blend_start)
+        check_fraction("The blend end", self.blend_end)
+        if self.blend_start > self.blend_end:
+            raise StemError(f"The blend start ({self.blend_start}) must not come after the blend end ({self.blend_end}).")
+        self._validate_reweight()
+        self._validate_blend_words()
+        return self
+
+    def _validate_reweight(self) -> None:
+        if not isinstance(self.reweight, tuple):
+            raise StemError(f"reweight must be a tuple of (word, scale) pairs, got {self.reweight!r}.")
+        for pair in self.reweight:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
+                raise StemError(f"--reweight takes WORD=SCALE, got {pair!r}.")
+            word, scale = pair
+            if len(word.split()) != 1:
+                raise StemError(f"--reweight takes one word per WORD=SCALE, got {word!r}.")
+            if not is_number(scale) or not math.isfinite(scale):
+                raise StemError(f"--reweight {word}= needs a finite number as its scale, got {scale!r}.")
+            if not contains_word(self.prompt, word):
+                raise StemError(f"The reweighted word {word!r} is not in the target prompt {self.prompt!r}.")
+
+    def _validate_blend_words(self) -> None:
+        if not isinstance(self.blend_words, str):
+            raise StemError(f"--blend-words must be text (SRC or SRC,TGT), got {self.blend_words!r}.")
+        if not self.blend_words.strip():
+            return
+        sides = self.blend_words.split(",")
+        if len(sides) > 2 or not all(side.split() for side in sides):
+            raise StemError(f"--blend-words takes SRC or SRC,TGT (e.g. car or car,truck), got {self.blend_words!r}.")
+        source_words, target_words = self.blend_word_lists()
+        for words, prompt, which in ((source_words, self.source_prompt, "source"), (target_words, self.prompt, "target")):
+            for word in words:
+                if not contains_word(prompt, word):
+                    hint = "" if which == "source" or len(sides) == 2 else f"; name the target's word too: --blend-words {word},TARGET_WORD"
+                    raise StemError(f"The blend word {word!r} is not in the {which} prompt {prompt!r}{hint}.")
+
+    def num_fused_steps(self, num_steps: int) -> tuple[int, int]:
+        """(self-attention steps, cross-attention steps): the first so many of `num_steps` steps fuse."""
+        return leading_steps(self.self_replace, num_steps), leading_steps(self.cross_replace, num_steps)
+
+    def metrics(self) -> dict:
+        """The settings as recorded in metrics.json."""
+        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "guidance": self.guidance,
+                "self_replace": self.self_replace, "cross_replace": self.cross_replace, "word_map": self.word_map,
+                "reweight": {word: scale for word, scale in self.reweight}, "blend_words": self.blend_words,
+                "blend_threshold": self.blend_threshold, "blend_start": self.blend_start, "blend_end": self.blend_end}
+
+
+def parse_reweight(items: str | Iterable[str] | None) -> tuple[tuple[str, float], ...]:
+    """"WORD=SCALE" strings (or one comma-separated string) -> ((word, scale), ...); one sentence if malformed."""
+    if items is None:
+        return ()
+    if isinstance(items, str):
+        items = [item for item in items.split(",") if item.strip()]
+    pairs = []
+    for item in items:
+        word, _, scale = item.partition("=")
+        try:
+            value = float(scale)
+        except ValueError:
+            value = None
+        if value is None or not word.strip():
+            raise StemError(f"--reweight takes WORD=SCALE (e.g. watercolor=2), got {item!r}.")
+        pairs.append((word.strip(), value))
+    return tuple(pairs)
+
+
+# -- the word maps and masks of one edit -------------------------------------------------------------
+
+@dataclass
+class EditMaps:
+    """The token-level tensors of one edit: word map, reweighting and the blend words' tokens."""
+
+    mode: str                             # the word map used: "replace" or "refine"
+    source_index: torch.Tensor            # (77,) long: the source token each target token's map comes from
+    weight: torch.Tensor                  # (77,) float32: 1 takes the source's map, 0 keeps the target's
+    scales: torch.Tensor                  # (77,) float32: reweighting of the target's maps
+    source_blend: torch.Tensor | None     # (77,) float32: 1 at the source blend words' tokens
+    target_blend: torch.Tensor | None     # (77,) float32: 1 at the target blend words' tokens
+
+    @property
+    def blends(self) -> bool:
+        return self.source_blend is not None
+
+    @classmethod
+    def build(cls, edit: FateZeroSettings, tokenizer, device=None) -> "EditMaps":
+        """Tokenise the prompts; refuses a replace with different token counts or words past the 77 tokens."""
+        mapping = word_map(tokenizer, edit.source_prompt, edit.prompt, edit.word_map)
+        index, weight = mapping.tensors(device)
+        scales = reweight_scales(tokenizer, edit.prompt, edit.reweight).to(device)
+        source_words, target_words = edit.blend_word_lists()
+        source_blend = target_blend = None
+        if source_words:
+            source_blend = word_mask(tokenizer, edit.source_prompt, source_words, "blend").to(device)
+            target_blend = word_mask(tokenizer, edit.prompt, target_words, "blend").to(device)
+        return cls(mapping.mode, index, weight, scales, source_blend, target_blend)
+
+    def fuse_cross(self, source: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
+        """(..., 77) source and edit cross-attention probabilities -> the edit's fused probabilities."""
+        mapped = source[..., self.source_index]
+        return torch.lerp(edit, mapped, self.weight) * self.scales
+
+
+def token_grid(num_tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
+    """(rows, columns) of a UNet level with `num_tokens` tokens per frame (SD halves each side, rounding up)."""
+    h, w = latent_size
+    while h * w > num_tokens:
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != num_tokens:
+        raise ValueError(f"no UNet level of a {latent_size} latent has {num_tokens} tokens")
+    return h, w
+
+
+def blend_mask(maps: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
+    """FateZero's mask: (n, r, c) word maps -> (n, 1, *size) bool: 3x3 max-pool, resize, / frame max, > threshold."""
+    pooled = F.max_pool2d(maps[:, None].float(), BLEND_POOL, stride=1, padding=BLEND_POOL // 2)
+    resized = F.interpolate(pooled, size=tuple(size), mode="nearest")
+    peak = resized.amax(dim=(-2, -1), keepdim=True)
+    return resized / peak.clamp_min(torch.finfo(torch.float32).tiny) > threshold
+
+
+# -- the shared state and the per-chunk context -----------------------------------------------------
+
+@dataclass
+class FateZeroState:
+    """Everything the FateZero processors share during one edit."""
+
+    attention: AttentionState          # the inversion's self-attention method and STEM settings
+    maps: EditMaps
+    threshold: float                   # blend threshold
+    step: int = 0                      # level i of the current denoising step (T .. 1)
+    fuse_self: bool = False            # this step fuses self-attention
+    fuse_cross: bool = False           # this step fuses cross-attention
+    trace: Trace | None = None
+
+
+@dataclass
+class FrameChunk:
+    """One UNet call over a chunk of frames: what its processors read and record (cross_attention_kwargs)."""
+
+    groups: int                                  # MASK_PASS (source only) or EDIT_PASS (three groups)
+    latent_size: tuple[int, int]                 # (h, w) of the latents
+    self_mask_maps: torch.Tensor | None = None   # (n, r, c) source blend-word maps of this step (from the mask pass)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # "source"/"target" -> (n, r, c) summed word maps
+    heads: dict[str, int] = field(default_factory=dict)          # how many (layer, head) maps each sum holds
+
+    def record(self, which: str, maps: torch.Tensor) -> None:
+        """Add (n, heads, L) word maps of one layer to the `which` sum."""
+        n, h, L = maps.shape
+        grid = token_grid(L, self.latent_size)
+        summed = maps.float().sum(dim=1).view(n, *grid)
+        self.sums[which] = summed if which not in self.sums else self.sums[which] + summed
+        self.heads[which] = self.heads.get(which, 0) + h
+
+    def mean_maps(self, which: str) -> torch.Tensor | None:
+        """(n, r, c) mean over the recorded layers and heads, or None."""
+        return self.sums[which] / self.heads[which] if which in self.sums else None
+
+    def self_mask(self, num_tokens: int, threshold: float) -> torch.Tensor | None:
+        """(n, 1, L, 1) bool: where a layer of `num_tokens` tokens keeps the edit's own self-attention."""
+        if self.self_mask_maps is None:
+            return None
+        grid = token_grid(num_tokens, self.latent_size)
+        return blend_mask(self.self_mask_maps, grid, threshold).view(-1, 1, num_tokens, 1)
+
+
+class _ChunkCall:
+    """A processor bound to the chunk of one call.
+
+    The lock-step chunk threads share the processors, so a call's chunk cannot live on the processor:
+    `FrameAttnProcessor.__call__` (projections, head reshapes, residual) runs with this as `self`, and its
+    `attend` reaches the processor with the chunk.
+    """
+
+    def __init__(self, processor, chunk: FrameChunk):
+        self.processor, self.chunk = processor, chunk
+
+    def attend(self, attn, query, key, value, attention_mask=None):
+        return self.processor.attend_chunk(attn, query, key, value, self.chunk, attention_mask)
+
+
+class FateZeroAttnProcessor(FrameAttnProcessor):
+    """The skeleton of FrameAttnProcessor with the call's `FrameChunk` handed to `attend_chunk`."""
+
+    def __init__(self, state: FateZeroState, name: str, layer_index: int = 0):
+        super().__init__(state.attention, name, layer_index)
+        self.edit = state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 chunk: FrameChunk | None = None, **kwargs):
+        if chunk is None:
+            raise ValueError(f"{self.name}: FateZero processors run with cross_attention_kwargs={{'chunk': FrameChunk}}")
+        return FrameAttnProcessor.__call__(_ChunkCall(self, chunk), attn, hidden_states, encoder_hidden_states,
+                                           attention_mask, temb)
+
+    def attend_chunk(self, attn, query, key, value, chunk: FrameChunk, attention_mask=None):
+        raise NotImplementedError
+
+    def observe(self, event: str, chunk: FrameChunk, tensors: dict) -> None:
+        if self.edit.trace is not None and chunk.groups == EDIT_PASS:
+            self.edit.trace(event, self.name, self.edit.step, tensors)
+
+
+def _groups(x: torch.Tensor, groups: int) -> list[torch.Tensor]:
+    """(G*n, ...) -> G tensors of (n, ...)."""
+    return list(x.chunk(groups))
+
+
+class FateZeroSelfAttnProcessor(FateZeroAttnProcessor):
+    """A self-attention layer: the inversion's attention per group, the target group fused with the source's."""
+
+    def __init__(self, state: FateZeroState, name: str, layer_index: int):
+        super().__init__(state, name, layer_index)
+        self.stem = StemAttnProcessor(state.attention, name, layer_index)  # its EM (`bases`), seeded as in the inversion
+
+    def attend_chunk(self, attn, query, key, value, chunk, attention_mask=None):
+        state, G = self.edit, chunk.groups
+        L = query.shape[2]
+        fuse = G == EDIT_PASS and state.fuse_self and L <= MAX_FUSED_TOKENS
+        mask = chunk.self_mask(L, state.threshold) if fuse else None
+        if G == EDIT_PASS and self.state.method == "stem":
+            out = self.stem_groups(attn, query, key, value, fuse, mask)
+        elif fuse:
+            out = self.fused_maps(attn, query, key, value, mask)
+        else:
+            out = self.plain(attn, query, key, value, G)
+        self.observe("self", chunk, {"query": query, "key": key, "value": value, "output": out})
+        return out
+
+    def plain(self, attn, query, key, value, groups: int) -> torch.Tensor:
+        """(G*n, h, L, d) -> (G*n, h, L, d): the inversion's self-attention, each group on its own."""
+        method = self.state.method
+        if method == "ddim":
+            return F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+        if method == "inflated":
+            return InflatedAttnProcessor(AttentionState(method="inflated", num_groups=groups)).attend(attn, query, key, value)
+        return self.attend_bases(attn, query, *whole_video(self.stem.bases, _frames_major(key, groups), _frames_major(value, groups)))
+
+    @staticmethod
+    def attend_bases(attn, query, key_bases, value_bases) -> torch.Tensor:
+        """(G*n, h, L, d) queries, (G, h, K, d|dv) bases -> (G*n, h, L, dv): each frame over its group's bases."""
+        frames = query.shape[0] // key_bases.shape[0]
+        return F.scaled_dot_product_attention(query, key_bases.to(query.dtype).repeat_interleave(frames, dim=0),
+                                              value_bases.to(query.dtype).repeat_interleave(frames, dim=0), scale=attn.scale)
+
+    def fused_maps(self, attn, query, key, value, mask):
+        """ddim / inflated: the target group attends with the source's queries and keys (the source's maps)."""
+        q, k = _groups(query, NUM_GROUPS), _groups(key, NUM_GROUPS)
+        q[COND], k[COND] = q[SOURCE], k[SOURCE]
+        out = self.plain(attn, torch.cat(q), torch.cat(k), value, NUM_GROUPS)
+        if mask is None:
+            return out
+        groups = _groups(out, NUM_GROUPS)
+        own = self.plain(attn, *(_groups(x, NUM_GROUPS)[COND] for x in (query, key, value)), 1)
+        groups[COND] = torch.where(mask, own, groups[COND])
+        return torch.cat(groups)
+
+    def stem_groups(self, attn, query, key, value, fuse: bool, mask):
+        """STEM, edit pass: the source's EM on its own (as in the reconstruction), then the edit groups'.
+
+        Fused, the target group takes the source's probabilities over the source's bases applied to value
+        bases of its own values: one EM on the source's keys gives the key bases mu and the
+        responsibilities z, the value bases of [source values | target values] are z^T [v_src | v_edit]
+        (normalised over tokens), so the source's output softmax(q mu^T) (z^T v_src) and the fused one
+        softmax(q mu^T) (z^T v_edit) come from one attention over 2d value channels. The negative-prompt
+        group (and, unfused or inside a blend mask, the target group) attends to the bases of its own EM.
+        """
+        q, k, v = (_groups(x, NUM_GROUPS) for x in (query, key, value))
+        d = value.shape[-1]
+        values = torch.cat([v[SOURCE], v[COND]], dim=-1) if fuse else v[SOURCE]
+        both = self.attend_bases(attn, q[SOURCE], *whole_video(self.stem.bases, k[SOURCE][None], values[None]))
+        out = [both[..., :d], None, both[..., d:] if fuse else None]
+        own = [g for g in (UNCOND, COND) if out[g] is None or mask is not None]
+        mine = _groups(self.plain(attn, *(torch.cat([x[g] for g in own]) for x in (q, k, v)), len(own)), len(own))
+        for g, result in zip(own, mine):
+            out[g] = result if out[g] is None else torch.where(mask, result, out[g])
+        return torch.cat(out)
+
+
+class FateZeroCrossAttnProcessor(FateZeroAttnProcessor):
+    """A cross-attention layer: the target group's maps from the source's by the word map; blend-word maps recorded."""
+
+    def __init__(self, state: FateZeroState, name: str, records_blend: bool):
+        super().__init__(state, name)
+        self.records_blend = records_blend
+
+    def attend_chunk(self, attn, query, key, value, chunk, attention_mask=None):
+        state, G = self.edit, chunk.groups
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
+        records = self.records_blend and state.maps.blends
+        fuse = G == EDIT_PASS and state.fuse_cross and query.shape[2] <= MAX_FUSED_TOKENS
+        if records or fuse:
+            q, k, v = (_groups(x, G) for x in (query, key, value))
+
+            def probabilities(g):  # (n, h, L, 77), float32
+                return torch.softmax(q[g].float() @ k[g].float().transpose(-1, -2) * attn.scale, dim=-1)
+
+            source = probabilities(SOURCE)
+            if records:
+                chunk.record("source", source @ state.maps.source_blend)
+            if G == EDIT_PASS:
+                target = probabilities(COND)
+                if records:
+                    chunk.record("target", target @ state.maps.target_blend)
+                if fuse:
+                    groups = _groups(out, G)
+                    groups[COND] = (state.maps.fuse_cross(source, target) @ v[COND].float()).to(out.dtype)
+                    out = torch.cat(groups)
+        self.observe("cross", chunk, {"query": query, "key": key, "value": value, "output": out})
+        return out
+
+
+@contextlib.contextmanager
+def fatezero_processors(unet, state: FateZeroState) -> Iterator[dict]:
+    """Install FateZero processors on every self- and cross-attention layer of `unet`; restore on exit."""
+    layers = self_attention_layers(unet)
+
+    def make(name, _previous):
+        if name in layers:
+            return FateZeroSelfAttnProcessor(state, name, layers[name])
+        if name.endswith("attn2.processor"):
+            return FateZeroCrossAttnProcessor(state, name, name.startswith(BLEND_BLOCKS))
+        return None
+
+    with processors_installed(unet, make) as installed:
+        yield installed
+
+
+# -- the edit ---------------------------------------------------------------------------------------
+
+def unet_step(parts, text: torch.Tensor, source: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+              chunk_size: int | None, mask_pass: bool):
+    """One denoising step's UNet work on every frame, in lock-step frame chunks.
+
+    Args:
+        parts: the model (`StableDiffusionParts`) with the FateZero processors installed.
+        text: (3, 77, D) embeddings of [source prompt, negative prompt, target prompt] (model dtype).
+        source: (N, 4, h, w) the source's latents at this level; x: (N, 4, h, w) the edit's.
+        t: the timestep.
+        chunk_size: frames per UNet call (None: all at once).
+        mask_pass: run the source group alone first, for this step's self-attention blend masks.
+
+    Returns:
+        (3, N, 4, h, w) float32 UNet outputs, and the (N, r, c) source and target blend-word maps
+        of this step (None without blend words).
+    """
+    unet, N = parts.unet, x.shape[0]
+    size = chunk_size or N
+
+    def run(frames: slice):
+        n = frames.stop - frames.start
+        chunk = FrameChunk(MASK_PASS, tuple(x.shape[-2:]))
+        if mask_pass:
+            unet(source[frames].to(parts.dtype), t, encoder_hidden_states=text[SOURCE:SOURCE + 1].expand(n, -1, -1),
+                 cross_attention_kwargs={"chunk": chunk})
+            chunk.self_mask_maps, chunk.sums, chunk.heads = chunk.mean_maps("source"), {}, {}
+        chunk.groups = EDIT_PASS
+        latents = torch.cat([source[frames], x[frames], x[frames]]).to(parts.dtype)
+        out = unet(latents, t, encoder_hidden_states=text.repeat_interleave(n, dim=0),
+                   cross_attention_kwargs={"chunk": chunk}).sample
+        return out.float().view(NUM_GROUPS, n, *x.shape[1:]), chunk.mean_maps("source"), chunk.mean_maps("target")
+
+    results = run_lockstep(run, [slice(s, min(N, s + size)) for s in range(0, N, size)])
+    out = torch.cat([r[0] for r in results], dim=1)
+    maps = [None if results[0][j] is None else torch.cat([r[j] for r in results]) for j in (1, 2)]
+    return out, maps[0], maps[1]
+
+
+def edit_latents(
+    parts,
+    trajectory: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas: torch.Tensor,
+    text: torch.Tensor,
+    edit: FateZeroSettings,
+    attention: AttentionState,
+    chunk_size: int | None = None,
+    callback: Callable[[int, int], None] | None = None,
+    trace: Trace | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """FateZero editing of an inverted video, from x_T to clean latents.
+
+    Args:
+        parts: the model (`StableDiffusionParts`); its tokenizer makes the word maps.
+        trajectory: (T + 1, N, 4, h, w) the source's DDIM trajectory x_0 .. x_T (any device).
+        timesteps: (T,) ascending UNet timesteps of the inversion.
+        alphas: (T + 1,) alpha-bars of levels 0..T.
+        text: (3, 77, D) embeddings of [source prompt, negative prompt, target prompt].
+        edit: the edit's settings (validated; `edit.source_prompt` is the inversion's prompt).
+        attention: the inversion's method and STEM settings; its num_groups must be 3.
+        chunk_size: frames per UNet call (None: all at once); the result does not depend on it.
+        callback: `callback(k, T)` after the k-th denoising step.
+        trace: optional observer, see `Trace`.
+
+    Returns:
+        (N, 4, h, w) float32 edited clean latents, and {"word_map": "replace" | "refine",
+        "blended_steps": the levels i whose result was blended with the source's x_{i-1}}.
+    """
+    if attention.num_groups != NUM_GROUPS:
+        raise ValueError(f"the attention state must describe {NUM_GROUPS} groups, got {attention.num_groups}")
+    device, num_steps = parts.device, len(timesteps)
+    maps = EditMaps.build(edit, parts.tokenizer, device)
+    state = FateZeroState(attention, maps, edit.blend_threshold, trace=trace)
+    self_steps, cross_steps = edit.num_fused_steps(num_steps)
+    blend_from, blend_to = leading_steps(edit.blend_start, num_steps), leading_steps(edit.blend_end, num_steps)
+    text = text.to(device=device, dtype=parts.dtype)
+    x = source_latents(trajectory, num_steps, device)  # x_T, the inverted noise
+    target_maps, blended = None, []
+    with fatezero_processors(parts.unet, state):
+        for k, i in enumerate(range(num_steps, 0, -1), start=1):  # k-th step: level i -> i - 1
+            state.step = attention.step = i  # the step also seeds STEM's initial bases, as in the inversion
+            state.fuse_self, state.fuse_cross = k <= self_steps, k <= cross_steps
+            out, source_maps, step_maps = unet_step(parts, text, source_latents(trajectory, i, device), x,
+                                                    timesteps[i - 1], chunk_size, maps.blends and state.fuse_self)
+            eps = guided_noise(out, x, alphas[i], edit.guidance, parts.prediction_type)
+            x = ddim_step(x, eps, alphas[i], alphas[i - 1])
+            if maps.blends:
+                target_maps = step_maps if target_maps is None else target_maps + step_maps
+                if blend_from < k <= blend_to:
+                    size = tuple(x.shape[-2:])
+                    mask = blend_mask(source_maps, size, edit.blend_threshold) | blend_mask(target_maps, size, edit.blend_threshold)
+                    x = torch.where(mask, x, source_latents(trajectory, i - 1, device))
+                    blended.append(i)
+                    if trace is not None:
+                        trace("blend", "latents", i, {"mask": mask, "latents": x})
+            if callback is not None:
+                callback(k, num_steps)
+    return x, {"word_map": maps.mode, "blended_steps": blended}
+
+
+def check_job(edit: FateZeroSettings, inversion, tokenizer) -> None:
+    """Before the inversion: the settings' source prompt is the inversion's, and the prompts tokenise as asked."""
+    if edit.source_prompt != inversion.prompt:
+        raise StemError(f"The FateZero settings were made for the source prompt {edit.source_prompt!r} but the "
+                        f"inversion uses {inversion.prompt!r}; build them with the inversion's source prompt.")
+    EditMaps.build(edit, tokenizer)
+
+
+EDITORS[FateZeroSettings.editor] = edit_latents
+EDITOR_CHECKS[FateZeroSettings.editor] = check_job
