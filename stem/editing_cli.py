@@ -35,8 +35,9 @@ def add_edit_options(parser) -> None:
     d = TokenFlowSettings(prompt="")
     parser.add_argument("--editor", default="tokenflow", choices=list(EDITOR_OPTIONS),
                         help="the editing method (default: %(default)s)")
-    parser.add_argument("--negative-prompt", default=DEFAULT_NEGATIVE_PROMPT,
-                        help='unconditional text of the guidance; "" for none (default: %(default)r, the STEM authors\')')
+    parser.add_argument("--negative-prompt", default=None,
+                        help=f'unconditional text of the guidance; "" for none (default: the editor\'s: {DEFAULT_NEGATIVE_PROMPT!r} '
+                             'for tokenflow, as the STEM authors ran it; empty for fatezero, as FateZero ran it)')
     parser.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale, >= 1 (default: %(default)s)")
     add_freeu_options(parser.add_argument_group("FreeU in the editing UNet (any editor with FreeU settings)"))
     for name, (add_options, _) in EDITOR_OPTIONS.items():
@@ -88,13 +89,20 @@ def add_tokenflow_options(group) -> None:
                             "nearest: the two nearest) (default: %(default)s)")
 
 
+def shared_options(args) -> dict:
+    """The options every editor's settings take; a negative prompt left out is the editor's own default."""
+    given = {"guidance": args.guidance, "seed": args.seed}
+    if args.negative_prompt is not None:
+        given["negative_prompt"] = args.negative_prompt
+    return given
+
+
 def tokenflow_settings(args, prompt: str):
     from .editing import TokenFlowSettings
 
     return TokenFlowSettings(
-        prompt=prompt, negative_prompt=args.negative_prompt, guidance=args.guidance, pnp_attn=args.pnp_attn,
+        prompt=prompt, **shared_options(args), pnp_attn=args.pnp_attn,
         pnp_conv=args.pnp_conv, batch_size=args.batch_size, attention=args.edit_attention, propagation=args.propagation,
-        seed=args.seed,
     )
 
 
@@ -121,10 +129,9 @@ def fatezero_settings(args, prompt: str):
     from .editing import FateZeroSettings, parse_reweight
 
     return FateZeroSettings(
-        prompt=prompt, source_prompt=args.source_prompt, negative_prompt=args.negative_prompt, guidance=args.guidance,
+        prompt=prompt, source_prompt=args.source_prompt, **shared_options(args),
         self_replace=args.self_replace, cross_replace=args.cross_replace, word_map=args.word_map,
         reweight=parse_reweight(args.reweight), blend_words=args.blend_words, blend_threshold=args.blend_threshold,
-        seed=args.seed,
     )
 
 

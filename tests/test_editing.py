@@ -389,3 +389,22 @@ def test_stem_keyframe_attention_with_one_token_stays_finite():
 
     key_bases, value_bases = estimate_bases(torch.randn(6, 1, 8), torch.randn(6, 1, 8), num_bases=4, num_iters=2)
     assert torch.isfinite(key_bases).all() and torch.isfinite(value_bases).all()
+
+
+def test_each_editor_gets_its_own_negative_prompt_and_freeu_defaults():
+    """TokenFlow: the STEM authors' negative prompt and FreeU on; FateZero: FateZero's empty one and FreeU off."""
+    from stem.cli import build_parser
+    from stem.editing import DEFAULT_NEGATIVE_PROMPT
+    from stem.editing_cli import edit_settings_for
+
+    def settings(*extra):
+        args = build_parser().parse_args(["edit", "clip.mp4", "--source-prompt", "a cat", *extra])
+        return edit_settings_for(args, "a dog")
+
+    tokenflow, fatezero = settings(), settings("--editor", "fatezero")
+    assert (tokenflow.negative_prompt, tokenflow.freeu.enabled) == (DEFAULT_NEGATIVE_PROMPT, True)
+    assert (fatezero.negative_prompt, fatezero.freeu.enabled) == ("", False)
+    assert fatezero.metrics()["freeu"] is False
+    chosen = settings("--editor", "fatezero", "--freeu", "--freeu-b1", "1.1", "--negative-prompt", "blurry")
+    assert (chosen.freeu.enabled, chosen.freeu.b1, chosen.negative_prompt) == (True, 1.1, "blurry")
+    assert settings("--negative-prompt", "").negative_prompt == ""

@@ -56,6 +56,7 @@ from .common import (
     COND, EDITOR_CHECKS, EDITORS, NUM_GROUPS, SOURCE, UNCOND, check_fraction, guided_noise, is_number, leading_steps,
     source_latents, validate_common,
 )
+from .freeu import FreeUSettings, freeu_installed
 from .wordmap import WORD_MAPS, contains_word, reweight_scales, word_map, word_mask
 
 MAX_FUSED_TOKENS = 32 * 32  # FateZero fuses only in layers with at most 32x32 tokens per frame
@@ -95,6 +96,7 @@ class FateZeroSettings:
     blend_start: float = 0.2     # latents are blended after the steps k with blend_start*T < k <= blend_end*T
     blend_end: float = 0.8
     seed: int = 0                # unused: FateZero draws nothing at random (the EM seed is the inversion's)
+    freeu: FreeUSettings = FreeUSettings(enabled=False)  # off: FateZero's release has no FreeU
 
     def blend_word_lists(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(source words, target words) of `blend_words`; the target's are the source's when no TGT is given."""
@@ -118,6 +120,9 @@ class FateZeroSettings:
         check_fraction("The blend end", self.blend_end)
         if self.blend_start > self.blend_end:
             raise StemError(f"The blend start ({self.blend_start}) must not come after the blend end ({self.blend_end}).")
+        if not isinstance(self.freeu, FreeUSettings):
+            raise StemError(f"The FreeU settings must be a FreeUSettings, got {self.freeu!r}.")
+        self.freeu.validate()
         self._validate_reweight()
         self._validate_blend_words()
         return self
@@ -160,7 +165,8 @@ class FateZeroSettings:
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "guidance": self.guidance,
                 "self_replace": self.self_replace, "cross_replace": self.cross_replace, "word_map": self.word_map,
                 "reweight": {word: scale for word, scale in self.reweight}, "blend_words": self.blend_words,
-                "blend_threshold": self.blend_threshold, "blend_start": self.blend_start, "blend_end": self.blend_end}
+                "blend_threshold": self.blend_threshold, "blend_start": self.blend_start, "blend_end": self.blend_end,
+                **self.freeu.metrics()}
 
 
 def parse_reweight(items: str | Iterable[str] | None) -> tuple[tuple[str, float], ...]:
@@ -523,7 +529,7 @@ def edit_latents(
     text = text.to(device=device, dtype=parts.dtype)
     x = source_latents(trajectory, num_steps, device)  # x_T, the inverted noise
     target_maps, blended = None, []
-    with fatezero_processors(parts.unet, state):
+    with fatezero_processors(parts.unet, state), freeu_installed(parts.unet, edit.freeu):
         for k, i in enumerate(range(num_steps, 0, -1), start=1):  # k-th step: level i -> i - 1
             state.step = attention.step = i  # the step also seeds STEM's initial bases, as in the inversion
             state.fuse_self, state.fuse_cross = k <= self_steps, k <= cross_steps
