@@ -66,7 +66,7 @@ class Job:
     width: int
     method: str = "stem"
     num_steps: int = 50
-    editor: str | None = None   # None (inversion only) or "tokenflow"
+    editor: str | None = None   # None (inversion only), "tokenflow" or "fatezero"
     edit_batch_size: int = 8
 
     @property
@@ -185,8 +185,25 @@ def tokenflow_activations(job: Job, facts: ModelFacts, chunk: int | None) -> flo
     return stored + max(keyframe_pass, propagation) + 3 * n * 4 * L * 4
 
 
-# Editors' activation terms; an editor adds its function here (e.g. "fatezero").
-EDITORS = {"tokenflow": tokenflow_activations}
+def fatezero_activations(job: Job, facts: ModelFacts, chunk: int | None) -> float:
+    """Bytes of a FateZero edit's denoising (activations only): the three groups of every frame in one
+    lock-step UNet call, with the source's and the edit's STEM statistics and the blend maps of one step.
+
+    Not calibrated separately: the UNet and EM terms are the inversion's, times three groups, plus the
+    cross-attention maps the local blend keeps for a step (float32, 77 text tokens, two prompts).
+    """
+    n, L, b, C = job.frames, job.tokens, facts.element_bytes, 320 * facts.width
+    s = n if chunk is None else min(chunk, n)
+    chunked = s < n
+    total = _unet_call(3 * s, 3 * (n - s) if chunked else 0, job, facts)
+    total += 3 * (EM_BLOCK_BYTES + n * L * (C / facts.heads) * 4)
+    if chunked:
+        total += 2 * 3 * n * C * L * b
+    return total + 3 * n * 4 * L * 4 + 2 * n * L * 77 * 4
+
+
+# Editors' activation terms; an editor adds its function here.
+EDITORS = {"tokenflow": tokenflow_activations, "fatezero": fatezero_activations}
 
 
 def vae_activations(job: Job, facts: ModelFacts, batch: int, tiling: bool) -> float:

@@ -118,8 +118,21 @@ def test_edit_step_runs_the_keyframe_pass_and_the_propagation(tiny_parts, count_
     trajectory, text = torch.randn(2, 5, 4, 8, 8), torch.randn(3, 77, 32)
     setup, call = tokenflow_step(tiny_parts, trajectory, timesteps, alphas, text, batch_size=2)
     with setup(), count_calls(tiny_parts.unet) as unet, torch.inference_mode():
-        latents, keyframes = call()
-    assert unet.calls == 1 + 3 and latents.shape == (5, 4, 8, 8) and len(keyframes[0]) == 3
+        latents, details = call()
+    assert unet.calls == 1 + 3 and latents.shape == (5, 4, 8, 8) and len(details["keyframes"][0]) == 3
+
+
+def test_fatezero_step_runs_every_frame_of_the_three_groups_once(tiny_parts, count_calls):
+    """One FateZero step: one UNet call on the source and both edit groups of all frames."""
+    from stem.bench.benches import fatezero_step, sd_scheduler
+    from stem.inversion import ddim_schedule
+
+    timesteps, alphas = ddim_schedule(sd_scheduler(), 1)
+    trajectory, text = torch.randn(2, 5, 4, 8, 8), torch.randn(3, 77, 32)
+    setup, call = fatezero_step(tiny_parts, trajectory, timesteps, alphas, text, batch_size=2)
+    with setup(), count_calls(tiny_parts.unet) as unet, torch.inference_mode():
+        latents, _ = call()
+    assert unet.calls == 1 and latents.shape == (5, 4, 8, 8) and torch.isfinite(latents).all()
 
 
 def test_gpu_check_dry_run_writes_every_section(tmp_path):
@@ -127,7 +140,7 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path):
     doc = json.loads((tmp_path / "bench-gpu.json").read_text())
     benches = {(r["bench"], r["mode"]) for r in doc["rows"]}
     assert {("attention", "stem"), ("inversion", "stem"), ("inversion", "inflated"), ("full", "stem"),
-            ("full", "ddim"), ("full-edit", "tokenflow")} <= benches
+            ("full", "ddim"), ("full-edit", "tokenflow"), ("full-edit", "fatezero")} <= benches
     full = next(r for r in doc["rows"] if r["bench"] == "full" and r["mode"] == "stem")
     assert full["finite"] and full["steps"] == 2 and full["seconds"] > 0 and full["estimate_mb"] > 0
     assert {s["status"] for s in doc["sections"].values()} <= {"ok", "skipped"} and "pytest" not in doc["sections"]

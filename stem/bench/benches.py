@@ -74,24 +74,17 @@ def tokenflow_step(parts, trajectory, timesteps, alphas, text, batch_size):
 
 
 def fatezero_step(parts, trajectory, timesteps, alphas, text, batch_size):
-    """(setup, call) of one FateZero step, once `stem.editing.fatezero` exists.
+    """(setup, call) of one FateZero step: the source and both edit groups of every frame, fusing on the fly.
 
-    The slot for the FateZero engineer: it assumes `EditSettings(editor="fatezero")` through the same
-    `stem.editing.edit_latents`; if FateZero's entry point differs, this function is the one place to change.
+    `batch_size` is TokenFlow's and unused here; `text` holds the source, negative and target prompts, the
+    word map comes from the two prompts below (a word swap of the same token count: "replace").
     """
-    try:
-        present = importlib.util.find_spec("stem.editing.fatezero") is not None
-    except ImportError:  # stem.editing is still a module, not a package
-        present = False
-    if not present:
-        raise EditorUnavailable("stem.editing.fatezero does not exist yet")
-    from ..editing import EditSettings, edit_latents
+    from ..editing import EDITORS as EDIT_FUNCTIONS
+    from ..editing import FateZeroSettings
 
-    if "editor" not in getattr(EditSettings, "__dataclass_fields__", {}):
-        raise EditorUnavailable("EditSettings has no `editor` field; wire FateZero into stem/bench/benches.py:fatezero_step")
-    edit = EditSettings(prompt="bench", batch_size=batch_size, pnp_attn=1.0, pnp_conv=1.0, editor="fatezero").validate()
+    edit = FateZeroSettings(prompt="a bench clip", source_prompt="a test clip", self_replace=1.0, cross_replace=1.0).validate()
     state = AttentionState(method="stem", num_groups=3)
-    return contextlib.nullcontext, lambda: edit_latents(parts, trajectory, timesteps, alphas, text, edit, state)
+    return contextlib.nullcontext, lambda: EDIT_FUNCTIONS["fatezero"](parts, trajectory, timesteps, alphas, text, edit, state)
 
 
 EDITORS = {"tokenflow": tokenflow_step, "fatezero": fatezero_step}
@@ -114,11 +107,12 @@ def bench_edit(editors, frames, size, device, dtype, repeats, warmup, batch_size
     Editors this build lacks are skipped with a note.
     """
     from ..inversion import call_unet, ddim_schedule
-    from ..models import StableDiffusionParts
+    from ..models import StableDiffusionParts, _tiny_tokenizer
 
     unet = bench_unet(unet_kind, device, dtype)
     scheduler = sd_scheduler()
-    parts = StableDiffusionParts(unet, None, None, None, scheduler, "bench", torch.device(device), dtype)
+    # no VAE or text encoder: the steps start from latents and embeddings; FateZero's word maps need a tokenizer
+    parts = StableDiffusionParts(unet, None, None, _tiny_tokenizer(), scheduler, "bench", torch.device(device), dtype)
     timesteps, alphas = ddim_schedule(scheduler, 1)
     side, width = size // 8, unet.config.cross_attention_dim
     generator = torch.Generator().manual_seed(0)

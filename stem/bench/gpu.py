@@ -12,7 +12,7 @@ every row (and OUT/bench-gpu.md with them), the plot and a summary table at the 
                architecture with random weights (row bench "full"; goal: under 90 s on one H100)
     full-ddim  the same with per-frame DDIM
     full-edit  a 50-step TokenFlow edit of the same clip (the STEM inversion comes from the cache)
-    fatezero   FateZero edits at 8/16/32/48 frames and 10/50 steps, once stem.editing.fatezero exists
+    fatezero   FateZero edits at 8/16/32/48 frames and 10/50 steps (peak memory against frames and steps)
 
 `--dry` runs the sections on the CPU with the tiny model at tiny sizes in seconds (the test suite's
 check that this cannot rot); there `pytest` is left out unless --sections names it.
@@ -44,9 +44,9 @@ from .report import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (tests/ lives here)
-DEADLINE = 450        # seconds for the whole check: the goal is 8 minutes, the integrator's hard limit 9
+DEADLINE = 510        # seconds for the whole check: the goal is 8 minutes; the integrator runs it under a 9.8-minute limit
 RESERVE = 15          # seconds kept for the report at the end
-BUDGETS = {"sdpa": 45, "pytest": 90, "bench": 100, "full-stem": 150, "full-ddim": 90, "full-edit": 150, "fatezero": 60}
+BUDGETS = {"sdpa": 45, "pytest": 90, "bench": 100, "full-stem": 150, "full-ddim": 90, "full-edit": 150, "fatezero": 120}
 SECTIONS = tuple(BUDGETS)
 PROMPT, EDIT_PROMPT = "a test pattern sliding sideways", "a watercolor painting of a test pattern sliding sideways"
 
@@ -384,14 +384,15 @@ def section_full(cfg: CheckConfig, rec: Recorder, method: str) -> str:
 def run_edit(cfg: CheckConfig, rec: Recorder, editor: str, frames: int, steps: int, parts=None) -> str:
     """One whole edit through `edit_video` (row bench "full-edit"); the STEM inversion comes from the cache when there."""
     from ..cache import LatentCache
-    from ..editing import EditSettings, edit_video
+    from ..editing import FateZeroSettings, TokenFlowSettings, edit_video
     from ..engine import Engine, InversionSettings
 
     parts = parts if parts is not None else build_parts(cfg)
     engine = Engine(parts.model_id, cache=LatentCache(cfg.cache_dir)).use_parts(parts)
     video = synthetic_video(frames, cfg.size)
     settings = InversionSettings(model=parts.model_id, method="stem", num_steps=steps, size=cfg.size, prompt=PROMPT)
-    edit = EditSettings(prompt=EDIT_PROMPT, **({} if editor == "tokenflow" else {"editor": editor}))
+    edit = (TokenFlowSettings(prompt=EDIT_PROMPT) if editor == "tokenflow"
+            else FateZeroSettings(prompt=EDIT_PROMPT, source_prompt=PROMPT))
     plan = engine.plan_memory(video, settings, edit)
     if plan is not None:
         print(f"  memory plan: {plan.describe()}", flush=True)
@@ -414,13 +415,7 @@ def run_edit(cfg: CheckConfig, rec: Recorder, editor: str, frames: int, steps: i
 
 
 def section_fatezero(cfg: CheckConfig, rec: Recorder) -> str:
-    """The slot for FateZero's memory rows; runs once `stem.editing.fatezero` exists."""
-    from .benches import EditorUnavailable, fatezero_step
-
-    try:
-        fatezero_step(None, None, None, None, None, 8)
-    except EditorUnavailable as missing:
-        raise SectionSkipped(str(missing)) from None
+    """FateZero edits (their peak memory against frames and steps), one row each."""
     parts = build_parts(cfg)
     for frames, steps in cfg.fatezero_runs:
         run_edit(cfg, rec, "fatezero", frames, steps, parts)
