@@ -70,6 +70,7 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+_REFERENCE_DTYPES = {"float64": torch.float64}  # accepted by the library for exact references (tests), not offered
 
 
 def resolve_dtype(dtype, device, bf16_supported: bool | None = None) -> torch.dtype:
@@ -81,12 +82,13 @@ def resolve_dtype(dtype, device, bf16_supported: bool | None = None) -> torch.dt
     device = torch.device(device)
     if dtype is None:
         return default_dtype(device)
+    known = {**DTYPES, **_REFERENCE_DTYPES}
     if isinstance(dtype, str):
         name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower().removeprefix("torch."))
-        if name not in DTYPES:
+        if name not in known:
             raise StemError(f"--dtype {dtype!r} is not a model precision; use one of: {', '.join(DTYPES)}.")
-        dtype = DTYPES[name]
-    if dtype not in DTYPES.values():
+        dtype = known[name]
+    if dtype not in known.values():
         raise StemError(f"--dtype {dtype} is not a model precision; use one of: {', '.join(DTYPES)}.")
     if dtype == torch.bfloat16 and device.type == "cuda":
         supported = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if bf16_supported is None else bf16_supported

@@ -42,7 +42,7 @@ def test_gpu_default_is_float16_and_bfloat16_needs_support():
     assert "\n" not in str(error.value) and str(error.value).endswith(".")
 
 
-@pytest.mark.parametrize("bad", ["float64", "int8", "half-ish", torch.float64])
+@pytest.mark.parametrize("bad", ["int8", "half-ish", "float8", torch.int64])
 def test_unknown_dtype_is_refused_when_the_engine_is_made(bad):
     with pytest.raises(StemError, match="--dtype"):
         Engine(TINY_MODEL, dtype=bad)
