@@ -32,7 +32,7 @@ import torch
 
 from stem.attention import AttentionState, StemAttnProcessor
 from stem.cache import LatentCache
-from stem.editing import NUM_GROUPS, EditSettings, edit_latents
+from stem.editing import EDITORS, NUM_GROUPS, FateZeroSettings, FreeUSettings, TokenFlowSettings
 from stem.em import channel_stats, estimate_bases
 from stem.engine import Engine, InversionSettings
 from stem.inversion import ddim_schedule, encode_prompt
@@ -80,16 +80,19 @@ def reconstruction(**changes):
     return lambda parts, _reference, tmp_dir: invert(parts, tmp_dir, **changes).reconstruction
 
 
-def edited(**edit_changes):
+def edited(editor: str = "tokenflow", **edit_changes):
     """Case: the latents of an edit of the float32 inversion (the same source for every dtype)."""
 
     def run(parts, reference, _tmp_dir):
         timesteps, alphas = ddim_schedule(parts.scheduler, SETTINGS.num_steps)
-        edit = EditSettings(prompt="a dog", batch_size=2, **edit_changes).validate()
+        if editor == "tokenflow":
+            edit = TokenFlowSettings(prompt="a dog", batch_size=2, **edit_changes).validate()
+        else:
+            edit = FateZeroSettings(prompt="a dog", source_prompt="a cat", **edit_changes).validate()
         with torch.inference_mode():
             text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p) for p in ("a cat", "", "a dog")])
-            latents, _ = edit_latents(parts, reference.trajectory, timesteps, alphas, text, edit,
-                                      Engine.attention_state(SETTINGS, NUM_GROUPS))
+            latents, _ = EDITORS[editor](parts, reference.trajectory, timesteps, alphas, text, edit,
+                                         Engine.attention_state(SETTINGS, NUM_GROUPS))
         return latents
 
     return run
@@ -102,8 +105,13 @@ CASES = {  # name: (run, bound in u)
     "invert-stem-chunked": (inverted_noise(chunk_size=3), 30),  # lock-step chunks of 3 + 1 frames
     "reconstruct-ddim": (reconstruction(method="ddim"), 40),
     "reconstruct-stem": (reconstruction(), 100),
-    "edit-tokenflow": (edited(), 50),
+    "edit-tokenflow": (edited(), 50),  # FreeU on, as by default
+    "edit-tokenflow-no-freeu": (edited(freeu=FreeUSettings(enabled=False)), 50),
     "edit-tokenflow-stem": (edited(attention="stem"), 150),
+    # FateZero fuses in the STEM bases' space, so like STEM keyframe attention its sharp E-step (tau = 0.01)
+    # can move a token to another basis: measured 107 u (fp16) and 27 u (bf16), 72 u and 28 u with blending
+    "edit-fatezero": (edited("fatezero"), 250),
+    "edit-fatezero-blend": (edited("fatezero", blend_words="cat,dog", freeu=FreeUSettings()), 250),
 }
 
 

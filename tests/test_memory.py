@@ -102,6 +102,8 @@ def test_an_editor_adds_its_phase():
     assert wider["edit"] > edited["edit"]  # propagation calls of 3 x 16 frames instead of 3 x 8
     with pytest.raises(ValueError, match="EDITORS"):
         estimate(dataclasses.replace(JOB, editor="unknown"), SD15)
+    fatezero = estimate(dataclasses.replace(JOB, editor="fatezero"), SD15)
+    assert fatezero["edit"] > fatezero["unet"]  # three groups of every frame in one call, beside the inversion's one
 
 
 def test_self_attention_elements_match_the_tokens_the_layers_see(tiny_parts):
@@ -219,6 +221,20 @@ def test_a_plan_made_for_an_edit_is_kept_by_its_inversion(tiny_parts, video, tmp
     assert "edit" in edit_plan.phases and edit_plan.estimate_bytes <= budget
     engine.invert(video, SETTINGS)
     assert engine.plan is edit_plan
+
+
+def test_an_edit_too_big_for_the_budget_is_refused_before_its_inversion(tiny_parts, video, tmp_path, count_calls):
+    from stem.editing import FateZeroSettings, edit_video
+
+    facts = ModelFacts.of(tiny_parts)
+    job = Job(video.num_frames, video.height, video.width, "stem", SETTINGS.num_steps)
+    budget = estimate(job, facts, chunk=1, vae_batch=1)["peak"]  # the inversion fits, the edit's three groups do not
+    assert estimate(dataclasses.replace(job, editor="fatezero"), facts, chunk=1, vae_batch=1)["peak"] > budget
+    engine = Engine(TINY_MODEL, cache=LatentCache(tmp_path), memory_budget=lambda: budget).use_parts(tiny_parts)
+    edit = FateZeroSettings(prompt="a dog", source_prompt="a cat")
+    with count_calls(tiny_parts.unet) as unet, pytest.raises(StemError, match="even one frame at a time"):
+        edit_video(engine, video, dataclasses.replace(SETTINGS, prompt="a cat"), edit)
+    assert unet.calls == 0
 
 
 # -- offload --------------------------------------------------------------------------------------

@@ -174,6 +174,8 @@ def edit_video(engine: Engine, video: Video, inversion: InversionSettings, edit:
     if check is not None:
         check(edit, inversion, engine.load(progress).tokenizer)
     report = progress or (lambda *_: None)
+    engine.load(progress)
+    engine.plan_memory(video, inversion, edit)  # a plan that covers the edit too, or a refusal before any work
     result = engine.invert(video, inversion, progress)
     parts = engine.parts
     start = time.perf_counter()
