@@ -44,7 +44,9 @@ import torch
 from PIL import Image
 
 from stem import Engine, InversionSettings, LatentCache, StemError, inversion_metrics, read_video, write_video
-from stem.editing import EditSettings, edit_metrics, edit_video
+from stem.editing import (
+    DEFAULT_NEGATIVE_PROMPT, FateZeroSettings, FreeUSettings, TokenFlowSettings, edit_metrics, edit_video, parse_reweight,
+)
 from stem.models import DEFAULT_MODEL, TINY_MODEL, TINY_WARNING, default_device
 from stem.video import DEFAULT_MAX_FRAMES, Video, copy_audio, side_by_side
 
@@ -58,10 +60,15 @@ METHODS = [("STEM", "stem"), ("DDIM", "ddim"), ("Inflated DDIM", "inflated")]
 TABLE_HEADERS = ["Method", "PSNR dB ↑", "SSIM ↑", "Warp error ↓", "Cached", "Seconds"]
 
 # The endpoints' parameters, in order; the API names them so. A new setting is a name here, a control
-# of the same name in build_app, a DEFAULTS entry and, for an edit setting, an EditSettings field of
-# the same name (the page's value is converted to that field's type).
+# of the same name in build_app, a DEFAULTS entry and, for an edit setting, a field of the same name in
+# an editor's settings (the page's value is converted to that field's type; editors without it ignore it).
 INVERSION_INPUTS = ("method", "bases", "iters", "steps", "frames", "stride", "size", "seed")
-EDIT_INPUTS = ("guidance", "pnp_attn", "pnp_conv", "batch_size", "negative_prompt")
+EDITORS = [("TokenFlow", "tokenflow"), ("FateZero", "fatezero")]
+EDIT_SETTINGS = {"tokenflow": TokenFlowSettings, "fatezero": FateZeroSettings}
+FREEU_INPUTS = ("freeu", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2")  # -> the editor's FreeUSettings
+FREEU_CHOICES = [("The editor's default (on for TokenFlow, off for FateZero)", "default"), ("On", "on"), ("Off", "off")]
+EDIT_INPUTS = ("editor", "guidance", "negative_prompt", "pnp_attn", "pnp_conv", "batch_size", "propagation",
+               "self_replace", "cross_replace", "blend_words", "blend_threshold", "reweight", *FREEU_INPUTS)
 ENDPOINT_INPUTS = {
     "invert": ("video", "source_prompt", *INVERSION_INPUTS),
     "edit": ("video", "source_prompt", "target_prompt", *INVERSION_INPUTS, *EDIT_INPUTS),
@@ -69,12 +76,17 @@ ENDPOINT_INPUTS = {
 }
 # The page's defaults, by endpoint parameter name; build_app(defaults=...) overrides them.
 DEFAULTS = dict(method="stem", bases=256, iters=5, steps=50, frames=16, stride=1, size=512, seed=0,
-                guidance=7.5, pnp_attn=0.5, pnp_conv=0.8, batch_size=8, negative_prompt="")
+                editor="tokenflow", guidance=7.5, negative_prompt=DEFAULT_NEGATIVE_PROMPT, pnp_attn=0.5, pnp_conv=0.8,
+                batch_size=8, propagation="previous", self_replace=0.6, cross_replace=0.8, blend_words="",
+                blend_threshold=0.3, reweight="", freeu="default", freeu_b1=1.2, freeu_b2=1.4, freeu_s1=0.9, freeu_s2=0.2)
 # Command-line flags named in the engine's messages -> the labels on this page.
 LABELS = {"--bases": "Bases K", "--iters": "EM iterations R", "--steps": "Steps", "--frames": "Frames",
           "--stride": "Stride", "--size": "Size", "--guidance": "Guidance scale", "--seed": "Seed",
           "--pnp-attn": "PnP attention threshold", "--pnp-conv": "PnP convolution threshold",
-          "--batch-size": "Batch size", "--negative-prompt": "Negative prompt"}
+          "--batch-size": "Batch size", "--negative-prompt": "Negative prompt", "--propagation": "Propagation",
+          "--self-replace": "Self-attention fusion", "--cross-replace": "Cross-attention fusion",
+          "--blend-words": "Blend words", "--blend-threshold": "Blend threshold", "--reweight": "Reweight",
+          "--freeu-b1": "FreeU b1", "--freeu-b2": "FreeU b2", "--freeu-s1": "FreeU s1", "--freeu-s2": "FreeU s2"}
 STOPPED = "**Stopped.** Press a button to start again."
 SERVER_PROBLEM = ("This server cannot run jobs right now ({what}); please try again later or tell the person who "
                   "runs it (the server log says what to fix).")
@@ -87,7 +99,8 @@ log = logging.getLogger("stem.app")
 VAE_ENCODE_COST, VAE_DECODE_COST = 0.7, 1.5
 METHOD_COST = {"ddim": 1.0, "stem": 1.1, "inflated": 1.5}  # inversion UNet calls, relative to per-frame attention
 # UNet frame-calls per denoising step of an edit of n frames with m keyframes.
-EDITOR_STEP_COST = {"tokenflow": lambda n, m: 3 * (n + m)}  # 3 groups (source, negative, target) x (keyframes + all)
+EDITOR_STEP_COST = {"tokenflow": lambda n, m: 3 * (n + m),  # 3 groups (source, negative, target) x (keyframes + all)
+                    "fatezero": lambda n, m: 3 * n}  # 3 groups x all frames, once
 # ZeroGPU: seconds of one frame through the SD-1.5 UNet at 512 px on its H200 slice in fp16, with a margin
 # of about 2x over published throughput (an assumption, not measured by this project), plus a fixed part
 # for text encoding, moving data and writing the videos.
@@ -570,7 +583,7 @@ class Jobs:
         edit = self._edit_settings(values)
         clip, note = self._clip(values["video"], settings)
         report = self._tracker(progress, job_phases("edit", clip.num_frames, settings.num_steps, settings.method,
-                                                    edit.batch_size, values.get("editor", "tokenflow")))
+                                                    getattr(edit, "batch_size", 8), edit.editor))
         result = edit_video(self.engine, clip, settings, edit, report)
         path, sound = self._write(output_name(clip.source, "edited", edit.prompt), result.frames, clip, settings)
         reconstruction, _ = self._write(output_name(clip.source, "reconstruction", settings.method),
@@ -620,14 +633,26 @@ class Jobs:
             stride=int(v["stride"]), size=int(v["size"]), prompt=prompt, seed=int(v["seed"]),
         ).validate()
 
-    def _edit_settings(self, values: dict) -> EditSettings:
-        """The page's EDIT_INPUTS and target prompt as validated EditSettings."""
+    def _edit_settings(self, values: dict) -> TokenFlowSettings | FateZeroSettings:
+        """The page's EDIT_INPUTS and prompts as the chosen editor's validated settings."""
         target = (values["target_prompt"] or "").strip()
         if not target:
             raise _bad("Type a target prompt that describes the edited video, "
                        "e.g. 'a shiny golden ball bouncing on a marble floor'.")
-        edit = _typed(EditSettings, {name: values[name] for name in EDIT_INPUTS})
-        return EditSettings(prompt=target, seed=int(values["seed"]), **edit).validate()
+        editor = values.get("editor") or "tokenflow"
+        if editor not in EDIT_SETTINGS:
+            raise _bad(f"Unknown editor {editor!r}; choose one of: {', '.join(EDIT_SETTINGS)}.")
+        cls = EDIT_SETTINGS[editor]
+        fields = set(typing.get_type_hints(cls)) - {"editor", "freeu", "reweight"}
+        edit = _typed(cls, {name: values[name] for name in EDIT_INPUTS if name in fields})
+        if editor == "fatezero":
+            edit.update(source_prompt=(values["source_prompt"] or "").strip(), reweight=parse_reweight(
+                [item for item in (values.get("reweight") or "").replace(",", " ").split() if item]))
+        default = cls.__dataclass_fields__["freeu"].default
+        choice = values.get("freeu") or "default"
+        freeu = FreeUSettings(enabled=default.enabled if choice == "default" else choice in ("on", True),
+                              **{key: float(values[f"freeu_{key}"]) for key in ("b1", "b2", "s1", "s2")})
+        return cls(prompt=target, seed=int(values["seed"]), freeu=freeu, **edit).validate()
 
     def _clip(self, video, settings: InversionSettings) -> tuple[Video, str]:
         """Read the uploaded clip within the per-job limit; also a note when frames were left out."""
@@ -838,6 +863,9 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
         clear = dict(fn=_cleared, outputs=[status, *views, details], queue=False, api_visibility="private")
         c["video"].upload(**clear)
         c["video"].clear(**clear)
+        # each editor's own negative prompt and FreeU default (the authors' for TokenFlow, FateZero's none)
+        c["editor"].change(lambda editor: DEFAULT_NEGATIVE_PROMPT if editor == "tokenflow" else "", c["editor"],
+                           c["negative_prompt"], queue=False, api_visibility="private")
         if examples and on_spaces:
             examples.load_input_event.then(lambda: gr.update(visible=True), None, edited, queue=False,
                                            api_visibility="private")
@@ -873,13 +901,35 @@ def _edit_controls(d: dict) -> dict:
     """The Advanced panel's edit settings, by endpoint parameter name (EDIT_INPUTS)."""
     c = {}
     gr.Markdown("**Editing**")
+    c["editor"] = gr.Radio(EDITORS, value=d["editor"], label="Editor", elem_id="editor",
+                           info="TokenFlow: global edits (style, appearance), as the STEM authors ran it. "
+                                "FateZero: attention fusion; with blend words, local edits that keep the rest.")
     with gr.Row():
         c["guidance"] = gr.Slider(1, 20, d["guidance"], step=0.5, label="Guidance scale")
+        c["negative_prompt"] = gr.Textbox(d["negative_prompt"], label="Negative prompt", max_lines=2)
+    gr.Markdown("TokenFlow")
+    with gr.Row():
         c["batch_size"] = gr.Slider(1, 32, d["batch_size"], step=1, label="Batch size (frames per keyframe)")
+        c["propagation"] = gr.Radio([("Previous keyframe (the authors')", "previous"), ("Nearest keyframes", "nearest")],
+                                    value=d["propagation"], label="Propagation")
     with gr.Row():
         c["pnp_attn"] = gr.Slider(0, 1, d["pnp_attn"], step=0.05, label="PnP attention threshold")
         c["pnp_conv"] = gr.Slider(0, 1, d["pnp_conv"], step=0.05, label="PnP convolution threshold")
-    c["negative_prompt"] = gr.Textbox(d["negative_prompt"], label="Negative prompt")
+    gr.Markdown("FateZero")
+    with gr.Row():
+        c["self_replace"] = gr.Slider(0, 1, d["self_replace"], step=0.05, label="Self-attention fusion (fraction of steps)")
+        c["cross_replace"] = gr.Slider(0, 1, d["cross_replace"], step=0.05, label="Cross-attention fusion (fraction of steps)")
+    with gr.Row():
+        c["blend_words"] = gr.Textbox(d["blend_words"], label="Blend words", elem_id="blend-words", max_lines=1,
+                                      info="SOURCE,TARGET words of the part to change, e.g. 'car,truck'; empty: the whole frame.")
+        c["blend_threshold"] = gr.Slider(0.05, 1, d["blend_threshold"], step=0.05, label="Blend threshold")
+    c["reweight"] = gr.Textbox(d["reweight"], label="Reweight", max_lines=1,
+                               info="WORD=SCALE pairs that strengthen (or weaken) a target word, e.g. 'golden=2'.")
+    gr.Markdown("FreeU in the editing UNet")
+    c["freeu"] = gr.Radio(FREEU_CHOICES, value=d["freeu"], label="FreeU")
+    with gr.Row():
+        for key in ("b1", "b2", "s1", "s2"):
+            c[f"freeu_{key}"] = gr.Number(d[f"freeu_{key}"], label=f"FreeU {key}", minimum=0, step=0.1)
     return c
 
 

@@ -167,6 +167,25 @@ def test_invert_then_two_edits_reuse_the_inversion_and_compare(served, clip):
     assert set(details) == {"DDIM", "STEM (K=8, R=2)"} and "psnr" in details["DDIM"]
 
 
+def test_fatezero_edits_through_the_same_endpoint_from_the_cached_inversion(served, clip):
+    client, unet = served.client, served.unet
+    video = handle_file(str(clip))
+    client.predict(video, SOURCE, api_name="/invert")  # the inversion both editors start from
+    target = "a blue ball bouncing on a wooden floor"
+    (path, status, details), calls = unet.during(client.predict, video, SOURCE, target, editor="fatezero",
+                                                 api_name="/edit")
+    assert details["editor"] == "fatezero" and details["inversion_cache_hit"] is True
+    assert details["freeu"] is False  # FateZero's default: no FreeU
+    assert calls == STEPS  # one UNet call per step on the source and both edit groups, no inversion
+    assert num_frames(path) == FRAMES
+    _, _, details = client.predict(video, SOURCE, target, editor="fatezero", blend_words="red,blue", api_name="/edit")
+    assert details["blend_words"] == "red,blue" and details["inversion_cache_hit"] is True
+    _, _, details = client.predict(video, SOURCE, "a blue ball", freeu="on", api_name="/edit")
+    assert details["editor"] == "tokenflow" and details["freeu"] is True
+    with pytest.raises(Exception, match="Blend words"):
+        client.predict(video, SOURCE, "a blue ball", editor="fatezero", blend_words="car", api_name="/edit")
+
+
 def test_a_cancelled_job_stops_within_one_step_and_the_next_one_runs(served, clip):
     unet = served.unet
     unet.close()
@@ -532,5 +551,6 @@ def test_the_endpoints_take_one_list_of_inputs():
     for kind, names in app.ENDPOINT_INPUTS.items():
         params = list(inspect.signature(jobs.endpoint(kind)).parameters)
         assert params == [*names, "progress", "request"]
-    assert set(app.EDIT_INPUTS) <= set(typing.get_type_hints(app.EditSettings))
+    settings_fields = set().union(*(typing.get_type_hints(cls) for cls in app.EDIT_SETTINGS.values()))
+    assert set(app.EDIT_INPUTS) <= settings_fields | set(app.FREEU_INPUTS)
     assert set(app.DEFAULTS) == set(app.INVERSION_INPUTS) | set(app.EDIT_INPUTS)
