@@ -14,11 +14,17 @@ nothing is kept per step, so `peak_mb` should not change with T and should grow 
 Row: {"bench": "fatezero-memory", "mode", "frames", "size", "steps", "seconds", "peak_mb", "device",
 "dtype", ...}: `seconds` the wall time of the edit (one run), `peak_mb` its peak memory above the level
 just before it (see `stem.bench.PEAK_MEMORY`). --json merges rows into the file.
+
+On the CPU, glibc's mmap threshold is fixed at 1 MiB first (`mallopt`), so that a freed activation
+buffer leaves the resident set. With glibc's default, dynamic threshold, freed buffers stay on the heap
+and a row's resident peak depends on what the rows before it left there (measured: N = 2, T = 4 right
+after N = 8 read 379 MiB, N = 2, T = 2 246 MiB; with the fixed threshold T = 2 and 6 read alike).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import time
 from pathlib import Path
@@ -32,6 +38,7 @@ MODES = ("stem", "ddim", "inflated")
 SOURCE_PROMPT = "a silver jeep driving down a curvy road in the countryside"   # FateZero's teaser
 TARGET_PROMPT = "a porsche car driving down a curvy road in the countryside"
 BLEND_WORDS = "jeep,car"
+MMAP_THRESHOLD = 1 << 20  # bytes; glibc's M_MMAP_THRESHOLD is mallopt parameter -3
 PUBLISHED = "FateZero (its config/TuningGuidance.md): 8 frames, 50 steps, 512 px, fp16 on an RTX 3090: 100 GB host RAM, 12 GB GPU"
 
 
@@ -41,11 +48,19 @@ def model_parts(device: torch.device, dtype: torch.dtype, unet_kind: str):
 
     from .models import StableDiffusionParts, build_tiny
 
-    tiny = build_tiny(device="cpu")
-    unet = sd15_unet(device, dtype) if unet_kind == "sd15" else tiny.unet.to(device=device, dtype=dtype)
+    tiny = build_tiny(device=device, dtype=dtype)
+    unet = sd15_unet(device, dtype) if unet_kind == "sd15" else tiny.unet
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionParts(unet, None, None, tiny.tokenizer, scheduler, f"{unet_kind}-random", device, dtype)
+
+
+def fix_mmap_threshold() -> bool:
+    """Make glibc serve every allocation of MMAP_THRESHOLD bytes or more by mmap (returned to the OS on free)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
 
 
 def run_edit(parts, mode: str, frames: int, size: int, steps: int, chunk_size: int | None, seed: int = 0):
@@ -88,13 +103,12 @@ def merge_rows(path: Path, rows: list[dict]) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The rows as a markdown table, with each row's memory relative to the fewest frames and steps of its mode."""
-    lines = ["| mode | N | px | T | seconds | s / step | peak MiB | MiB / frame | device | dtype |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    """The rows as a markdown table, with the time per step."""
+    lines = ["| mode | N | px | T | peak MiB | seconds | s / step | device | dtype |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['frames']} | {r['size']} | {r['steps']} | {r['seconds']:.1f} | "
-                     f"{r['seconds'] / r['steps']:.2f} | {r['peak_mb']:.0f} | {r['peak_mb'] / r['frames']:.1f} | "
-                     f"{r['device']} | {r['dtype']} |")
+        lines.append(f"| {r['mode']} | {r['frames']} | {r['size']} | {r['steps']} | {r['peak_mb']:.0f} | "
+                     f"{r['seconds']:.1f} | {r['seconds'] / r['steps']:.1f} | {r['device']} | {r['dtype']} |")
     return "\n".join(lines)
 
 
@@ -105,7 +119,8 @@ def markdown_document(doc: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}"
         + (f", GPU {m['gpu']}" if "gpu" in m else "") + ".", "",
         "SD-1.5 UNet architecture, random weights, random trajectory, blend words (mask pass and latent blending on), "
-        "no UNet chunking.", "",
+        "no UNet chunking. On the CPU glibc's mmap threshold is fixed at 1 MiB, so freed activation buffers leave "
+        "the resident set (see `stem/bench_fatezero.py`).", "",
         f"`seconds`: {doc['seconds']}. `peak MiB`: {doc['peak_mb']}", "",
         markdown_table(doc["rows"]), "",
         f"For comparison, {doc['published']}.", "",
@@ -153,6 +168,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="merge the rows into this JSON file")
     parser.add_argument("--md", type=Path, default=None, help="write the JSON file's rows as a markdown page (needs --json)")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of peak memory and time per step against N")
+    parser.add_argument("--report", action="store_true", help="run nothing: re-render --md/--plot from the rows of --json")
     parser.add_argument("--unet", default="sd15", choices=("sd15", "tiny"), help=argparse.SUPPRESS)  # tests
     args = parser.parse_args(argv)
     args.frames = [int(n) for n in args.frames.split(",") if n]
@@ -164,14 +180,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--device cuda, but torch sees no CUDA device")
     if args.md and not args.json:
         parser.error("--md writes the rows of the --json file; pass --json too")
+    if args.report and not (args.json and args.json.exists()):
+        parser.error("--report reads the rows of an existing --json file")
     if args.size is None:
         args.size = 512 if args.device == "cuda" else 128
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def measure_rows(args) -> list[dict]:
+    """One row per (mode, T, N) of the parsed arguments, printed as they come."""
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    allocator = None  # what the CPU's resident-set figures depend on
+    if device.type == "cpu":
+        allocator = f"glibc mmap threshold {MMAP_THRESHOLD >> 20} MiB" if fix_mmap_threshold() else "allocator default"
     parts = model_parts(device, dtype, args.unet)
     rows = []
     for mode in args.modes:
@@ -181,16 +202,24 @@ def main(argv=None) -> int:
                 seconds, peak, how = run_edit(parts, mode, frames, args.size, steps, args.chunk_size)
                 rows.append({"bench": BENCH, "mode": mode, "frames": frames, "size": args.size, "steps": steps,
                              "seconds": seconds, "peak_mb": peak, "device": args.device, "dtype": args.dtype,
-                             "memory": how, "chunk_size": args.chunk_size, "blend_words": BLEND_WORDS})
+                             "memory": how, "allocator": allocator, "chunk_size": args.chunk_size,
+                             "blend_words": BLEND_WORDS})
                 print(f"{BENCH} {mode} N={frames:<3} T={steps:<3} {args.size} px: {seconds:.1f} s, "
                       f"peak +{peak:.0f} MiB", flush=True)
-    doc = None
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rows = [] if args.report else measure_rows(args)
+    doc = None  # the --json file's rows: the table of --md and --plot
     if args.json:
-        doc = merge_rows(args.json, rows)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=1) + "\n")
+        doc = json.loads(args.json.read_text()) if args.report else merge_rows(args.json, rows)
+        if rows:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(doc, indent=1) + "\n")
     print()
-    print(markdown_table(rows))
+    print(markdown_table(rows or doc["rows"]))
     if args.md:
         args.md.parent.mkdir(parents=True, exist_ok=True)
         args.md.write_text(markdown_document(doc))
