@@ -163,12 +163,25 @@ def inversion_activations(job: Job, facts: ModelFacts, chunk: int | None) -> flo
     chunked = s < n and job.method in WHOLE_VIDEO
     total = _unet_call(s, n - s if chunked else 0, job, facts)
     if job.method == "stem":
-        total += EM_BLOCK_BYTES + n * L * (C / facts.heads) * 4
+        total += stem_em_bytes(job, facts)
     if chunked:
         total += 2 * n * C * L * b
     if job.method == "inflated":
         total += 2 * s * C * L * b
     return total + 2 * (job.num_steps + 1) * n * 4 * L * 4
+
+
+def stem_em_bytes(job: Job, facts: ModelFacts, groups: int = 1) -> float:
+    """Bytes one EM of the first level holds beside the UNet's activations: the responsibility block and
+    softmax's output, the float32 copy of one chunk of keys and of values, the keys and values regrouped
+    per head (a copy in the model's dtype), and the per-head statistics.
+
+    The first GPU check (H200) found the older term, the block and the statistics alone, short of a
+    measured SD-1.5 call at 8 frames of 256 px.
+    """
+    n, L, b, C = job.frames, job.tokens, facts.element_bytes, 320 * facts.width
+    chunk_tokens = min(n * L, (EM_BLOCK_BYTES // 8) // (facts.heads * 256))  # stem.em._token_chunk at K = 256
+    return groups * (EM_BLOCK_BYTES + 2 * chunk_tokens * C * 4 + 2 * n * L * C * b + n * L * (C / facts.heads) * 4)
 
 
 def tokenflow_activations(job: Job, facts: ModelFacts, chunk: int | None) -> float:
@@ -197,7 +210,7 @@ def fatezero_activations(job: Job, facts: ModelFacts, chunk: int | None) -> floa
     s = n if chunk is None else min(chunk, n)
     chunked = s < n
     total = _unet_call(3 * s, 3 * (n - s) if chunked else 0, job, facts)
-    total += 3 * (EM_BLOCK_BYTES + n * L * (C / facts.heads) * 4)
+    total += stem_em_bytes(job, facts, groups=3)
     if chunked:
         total += 2 * 3 * n * C * L * b
     return total + 3 * n * 4 * L * 4 + 2 * n * L * 77 * 4

@@ -182,7 +182,7 @@ def test_fatezero_edits_through_the_same_endpoint_from_the_cached_inversion(serv
     assert details["blend_words"] == "red,blue" and details["inversion_cache_hit"] is True
     _, _, details = client.predict(video, SOURCE, "a blue ball", freeu="on", api_name="/edit")
     assert details["editor"] == "tokenflow" and details["freeu"] is True
-    with pytest.raises(Exception, match="Blend words"):
+    with pytest.raises(Exception, match="blend word 'car' is not in the source prompt"):
         client.predict(video, SOURCE, "a blue ball", editor="fatezero", blend_words="car", api_name="/edit")
 
 

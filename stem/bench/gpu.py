@@ -46,7 +46,7 @@ from .report import (
 ROOT = Path(__file__).resolve().parents[2]  # the repository (tests/ lives here)
 DEADLINE = 510        # seconds for the whole check: the goal is 8 minutes; the integrator runs it under a 9.8-minute limit
 RESERVE = 15          # seconds kept for the report at the end
-BUDGETS = {"sdpa": 45, "pytest": 90, "bench": 100, "full-stem": 150, "full-ddim": 90, "full-edit": 150, "fatezero": 120}
+BUDGETS = {"sdpa": 45, "pytest": 90, "bench": 100, "full-stem": 150, "full-ddim": 90, "full-edit": 150, "fatezero": 200}
 SECTIONS = tuple(BUDGETS)
 PROMPT, EDIT_PROMPT = "a test pattern sliding sideways", "a watercolor painting of a test pattern sliding sideways"
 
@@ -106,7 +106,12 @@ class CheckConfig:
     @property
     def fatezero_runs(self) -> list[tuple[int, int]]:
         """(frames, steps) of the FateZero section."""
-        return [(2, 2)] if self.dry else [(n, s) for s in (10, 50) for n in (8, 16, 32, 48)]
+        # every N at 10 steps (memory against frames); 8 and 48 at 50 (flat in steps; 48 x 50 reuses the
+        # full-stem section's inversion from the cache), so the check stays within its 8 minutes
+        chosen = os.environ.get("STEM_GPU_FATEZERO_RUNS")  # e.g. "48x50,16x50": a rerun of some rows only
+        if chosen:
+            return [tuple(int(v) for v in run.split("x")) for run in chosen.split(",")]
+        return [(2, 2)] if self.dry else [(n, 10) for n in (8, 16, 32, 48)] + [(8, 50), (48, 50)]
 
     @property
     def json(self) -> Path:
