@@ -408,8 +408,10 @@ class Jobs:
     one denoising step and the next job starts.
     """
 
-    def __init__(self, engine: Engine, max_pixels: int, defaults: dict | None = None, results: ResultFolder | None = None):
+    def __init__(self, engine: Engine, max_pixels: int, defaults: dict | None = None, results: ResultFolder | None = None,
+                 clip_scorer=None):
         self.engine, self.max_pixels = engine, max_pixels
+        self.clip_scorer = clip_scorer  # a stem.metrics.ClipScorer: edits also get CLIP metrics
         self.defaults = {**DEFAULTS, **(defaults or {})}
         self.results = results or ResultFolder()
         self._model_lock = threading.Lock()  # a stopped job may still finish its step while the next one starts
@@ -591,7 +593,13 @@ class Jobs:
         status = (f"**Edit** to “{edit.prompt}” ({_describe(settings, clip)}): inversion "
                   f"{_how(result.inversion_cache_hit, result.seconds_inversion)}; "
                   f"editing took {result.seconds_editing:.1f} s.{note}{sound}")
-        return path, status, _jsonable(edit_metrics(clip, result)), reconstruction
+        metrics = edit_metrics(clip, result)
+        if self.clip_scorer is not None:
+            scores = self.clip_scorer.edit_metrics(result.frames, settings.prompt, edit.prompt)
+            metrics.update(scores)
+            status += (f" CLIP text alignment {scores['clip_text']:.3f}, Frame-Acc {scores['frame_acc']:.2f}, "
+                       f"Tem-Con {scores['tem_con']:.3f} ({scores['clip_model']}).")
+        return path, status, _jsonable(metrics), reconstruction
 
     def _compare(self, values: dict, progress) -> tuple:
         """Invert the clip with DDIM and with STEM; a side-by-side video and a table of metrics."""
@@ -756,7 +764,7 @@ PAGE_JS = """
 
 def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str | None = None,
               max_pixels: int | None = None, defaults: dict | None = None, on_spaces: bool | None = None,
-              results: ResultFolder | None = None) -> gr.Blocks:
+              results: ResultFolder | None = None, clip_model: str | None = None) -> gr.Blocks:
     """The page, wired to one shared Engine (its model loads on the first job). Serve it with `launch(demo)`.
 
     Args:
@@ -766,6 +774,8 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
         defaults: the page's starting values by parameter name (see DEFAULTS), e.g. small ones for tests.
         on_spaces: cache the examples lazily, as on Hugging Face Spaces (default: whether $SPACE_ID is set).
         results: where result files go (default: a new ResultFolder in the temp folder).
+        clip_model: a CLIP model (hub id, folder or 'tiny-random') that scores every edit (CLIP text
+            alignment, Frame-Acc, Tem-Con, see stem.metrics); None: no CLIP metrics.
     """
     engine = engine_or_model if isinstance(engine_or_model, Engine) else Engine(
         engine_or_model, cache=LatentCache(cache_dir))
@@ -777,7 +787,12 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
         # start within the limit (on a CPU: 16 frames at 256 px), so the defaults always run
         d["size"] = max(64, math.isqrt(max_pixels // max(d["frames"], 1)) // 32 * 32)
         d["frames"] = max(1, min(d["frames"], max_pixels // d["size"] ** 2))
-    jobs = Jobs(engine, max_pixels, d, results)
+    scorer = None
+    if clip_model:
+        from stem.metrics import load_clip
+
+        scorer = load_clip(clip_model, engine.device)
+    jobs = Jobs(engine, max_pixels, d, results, scorer)
     on_spaces = bool(os.environ.get("SPACE_ID")) if on_spaces is None else on_spaces
 
     with gr.Blocks(title="STEM video editing", delete_cache=(OUTPUT_TTL_SECONDS, OUTPUT_TTL_SECONDS)) as demo:
@@ -971,6 +986,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-frames-x-size", default=os.environ.get("STEM_MAX_FRAMES_X_SIZE"),
                         help=f"per-job limit as FRAMESxSIZE, i.e. frames * size^2 pixels "
                              f"(default: $STEM_MAX_FRAMES_X_SIZE, else {GPU_LIMIT} on a GPU, {CPU_LIMIT} on the CPU)")
+    parser.add_argument("--clip-model", default=os.environ.get("STEM_CLIP_MODEL"),
+                        help="score every edit with this CLIP model (e.g. openai/clip-vit-base-patch32, or tiny-random): "
+                             "CLIP text alignment, Frame-Acc and Tem-Con in the status and details (default: "
+                             "$STEM_CLIP_MODEL, else off)")
     args = parser.parse_args(argv)
     try:
         args.max_pixels = parse_limit(args.max_frames_x_size) if args.max_frames_x_size else None
@@ -1007,7 +1026,7 @@ def main(argv=None) -> None:
         _port_busy(args.port)
     engine = make_engine(args.model, args.cache_dir, zero_gpu=bool(os.environ.get("SPACES_ZERO_GPU")))
     results = ResultFolder()
-    demo = build_app(engine, max_pixels=args.max_pixels, results=results)
+    demo = build_app(engine, max_pixels=args.max_pixels, results=results, clip_model=args.clip_model)
     # a stop signal (e.g. a Space's restart) ends the server as Ctrl+C does, so the result folder goes too
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

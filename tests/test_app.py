@@ -186,6 +186,18 @@ def test_fatezero_edits_through_the_same_endpoint_from_the_cached_inversion(serv
         client.predict(video, SOURCE, "a blue ball", editor="fatezero", blend_words="car", api_name="/edit")
 
 
+def test_with_a_clip_model_every_edit_is_scored(tiny_parts, tmp_path, clip):
+    engine = Engine("tiny-random", cache=LatentCache(tmp_path / "cache")).use_parts(tiny_parts)
+    demo, client = serve(engine, tmp_path, clip_model="tiny-random")
+    try:
+        _, status, details = client.predict(handle_file(str(clip)), SOURCE, "a blue ball", api_name="/edit")
+    finally:
+        demo.close()
+    assert details["clip_model"] == "tiny-random" and 0 <= details["frame_acc"] <= 1
+    assert -1 <= details["clip_text"] <= 1 and -1 <= details["tem_con"] <= 1
+    assert f"CLIP text alignment {details['clip_text']:.3f}" in status
+
+
 def test_a_cancelled_job_stops_within_one_step_and_the_next_one_runs(served, clip):
     unet = served.unet
     unet.close()
