@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .bench import PEAK_MEMORY, PeakMemory, machine_info, sd15_unet
+from .bench.report import write_reports
 
 BENCH = "fatezero-memory"
 MODES = ("stem", "ddim", "inflated")
@@ -212,19 +213,8 @@ def measure_rows(args) -> list[dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     rows = [] if args.report else measure_rows(args)
-    doc = None  # the --json file's rows: the table of --md and --plot
-    if args.json:
-        doc = json.loads(args.json.read_text()) if args.report else merge_rows(args.json, rows)
-        if rows:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(doc, indent=1) + "\n")
-    print()
-    print(markdown_table(rows or doc["rows"]))
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(markdown_document(doc))
-    if args.plot:
-        plot(doc["rows"] if doc else rows, args.plot)
+    write_reports(rows, args.json, args.md, args.plot, args.report, merge=merge_rows, table=markdown_table,
+                  document=markdown_document, draw=plot)
     return 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 
 import torch
 
@@ -59,10 +58,6 @@ def bench_inversion(modes, frames, size, device, dtype, repeats, warmup, num_bas
 
 # -- editing ------------------------------------------------------------------------------------
 
-class EditorUnavailable(Exception):
-    """An editor the benchmark knows but this build lacks (its row is skipped with this note)."""
-
-
 def tokenflow_step(parts, trajectory, timesteps, alphas, text, batch_size):
     """(setup, call) of one TokenFlow step: the keyframe pass and the propagation over every frame."""
     from ..editing import EditSettings, edit_latents
@@ -104,7 +99,6 @@ def bench_edit(editors, frames, size, device, dtype, repeats, warmup, batch_size
     The editing step is one denoising step of `stem.editing.edit_latents` on a one-step schedule
     (keyframe pass, propagation, guidance). The baseline evaluates the UNet with its default
     processors on 3·N samples in calls of 3·batch_size samples, the size of the propagation's calls.
-    Editors this build lacks are skipped with a note.
     """
     from ..inversion import call_unet, ddim_schedule
     from ..models import StableDiffusionParts, _tiny_tokenizer
@@ -130,10 +124,7 @@ def bench_edit(editors, frames, size, device, dtype, repeats, warmup, batch_size
 
         cases = {"ddim": (contextlib.nullcontext, per_frame)}
         for editor in editors:
-            try:
-                cases[editor] = EDITORS[editor](parts, trajectory, timesteps, alphas, text, batch_size)
-            except EditorUnavailable as note:
-                print(f"edit {editor}: skipped ({note})", flush=True)
+            cases[editor] = EDITORS[editor](parts, trajectory, timesteps, alphas, text, batch_size)
         with torch.inference_mode():
             results = measure(cases, torch.device(device), repeats, warmup)
         for mode, (seconds, peak, how) in results.items():

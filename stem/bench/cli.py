@@ -10,7 +10,7 @@ import torch
 
 from .measure import machine_info
 from .report import (
-    ALL_MODES, MODES, machine_summary, markdown_document, markdown_table, merge_rows, plot, write_json,
+    ALL_MODES, MODES, machine_summary, write_reports,
 )
 
 COMMANDS = ("attention", "inversion", "edit", "report", "memory", "gpu")
@@ -108,18 +108,7 @@ def main(argv=None) -> int:
         from .benches import bench_edit
 
         bench_edit(args.editors, size=args.size, batch_size=args.batch_size, unet_kind=args.unet, **common)
-    doc = None  # the --json file's rows: the table of --md and --plot
-    if args.json:
-        doc = json.loads(args.json.read_text()) if args.bench == "report" else merge_rows(args.json, rows)
-        if rows:
-            write_json(args.json, doc)
-    print()
-    print(markdown_table(rows or doc["rows"]))
-    if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(markdown_document(doc))
-    if args.plot:
-        plot(doc["rows"] if doc else rows, args.plot)
+    write_reports(rows, args.json, args.md, args.plot, reread=args.bench == "report")
     return 0
 
 

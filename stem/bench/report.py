@@ -45,6 +45,28 @@ def machine_summary(info: dict) -> str:
             + (f", GPU {info['gpu']}" if "gpu" in info else ""))
 
 
+def write_reports(rows: list[dict], json_path: Path | None, md_path: Path | None, plot_path: Path | None,
+                  reread: bool, merge=None, table=None, document=None, draw=None) -> None:
+    """Merge `rows` into the JSON file (or, with `reread`, only read it), print the table, write the page and plot.
+
+    A bench with its own row layout passes its own `merge`, `table`, `document` and `draw`.
+    """
+    merge, table = merge or merge_rows, table or markdown_table
+    document, draw = document or markdown_document, draw or plot
+    doc = None  # the JSON file's rows: the table of the page and the plot
+    if json_path:
+        doc = json.loads(json_path.read_text()) if reread else merge(json_path, rows)
+        if rows:
+            write_json(json_path, doc)
+    print()
+    print(table(rows or doc["rows"]))
+    if md_path:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(document(doc))
+    if plot_path:
+        draw(doc["rows"] if doc else rows, plot_path)
+
+
 def write_json(path: Path, doc: dict) -> None:
     """Write the document atomically: a reader (or a run killed half-way) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
