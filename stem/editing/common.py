@@ -170,14 +170,13 @@ def edit_video(engine: Engine, video: Video, inversion: InversionSettings, edit:
     inversion.validate()
     edit.validate()
     edit_latents = EDITORS[edit.editor]
-    check = EDITOR_CHECKS.get(edit.editor)
-    if check is not None:
-        check(edit, inversion, engine.load(progress).tokenizer)
     report = progress or (lambda *_: None)
-    engine.load(progress)
+    parts = engine.load(progress)
+    check = EDITOR_CHECKS.get(edit.editor)
+    if check is not None:  # what needs the tokenizer or the inversion's prompt, before any work
+        check(edit, inversion, parts.tokenizer)
     engine.plan_memory(video, inversion, edit)  # a plan that covers the edit too, or a refusal before any work
     result = engine.invert(video, inversion, progress)
-    parts = engine.parts
     start = time.perf_counter()
     timesteps, alphas = ddim_schedule(parts.scheduler, inversion.num_steps)
     if timesteps.tolist() != result.timesteps.tolist():
