@@ -31,7 +31,7 @@ Nothing is stored per step: the source branch is recomputed beside the edit from
 trajectory, so memory does not grow with the number of steps. The self-attention masks need this
 step's source maps before the first fused layer runs; when blend words are given, a step with
 self-attention fusion first runs the source group alone (the mask pass). With `chunk_size` the UNet
-runs on frame chunks in lock-step threads (STEM bases and inflated keys from all frames); each chunk's
+runs on frame chunks in lock-step greenlets (STEM bases and inflated keys from all frames); each chunk's
 per-frame state travels to the processors in `cross_attention_kwargs={"chunk": FrameChunk}`.
 """
 
@@ -290,7 +290,7 @@ class FrameChunk:
 class _ChunkCall:
     """A processor bound to the chunk of one call.
 
-    The lock-step chunk threads share the processors, so a call's chunk cannot live on the processor:
+    The lock-step chunks share the processors, so a call's chunk cannot live on the processor:
     `FrameAttnProcessor.__call__` (projections, head reshapes, residual) runs with this as `self`, and its
     `attend` reaches the processor with the chunk.
     """
