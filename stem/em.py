@@ -19,6 +19,14 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 64 MiB
 # (1-8 MiB all measured alike on the EPYC of assets/bench-cpu.md); on GPUs big blocks mean fewer launches.
 CPU_CHUNK_ELEMENTS = 1 << 20  # 4 MiB
 SOFTMAX_FLOOR = 80.0  # see _softmax_
+# The GPU layout of the M-step (`gpu_layout`). Its sums reduce over thousands of tokens into a small
+# (C, K) output per problem; as one GEMM per problem that is a few dozen thread blocks on a GPU,
+# each looping over every token (half of a STEM UNet call on the H200 of assets/bench-gpu.md). The
+# tokens are cut into up to MAX_REDUCTION_SPLITS slices, one GEMM each in a batch, and the slices'
+# sums added: the same sums in another order. The responsibilities' mass over tokens is a GEMM with
+# a ones vector there: CUDA's column sum staged a buffer twice the size of the block.
+MAX_REDUCTION_SPLITS = 16
+SPLIT_SUMS_ELEMENTS = 1 << 22  # bound on the float32 elements of the slices' partial sums (16 MiB)
 
 
 def channel_stats(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,13 +80,32 @@ def _softmax_(logits: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._softmax.out(logits, -1, False, out=logits)
 
 
-def _e_step_m_step(keys, values, bases, tau, chunk, block):
+def _reduction_splits(batch: int, channels: int, num_bases: int) -> int:
+    """Token slices of the GPU layout's sums: up to 16, the slices' partial sums within SPLIT_SUMS_ELEMENTS."""
+    return max(1, min(MAX_REDUCTION_SPLITS, SPLIT_SUMS_ELEMENTS // max(1, batch * channels * num_bases)))
+
+
+def _add_sums_(sums_t: torch.Tensor, x: torch.Tensor, z: torch.Tensor, splits: int) -> None:
+    """sums_t (B, Cx, K) += x^T z, summed over the tokens of x (B, c, Cx) and z (B, c, K), in `splits` slices."""
+    B, c, Cx = x.shape
+    while c % splits:
+        splits -= 1
+    if splits == 1:
+        sums_t.baddbmm_(x.transpose(1, 2), z)
+        return
+    part = c // splits
+    partial = torch.bmm(x.reshape(B * splits, part, Cx).transpose(1, 2), z.reshape(B * splits, part, -1))
+    sums_t += partial.view(B, splits, Cx, -1).sum(dim=1)
+
+
+def _e_step_m_step(keys, values, bases, tau, chunk, block, splits=1, ones=None):
     """One ST-E + ST-M pass, streamed over token chunks through `block`, room for one (B, chunk, K) block.
 
     Returns (new key bases (B, K, C), new value bases (B, K, Cv) or None). The normalisation of the
     responsibilities by their sum over tokens is applied after the sums, which is the same maths:
     (z / (sum_L z + eps))^T x == (z^T x) / (sum_L z + eps). Keys and values may be strided views in
-    any float dtype; each chunk is read once per pass and accumulated in float32.
+    any float dtype; each chunk is read once per pass and accumulated in float32. With `ones`, a
+    (B, chunk, 1) float32 ones tensor, the mass is summed by a GEMM (the GPU layout).
     """
     B, L, C = keys.shape
     K = bases.shape[1]
@@ -92,10 +119,13 @@ def _e_step_m_step(keys, values, bases, tau, chunk, block):
         k = keys[:, start:start + chunk].float()  # (B, c, C); a view for float32 keys
         z = block[:B * k.shape[1] * K].view(B, -1, K)  # contiguous, also for the last, shorter chunk
         z = _softmax_(torch.bmm(k, unit_bases_t, out=z))  # (B, c, K) responsibilities
-        mass += z.sum(dim=1, keepdim=True)
-        key_sums_t.baddbmm_(k.transpose(1, 2), z)
+        if ones is None:
+            mass += z.sum(dim=1, keepdim=True)
+        else:
+            _add_sums_(mass, ones[:, :z.shape[1]], z, splits)
+        _add_sums_(key_sums_t, k, z, splits)
         if value_sums_t is not None:
-            value_sums_t.baddbmm_(values[:, start:start + chunk].float().transpose(1, 2), z)
+            _add_sums_(value_sums_t, values[:, start:start + chunk].float(), z, splits)
     inv_mass = 1.0 / (mass + EPS)  # ST-M: responsibilities normalised over tokens
     key_bases = (key_sums_t * inv_mass).transpose(1, 2).contiguous()  # (B, K, C)
     return key_bases, None if value_sums_t is None else (value_sums_t * inv_mass).transpose(1, 2).contiguous()
@@ -111,6 +141,7 @@ def estimate_bases(
     init: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    gpu_layout: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimate K key bases and K value bases of a token set by EM (STEM, Li et al. 2024).
 
@@ -131,6 +162,8 @@ def estimate_bases(
         generator: random generator for the initial bases (determinism).
         chunk_elements: bound on the float32 elements of one (B, tokens, K) responsibility block
             (the CPU uses at most CPU_CHUNK_ELEMENTS, a cache-sized block).
+        gpu_layout: the M-step's sums in token slices and the mass as a GEMM, the fast layout on
+            GPUs (the same sums in another order); None: on any device but the CPU.
 
     Returns:
         key_bases (B, K, C) and value_bases (B, K, Cv), float32.
@@ -141,7 +174,13 @@ def estimate_bases(
     B, L, _ = keys.shape
     chunk = _token_chunk(B, L, num_bases, chunk_elements, keys.device)
     block = bases.new_empty(B * chunk * num_bases)  # the only (B, tokens, K) memory the EM holds
+    if gpu_layout is None:
+        gpu_layout = keys.device.type != "cpu"
+    splits, ones = 1, None
+    if gpu_layout:
+        splits = _reduction_splits(B, max(keys.shape[-1], values.shape[-1]), num_bases)
+        ones = bases.new_ones(B, chunk, 1)
     for i in range(num_iters):
         last = i == num_iters - 1
-        bases, value_bases = _e_step_m_step(keys, values if last else None, bases, tau, chunk, block)
+        bases, value_bases = _e_step_m_step(keys, values if last else None, bases, tau, chunk, block, splits, ones)
     return bases, value_bases

@@ -8,7 +8,9 @@ frame; w: the UNet's first block width / 320 (1 for SD 1.x and 2.x); C = 320 w; 
     VAE call of v frames (encode, decode)       v · H · W · VAE_ELEMENTS_PER_PIXEL · b
     UNet call of s samples while h samples of   (s · UNET_CALL + h · UNET_HELD) · w · L · b
       other lock-step chunks wait at a layer
-    + STEM                                      the EM's responsibility block and its softmax (2 x 64 MiB, float32)
+    + STEM                                      the EM's responsibility block and its softmax (2 x 64 MiB, float32),
+                                                the float32 keys and values of one token chunk, the M-step's
+                                                partial sums (16 MiB), all keys and values regrouped per head,
                                                 and one head's keys in float32, N · L · C/heads · 4
     + STEM or inflated, chunked                 all frames' keys and values gathered, 2 · N · C · L · b
     + inflated                                  the queries regrouped over frames, 2 · s · C · L · b
@@ -21,11 +23,13 @@ frame; w: the UNet's first block width / 320 (1 for SD 1.x and 2.x); C = 320 w; 
                                                 S = Σ over self-attention layers of tokens · channels / L
 
 UNET_CALL, UNET_HELD and VAE_ELEMENTS_PER_PIXEL are elements per latent token (per pixel for the VAE)
-per sample, measured on the SD-1.5 architecture on the CPU by `python -m stem.bench memory`, which
-counts live tensor bytes through the profiler's allocation events (the counterpart of CUDA's
-`max_memory_allocated`). They do not depend on the size (64-256 px measured): attention runs in
-fused kernels (flash or memory-efficient on CUDA), so no (tokens x tokens) matrix is held. The GPU
-check records this estimate beside the measured peak of its full jobs.
+per sample, measured on the SD-1.5 architecture by `python -m stem.bench memory`: on the CPU through
+the profiler's allocation events, on CUDA (`--device cuda`, fp16) through the caching allocator's
+counters. The constants are the larger of the two. They do not depend on the size (64-512 px
+measured): attention runs in fused kernels (flash, memory-efficient or cuDNN on CUDA), so no
+(tokens x tokens) matrix is held. The GPU check records this estimate beside the measured peak of
+its full jobs, and `python -m stem.bench memory --device cuda` prints it beside the measured peak of
+STEM calls in lock-step chunks of every size.
 
 A phase fits when MARGIN · activations + weights + RESERVE <= the bytes available to the job
 (free GPU memory, plus what torch has cached, plus our own weights already on the GPU). The plan
@@ -47,11 +51,13 @@ MiB = 2**20
 GiB = 2**30
 
 # Elements per latent token per sample, SD-1.5 UNet (w = 1); see the module docstring.
-# `python -m stem.bench memory` printed UNET_CALL 7246, UNET_HELD 3526, VAE 996 (2026-11, torch 2.13 CPU).
-UNET_CALL = 7240     # peak of one UNet call (slope over 16 -> 32 samples at 128 px: 7.07 MiB per sample in float32)
-UNET_HELD = 3526     # what a sample holds at a self-attention layer (64, 128, 256 px alike: 3522-3545)
-VAE_ELEMENTS_PER_PIXEL = 1000  # decode 969-1104, encode 642-720 per pixel (64-256 px); decode dominates
+# `python -m stem.bench memory` printed, 2026-11: on the CPU (torch 2.13, float32) UNET_CALL 7246,
+# UNET_HELD 3526, VAE 996; on an H200 (torch 2.11 + CUDA 13, float16) 8251, 3618 and 1225.
+UNET_CALL = 8250     # peak of one UNet call (CUDA: slope over 8 -> 16 samples at 256 px; cuDNN's convolutions)
+UNET_HELD = 3618     # what a sample holds at a self-attention layer (CPU 3522-3545 at 64-256 px; CUDA 3522-3618)
+VAE_ELEMENTS_PER_PIXEL = 1225  # CUDA decode 1220-1225, encode 769-834 per pixel (256, 512 px); CPU decode 969-1104
 EM_BLOCK_BYTES = 2 * 4 * (1 << 24)  # stem.em.DEFAULT_CHUNK_ELEMENTS float32 responsibilities, and softmax's output on a GPU
+SPLIT_SUMS_BYTES = 4 * (1 << 22)  # stem.em.SPLIT_SUMS_ELEMENTS: the M-step's partial sums on a GPU
 SIMILARITY_BYTES = 4 * (1 << 24)  # TokenFlow's nearest-neighbour block (DEFAULT_MATCH_CHUNK_ELEMENTS)
 MARGIN = 1.25            # allocator rounding and fragmentation, kernels' workspaces
 RESERVE = 512 * MiB      # cuDNN/cuBLAS workspaces and whatever else this process allocates
@@ -173,15 +179,16 @@ def inversion_activations(job: Job, facts: ModelFacts, chunk: int | None) -> flo
 
 def stem_em_bytes(job: Job, facts: ModelFacts, groups: int = 1) -> float:
     """Bytes one EM of the first level holds beside the UNet's activations: the responsibility block and
-    softmax's output, the float32 copy of one chunk of keys and of values, the keys and values regrouped
-    per head (a copy in the model's dtype), and the per-head statistics.
+    softmax's output, the float32 copy of one chunk of keys and of values, the M-step's partial sums,
+    the keys and values regrouped per head (a copy in the model's dtype), and the per-head statistics.
 
-    The first GPU check (H200) found the older term, the block and the statistics alone, short of a
-    measured SD-1.5 call at 8 frames of 256 px.
+    Checked on an H200 against the live tensors at the peak of SD-1.5 calls (`torch.cuda.memory`
+    snapshots, 8 frames of 256 px, unchunked and in lock-step chunks of 1 and 2 frames).
     """
     n, L, b, C = job.frames, job.tokens, facts.element_bytes, 320 * facts.width
     chunk_tokens = min(n * L, (EM_BLOCK_BYTES // 8) // (facts.heads * 256))  # stem.em._token_chunk at K = 256
-    return groups * (EM_BLOCK_BYTES + 2 * chunk_tokens * C * 4 + 2 * n * L * C * b + n * L * (C / facts.heads) * 4)
+    return groups * (EM_BLOCK_BYTES + SPLIT_SUMS_BYTES + 2 * chunk_tokens * C * 4 + 2 * n * L * C * b
+                     + n * L * (C / facts.heads) * 4)
 
 
 def tokenflow_activations(job: Job, facts: ModelFacts, chunk: int | None) -> float:

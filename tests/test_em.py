@@ -21,12 +21,14 @@ def reference_em(keys, values, init, num_iters, tau=0.01):
 
 @pytest.mark.parametrize("B,L,C,Cv,K,R", [(2, 50, 8, 8, 4, 1), (3, 200, 16, 12, 16, 5), (1, 333, 5, 7, 32, 3)])
 @pytest.mark.parametrize("chunk_elements", [1 << 24, 97])  # one chunk, and many ragged chunks
-def test_matches_float64_reference(B, L, C, Cv, K, R, chunk_elements):
+@pytest.mark.parametrize("gpu_layout", [False, True])  # the M-step as on the CPU, or as on GPUs (token slices)
+def test_matches_float64_reference(B, L, C, Cv, K, R, chunk_elements, gpu_layout):
     g = torch.Generator().manual_seed(B * L)
     keys = torch.randn(B, L, C, generator=g) * 0.3
     values = torch.randn(B, L, Cv, generator=g)
     init = init_bases(keys, K, torch.Generator().manual_seed(1))
-    key_bases, value_bases = estimate_bases(keys, values, K, R, init=init, chunk_elements=chunk_elements)
+    key_bases, value_bases = estimate_bases(keys, values, K, R, init=init, chunk_elements=chunk_elements,
+                                            gpu_layout=gpu_layout)
     ref_k, ref_v = reference_em(keys, values, init, R)
     assert key_bases.shape == (B, K, C) and value_bases.shape == (B, K, Cv)
     assert key_bases.dtype == torch.float32

@@ -82,11 +82,11 @@ def test_estimate_grows_with_frames_and_size_and_chunks_bound_the_unet():
 def test_estimate_of_sd15_at_512_px_is_the_documented_arithmetic():
     """48 frames, all at once, fp16: weights + 1.25 x (activations + EM + trajectory) + 512 MiB.
 
-    The EM: its block and softmax's output, float32 keys and values of one 8192-token chunk, the keys and
-    values regrouped per head (fp16), the per-head statistics.
+    The EM: its block and softmax's output, the M-step's partial sums (16 MiB), float32 keys and values of
+    one 8192-token chunk, the keys and values regrouped per head (fp16), the per-head statistics.
     """
     L = 64 * 64
-    em = memory.EM_BLOCK_BYTES + 2 * 8192 * 320 * 4 + 2 * 48 * L * 320 * 2 + 48 * L * 40 * 4
+    em = memory.EM_BLOCK_BYTES + 16 * 2**20 + 2 * 8192 * 320 * 4 + 2 * 48 * L * 320 * 2 + 48 * L * 40 * 4
     activations = 48 * memory.UNET_CALL * L * 2 + em + 2 * 51 * 48 * 4 * L * 4
     weights = SD15.unet_bytes + SD15.vae_bytes + SD15.text_bytes
     assert estimate(JOB, SD15)["unet"] == pytest.approx(weights + 1.25 * activations + 512 * 2**20, abs=2)

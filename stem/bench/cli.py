@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     if args.bench == "memory":
         from .calibrate import calibrate
 
-        print(json.dumps(calibrate(), indent=1))
+        print(json.dumps(calibrate(args.device), indent=1))
         return 0
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     rows = []
