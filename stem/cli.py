@@ -23,38 +23,50 @@ EXIT_ERROR = 2
 
 # -- shared options ---------------------------------------------------------------------------
 
+def option_adder(parser, overrides: dict[str, dict] | None = None):
+    """`parser.add_argument`, with `overrides[dest]` (help, metavar, default, ...) merged into that option's keywords."""
+    overrides = overrides or {}
+
+    def add(*flags, **kwargs):
+        dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        return parser.add_argument(*flags, **{**kwargs, **overrides.get(dest, {})})
+
+    return add
+
+
 def add_inversion_options(parser: argparse.ArgumentParser, prompt_flags=("--prompt",),
-                          seed_help="seed of the EM initialisation") -> None:
-    """Options that define an inversion job (they are its cache key)."""
+                          seed_help="seed of the EM initialisation", overrides: dict[str, dict] | None = None) -> None:
+    """Options that define an inversion job (they are its cache key); `overrides` rewords some by dest."""
     from .engine import InversionSettings
     from .models import DEFAULT_MODEL
 
     d = InversionSettings()
-    parser.add_argument("video", help="video file (mp4/webm/mov/gif) or folder of frames")
-    parser.add_argument("--model", default=os.environ.get("STEM_MODEL", DEFAULT_MODEL),
-                        help=f"diffusers SD 1.x/2.x hub id or local folder, or tiny-random (default: $STEM_MODEL or {DEFAULT_MODEL})")
-    parser.add_argument("--method", default=d.method, help="self-attention during inversion: stem, ddim or inflated (default: %(default)s)")
-    parser.add_argument("--frames", type=int, default=None, help=f"number of frames to use (default: all, at most {d.max_frames})")
-    parser.add_argument("--stride", type=int, default=d.stride, help="use every S-th frame (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=d.size, help="pixels on the long side, rounded to multiples of 8 (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=d.num_steps, help="DDIM steps (default: %(default)s)")
-    parser.add_argument("--bases", type=int, default=d.num_bases, help="STEM: K bases per layer (default: %(default)s)")
-    parser.add_argument("--iters", type=int, default=d.num_iters, help="STEM: R EM iterations (default: %(default)s)")
-    parser.add_argument(*prompt_flags, dest="source_prompt", default="", help="text describing the video; conditions the inversion")
-    parser.add_argument("--seed", type=int, default=d.seed, help=seed_help + " (default: %(default)s)")
-    parser.add_argument("--fps", type=float, default=None,
-                        help="frame rate of the outputs (default: the source's; 10 for a folder of frames)")
-    parser.add_argument("--out", default=None, help="output folder (default: stem-out/<video name>)")
-    parser.add_argument("--cache-dir", default=None, help="latent cache folder (default: $STEM_CACHE_DIR or ~/.cache/stem)")
-    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    parser.add_argument("--chunk-size", type=int, default=None,
-                        help="frames per UNet call (default: as many as fit in the GPU's free memory, all at once on a CPU); "
-                             "STEM still uses all frames for its bases")
-    parser.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
-                        help="model precision (default: float16 on a GPU, float32 on the CPU); EM statistics and softmax stay float32")
-    parser.add_argument("--offload", action="store_true",
-                        help="keep the model on the CPU and move each part to the GPU when it runs (for small GPUs)")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    add = option_adder(parser, overrides)
+    add("video", help="video file (mp4/webm/mov/gif) or folder of frames")
+    add("--model", default=os.environ.get("STEM_MODEL", DEFAULT_MODEL),
+        help=f"diffusers SD 1.x/2.x hub id or local folder, or tiny-random (default: $STEM_MODEL or {DEFAULT_MODEL})")
+    add("--method", default=d.method, help="self-attention during inversion: stem, ddim or inflated (default: %(default)s)")
+    add("--frames", type=int, default=None, help=f"number of frames to use (default: all, at most {d.max_frames})")
+    add("--stride", type=int, default=d.stride, help="use every S-th frame (default: %(default)s)")
+    add("--size", type=int, default=d.size, help="pixels on the long side, rounded to multiples of 8 (default: %(default)s)")
+    add("--steps", type=int, default=d.num_steps, help="DDIM steps (default: %(default)s)")
+    add("--bases", type=int, default=d.num_bases, help="STEM: K bases per layer (default: %(default)s)")
+    add("--iters", type=int, default=d.num_iters, help="STEM: R EM iterations (default: %(default)s)")
+    add(*prompt_flags, dest="source_prompt", default="", help="text describing the video; conditions the inversion")
+    add("--seed", type=int, default=d.seed, help=seed_help + " (default: %(default)s)")
+    add("--fps", type=float, default=None,
+        help="frame rate of the outputs (default: the source's; 10 for a folder of frames)")
+    add("--out", default=None, help="output folder (default: stem-out/<video name>)")
+    add("--cache-dir", default=None, help="latent cache folder (default: $STEM_CACHE_DIR or ~/.cache/stem)")
+    add("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    add("--chunk-size", type=int, default=None,
+        help="frames per UNet call (default: as many as fit in the GPU's free memory, all at once on a CPU); "
+             "STEM still uses all frames for its bases")
+    add("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
+        help="model precision (default: float16 on a GPU, float32 on the CPU); EM statistics and softmax stay float32")
+    add("--offload", action="store_true",
+        help="keep the model on the CPU and move each part to the GPU when it runs (for small GPUs)")
+    add("--debug", action="store_true", help="show full tracebacks")
 
 
 def settings_from(args, method: str | None = None):

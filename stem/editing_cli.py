@@ -28,17 +28,19 @@ def add_edit_command(subparsers) -> None:
     edit.set_defaults(run=cmd_edit)
 
 
-def add_edit_options(parser) -> None:
-    """The options of an edit but its target prompt: the editor's choice, the shared ones, each editor's own."""
+def add_edit_options(parser, overrides: dict[str, dict] | None = None) -> None:
+    """The options of an edit but its target prompt: the editor's choice, the shared ones, each editor's own;
+    `overrides` rewords the first three by dest."""
+    from .cli import option_adder
     from .editing import DEFAULT_NEGATIVE_PROMPT, TokenFlowSettings
 
     d = TokenFlowSettings(prompt="")
-    parser.add_argument("--editor", default="tokenflow", choices=list(EDITOR_OPTIONS),
-                        help="the editing method (default: %(default)s)")
-    parser.add_argument("--negative-prompt", default=None,
-                        help=f'unconditional text of the guidance; "" for none (default: the editor\'s: {DEFAULT_NEGATIVE_PROMPT!r} '
-                             'for tokenflow, as the STEM authors ran it; empty for fatezero, as FateZero ran it)')
-    parser.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale, >= 1 (default: %(default)s)")
+    add = option_adder(parser, overrides)
+    add("--editor", default="tokenflow", choices=list(EDITOR_OPTIONS), help="the editing method (default: %(default)s)")
+    add("--negative-prompt", default=None,
+        help=f'unconditional text of the guidance; "" for none (default: the editor\'s: {DEFAULT_NEGATIVE_PROMPT!r} '
+             'for tokenflow, as the STEM authors ran it; empty for fatezero, as FateZero ran it)')
+    add("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale, >= 1 (default: %(default)s)")
     add_freeu_options(parser.add_argument_group("FreeU in the editing UNet (any editor with FreeU settings)"))
     for name, (add_options, _) in EDITOR_OPTIONS.items():
         add_options(parser.add_argument_group(f"{name} options"))

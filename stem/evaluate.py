@@ -629,14 +629,14 @@ def add_evaluate_command(subparsers) -> None:
         "evaluate", help="invert and edit every clip of a manifest with several methods, on one or many GPUs "
                          "(accelerate launch); writes results.json/.csv, summary.md/.png and the videos")
     add_inversion_options(evaluate, prompt_flags=("--source-prompt",),
-                          seed_help="seed of the EM initialisation and of the keyframe choice")
-    add_edit_options(evaluate)
-    _reword(evaluate, video=dict(metavar="MANIFEST", help="a .json (or .yaml) list of clips: "
-                                 '[{"video": ..., "source_prompt": ..., "target_prompts": [...]}], '
-                                 "optionally with frames, stride, size and name per clip"),
-            source_prompt=dict(help="source prompt of the clips whose entry has none"),
-            out=dict(help="output folder (default: stem-eval/<manifest name>)"),
-            method=dict(default=None, help=argparse.SUPPRESS), editor=dict(default=None, help=argparse.SUPPRESS))
+                          seed_help="seed of the EM initialisation and of the keyframe choice", overrides=dict(
+        video=dict(metavar="MANIFEST", help="a .json (or .yaml) list of clips: "
+                   '[{"video": ..., "source_prompt": ..., "target_prompts": [...]}], '
+                   "optionally with frames, stride, size and name per clip"),
+        source_prompt=dict(help="source prompt of the clips whose entry has none"),
+        out=dict(help="output folder (default: stem-eval/<manifest name>)"),
+        method=dict(default=None, help=argparse.SUPPRESS)))
+    add_edit_options(evaluate, overrides=dict(editor=dict(default=None, help=argparse.SUPPRESS)))
     evaluate.add_argument("--methods", default=DEFAULT_METHODS,
                           help="comma-separated inversion methods: stem, ddim, inflated (default: %(default)s)")
     evaluate.add_argument("--editors", default="tokenflow",
@@ -646,9 +646,3 @@ def add_evaluate_command(subparsers) -> None:
                           help="CLIP for the edit metrics: hub id, local folder, tiny-random, or none (default: %(default)s)")
     evaluate.set_defaults(run=cmd_evaluate)
 
-
-def _reword(parser: argparse.ArgumentParser, **changes: dict) -> None:
-    """Change the help, metavar or default of options a shared helper added (argparse has no public way)."""
-    for action in parser._actions:
-        for attr, value in changes.get(action.dest, {}).items():
-            setattr(action, attr, value)
