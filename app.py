@@ -102,8 +102,8 @@ METHOD_COST = {"ddim": 1.0, "stem": 1.1, "inflated": 1.5}  # inversion UNet call
 EDITOR_STEP_COST = {"tokenflow": lambda n, m: 3 * (n + m),  # 3 groups (source, negative, target) x (keyframes + all)
                     "fatezero": lambda n, m: 3 * n}  # 3 groups x all frames, once
 # ZeroGPU: seconds of one frame through the SD-1.5 UNet at 512 px on its H200 slice in fp16, with a margin
-# of about 2x over published throughput (an assumption, not measured by this project), plus a fixed part
-# for text encoding, moving data and writing the videos.
+# of about 2x over published throughput, plus a fixed part for text encoding, moving data and writing the
+# videos. On a whole H200 (assets/bench-gpu.md) a 48-frame STEM inversion estimated at 125 s took 40.7 s.
 GPU_SECONDS_PER_UNIT, GPU_FIXED_SECONDS = 0.02, 15
 PHASE_NAMES = {"loading": ("Loading the model", ""), "encoding": ("Encoding", "frame"),
                "inverting": ("Inverting", "step"), "reconstructing": ("Reconstructing", "step"),
