@@ -4,7 +4,7 @@
     python -m stem.bench inversion --frames 4,8,16 --size 256 --json bench.json --md bench.md
     python -m stem.bench edit --frames 16 --size 256 --repeats 1 --json bench.json   # --editors tokenflow,fatezero
     python -m stem.bench gpu [--out assets] [--dry]                                   # scripts/gpu_check.sh
-    python -m stem.bench memory                                                       # stem.memory's constants
+    python -m stem.bench memory [--device cuda]                                       # stem.memory's constants
 
 `attention`: one self-attention layer at SD-1.5's highest resolution, a diffusers
 `Attention(query_dim=320, heads=8, dim_head=40)` with random weights, on (N, tokens, 320) hidden
