@@ -4,7 +4,7 @@
 # Writes OUTDIR/bench-gpu.json (after every row), .md and .png; prints a summary table at the end.
 # Usage: bash scripts/gpu_check.sh [--dry] [OUTDIR] [more options of `python -m stem.bench gpu`]
 #   OUTDIR defaults to assets; --dry runs it on the CPU with the tiny model in seconds.
-# Wheels of packages the machine lacks (diffusers, ...) may be carried in .whl/ at the repository root.
+# Wheels of packages the machine lacks (diffusers, greenlet, ...) may be carried in .whl/ at the repository root.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}; fi
