@@ -24,13 +24,24 @@ EXIT_ERROR = 2
 # -- shared options ---------------------------------------------------------------------------
 
 def option_adder(parser, overrides: dict[str, dict] | None = None):
-    """`parser.add_argument`, with `overrides[dest]` (help, metavar, default, ...) merged into that option's keywords."""
-    overrides = overrides or {}
+    """`parser.add_argument`, with `overrides[dest]` (help, metavar, default, ...) merged into that option's keywords.
+
+    `add.check()` raises if an override named no option that was added.
+    """
+    overrides, used = overrides or {}, set()
 
     def add(*flags, **kwargs):
-        dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        long = [f for f in flags if f.startswith("--")]
+        dest = kwargs.get("dest") or (long or flags)[0].lstrip("-").replace("-", "_")  # argparse's rule
+        used.add(dest)
         return parser.add_argument(*flags, **{**kwargs, **overrides.get(dest, {})})
 
+    def check():
+        unused = set(overrides) - used
+        if unused:
+            raise ValueError(f"overrides for options that do not exist here: {', '.join(sorted(unused))}")
+
+    add.check = check
     return add
 
 
@@ -67,6 +78,7 @@ def add_inversion_options(parser: argparse.ArgumentParser, prompt_flags=("--prom
     add("--offload", action="store_true",
         help="keep the model on the CPU and move each part to the GPU when it runs (for small GPUs)")
     add("--debug", action="store_true", help="show full tracebacks")
+    add.check()
 
 
 def settings_from(args, method: str | None = None):

@@ -41,6 +41,7 @@ def add_edit_options(parser, overrides: dict[str, dict] | None = None) -> None:
         help=f'unconditional text of the guidance; "" for none (default: the editor\'s: {DEFAULT_NEGATIVE_PROMPT!r} '
              'for tokenflow, as the STEM authors ran it; empty for fatezero, as FateZero ran it)')
     add("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale, >= 1 (default: %(default)s)")
+    add.check()
     add_freeu_options(parser.add_argument_group("FreeU in the editing UNet (any editor with FreeU settings)"))
     for name, (add_options, _) in EDITOR_OPTIONS.items():
         add_options(parser.add_argument_group(f"{name} options"))

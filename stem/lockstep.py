@@ -13,7 +13,9 @@ Greenlets rather than threads: every chunk runs on the caller's thread, so it sh
 CUDA library handles, grad and inference modes and current stream. Chunk threads each took a
 cuBLAS handle of their own, and PyTorch gives every (handle, stream) a workspace (32 MiB on
 Hopper): a 4-chunk call on the H200 held 4 more workspaces than an unchunked one. The order in
-which chunks run is fixed (chunk 0 first at every layer), and no locks are needed.
+which chunks run is fixed (chunk 0 first at every layer), and no locks are needed. Sharing the
+thread has one rule: a chunk must not hold a mode of its own (grad, inference, autocast) open across
+a whole-video layer, or the next chunk would run in it; `exchange` refuses that.
 """
 
 from __future__ import annotations
@@ -53,6 +55,15 @@ class LockStep:
         return self._scheduler.switch(_Arrival(fn, tensors, dim))
 
 
+def _modes() -> tuple:
+    """The thread's PyTorch modes, which every chunk shares with the caller."""
+    try:
+        autocast = (torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"))
+    except TypeError:  # torch < 2.4
+        autocast = (torch.is_autocast_cpu_enabled(), torch.is_autocast_enabled())
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), *autocast)
+
+
 def current() -> LockStep | None:
     """The LockStep of the chunk we are in, or None outside a chunked call."""
     return _CURRENT.get()
@@ -86,6 +97,7 @@ def run_lockstep(fn: Callable, chunks: Sequence) -> list:
 
     outputs: list = [None] * len(chunks)
     reply: Any = None  # what the chunks get back from their last exchange
+    modes = _modes()
     try:
         while True:
             arrivals = []
@@ -93,8 +105,11 @@ def run_lockstep(fn: Callable, chunks: Sequence) -> list:
                 value = worker.switch(reply) if worker else worker.switch()  # a started greenlet is truthy
                 if worker.dead:
                     outputs[index] = value
-                else:
-                    arrivals.append(value)
+                    continue
+                if _modes() != modes:
+                    raise RuntimeError("a lock-step chunk reached a whole-video layer inside a grad, inference or "
+                                       "autocast mode of its own; enter such modes around the whole call instead")
+                arrivals.append(value)
             reply = None  # every chunk has its copy; the next layer's inputs need the room
             if not arrivals:
                 return outputs
@@ -105,7 +120,10 @@ def run_lockstep(fn: Callable, chunks: Sequence) -> list:
     finally:
         for worker in workers:
             if worker and not worker.dead:
-                worker.throw(greenlet.GreenletExit)  # unwind a chunk left waiting at a layer
+                try:
+                    worker.throw(greenlet.GreenletExit)  # unwind a chunk left waiting at a layer
+                except BaseException:  # noqa: BLE001 - a chunk's cleanup failed; the first error is the one reported
+                    pass
 
 
 def whole_video(fn: Callable, *tensors: torch.Tensor, dim: int = 1):

@@ -273,3 +273,20 @@ def test_fps_sets_the_outputs_frame_rate(clip, tmp_path, capsys):
     assert code == 0, err
     assert json.loads((out / "metrics.json").read_text())["fps"] == 5
     assert read_video(out / "reconstruction.mp4", size=96).fps == 5
+
+
+def test_option_adder_rewords_by_argparse_dest_and_refuses_unknown_overrides():
+    import argparse
+
+    from stem.cli import option_adder
+
+    parser = argparse.ArgumentParser()
+    add = option_adder(parser, {"out": {"help": "reworded"}, "x_y": {"default": 3}})
+    out = add("-o", "--out", help="original")
+    xy = add("--x-y", type=int, default=1)
+    add.check()
+    assert (out.dest, out.help) == ("out", "reworded") and parser.parse_args([]).x_y == 3 == xy.default
+    add = option_adder(argparse.ArgumentParser(), {"missing": {"help": "?"}})
+    add("--present")
+    with pytest.raises(ValueError, match="missing"):
+        add.check()

@@ -89,3 +89,33 @@ def test_chunks_that_meet_at_different_layers_are_refused():
 
     with pytest.raises(RuntimeError, match="different numbers of whole-video layers"):
         run_lockstep(chunk, list(torch.arange(4.0).split(2)))
+
+
+def test_a_chunk_holding_its_own_grad_mode_across_a_layer_is_refused_and_the_callers_mode_kept():
+    """Chunks share the thread's modes: one that stays inside `no_grad` at a layer would leak it to the next."""
+
+    def chunk(c):
+        with torch.no_grad():
+            return whole_video(lambda w: w.sum(), c, dim=0)
+
+    with pytest.raises(RuntimeError, match="grad, inference or autocast mode of its own"):
+        run_lockstep(chunk, list(torch.arange(4.0).split(2)))
+    assert torch.is_grad_enabled()  # the refused chunk was unwound and its `with` restored the mode
+
+
+def test_a_failing_cleanup_does_not_hide_the_first_error_or_leave_chunks_waiting():
+    unwound = []
+
+    def chunk(c):
+        try:
+            if c[0] == 4:
+                raise ValueError("the first error")
+            return whole_video(lambda w: w.sum(), c, dim=0)
+        finally:
+            unwound.append(int(c[0]))
+            if c[0] == 0:
+                raise OSError("a cleanup that fails")
+
+    with pytest.raises(ValueError, match="the first error"):
+        run_lockstep(chunk, list(torch.arange(6.0).split(2)))  # chunks 0 and 2 wait at the layer when 4 fails
+    assert sorted(unwound) == [0, 2, 4]
