@@ -24,15 +24,15 @@ after N = 8 read 379 MiB, N = 2, T = 2 246 MiB; with the fixed threshold T = 2 a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from .bench import PEAK_MEMORY, PeakMemory, machine_info, sd15_unet
-from .bench.report import write_reports
+from .bench import PEAK_MEMORY, machine_info, measure
+from .bench.report import machine_summary, save_figure, write_reports
 
 BENCH = "fatezero-memory"
 MODES = ("stem", "ddim", "inflated")
@@ -45,15 +45,9 @@ PUBLISHED = "FateZero (its config/TuningGuidance.md): 8 frames, 50 steps, 512 px
 
 def model_parts(device: torch.device, dtype: torch.dtype, unet_kind: str):
     """SD-1.5's UNet with random weights (or the tiny one, for tests), a DDIM scheduler and a tokenizer."""
-    from diffusers import DDIMScheduler
+    from .bench.models import unet_only_parts
 
-    from .models import StableDiffusionParts, build_tiny
-
-    tiny = build_tiny(device=device, dtype=dtype)
-    unet = sd15_unet(device, dtype) if unet_kind == "sd15" else tiny.unet
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionParts(unet, None, None, tiny.tokenizer, scheduler, f"{unet_kind}-random", device, dtype)
+    return unet_only_parts(unet_kind, device, dtype, f"{unet_kind}-random")
 
 
 def fix_mmap_threshold() -> bool:
@@ -79,13 +73,10 @@ def run_edit(parts, mode: str, frames: int, size: int, steps: int, chunk_size: i
     timesteps, alphas = ddim_schedule(parts.scheduler, steps)
     edit = FateZeroSettings(TARGET_PROMPT, source_prompt=SOURCE_PROMPT, blend_words=BLEND_WORDS).validate()
     attention = AttentionState(method=mode, num_groups=NUM_GROUPS)
-    with torch.inference_mode(), PeakMemory(parts.device) as memory:
-        start = time.perf_counter()
-        edit_latents(parts, trajectory, timesteps, alphas, text, edit, attention, chunk_size)
-        if parts.device.type == "cuda":
-            torch.cuda.synchronize(parts.device)
-        seconds = time.perf_counter() - start
-    return seconds, memory.peak_mb, memory.method
+    with torch.inference_mode():
+        return measure({mode: (contextlib.nullcontext,
+                               lambda: edit_latents(parts, trajectory, timesteps, alphas, text, edit, attention, chunk_size))},
+                       parts.device, repeats=1, warmup=0)[mode]
 
 
 def _key(row: dict) -> tuple:
@@ -114,11 +105,9 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def markdown_document(doc: dict) -> str:
-    m = doc["machine"]
     return "\n".join([
         "# Benchmark: peak memory of a FateZero edit against frames N and steps T", "",
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}"
-        + (f", GPU {m['gpu']}" if "gpu" in m else "") + ".", "",
+        f"Machine: {machine_summary(doc['machine'])}.", "",
         "SD-1.5 UNet architecture, random weights, random trajectory, blend words (mask pass and latent blending on), "
         "no UNet chunking. On the CPU glibc's mmap threshold is fixed at 1 MiB, so freed activation buffers leave "
         "the resident set (see `stem/bench_fatezero.py`).", "",
@@ -151,10 +140,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

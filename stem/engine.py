@@ -202,11 +202,8 @@ class Engine:
         else:
             self.plan = None
             return None
-        job = Job(frames=video.num_frames, height=video.height, width=video.width, method=settings.method,
-                  num_steps=settings.num_steps, editor=None if edit is None else getattr(edit, "editor", "tokenflow"),
-                  edit_batch_size=getattr(edit, "batch_size", 8))
-        self.plan = plan(job, ModelFacts.of(parts), budget, self._unet_chunk_size, self._vae_batch_size,
-                         offload=self._offload is not None)
+        self.plan = plan(Job.of(video, settings, edit), ModelFacts.of(parts), budget, self._unet_chunk_size,
+                         self._vae_batch_size, offload=self._offload is not None)
         if self.plan.vae_tiling:
             parts.vae.enable_tiling()
         elif hasattr(parts.vae, "disable_tiling"):
@@ -217,8 +214,7 @@ class Engine:
 
     def _plan_job(self, video: Video, settings: InversionSettings) -> None:
         """Plan the memory of an inversion unless a plan of the same job (e.g. made for its edit) exists."""
-        job = Job(video.num_frames, video.height, video.width, settings.method, settings.num_steps)
-        if self.plan is None or self.plan.job_key != job.key():
+        if self.plan is None or self.plan.job_key != Job.of(video, settings).key():
             self.plan_memory(video, settings)
 
     def _check_model(self, settings: InversionSettings) -> None:

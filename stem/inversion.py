@@ -27,6 +27,8 @@ from .offload import execution_device
 EpsFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 # callback(step, total) after each step.
 Callback = Callable[[int, int], None]
+# after_step(x, step) -> x: a change to the latents of level step - 1 once the step is taken (e.g. a blend).
+AfterStep = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def ddim_schedule(scheduler, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +85,7 @@ def ddim_invert(eps_fn: EpsFn, latents: torch.Tensor, timesteps: torch.Tensor, a
 
 @torch.no_grad()
 def ddim_sample(eps_fn: EpsFn, noise: torch.Tensor, timesteps: torch.Tensor, alphas: torch.Tensor,
-                callback: Callback | None = None) -> torch.Tensor:
+                callback: Callback | None = None, after_step: AfterStep | None = None) -> torch.Tensor:
     """DDIM sampling from level T down to clean latents.
 
     Args:
@@ -91,6 +93,7 @@ def ddim_sample(eps_fn: EpsFn, noise: torch.Tensor, timesteps: torch.Tensor, alp
         noise: (N, 4, h, w) latents x_T.
         timesteps, alphas: as for `ddim_invert`.
         callback: called as `callback(k, T)` after the k-th step (k = 1..T).
+        after_step: `x = after_step(x, i)` after the step from level i, before the callback.
 
     Returns:
         (N, 4, h, w) the clean latents x_0.
@@ -100,6 +103,8 @@ def ddim_sample(eps_fn: EpsFn, noise: torch.Tensor, timesteps: torch.Tensor, alp
     for k, i in enumerate(range(total, 0, -1), start=1):
         eps = eps_fn(x, timesteps[i - 1], i)
         x = ddim_step(x, eps, alphas[i], alphas[i - 1])
+        if after_step is not None:
+            x = after_step(x, i)
         if callback is not None:
             callback(k, total)
     return x

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import em
 from .errors import StemError
 
 MiB = 2**20
@@ -56,8 +57,8 @@ GiB = 2**30
 UNET_CALL = 8250     # peak of one UNet call (CUDA: slope over 8 -> 16 samples at 256 px; cuDNN's convolutions)
 UNET_HELD = 3618     # what a sample holds at a self-attention layer (CPU 3522-3545 at 64-256 px; CUDA 3522-3618)
 VAE_ELEMENTS_PER_PIXEL = 1225  # CUDA decode 1220-1225, encode 769-834 per pixel (256, 512 px); CPU decode 969-1104
-EM_BLOCK_BYTES = 2 * 4 * (1 << 24)  # stem.em.DEFAULT_CHUNK_ELEMENTS float32 responsibilities, and softmax's output on a GPU
-SPLIT_SUMS_BYTES = 4 * (1 << 22)  # stem.em.SPLIT_SUMS_ELEMENTS: the M-step's partial sums on a GPU
+EM_BLOCK_BYTES = 2 * 4 * em.DEFAULT_CHUNK_ELEMENTS  # float32 responsibilities, and softmax's output on a GPU
+SPLIT_SUMS_BYTES = 4 * em.SPLIT_SUMS_ELEMENTS  # the M-step's partial sums on a GPU
 SIMILARITY_BYTES = 4 * (1 << 24)  # TokenFlow's nearest-neighbour block (DEFAULT_MATCH_CHUNK_ELEMENTS)
 MARGIN = 1.25            # allocator rounding and fragmentation, kernels' workspaces
 RESERVE = 512 * MiB      # cuDNN/cuBLAS workspaces and whatever else this process allocates
@@ -83,6 +84,13 @@ class Job:
 
     def key(self) -> tuple:
         return (self.frames, self.height, self.width, self.method, self.num_steps)
+
+    @classmethod
+    def of(cls, video, settings, edit=None) -> "Job":
+        """The job of inverting `video` (a stem.video.Video) with `settings`, and editing it with `edit` if given."""
+        return cls(frames=video.num_frames, height=video.height, width=video.width, method=settings.method,
+                   num_steps=settings.num_steps, editor=None if edit is None else getattr(edit, "editor", "tokenflow"),
+                   edit_batch_size=getattr(edit, "batch_size", 8))
 
 
 @dataclass(frozen=True)
@@ -174,7 +182,12 @@ def inversion_activations(job: Job, facts: ModelFacts, chunk: int | None) -> flo
         total += 2 * n * C * L * b
     if job.method == "inflated":
         total += 2 * s * C * L * b
-    return total + 2 * (job.num_steps + 1) * n * 4 * L * 4
+    return total + trajectory_bytes(job)
+
+
+def trajectory_bytes(job: Job) -> float:
+    """The inversion's trajectory, every level of every frame in float32, kept on the device until the end."""
+    return 2 * (job.num_steps + 1) * job.frames * 4 * job.tokens * 4
 
 
 def stem_em_bytes(job: Job, facts: ModelFacts, groups: int = 1) -> float:
@@ -186,7 +199,7 @@ def stem_em_bytes(job: Job, facts: ModelFacts, groups: int = 1) -> float:
     snapshots, 8 frames of 256 px, unchunked and in lock-step chunks of 1 and 2 frames).
     """
     n, L, b, C = job.frames, job.tokens, facts.element_bytes, 320 * facts.width
-    chunk_tokens = min(n * L, (EM_BLOCK_BYTES // 8) // (facts.heads * 256))  # stem.em._token_chunk at K = 256
+    chunk_tokens = em._token_chunk(facts.heads, n * L, 256, em.DEFAULT_CHUNK_ELEMENTS, torch.device("cuda"))  # K = 256
     return groups * (EM_BLOCK_BYTES + SPLIT_SUMS_BYTES + 2 * chunk_tokens * C * 4 + 2 * n * L * C * b
                      + n * L * (C / facts.heads) * 4)
 

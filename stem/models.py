@@ -109,7 +109,7 @@ def _tiny_tokenizer():
 
 def build_tiny(device=None, dtype=None, seed: int = 0) -> StableDiffusionParts:
     """Build `tiny-random` in code: SD-shaped components with small, seeded random weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = _tiny_tokenizer()
@@ -139,12 +139,17 @@ def build_tiny(device=None, dtype=None, seed: int = 0) -> StableDiffusionParts:
             num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
             bos_token_id=0, eos_token_id=1, pad_token_id=1,
         ))
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )
+    scheduler = sd_ddim_scheduler()
     fingerprint = _built_fingerprint(unet, vae, text_encoder, tokenizer, scheduler)
     return _finish(unet, vae, text_encoder, tokenizer, scheduler, TINY_MODEL, device, dtype, fingerprint)
+
+
+def sd_ddim_scheduler():
+    """Stable Diffusion 1.x's DDIM scheduler (its scheduler config, clip_sample off), for models built in code."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
 def _finish(unet, vae, text_encoder, tokenizer, scheduler, model_id, device, dtype, fingerprint) -> StableDiffusionParts:

@@ -111,10 +111,11 @@ def test_edit_benchmark_compares_one_editing_step_with_3n_unet_calls(tmp_path, c
 
 def test_edit_step_runs_the_keyframe_pass_and_the_propagation(tiny_parts, count_calls):
     """One step of 3 groups: the keyframe call and one propagation call per batch of frames."""
-    from stem.bench.benches import sd_scheduler, tokenflow_step
+    from stem.bench.benches import tokenflow_step
     from stem.inversion import ddim_schedule
+    from stem.models import sd_ddim_scheduler
 
-    timesteps, alphas = ddim_schedule(sd_scheduler(), 1)
+    timesteps, alphas = ddim_schedule(sd_ddim_scheduler(), 1)
     trajectory, text = torch.randn(2, 5, 4, 8, 8), torch.randn(3, 77, 32)
     setup, call = tokenflow_step(tiny_parts, trajectory, timesteps, alphas, text, batch_size=2)
     with setup(), count_calls(tiny_parts.unet) as unet, torch.inference_mode():
@@ -124,10 +125,11 @@ def test_edit_step_runs_the_keyframe_pass_and_the_propagation(tiny_parts, count_
 
 def test_fatezero_step_runs_every_frame_of_the_three_groups_once(tiny_parts, count_calls):
     """One FateZero step: one UNet call on the source and both edit groups of all frames."""
-    from stem.bench.benches import fatezero_step, sd_scheduler
+    from stem.bench.benches import fatezero_step
     from stem.inversion import ddim_schedule
+    from stem.models import sd_ddim_scheduler
 
-    timesteps, alphas = ddim_schedule(sd_scheduler(), 1)
+    timesteps, alphas = ddim_schedule(sd_ddim_scheduler(), 1)
     trajectory, text = torch.randn(2, 5, 4, 8, 8), torch.randn(3, 77, 32)
     setup, call = fatezero_step(tiny_parts, trajectory, timesteps, alphas, text, batch_size=2)
     with setup(), count_calls(tiny_parts.unet) as unet, torch.inference_mode():

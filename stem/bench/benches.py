@@ -8,7 +8,7 @@ import torch
 
 from ..attention import AttentionState
 from .measure import measure
-from .models import attention_layer, bench_unet
+from .models import attention_layer, bench_unet, unet_only_parts
 from .modes import install, processor, using_processor
 
 
@@ -85,14 +85,6 @@ def fatezero_step(parts, trajectory, timesteps, alphas, text, batch_size):
 EDITORS = {"tokenflow": tokenflow_step, "fatezero": fatezero_step}
 
 
-def sd_scheduler():
-    """SD-1.5's DDIM scheduler (the benchmarks' source of timesteps and alphas)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-
-
 def bench_edit(editors, frames, size, device, dtype, repeats, warmup, batch_size, report, unet_kind="sd15"):
     """Time one editing step per editor against 3·N plain per-frame UNet evaluations (mode "ddim").
 
@@ -101,13 +93,10 @@ def bench_edit(editors, frames, size, device, dtype, repeats, warmup, batch_size
     processors on 3·N samples in calls of 3·batch_size samples, the size of the propagation's calls.
     """
     from ..inversion import call_unet, ddim_schedule
-    from ..models import StableDiffusionParts, _tiny_tokenizer
 
-    unet = bench_unet(unet_kind, device, dtype)
-    scheduler = sd_scheduler()
-    # no VAE or text encoder: the steps start from latents and embeddings; FateZero's word maps need a tokenizer
-    parts = StableDiffusionParts(unet, None, None, _tiny_tokenizer(), scheduler, "bench", torch.device(device), dtype)
-    timesteps, alphas = ddim_schedule(scheduler, 1)
+    parts = unet_only_parts(unet_kind, device, dtype)
+    unet = parts.unet
+    timesteps, alphas = ddim_schedule(parts.scheduler, 1)
     side, width = size // 8, unet.config.cross_attention_dim
     generator = torch.Generator().manual_seed(0)
     t = timesteps[0].to(device)

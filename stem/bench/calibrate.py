@@ -61,15 +61,14 @@ def live_bytes(fn) -> tuple[int, int]:
 
 def cuda_live_bytes(fn, device, marks: list | None = None) -> tuple[int, int]:
     """(peak, largest at a mark) of the CUDA bytes `fn` allocates above what was allocated before it."""
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
+    from .measure import PeakMemory
+
     if marks is not None:
         marks.clear()
-    fn()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    return peak, max((m - base for m in marks), default=0) if marks is not None else 0
+    with PeakMemory(device) as memory:
+        fn()
+    peak = round(memory.peak_mb * 2**20)
+    return peak, max((m - memory.base for m in marks), default=0) if marks is not None else 0
 
 
 def calibrate(device: str = "cpu", size: int | None = None, frames=None, vae_sizes=None) -> dict:
@@ -131,7 +130,7 @@ def calibrate(device: str = "cpu", size: int | None = None, frames=None, vae_siz
 def lockstep_table(unet, device, dtype, size: int, frames: int = 8, chunks=(None, 4, 2, 1)) -> dict:
     """STEM on `frames` frames in lock-step chunks: {chunk: (measured MiB, estimated MiB)} of one UNet call."""
     from ..inversion import call_unet
-    from ..memory import Job, ModelFacts, inversion_activations
+    from ..memory import Job, ModelFacts, inversion_activations, trajectory_bytes
 
     h = size // 8
     x = torch.randn(frames, 4, h, h, device=device, dtype=dtype)
@@ -139,7 +138,7 @@ def lockstep_table(unet, device, dtype, size: int, frames: int = 8, chunks=(None
     t = torch.tensor(500, device=device)
     facts = ModelFacts(unet_bytes=0, vae_bytes=0, text_bytes=0, element_bytes=torch.finfo(dtype).bits // 8)
     job = Job(frames=frames, height=size, width=size, method="stem", num_steps=0)
-    trajectory = 2 * frames * 4 * h * h * 4  # the estimate's trajectory term: not held by a bare UNet call
+    trajectory = trajectory_bytes(job)  # not held by a bare UNet call
     table = {}
     with torch.inference_mode(), attention_mode(unet, AttentionState(method="stem")):
         for chunk in chunks:

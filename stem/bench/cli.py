@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .measure import machine_info
+from .gpu import DEADLINE
+from .measure import load_average, machine_info
 from .report import (
     ALL_MODES, MODES, machine_summary, write_reports,
 )
@@ -45,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     gpu.add_argument("--out", type=Path, default=Path("assets"), help="gpu: folder of bench-gpu.{json,md,png} (default: %(default)s)")
     gpu.add_argument("--dry", action="store_true", help="gpu: the tiny dry run on the CPU (seconds)")
     gpu.add_argument("--sections", default=None, help="gpu: comma-separated sections (default: all, in order)")
-    gpu.add_argument("--deadline", type=float, default=None, help="gpu: seconds for the whole check (default: 450)")
+    gpu.add_argument("--deadline", type=float, default=None, help=f"gpu: seconds for the whole check (default: {DEADLINE})")
     gpu.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                      help="gpu: each section in its own process (default: yes, except --dry)")
     gpu.add_argument("--section", default=None, help=argparse.SUPPRESS)  # the orchestrator's child processes
@@ -86,10 +87,10 @@ def main(argv=None) -> int:
         return 0
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     rows = []
+    machine = machine_summary(machine_info())
 
     def report(row):
-        row.update(device=args.device, dtype=args.dtype, repeats=args.repeats, loadavg=_loadavg(),
-                   machine=machine_summary(machine_info()))
+        row.update(device=args.device, dtype=args.dtype, repeats=args.repeats, loadavg=load_average(), machine=machine)
         rows.append(row)
         shape = f"tokens={row['tokens']}" if "tokens" in row else f"size={row['size']}"
         print(f"{row['bench']} {row['mode']:>10} N={row['frames']:<3} {shape}: {row['seconds']:.3f} s, "
@@ -112,14 +113,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _loadavg():
-    import os
-
-    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-
-
 def gpu_main(args) -> int:
-    from .gpu import DEADLINE, CheckConfig, run_check, section_main
+    from .gpu import CheckConfig, run_check, section_main
 
     if args.section:  # a child of the orchestrator
         cfg = CheckConfig(out=args.out, cache_dir=args.cache_dir, dry=args.dry)

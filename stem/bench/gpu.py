@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .measure import machine_info
+from .measure import load_average, machine_info
 from .report import (
-    full_jobs_table, machine_summary, markdown_document, markdown_table, merge_rows, plot, write_json,
+    full_jobs_table, machine_summary, markdown_document, markdown_table, merge_rows, plot, read_doc, write_json,
 )
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (tests/ lives here)
@@ -130,7 +130,7 @@ class Recorder:
     def row(self, row: dict) -> None:
         row.setdefault("repeats", 1)
         row.update(device=self.device_name, dtype=self.dtype_name, machine=self.machine,
-                   loadavg=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None)
+                   loadavg=load_average())
         doc = merge_rows(self.cfg.json, [row])
         write_json(self.cfg.json, doc)
         (self.cfg.out / "bench-gpu.md").write_text(markdown_document(doc))
@@ -140,7 +140,7 @@ class Recorder:
 
     def update(self, key: str, value) -> None:
         """Set a top-level entry of the JSON document (sdpa, pytest)."""
-        doc = json.loads(self.cfg.json.read_text()) if self.cfg.json.exists() else {"rows": []}
+        doc = read_doc(self.cfg.json)
         doc[key] = value
         write_json(self.cfg.json, doc)
 
@@ -231,8 +231,7 @@ def job_estimate_mb(engine, video, settings, edit=None) -> float:
 
     if engine.plan is not None:
         return round(engine.plan.estimate_bytes / 2**20, 1)
-    job = Job(video.num_frames, video.height, video.width, settings.method, settings.num_steps,
-              None if edit is None else "tokenflow", getattr(edit, "batch_size", 8))
+    job = Job.of(video, settings, edit)
     return round(estimate(job, ModelFacts.of(engine.parts), engine.unet_chunk_size)["peak"] / 2**20, 1)
 
 
@@ -497,7 +496,7 @@ def _child(name: str, cfg: CheckConfig, budget: float) -> tuple[str, str]:
 
 
 def _record_section(cfg: CheckConfig, name: str, status: str, seconds: float, note: str) -> None:
-    doc = json.loads(cfg.json.read_text()) if cfg.json.exists() else {"rows": []}
+    doc = read_doc(cfg.json)
     doc.setdefault("sections", {})[name] = {"status": status, "seconds": round(seconds, 1), "note": note}
     write_json(cfg.json, doc)
 
@@ -534,7 +533,7 @@ def run_check(out: Path, dry: bool = False, sections=None, isolate: bool | None 
             print(f"== {name}: {status} in {results[name][1]:.0f} s {note}", flush=True)
     finally:
         shutil.rmtree(cfg.cache_dir, ignore_errors=True)
-    doc = json.loads(cfg.json.read_text()) if cfg.json.exists() else {"rows": []}
+    doc = read_doc(cfg.json)
     doc.setdefault("machine", machine_info())
     doc.setdefault("seconds", "median over the timed calls after warm-up, modes interleaved")
     doc.setdefault("peak_mb", "see stem/bench/measure.py")

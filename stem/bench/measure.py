@@ -121,6 +121,11 @@ def measure(cases: dict[str, tuple[Callable, Callable]], device: torch.device, r
     return {mode: (statistics.median(seconds[mode]), max(peaks[mode]), method) for mode in cases}
 
 
+def load_average() -> float | None:
+    """The 1-minute load average, 2 decimals (None where the OS has none): how busy the machine was."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def machine_info() -> dict:
     """CPU model and cores (lscpu's fields, read from /proc/cpuinfo), torch version, GPU name."""
     model = platform.processor() or "unknown"

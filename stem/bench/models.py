@@ -86,15 +86,11 @@ def sd15_text_encoder(vocab_size: int, device, dtype, seed: int = 2):
 
 def sd15_parts(device, dtype):
     """`StableDiffusionParts` of SD-1.5's architecture with random weights (the tokenizer is the tiny one)."""
-    from diffusers import DDIMScheduler
-
-    from ..models import StableDiffusionParts, _tiny_tokenizer
+    from ..models import StableDiffusionParts, _tiny_tokenizer, sd_ddim_scheduler
 
     tokenizer = _tiny_tokenizer()  # its cost is irrelevant; the encoder has SD-1.5's shape
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionParts(sd15_unet(device, dtype), sd15_vae(device, dtype),
-                                sd15_text_encoder(len(tokenizer), device, dtype), tokenizer, scheduler,
+                                sd15_text_encoder(len(tokenizer), device, dtype), tokenizer, sd_ddim_scheduler(),
                                 SD15_MODEL_ID, torch.device(device), dtype)
 
 
@@ -113,3 +109,12 @@ def bench_parts(kind: str, device, dtype):
 def bench_unet(kind: str, device, dtype):
     """Only the UNet of `bench_parts` (the inversion and editing benches need nothing else)."""
     return sd15_unet(device, dtype) if kind == "sd15" else tiny_parts(device, dtype).unet
+
+
+def unet_only_parts(kind: str, device, dtype, model_id: str = "bench"):
+    """`bench_unet` with SD's DDIM scheduler and the tiny tokenizer (FateZero's word maps need one), no VAE or
+    text encoder: the editing benches start from latents and embeddings."""
+    from ..models import StableDiffusionParts, _tiny_tokenizer, sd_ddim_scheduler
+
+    return StableDiffusionParts(bench_unet(kind, device, dtype), None, None, _tiny_tokenizer(), sd_ddim_scheduler(),
+                                model_id, torch.device(device), dtype)

@@ -26,9 +26,14 @@ def _key(row: dict) -> tuple:
             row.get("steps"))
 
 
+def read_doc(path: Path) -> dict:
+    """The JSON document of `path`, or an empty one (no rows) when there is no file yet."""
+    return json.loads(path.read_text()) if path.exists() else {"rows": []}
+
+
 def merge_rows(path: Path, rows: list[dict]) -> dict:
     """The document of `path` (if any) with `rows` merged in (a row replaces one with the same key)."""
-    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc = read_doc(path)
     merged = {_key(r): r for r in doc.get("rows", [])}
     merged.update({_key(r): r for r in rows})
     order = {m: i for i, m in enumerate(ALL_MODES)}
@@ -176,6 +181,13 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.set_xticks(sorted({r["frames"] for r in picked}))
             ax.grid(alpha=0.3)
             ax.legend()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out `fig`, write it to `path` as a PNG (creating the folder), and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -50,11 +50,10 @@ from ..attention import (
     processors_installed, self_attention_layers,
 )
 from ..errors import StemError
-from ..inversion import ddim_step
 from ..lockstep import run_lockstep, whole_video
 from .common import (
     COND, EDITOR_CHECKS, EDITORS, NUM_GROUPS, SOURCE, UNCOND, check_fraction, guided_noise, is_number, leading_steps,
-    source_latents, validate_common,
+    sample_edit, source_latents, validate_common,
 )
 from .freeu import FreeUSettings, freeu_installed
 from .wordmap import WORD_MAPS, contains_word, reweight_scales, word_map, word_mask
@@ -527,27 +526,34 @@ def edit_latents(
     self_steps, cross_steps = edit.num_fused_steps(num_steps)
     blend_from, blend_to = leading_steps(edit.blend_start, num_steps), leading_steps(edit.blend_end, num_steps)
     text = text.to(device=device, dtype=parts.dtype)
-    x = source_latents(trajectory, num_steps, device)  # x_T, the inverted noise
-    target_maps, blended = None, []
+    maps_of_step, target_maps, blended = {}, None, []
+
+    def eps_fn(x, t, i):
+        k = num_steps - i + 1
+        state.step = attention.step = i  # the step also seeds STEM's initial bases, as in the inversion
+        state.fuse_self, state.fuse_cross = k <= self_steps, k <= cross_steps
+        out, maps_of_step["source"], maps_of_step["target"] = unet_step(
+            parts, text, source_latents(trajectory, i, device), x, t, chunk_size, maps.blends and state.fuse_self)
+        return guided_noise(out, x, alphas[i], edit.guidance, parts.prediction_type)
+
+    def blend(x, i):
+        nonlocal target_maps
+        if not maps.blends:
+            return x
+        k = num_steps - i + 1
+        step_maps = maps_of_step["target"]
+        target_maps = step_maps if target_maps is None else target_maps + step_maps
+        if blend_from < k <= blend_to:
+            size = tuple(x.shape[-2:])
+            mask = blend_mask(maps_of_step["source"], size, edit.blend_threshold) | blend_mask(target_maps, size, edit.blend_threshold)
+            x = torch.where(mask, x, source_latents(trajectory, i - 1, device))
+            blended.append(i)
+            if trace is not None:
+                trace("blend", "latents", i, {"mask": mask, "latents": x})
+        return x
+
     with fatezero_processors(parts.unet, state), freeu_installed(parts.unet, edit.freeu):
-        for k, i in enumerate(range(num_steps, 0, -1), start=1):  # k-th step: level i -> i - 1
-            state.step = attention.step = i  # the step also seeds STEM's initial bases, as in the inversion
-            state.fuse_self, state.fuse_cross = k <= self_steps, k <= cross_steps
-            out, source_maps, step_maps = unet_step(parts, text, source_latents(trajectory, i, device), x,
-                                                    timesteps[i - 1], chunk_size, maps.blends and state.fuse_self)
-            eps = guided_noise(out, x, alphas[i], edit.guidance, parts.prediction_type)
-            x = ddim_step(x, eps, alphas[i], alphas[i - 1])
-            if maps.blends:
-                target_maps = step_maps if target_maps is None else target_maps + step_maps
-                if blend_from < k <= blend_to:
-                    size = tuple(x.shape[-2:])
-                    mask = blend_mask(source_maps, size, edit.blend_threshold) | blend_mask(target_maps, size, edit.blend_threshold)
-                    x = torch.where(mask, x, source_latents(trajectory, i - 1, device))
-                    blended.append(i)
-                    if trace is not None:
-                        trace("blend", "latents", i, {"mask": mask, "latents": x})
-            if callback is not None:
-                callback(k, num_steps)
+        x = sample_edit(eps_fn, trajectory, timesteps, alphas, device, callback, blend)
     return x, {"word_map": maps.mode, "blended_steps": blended}
 
 

@@ -100,8 +100,8 @@ def freeu_hook(width: int, backbone: float, skip: float):
     def hook(_module, args, kwargs):
         x = args[0]  # (B, width + skip channels, H, W)
         half = width // 2
-        hidden = torch.cat([x[:, :half] * backbone, x[:, half:width]], dim=1)
-        return (torch.cat([hidden, fourier_filter(x[:, width:], skip)], dim=1), *args[1:]), kwargs
+        return (torch.cat([x[:, :half] * backbone, x[:, half:width], fourier_filter(x[:, width:], skip)], dim=1),
+                *args[1:]), kwargs
 
     return hook
 
