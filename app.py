@@ -47,6 +47,7 @@ from stem import Engine, InversionSettings, LatentCache, StemError, inversion_me
 from stem.editing import (
     DEFAULT_NEGATIVE_PROMPT, FateZeroSettings, FreeUSettings, TokenFlowSettings, edit_metrics, edit_video, parse_reweight,
 )
+from stem.files import pid_alive
 from stem.models import DEFAULT_MODEL, TINY_MODEL, TINY_WARNING, default_device
 from stem.video import DEFAULT_MAX_FRAMES, Video, copy_audio, side_by_side
 
@@ -328,6 +329,15 @@ def _typed(cls, values: dict) -> dict:
 
 # -- media at the edges ---------------------------------------------------------------------------------
 
+def has_audio(path: str | os.PathLike) -> bool:
+    """Whether the file has a sound stream (the container's streams only; nothing is decoded or counted)."""
+    try:
+        with av.open(str(path)) as container:
+            return bool(container.streams.audio)
+    except (av.error.FFmpegError, OSError):
+        return False
+
+
 def probe_clip(path: str | os.PathLike) -> tuple[int | None, bool]:
     """(frames in the file's first video stream, whether it has sound), from its container; (None, False) if unreadable."""
     try:
@@ -377,7 +387,7 @@ def sweep_result_folders(parent: Path) -> list[Path]:
             if not folder.is_dir() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
                 continue
             owner = re.match(rf"{RESULTS_PREFIX}(\d+)-", folder.name)
-            stale = (not _alive(int(owner.group(1))) if owner
+            stale = (not pid_alive(int(owner.group(1))) if owner
                      else time.time() - folder.stat().st_mtime > OUTPUT_TTL_SECONDS)
         except OSError:
             continue
@@ -385,16 +395,6 @@ def sweep_result_folders(parent: Path) -> list[Path]:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # -- the jobs behind the buttons and endpoints ----------------------------------------------------------
@@ -603,6 +603,8 @@ class Jobs:
 
     def _compare(self, values: dict, progress) -> tuple:
         """Invert the clip with DDIM and with STEM; a side-by-side video and a table of metrics."""
+        from stem.metrics import source_motion
+
         jobs = {label: self._settings(values, method=label.lower()) for label in COMPARED}
         clip, note = self._clip(values["video"], jobs["DDIM"])
         report = self._tracker(progress, job_phases("compare", clip.num_frames, jobs["DDIM"].num_steps))
@@ -611,7 +613,8 @@ class Jobs:
                    for label, s in jobs.items()}
         stem = jobs["STEM"]
         labels = {"DDIM": "DDIM", "STEM": f"STEM (K={stem.num_bases}, R={stem.num_iters})"}
-        metrics = {labels[k]: inversion_metrics(clip, r, self.engine) for k, r in results.items()}
+        motion = source_motion(clip.frames)  # both reconstructions are judged against the clip's motion
+        metrics = {labels[k]: inversion_metrics(clip, r, self.engine, motion) for k, r in results.items()}
         panel = side_by_side([clip.frames, *(r.reconstruction for r in results.values())], ["Input", *metrics])
         path, sound = self._write(output_name(clip.source, "ddim-vs-stem"), panel, clip, stem)
         first = next(iter(metrics.values()))
@@ -696,13 +699,12 @@ class Jobs:
     @staticmethod
     def _sound(clip: Video, path: Path, stride: int) -> str:
         """Copy the source's sound into the result when the frames keep its timing; the status's note."""
-        _, has_sound = probe_clip(clip.source)
-        if not has_sound:
-            return ""
         if stride > 1:
-            return f" No sound: at stride {stride} the result plays {stride}× faster than the source."
+            return (f" No sound: at stride {stride} the result plays {stride}× faster than the source."
+                    if has_audio(clip.source) else "")
         try:
-            copy_audio(clip.source, path)
+            if not copy_audio(clip.source, path):
+                return ""
         except StemError as error:
             log.warning("%s", error)
             return " No sound: the source's sound could not be copied."

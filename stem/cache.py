@@ -383,7 +383,6 @@ class LatentCache:
         header = {**metadata, "stem_format": str(FORMAT_VERSION), "stem_checksum": _checksum(tensors, metadata)}
 
         self._mkdir()
-        self._remove_dead_tmp()
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{key}{owner_tag()}", suffix=_TMP_SUFFIX, dir=self.root)
         except OSError as e:

@@ -194,6 +194,7 @@ def cmd_invert(args) -> dict:
 
 def cmd_compare(args) -> dict:
     from .engine import inversion_metrics
+    from .metrics import source_motion
     from .video import side_by_side, write_video
 
     methods = ["ddim", "stem"] + (["inflated"] if args.all else [])
@@ -207,7 +208,8 @@ def cmd_compare(args) -> dict:
     for settings in jobs:
         results[settings.method] = engine.invert(video, settings, progress)
         progress.close()
-    blocks = {m: inversion_metrics(video, r, engine) for m, r in results.items()}
+    motion = source_motion(video.frames)  # every reconstruction is judged against the clip's motion
+    blocks = {m: inversion_metrics(video, r, engine, motion) for m, r in results.items()}
     labels = {"ddim": "DDIM", "stem": f"STEM (K={args.bases}, R={args.iters})", "inflated": "Inflated DDIM"}
     panel = side_by_side([video.frames] + [results[m].reconstruction for m in methods],
                          ["Input"] + [labels[m] for m in methods])

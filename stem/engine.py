@@ -330,8 +330,9 @@ class Engine:
         return result
 
 
-def inversion_metrics(video: Video, result: InversionResult, engine: Engine | None = None) -> dict:
-    """The metrics.json block of one inversion: settings, fidelity, steadiness, timing."""
+def inversion_metrics(video: Video, result: InversionResult, engine: Engine | None = None, motion=None) -> dict:
+    """The metrics.json block of one inversion: settings, fidelity, steadiness, timing (`motion`: see
+    `stem.metrics.source_motion`)."""
     from .metrics import reconstruction_metrics
 
     s = result.settings
@@ -342,7 +343,7 @@ def inversion_metrics(video: Video, result: InversionResult, engine: Engine | No
     }
     if s.method == "stem":
         block.update(num_bases=s.num_bases, num_iters=s.num_iters, seed=s.seed)
-    block.update(reconstruction_metrics(video.frames, result.reconstruction, result.vae_roundtrip))
+    block.update(reconstruction_metrics(video.frames, result.reconstruction, result.vae_roundtrip, motion))
     block.update(cache_hit=result.cache_hit, seconds=round(result.seconds, 3))
     if engine is not None and engine._parts is not None:
         block.update(device=str(engine.parts.device), dtype=str(engine.parts.dtype).replace("torch.", ""))

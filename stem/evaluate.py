@@ -365,9 +365,12 @@ def finished_row(out: Path, job: Job, clip_model: str | None) -> dict | None:
 def run_group(group: Group, engine, scorer, out: Path, skip: set[str], process_index: int, progress, log,
               debug: bool = False) -> list[dict]:
     """Run the jobs of one group that are not in `skip`, writing each row and video as it finishes."""
+    from .metrics import source_motion
     from .video import read_video
 
     todo = [job for job in group.jobs if job.id not in skip]
+    if not todo:
+        return []
     inversion = group.jobs[0].inversion
     try:
         video = read_video(group.jobs[0].clip.path, num_frames=inversion.num_frames, stride=inversion.stride,
@@ -376,10 +379,11 @@ def run_group(group: Group, engine, scorer, out: Path, skip: set[str], process_i
         if debug:
             raise
         return [_failed(job, error, process_index, log) for job in todo]
+    motion = source_motion(video.frames)  # every job's warp error is judged against the clip's motion
     rows = []
     for job in todo:
         try:
-            rows.append(run_job(job, video, engine, scorer, out, process_index, progress))
+            rows.append(run_job(job, video, engine, scorer, out, process_index, progress, motion))
         except Exception as error:  # noqa: BLE001 - as above
             if debug:
                 raise
@@ -389,22 +393,26 @@ def run_group(group: Group, engine, scorer, out: Path, skip: set[str], process_i
     return rows
 
 
-def run_job(job: Job, video, engine, scorer, out: Path, process_index: int, progress=None) -> dict:
-    """Run one job; its video and row are written before it returns (the row last, atomically)."""
-    from .editing import edit_metrics, edit_video
+def run_job(job: Job, video, engine, scorer, out: Path, process_index: int, progress=None, motion=None) -> dict:
+    """Run one job; its video and row are written before it returns (the row last, atomically).
+
+    `motion`: `stem.metrics.source_motion(video.frames)`, shared by the jobs of a clip (else estimated here).
+    """
+    from .editing import edit_video
     from .engine import inversion_metrics
+    from .metrics import warp_error
     from .video import write_video
 
     start = time.perf_counter()
     if job.kind == RECONSTRUCTION:
         result = engine.invert(video, job.inversion, progress)
         frames, cache_hit, seconds = result.reconstruction, result.cache_hit, result.seconds
-        block = inversion_metrics(video, result)
+        block = inversion_metrics(video, result, motion=motion)
         metrics = {k: block[k] for k in RECONSTRUCTION_METRICS}
     else:
         result = edit_video(engine, video, job.inversion, job.edit, progress)
         frames, cache_hit, seconds = result.frames, result.inversion_cache_hit, result.seconds_editing
-        metrics = {"warp_error": edit_metrics(video, result)["warp_error"]}
+        metrics = {"warp_error": warp_error(video.frames, frames, motion)}
         if scorer is not None:
             metrics.update(scorer.edit_metrics(frames, job.inversion.prompt, job.prompt))
     file = f"videos/{job.id}.mp4"

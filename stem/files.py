@@ -40,7 +40,7 @@ def owner_tag() -> str:
     return f"~{os.getpid()}~{_host()}~"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether a process with this id runs on this machine (signal 0 checks without signalling)."""
     try:
         os.kill(pid, 0)
@@ -59,7 +59,7 @@ def left_by_dead_writer(path: Path, max_age: float = STALE_SECONDS) -> bool:
     """
     match = _OWNER_RE.search(path.name)
     if match and match.group(2) == _host() and os.name != "nt":
-        return not _pid_alive(int(match.group(1)))
+        return not pid_alive(int(match.group(1)))
     try:
         return path.lstat().st_mtime < time.time() - max_age
     except OSError:
@@ -149,8 +149,6 @@ def staged_outputs(out: str | os.PathLike, names: Iterable[str]) -> Iterator[Pat
         names: the file names the run writes into the staging folder.
     """
     out, names = Path(out), list(names)
-    check_output_folder(out, names)
-    remove_dead_stages(out)
     parent = out if out.is_dir() else out.parent
     created = [p for p in (parent, *parent.parents) if not p.exists()]  # deepest first
     parent.mkdir(parents=True, exist_ok=True)

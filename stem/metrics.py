@@ -76,7 +76,7 @@ def _blur(image: np.ndarray) -> np.ndarray:
     return cv2.GaussianBlur(image, (SSIM_WINDOW, SSIM_WINDOW), SSIM_SIGMA, borderType=cv2.BORDER_REFLECT)
 
 
-def warp_error(source: np.ndarray, output: np.ndarray) -> float:
+def warp_error(source: np.ndarray, output: np.ndarray, motion: list | None = None) -> float:
     """Temporal warp error of `output`, using motion estimated on `source`; lower is steadier.
 
     For each pair (t, t+1): Farneback optical flow is computed on the grayscale SOURCE frames, backward
@@ -91,31 +91,39 @@ def warp_error(source: np.ndarray, output: np.ndarray) -> float:
     Args:
         source: (N, H, W, 3) uint8, the video the motion is taken from.
         output: (N, H, W, 3) uint8, the video judged (e.g. a reconstruction or an edit of `source`).
+        motion: `source_motion(source)`, when several videos are judged against one source.
 
     Returns:
         The warp error, a float >= 0.
     """
-    return _mean_finite(warp_error_per_pair(source, output))
+    return _mean_finite(warp_error_per_pair(source, output, motion))
 
 
-def warp_error_per_pair(source: np.ndarray, output: np.ndarray) -> np.ndarray:
+def warp_error_per_pair(source: np.ndarray, output: np.ndarray, motion: list | None = None) -> np.ndarray:
     """The warp error of each consecutive pair, as defined in `warp_error`.
 
     Args:
         source: (N, H, W, 3) uint8.
         output: (N, H, W, 3) uint8.
+        motion: optional `source_motion(source)`.
 
     Returns:
         (N - 1,) float64; nan for a pair where every pixel is occluded.
     """
     source, output = _check_pair(source, output)
-    return _warp_errors(source, [output])[0]
+    return _warp_errors(source, [output], motion)[0]
 
 
-def _warp_errors(source: np.ndarray, outputs: list[np.ndarray]) -> np.ndarray:
+def source_motion(source: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The source's motion as `warp_error` uses it (per pair: remap grids and valid mask), to judge several
+    videos against one source without estimating its optical flow again (9 bytes per pixel per pair)."""
+    return list(_source_warps(source))
+
+
+def _warp_errors(source: np.ndarray, outputs: list[np.ndarray], motion: list | None = None) -> np.ndarray:
     """(len(outputs), N - 1) warp errors of several outputs, estimating the source's flow once per pair."""
     errors = np.empty((len(outputs), len(source) - 1))
-    for t, (map_x, map_y, valid) in enumerate(_source_warps(source)):
+    for t, (map_x, map_y, valid) in enumerate(_source_warps(source) if motion is None else motion):
         for k, output in enumerate(outputs):
             errors[k, t] = _pair_error(output[t], output[t + 1], map_x, map_y, valid)
     return errors
@@ -148,7 +156,7 @@ def _pair_error(prev: np.ndarray, nxt: np.ndarray, map_x: np.ndarray, map_y: np.
 
 
 def reconstruction_metrics(
-    source: np.ndarray, reconstruction: np.ndarray, vae_roundtrip: np.ndarray | None = None
+    source: np.ndarray, reconstruction: np.ndarray, vae_roundtrip: np.ndarray | None = None, motion: list | None = None,
 ) -> dict:
     """How well a reconstruction matches its source, as JSON-ready plain Python numbers.
 
@@ -157,6 +165,7 @@ def reconstruction_metrics(
         reconstruction: (N, H, W, 3) uint8, e.g. inversion followed by regeneration.
         vae_roundtrip: optional (N, H, W, 3) uint8, the source encoded and decoded by the VAE alone:
             the best any latent-space method can do.
+        motion: optional `source_motion(source)`.
 
     Returns:
         psnr, ssim: means over frames of the reconstruction against the source;
@@ -168,7 +177,7 @@ def reconstruction_metrics(
     """
     source, reconstruction = _check_pair(source, reconstruction)
     psnrs, ssims = psnr(source, reconstruction), ssim(source, reconstruction)
-    warp_errors = _warp_errors(source, [reconstruction, source])
+    warp_errors = _warp_errors(source, [reconstruction, source], motion)
     metrics = {
         "psnr": float(psnrs.mean()),
         "ssim": float(ssims.mean()),

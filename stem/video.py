@@ -521,11 +521,11 @@ def copy_audio(source: str | os.PathLike, video_path: str | os.PathLike) -> bool
 
     video_path = Path(video_path)
     try:
-        with av.open(str(source)) as src:
+        with av.open(_av_url(source)) as src:
             if not src.streams.audio:
                 return False
-            with av.open(str(video_path)) as video, atomic_output(video_path) as tmp:
-                with av.open(str(tmp), "w", options={"movflags": "+faststart"}) as out:
+            with av.open(_av_url(video_path)) as video, atomic_output(video_path) as tmp:
+                with av.open(_av_url(tmp), "w", options={"movflags": "+faststart"}) as out:
                     _mux_with_audio(video, src, out)
     except av.error.FFmpegError as err:
         raise StemError(f"Could not copy the sound of '{source}' into '{video_path.name}' ({err}); "
@@ -535,8 +535,6 @@ def copy_audio(source: str | os.PathLike, video_path: str | os.PathLike) -> bool
 
 def _mux_with_audio(video, src, out) -> None:
     """Copy `video`'s video stream and `src`'s first audio stream (cut to the video's length) into `out`."""
-    import av
-
     video_in, audio_in = video.streams.video[0], src.streams.audio[0]
     video_out = out.add_stream_from_template(video_in)
     remux = audio_in.codec_context.codec.canonical_name in AUDIO_REMUX_CODECS

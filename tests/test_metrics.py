@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from stem.metrics import PSNR_CAP, psnr, reconstruction_metrics, ssim, warp_error, warp_error_per_pair
+from stem.metrics import (
+    PSNR_CAP, psnr, reconstruction_metrics, source_motion, ssim, warp_error, warp_error_per_pair,
+)
 
 C1, C2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 
@@ -123,6 +125,14 @@ def test_shape_mismatch_raises():
 def test_warp_error_near_zero_for_the_source_itself():
     source = translating_video()
     assert warp_error(source, source) < 1e-4
+
+
+def test_warp_error_with_the_sources_motion_computed_once_is_the_same():
+    source = translating_video()
+    noisy = add_noise(source, 20)
+    motion = source_motion(source)
+    assert warp_error(source, noisy, motion) == warp_error(source, noisy)
+    assert reconstruction_metrics(source, noisy, motion=motion) == reconstruction_metrics(source, noisy)
 
 
 def test_warp_error_large_for_shuffled_or_noise():
