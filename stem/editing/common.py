@@ -141,15 +141,13 @@ def guided_noise(out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, guidan
 def sample_edit(eps_fn, trajectory: torch.Tensor, timesteps: torch.Tensor, alphas: torch.Tensor, device,
                 callback=None, after_step=None) -> torch.Tensor:
     """DDIM sampling of the edit from the source's inverted noise x_T (float32 on `device`); see `ddim_sample`."""
-    # contiguous: a freshly inverted trajectory may be channels-last, a cached one is not, and the
-    # UNet's kernels (so the last bits of the result) depend on the memory format
-    noise = trajectory[-1].to(device=device, dtype=torch.float32).contiguous()
+    noise = trajectory[-1].to(device=device, dtype=torch.float32)
     return ddim_sample(eps_fn, noise, timesteps, alphas, callback, after_step)
 
 
 def source_latents(trajectory: torch.Tensor, step: int, device) -> torch.Tensor:
     """(N, 4, h, w) the source's latents x_step, float32 on `device`."""
-    return trajectory[step].to(device=device, dtype=torch.float32).contiguous()
+    return trajectory[step].to(device=device, dtype=torch.float32)
 
 
 def edit_video(engine: Engine, video: Video, inversion: InversionSettings, edit: EditSettingsBase,
