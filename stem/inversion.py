@@ -164,10 +164,11 @@ def encode_frames(vae, frames: np.ndarray, batch_size: int = 4, callback: Callba
     latents = []
     for start in range(0, len(frames), batch_size):
         images = torch.from_numpy(frames[start:start + batch_size]).to(execution_device(vae))
-        # contiguous NCHW: a permuted NHWC view would make the latents channels-last, and the UNet's CPU
-        # kernels (so the last bits of every result, which STEM's 1/tau amplifies) depend on the layout
         images = images.permute(0, 3, 1, 2).contiguous().to(vae.dtype) / 127.5 - 1.0
-        latents.append(vae.encode(images).latent_dist.mean * vae.config.scaling_factor)
+        mean = vae.encode(images).latent_dist.mean  # a channel slice of the moments, channels-last on the CPU
+        # contiguous NCHW latents: the UNet's CPU kernels (so the last bits of every result, which STEM's
+        # 1/tau amplifies) depend on the layout, and a lock-step chunk would lose channels-last after conv_in
+        latents.append((mean * vae.config.scaling_factor).contiguous())
         if callback is not None:
             callback(min(start + batch_size, len(frames)), len(frames))
     return torch.cat(latents)

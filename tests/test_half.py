@@ -11,11 +11,11 @@ predictions) amplify it, and STEM most: its E-step at τ = 0.01 multiplies logit
 so a rounding can move a responsibility outright, an error that does not shrink with u (STEM's
 float16 errors are the largest in units of u). Measured on this model (float16 / bfloat16, in u):
 
-    invert-ddim 6.3 / 6.8     invert-stem 10.7 / 7.8     invert-inflated 5.6 / 7.2   invert-stem-chunked 13.2 / 7.8
+    invert-ddim 6.3 / 6.8     invert-stem 10.7 / 7.8     invert-inflated 5.6 / 7.2
     reconstruct-ddim 13 / 13  reconstruct-stem 44 / 16   edit-tokenflow 18 / 19      edit-tokenflow-stem 72 / 30
 
-Each case's bound is about 2-3x its largest measurement (room for other CPUs' kernels and
-summation orders); an error of order 1 (a wrong dtype path, EM statistics kept in half) fails
+Each case's bound is loose, 3-5x its largest measurement: other CPUs run other kernels and summation
+orders, and STEM's E-step turns a different last bit into a different responsibility; an error of order 1 (a wrong dtype path, EM statistics kept in half) fails
 them all, and an error of 0 (the half model silently running in float32) fails too.
 
 Adding a path (FateZero editing, FreeU) is one entry in CASES: (a function of (parts, the float32
@@ -100,11 +100,10 @@ def edited(editor: str = "tokenflow", **edit_changes):
 
 CASES = {  # name: (run, bound in u)
     "invert-ddim": (inverted_noise(method="ddim"), 20),
-    "invert-stem": (inverted_noise(), 30),
+    "invert-stem": (inverted_noise(), 60),
     "invert-inflated": (inverted_noise(method="inflated"), 20),
-    "invert-stem-chunked": (inverted_noise(chunk_size=3), 30),  # lock-step chunks of 3 + 1 frames
     "reconstruct-ddim": (reconstruction(method="ddim"), 40),
-    "reconstruct-stem": (reconstruction(), 100),
+    "reconstruct-stem": (reconstruction(), 200),
     "edit-tokenflow": (edited(), 50),  # FreeU on, as by default
     "edit-tokenflow-no-freeu": (edited(freeu=FreeUSettings(enabled=False)), 50),
     "edit-tokenflow-stem": (edited(attention="stem"), 150),
@@ -152,6 +151,37 @@ def test_the_cache_keeps_half_and_float32_inversions_apart(tmp_path):
     half = invert(parts_in(torch.float16), cache)
     assert not full.cache_hit and not half.cache_hit and half.key != full.key
     assert invert(parts_in(torch.float16), cache).cache_hit
+
+
+# -- lock-step chunks: the same job in the same dtype, chunked or not ------------------------------
+
+@pytest.mark.parametrize("method", ["ddim", "stem", "inflated"])
+@pytest.mark.parametrize("dtype", (torch.float32, *HALF), ids=lambda d: str(d).removeprefix("torch."))
+def test_chunked_inversion_equals_unchunked_in_the_same_dtype(dtype, method, tmp_path):
+    """Chunks of 3 + 1 frames against one call, same weights, same dtype.
+
+    The whole-video layers see the same keys either way, so the only difference is the per-frame
+    kernels' choice for a batch of 3 or 1 instead of 4 (bit-identical on some CPUs, a last-bit
+    change on others). Per-frame DDIM keeps such a change at a few u; STEM's E-step (1/tau = 100)
+    can turn it into a moved responsibility, so its bound is wider. Measured on Intel and AMD:
+    at most 14 u. An error of order 1 (a chunk seeing other bases) fails by far.
+    """
+    parts = parts_in(dtype)
+    whole = invert(parts, tmp_path / "whole", method=method).inverted_latents
+    chunked = invert(parts, tmp_path / "chunked", chunk_size=3, method=method).inverted_latents
+    assert whole.is_contiguous() and chunked.is_contiguous()  # no channels-last latents from the VAE
+    u = unit_roundoff(dtype)
+    bound = (100 if method == "stem" else 30) * max(u, unit_roundoff(torch.float16))
+    assert relative_error(chunked, whole) <= bound, f"{relative_error(chunked, whole) / u:.1f} u"
+
+
+def test_encoded_latents_are_contiguous_nchw():
+    """The VAE gets NCHW frames, so the trajectory is never channels-last (the kernels depend on it)."""
+    from stem.inversion import encode_frames
+
+    parts = parts_in(torch.float32)
+    latents = encode_frames(parts.vae, video().frames)
+    assert latents.is_contiguous() and not latents.is_contiguous(memory_format=torch.channels_last)
 
 
 # -- the EM's statistics are float32 whatever the keys' dtype ---------------------------------------
