@@ -38,7 +38,6 @@ per-frame state travels to the processors in `cross_attention_kwargs={"chunk": F
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable, Iterator
 

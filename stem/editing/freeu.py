@@ -27,7 +27,6 @@ module name and removes them on exit; nothing is patched.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
