@@ -143,8 +143,32 @@ EDITOR_OPTIONS = {"tokenflow": (add_tokenflow_options, tokenflow_settings),
                   "fatezero": (add_fatezero_options, fatezero_settings)}
 
 
+# editor name -> {dest: (flag, default-settings field)} of the options only that editor takes
+EDITOR_ONLY = {"tokenflow": {"pnp_attn": ("--pnp-attn", "pnp_attn"), "pnp_conv": ("--pnp-conv", "pnp_conv"),
+                             "batch_size": ("--batch-size", "batch_size"), "edit_attention": ("--edit-attention", "attention"),
+                             "propagation": ("--propagation", "propagation")},
+               "fatezero": {"self_replace": ("--self-replace", "self_replace"), "cross_replace": ("--cross-replace", "cross_replace"),
+                            "word_map": ("--word-map", "word_map"), "reweight": ("--reweight", None),
+                            "blend_words": ("--blend-words", "blend_words"), "blend_threshold": ("--blend-threshold", "blend_threshold")}}
+
+
+def refuse_other_editors_options(args) -> None:
+    """Refuse, in one sentence, options that only another editor takes (they would be silently ignored)."""
+    from .editing import FateZeroSettings, TokenFlowSettings
+
+    defaults = {"tokenflow": TokenFlowSettings(prompt=""), "fatezero": FateZeroSettings(prompt="")}
+    for editor, options in EDITOR_ONLY.items():
+        if editor == args.editor:
+            continue
+        given = [flag for dest, (flag, field) in options.items()
+                 if getattr(args, dest, None) is not None and (field is None or getattr(args, dest) != getattr(defaults[editor], field))]
+        if given:
+            raise StemError(f"{', '.join(given)} only apply to the {editor} editor, not {args.editor}; leave them out or pick --editor {editor}.")
+
+
 def edit_settings_for(args, prompt: str):
     """The validated settings of one edit towards `prompt` with the parsed options."""
+    refuse_other_editors_options(args)
     return with_freeu_options(EDITOR_OPTIONS[args.editor][1](args, prompt), args).validate()
 
 

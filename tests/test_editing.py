@@ -370,6 +370,11 @@ def test_freeu_options_are_refused_by_an_editor_without_freeu():
     (["--prompt", "a dog", "--guidance", "0.5"], "--guidance"), (["--prompt", "a dog", "--edit-attention", "full"], "full"),
     ([], "--prompt"), (["--prompt", "a dog", "--prompt", " "], "prompt"),
     (["--prompt", "a dog", "--propagation", "far"], "--propagation"), (["--prompt", "a dog", "--freeu-b2", "nan"], "--freeu-b2"),
+    (["--prompt", "a dog", "--guidance", "1e300"], "--guidance"), (["--prompt", "a dog", "--freeu-b1", "1e300"], "--freeu-b1"),
+    (["--prompt", "a dog", "--blend-words", "cat"], "--blend-words"),
+    (["--prompt", "a dog", "--editor", "fatezero", "--pnp-attn", "0.3"], "--pnp-attn"),
+    (["--prompt", "a blue dog", "--editor", "fatezero", "--reweight", "blue=-1e30"], "--reweight"),
+    (["--prompt", "a blue dog", "--editor", "fatezero", "--reweight", "blue=1e300"], "--reweight"),
 ])
 def test_cli_refuses_bad_input_before_any_work(tmp_path, capsys, monkeypatch, extra, words):
     def no_model(*_, **__):

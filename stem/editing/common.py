@@ -72,6 +72,9 @@ class EditResult:
         return self.details.get("keyframes", [])
 
 
+MAX_GUIDANCE = 100  # far above any useful scale; larger ones overflow the latents to inf/nan
+
+
 def is_number(x) -> bool:
     """A real number (int or float), not a bool."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -94,8 +97,8 @@ def validate_common(edit: EditSettingsBase) -> None:
         raise StemError("The target prompt is empty; give --prompt a text that describes the edited video.")
     if not isinstance(edit.negative_prompt, str):
         raise StemError(f"--negative-prompt must be text, got {edit.negative_prompt!r}.")
-    if not is_number(edit.guidance) or not (math.isfinite(edit.guidance) and edit.guidance >= 1):
-        raise StemError(f"--guidance must be a number of at least 1 (7.5 is usual), got {edit.guidance}.")
+    if not is_number(edit.guidance) or not 1 <= edit.guidance <= MAX_GUIDANCE:
+        raise StemError(f"--guidance must be a number between 1 and {MAX_GUIDANCE} (7.5 is usual), got {edit.guidance}.")
     if not isinstance(edit.seed, int) or isinstance(edit.seed, bool) or not 0 <= edit.seed < 2**63:
         raise StemError(f"--seed must be a whole number of 0 or more, got {edit.seed}.")
 

@@ -38,7 +38,6 @@ per-frame state travels to the processors in `cross_attention_kwargs={"chunk": F
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable, Iterator
 
@@ -70,6 +69,9 @@ Trace = Callable[[str, str, int, dict], None]
 
 
 # -- settings ---------------------------------------------------------------------------------------
+
+MAX_REWEIGHT = 100  # larger scales overflow the attention maps to inf/nan
+
 
 @dataclass(frozen=True)
 class FateZeroSettings:
@@ -135,8 +137,8 @@ class FateZeroSettings:
             word, scale = pair
             if len(word.split()) != 1:
                 raise StemError(f"--reweight takes one word per WORD=SCALE, got {word!r}.")
-            if not is_number(scale) or not math.isfinite(scale):
-                raise StemError(f"--reweight {word}= needs a finite number as its scale, got {scale!r}.")
+            if not is_number(scale) or not -MAX_REWEIGHT <= scale <= MAX_REWEIGHT:
+                raise StemError(f"--reweight {word}= needs a scale between -{MAX_REWEIGHT} and {MAX_REWEIGHT}, got {scale!r}.")
             if not contains_word(self.prompt, word):
                 raise StemError(f"The reweighted word {word!r} is not in the target prompt {self.prompt!r}.")
 

@@ -27,7 +27,6 @@ module name and removes them on exit; nothing is patched.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -37,6 +36,7 @@ from ..errors import StemError
 from ..hooks import hooks_installed
 from .common import is_number, wide_dtype
 
+MAX_SCALE = 10  # FreeU scales beyond this blow the features up to inf/nan
 THRESHOLD = 1  # half the side of the scaled block of lowest frequencies (FreeU's and the authors' value)
 
 
@@ -55,8 +55,8 @@ class FreeUSettings:
         if not isinstance(self.enabled, bool):
             raise StemError(f"--freeu must be on or off, got {self.enabled!r}.")
         for flag, value in (("--freeu-b1", self.b1), ("--freeu-b2", self.b2), ("--freeu-s1", self.s1), ("--freeu-s2", self.s2)):
-            if not is_number(value) or not (math.isfinite(value) and value >= 0):
-                raise StemError(f"{flag} must be a finite number of 0 or more (FreeU's are 1.2, 1.4, 0.9, 0.2), got {value}.")
+            if not is_number(value) or not 0 <= value <= MAX_SCALE:
+                raise StemError(f"{flag} must be a number between 0 and {MAX_SCALE} (FreeU's are 1.2, 1.4, 0.9, 0.2), got {value}.")
         return self
 
     def metrics(self) -> dict:
