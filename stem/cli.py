@@ -9,6 +9,7 @@ folder as it was (and the next run removes what a killed one left).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ import warnings
 from pathlib import Path
 
 from .errors import StemError
-from .files import atomic_output, check_output_folder, remove_dead_stages, staged_outputs
+from .files import atomic_output, check_output_folder, output_lock, remove_dead_stages, staged_outputs
 
 EXIT_ERROR = 2
 
@@ -131,12 +132,15 @@ def out_dir(args) -> Path:
     return Path(args.out) if args.out else Path("stem-out") / Path(args.video).stem
 
 
-def checked_out_dir(args, names) -> Path:
-    """The output folder, checked before any work for the files `names`, and cleared of what killed runs left."""
+@contextlib.contextmanager
+def claimed_out_dir(args, names):
+    """The output folder for the files `names`: checked before any work, held against other runs while
+    the command works, and cleared of what killed runs left (a move they began is finished)."""
     out = out_dir(args)
     check_output_folder(out, names)
-    remove_dead_stages(out)
-    return out
+    with output_lock(out):
+        remove_dead_stages(out)
+        yield out
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -179,17 +183,17 @@ def cmd_invert(args) -> dict:
 
     settings = settings_from(args)
     names = ["reconstruction.mp4", "metrics.json"]
-    out = checked_out_dir(args, names)
-    engine = make_engine(args)
-    video = load_video(args, settings)
-    progress = TqdmProgress()
-    result = engine.invert(video, settings, progress)
-    progress.close()
-    metrics = inversion_metrics(video, result, engine)
-    with staged_outputs(out, names) as stage:
-        write_video(stage / "reconstruction.mp4", result.reconstruction, video.fps)
-        write_json(stage / "metrics.json", metrics)
-    return {"out": str(out), **{k: metrics[k] for k in ("psnr", "ssim", "warp_error", "cache_hit", "seconds")}}
+    with claimed_out_dir(args, names) as out:
+        engine = make_engine(args)
+        video = load_video(args, settings)
+        progress = TqdmProgress()
+        result = engine.invert(video, settings, progress)
+        progress.close()
+        metrics = inversion_metrics(video, result, engine)
+        with staged_outputs(out, names) as stage:
+            write_video(stage / "reconstruction.mp4", result.reconstruction, video.fps)
+            write_json(stage / "metrics.json", metrics)
+        return {"out": str(out), **{k: metrics[k] for k in ("psnr", "ssim", "warp_error", "cache_hit", "seconds")}}
 
 
 def cmd_compare(args) -> dict:
@@ -200,23 +204,23 @@ def cmd_compare(args) -> dict:
     methods = ["ddim", "stem"] + (["inflated"] if args.all else [])
     jobs = [settings_from(args, method) for method in methods]
     names = ["comparison.mp4", "metrics.json"]
-    out = checked_out_dir(args, names)
-    engine = make_engine(args)
-    video = load_video(args, jobs[0])
-    progress = TqdmProgress()
-    results = {}
-    for settings in jobs:
-        results[settings.method] = engine.invert(video, settings, progress)
-        progress.close()
-    motion = source_motion(video.frames)  # every reconstruction is judged against the clip's motion
-    blocks = {m: inversion_metrics(video, r, engine, motion) for m, r in results.items()}
-    labels = {"ddim": "DDIM", "stem": f"STEM (K={args.bases}, R={args.iters})", "inflated": "Inflated DDIM"}
-    panel = side_by_side([video.frames] + [results[m].reconstruction for m in methods],
-                         ["Input"] + [labels[m] for m in methods])
-    with staged_outputs(out, names) as stage:
-        write_video(stage / "comparison.mp4", panel, video.fps)
-        write_json(stage / "metrics.json", {"video": str(args.video), "methods": blocks})
-    return {"out": str(out), **{m: {k: b[k] for k in ("psnr", "ssim", "warp_error", "cache_hit")} for m, b in blocks.items()}}
+    with claimed_out_dir(args, names) as out:
+        engine = make_engine(args)
+        video = load_video(args, jobs[0])
+        progress = TqdmProgress()
+        results = {}
+        for settings in jobs:
+            results[settings.method] = engine.invert(video, settings, progress)
+            progress.close()
+        motion = source_motion(video.frames)  # every reconstruction is judged against the clip's motion
+        blocks = {m: inversion_metrics(video, r, engine, motion) for m, r in results.items()}
+        labels = {"ddim": "DDIM", "stem": f"STEM (K={args.bases}, R={args.iters})", "inflated": "Inflated DDIM"}
+        panel = side_by_side([video.frames] + [results[m].reconstruction for m in methods],
+                             ["Input"] + [labels[m] for m in methods])
+        with staged_outputs(out, names) as stage:
+            write_video(stage / "comparison.mp4", panel, video.fps)
+            write_json(stage / "metrics.json", {"video": str(args.video), "methods": blocks})
+        return {"out": str(out), **{m: {k: b[k] for k in ("psnr", "ssim", "warp_error", "cache_hit")} for m, b in blocks.items()}}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ import argparse
 import re
 from dataclasses import replace
 
-from .cli import TqdmProgress, add_inversion_options, checked_out_dir, load_video, make_engine, settings_from, write_json
+from .cli import TqdmProgress, add_inversion_options, claimed_out_dir, load_video, make_engine, settings_from, write_json
 from .errors import StemError
 from .files import staged_outputs
 
@@ -200,21 +200,21 @@ def cmd_edit(args) -> dict:
     edits = edit_settings_from(args)  # every setting is checked before the video or the model is touched
     settings = settings_from(args)
     names = video_names(edits) + ["metrics.json"]
-    out = checked_out_dir(args, names)  # before the model loads
-    engine = make_engine(args)
-    scorer = load_clip(args.clip_model, engine.device) if args.clip_model else None
-    video = load_video(args, settings)
-    progress = TqdmProgress()
-    results = []
-    for edit in edits:
-        results.append(edit_video(engine, video, settings, edit, progress))
-        progress.close()
-    blocks = []
-    with staged_outputs(out, names) as stage:  # all outputs move into `out` together, or none
-        for name, result in zip(video_names(edits), results):
-            write_video(stage / name, result.frames, video.fps)
-            clip = scorer.edit_metrics(result.frames, settings.prompt, result.settings.prompt) if scorer else {}
-            blocks.append({"file": name, **edit_metrics(video, result), **clip})
-        write_json(stage / "metrics.json", blocks[0] if len(blocks) == 1 else {"video": str(args.video), "edits": blocks})
-    return {"out": str(out), "edits": [{k: b[k] for k in ("file", "prompt", "warp_error", "inversion_cache_hit",
-                                                         "seconds_inversion", "seconds_editing")} for b in blocks]}
+    with claimed_out_dir(args, names) as out:  # checked before the model loads
+        engine = make_engine(args)
+        scorer = load_clip(args.clip_model, engine.device) if args.clip_model else None
+        video = load_video(args, settings)
+        progress = TqdmProgress()
+        results = []
+        for edit in edits:
+            results.append(edit_video(engine, video, settings, edit, progress))
+            progress.close()
+        blocks = []
+        with staged_outputs(out, names) as stage:  # all outputs move into `out` together, or none
+            for name, result in zip(video_names(edits), results):
+                write_video(stage / name, result.frames, video.fps)
+                clip = scorer.edit_metrics(result.frames, settings.prompt, result.settings.prompt) if scorer else {}
+                blocks.append({"file": name, **edit_metrics(video, result), **clip})
+            write_json(stage / "metrics.json", blocks[0] if len(blocks) == 1 else {"video": str(args.video), "edits": blocks})
+        return {"out": str(out), "edits": [{k: b[k] for k in ("file", "prompt", "warp_error", "inversion_cache_hit",
+                                                             "seconds_inversion", "seconds_editing")} for b in blocks]}

@@ -2,11 +2,20 @@
 
 Temporary names carry their writer (``~<pid>~<host>~``), so the leftovers of a writer that was
 killed (``kill -9``, a power cut) can be told from a write in progress and removed by the next run.
+
+A run's outputs are written into a staging folder and moved into the output folder together. The
+move is journalled: once every output is complete in the stage, a journal naming the target folder
+and the files is written there, and only then are the files renamed. A run killed during the move
+leaves a stage with a journal; the next run into that folder finishes the move (the new set is
+complete, the old one was being replaced), so the folder always ends up holding one complete set.
+One run at a time writes into an output folder (`output_lock`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -21,6 +30,7 @@ from .errors import StemError
 STALE_SECONDS = 3600.0  # a temporary name this old, from another host, belongs to a writer that died
 _OWNER_RE = re.compile(r"~(\d+)~([0-9A-Za-z._-]*)~")
 STAGE_PREFIX = ".stem-out"  # staging folders of the command line: .stem-out~<pid>~<host>~<random>
+JOURNAL = ".moving.json"  # in a stage whose move began: {"out": <resolved folder>, "names": [...]}
 
 
 def _default_mode() -> int:
@@ -97,16 +107,91 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def remove_dead_stages(out: Path) -> None:
-    """Remove staging folders and temporary files that killed runs left in `out` or beside it."""
+    """Clear what killed runs left in `out` or beside it, finishing any move into `out` they began.
+
+    A dead stage with a journal for `out` holds the rest of a complete set of outputs: its files are
+    moved in (never deleted). A dead stage with a journal for another folder is left for that
+    folder's next run. Any other dead stage, and dead writers' temporary files in `out`, are removed.
+    """
     for folder in (out, out.parent):
         try:
             names = list(folder.iterdir())
         except OSError:
             continue
         for path in names:
-            if path.name.startswith(".") and _OWNER_RE.search(path.name) and (
-                    path.name.startswith(STAGE_PREFIX) or folder == out) and left_by_dead_writer(path):
+            if not (path.name.startswith(".") and _OWNER_RE.search(path.name) and (
+                    path.name.startswith(STAGE_PREFIX) or folder == out) and left_by_dead_writer(path)):
+                continue
+            journal = _read_journal(path)
+            if journal is None:
                 remove_path(path)
+            elif Path(journal["out"]) == out.resolve():
+                _finish_move(path, out, journal["names"])
+
+
+def _read_journal(stage: Path) -> dict | None:
+    """The move journal of a staging folder, or None when it has none (the move never began)."""
+    try:
+        data = json.loads((stage / JOURNAL).read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(data, dict) and isinstance(data.get("out"), str) and isinstance(data.get("names"), list)
+            and all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in data["names"])):
+        return None
+    return data
+
+
+def _finish_move(stage: Path, out: Path, names: list[str]) -> None:
+    """Move what is left of a journalled stage into `out`, then remove the stage (a no-op if it fails)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            if (stage / name).is_file():
+                os.replace(stage / name, out / name)
+    except OSError:
+        return  # keep the stage: it is the only copy of those outputs; the next run tries again
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_journal(stage: Path, out: Path, names: list[str]) -> None:
+    """Write the stage's move journal durably (temp file, fsync, rename, fsync of the folder)."""
+    tmp = stage / f"{JOURNAL}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump({"out": str(out.resolve()), "names": names}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, stage / JOURNAL)
+    with contextlib.suppress(OSError):  # not every platform can open a folder
+        folder = os.open(stage, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike) -> Iterator[None]:
+    """Hold the one-writer lock of output folder `out`, or refuse in one sentence if another run holds it.
+
+    The lock is a file in this user's temporary folder named after the resolved path of `out`, so it
+    needs no write access to `out` and leaves nothing there; it binds the runs of this machine.
+    """
+    from filelock import FileLock, Timeout
+
+    out = Path(out)
+    key = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:24]
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    folder = Path(tempfile.gettempdir()) / f"stem-locks-{uid}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    lock = FileLock(folder / f"{key}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise StemError(f"Another run is writing into --out {out}; wait for it to finish or pass another --out.") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def check_output_folder(out: Path, names: Iterable[str]) -> None:
@@ -163,17 +248,23 @@ def staged_outputs(out: str | os.PathLike, names: Iterable[str]) -> Iterator[Pat
         _move_into(stage, out, names)
         moved = True
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        if moved or not (stage / JOURNAL).exists():  # a stage whose move broke off holds outputs to keep
+            shutil.rmtree(stage, ignore_errors=True)
         for folder in created if not moved else ():
             with contextlib.suppress(OSError):
                 folder.rmdir()  # only while empty: a failed run leaves no new folders behind
 
 
 def _move_into(stage: Path, out: Path, names: list[str]) -> None:
-    """Rename stage/<name> to out/<name> for every name, all or none (previous files are restored)."""
+    """Rename stage/<name> to out/<name> for every name, all or none.
+
+    If a rename fails, the files moved so far are put back and the previous ones restored. If the
+    process dies instead, the journal lets the next run finish the move (`remove_dead_stages`).
+    """
     out.mkdir(parents=True, exist_ok=True)
     backups = stage / ".previous"
     backups.mkdir()
+    _write_journal(stage, out, names)
     done: list[tuple[str, bool]] = []  # (name, whether an old file was set aside)
     try:
         for name in names:
@@ -184,10 +275,13 @@ def _move_into(stage: Path, out: Path, names: list[str]) -> None:
             done.append((name, had_old))
             os.replace(stage / name, target)
     except OSError:
-        for name, had_old in reversed(done):
-            with contextlib.suppress(OSError):
+        try:
+            for name, had_old in reversed(done):
                 if (out / name).exists() and not (stage / name).exists():
                     os.replace(out / name, stage / name)
                 if had_old:
                     os.replace(backups / name, out / name)
+            (stage / JOURNAL).unlink()
+        except OSError:
+            pass  # the journal stays: the stage is kept and the next run finishes the move
         raise

@@ -261,6 +261,93 @@ def test_what_a_killed_run_left_is_removed_by_the_next_run(clip, tmp_path, capsy
     assert not dead.exists() and live.exists()
 
 
+KILLED_MOVE = """
+import os, signal, sys
+import stem.files
+
+real_move, real_replace, state = stem.files._move_into, os.replace, {"moving": False, "renames": 0}
+
+def replace(src, dst):  # kill -9 just before the n-th rename of the final move
+    if state["moving"]:
+        state["renames"] += 1
+        if state["renames"] == int(sys.argv[1]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst)
+
+def move(*args):
+    state["moving"] = True
+    return real_move(*args)
+
+os.replace, stem.files._move_into = replace, move
+import stem.cli
+stem.cli.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.skipif(os.name == "nt", reason="kill -9 is POSIX")
+@pytest.mark.parametrize("rename", [1, 2, 3, 4, 5])  # journal; old video aside; new video in; old metrics aside; ...
+def test_a_run_killed_during_the_final_move_leaves_one_complete_set_that_the_next_run_keeps(
+        clip, tmp_path, capsys, monkeypatch, rename):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "reconstruction.mp4").write_bytes(b"the previous run's video")
+    (out / "metrics.json").write_text('{"previous": true}')
+    args = ["invert", str(clip), *FAST, "--method", "ddim", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    killed = subprocess.run([sys.executable, "-c", KILLED_MOVE, str(rename), *args], capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+
+    def refuse(*args, **kwargs):  # the next run fails after it has looked at the folder
+        raise stem.cli.StemError("the next run failed")
+
+    monkeypatch.setattr(stem.cli, "make_engine", refuse)
+    code, _, err = run(args, capsys)
+    assert code == 2 and "the next run failed" in err
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "reconstruction.mp4"]  # no stage, no backups left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    old_video = (out / "reconstruction.mp4").read_bytes() == b"the previous run's video"
+    old_metrics = json.loads((out / "metrics.json").read_text()) == {"previous": True}
+    assert old_video == old_metrics, "a new video beside old metrics, or the reverse"
+    assert old_video == (rename == 1)  # once the journal is written, the new set is the complete one
+    if not old_video:
+        assert read_video(out / "reconstruction.mp4", size=96).num_frames == 6
+        assert json.loads((out / "metrics.json").read_text())["method"] == "ddim"
+
+
+def test_a_stage_journalled_for_another_folder_is_left_for_that_folder(tmp_path):
+    from stem.files import JOURNAL, remove_dead_stages
+
+    dead = f".stem-out{stem.files.owner_tag().replace(f'~{os.getpid()}~', f'~{dead_pid()}~')}x"
+    stage = tmp_path / dead
+    stage.mkdir()
+    (stage / "a.txt").write_text("new a")
+    (stage / JOURNAL).write_text(json.dumps({"out": str((tmp_path / "other").resolve()), "names": ["a.txt"]}))
+    remove_dead_stages(tmp_path / "mine")
+    assert (stage / "a.txt").read_text() == "new a"  # not this folder's to finish, and never deleted
+    remove_dead_stages(tmp_path / "other")
+    assert not stage.exists() and (tmp_path / "other" / "a.txt").read_text() == "new a"
+
+
+def dead_pid():
+    """The pid of a process that has ended."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+@pytest.mark.parametrize("command", ["invert", "compare", "edit"])
+def test_a_second_run_into_a_folder_in_use_is_refused_before_any_work(clip, tmp_path, capsys, monkeypatch, command):
+    from stem.files import output_lock
+
+    no_model(monkeypatch)
+    out = tmp_path / "out"
+    extra = ["--prompt", "a red square"] if command == "edit" else []
+    with output_lock(out):  # what another run holds while it works
+        code, stdout, err = run([command, clip, *FAST, *extra, "--out", out, "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 2 and "Another run is writing into --out" in err and stdout == ""
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    assert not out.exists()
+
+
 def killed_pid(stage):
     """The pid in a staging folder's name (.stem-out~<pid>~<host>~<random>)."""
     return int(stage.name.split("~")[1])
