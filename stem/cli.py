@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import warnings
+import weakref
 from pathlib import Path
 
 from .errors import StemError
@@ -153,8 +154,11 @@ def write_json(path: Path, data: dict) -> None:
 class TqdmProgress:
     """progress(phase, done, total) -> one tqdm bar per phase on stderr."""
 
+    shown: "weakref.WeakSet[TqdmProgress]" = weakref.WeakSet()  # closed by main() before it reports an error
+
     def __init__(self):
         self.phase, self.bar = None, None
+        TqdmProgress.shown.add(self)
 
     def __call__(self, phase: str, done: int, total: int) -> None:
         from tqdm.auto import tqdm
@@ -257,7 +261,11 @@ def main(argv=None) -> int:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
     try:
-        summary = args.run(args)
+        try:
+            summary = args.run(args)
+        finally:
+            for progress in list(TqdmProgress.shown):  # an error starts its own line, not the end of a bar
+                progress.close()
     except StemError as error:
         if debug:
             raise

@@ -21,7 +21,7 @@ from .attention import METHODS, AttentionState, attention_mode
 from .cache import CacheEntry, LatentCache, frames_digest, job_key
 from .errors import StemError
 from .inversion import (
-    call_unet, ddim_invert, ddim_sample, ddim_schedule, decode_latents, encode_frames, encode_prompt, to_epsilon,
+    NonFiniteLatents, call_unet, ddim_invert, ddim_sample, ddim_schedule, decode_latents, encode_frames, encode_prompt, to_epsilon,
 )
 from .memory import Job, MemoryPlan, ModelFacts, available_bytes, plan
 from .models import DEFAULT_MODEL, StableDiffusionParts, default_device, load_models, resolve_dtype
@@ -315,8 +315,14 @@ class Engine:
             state = self.attention_state(settings)
             eps = self.eps_fn(text, alphas, state)
             with attention_mode(parts.unet, state):
-                trajectory = ddim_invert(eps, latents, timesteps, alphas, lambda i, n: report("inverting", i, n))
-                clean = ddim_sample(eps, trajectory[-1], timesteps, alphas, lambda i, n: report("reconstructing", i, n))
+                phase = "inversion"
+                try:
+                    trajectory = ddim_invert(eps, latents, timesteps, alphas, lambda i, n: report("inverting", i, n))
+                    phase = "reconstruction"
+                    clean = ddim_sample(eps, trajectory[-1], timesteps, alphas, lambda i, n: report("reconstructing", i, n))
+                except NonFiniteLatents as error:
+                    raise StemError(f"The {phase} became NaN or infinite at step {error.step} of {error.total}, so "
+                                    f"nothing was written or cached; {non_finite_advice(parts.dtype)}") from None
             decode = lambda x: decode_latents(parts.vae, x, self.vae_batch_size,  # noqa: E731
                                               lambda d, n: report("decoding", d, n))
             reconstruction = decode(clean)
@@ -328,6 +334,16 @@ class Engine:
             "reconstruction": torch.from_numpy(reconstruction), "vae_roundtrip": torch.from_numpy(roundtrip),
         }, {"settings": repr(dataclasses.asdict(settings)), "seconds": f"{seconds:.3f}"}, job=job)
         return result
+
+
+def non_finite_advice(dtype: torch.dtype, causes: tuple[str, ...] = ()) -> str:
+    """What to change when a job's latents became NaN or infinite: the settings that can cause it."""
+    fixes = list(causes)
+    if dtype in (torch.float16, torch.bfloat16):
+        fixes.append(f"run the model in float32 ({str(dtype).replace('torch.', '')} overflows first)")
+    if not fixes:
+        return "the model's noise predictions are not finite; check its weights."
+    return (fixes[0] if len(fixes) == 1 else ", ".join(fixes[:-1]) + " or " + fixes[-1]) + "."
 
 
 def inversion_metrics(video: Video, result: InversionResult, engine: Engine | None = None, motion=None) -> dict:

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .errors import StemError
 from .lockstep import run_lockstep
 from .offload import execution_device
 
@@ -56,6 +57,20 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_from: torch.Tensor, alph
     return a_to ** 0.5 * x0_hat + (1 - a_to) ** 0.5 * eps
 
 
+class NonFiniteLatents(StemError):
+    """A sampling loop's latents became NaN or infinite; the caller names the settings that can cause it."""
+
+    def __init__(self, step: int, total: int):
+        self.step, self.total = step, total
+        super().__init__(f"The latents became NaN or infinite at step {step} of {total}.")
+
+
+def check_finite(x: torch.Tensor, step: int, total: int) -> None:
+    """Raise NonFiniteLatents if `x` holds a NaN or an infinity (one reduction and one sync per step)."""
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteLatents(step, total)
+
+
 @torch.no_grad()
 def ddim_invert(eps_fn: EpsFn, latents: torch.Tensor, timesteps: torch.Tensor, alphas: torch.Tensor,
                 callback: Callback | None = None) -> torch.Tensor:
@@ -70,6 +85,9 @@ def ddim_invert(eps_fn: EpsFn, latents: torch.Tensor, timesteps: torch.Tensor, a
 
     Returns:
         The trajectory (T + 1, N, 4, h, w): x_0 (the input) to x_T (the inverted noise).
+
+    Raises:
+        NonFiniteLatents: at the first level that holds a NaN or an infinity.
     """
     x = latents
     trajectory = [x]
@@ -77,6 +95,7 @@ def ddim_invert(eps_fn: EpsFn, latents: torch.Tensor, timesteps: torch.Tensor, a
     for i in range(1, total + 1):
         eps = eps_fn(x, timesteps[i - 1], i)
         x = ddim_step(x, eps, alphas[i - 1], alphas[i])
+        check_finite(x, i, total)
         trajectory.append(x)
         if callback is not None:
             callback(i, total)
@@ -97,6 +116,9 @@ def ddim_sample(eps_fn: EpsFn, noise: torch.Tensor, timesteps: torch.Tensor, alp
 
     Returns:
         (N, 4, h, w) the clean latents x_0.
+
+    Raises:
+        NonFiniteLatents: after the first step whose latents hold a NaN or an infinity.
     """
     x = noise
     total = len(timesteps)
@@ -105,6 +127,7 @@ def ddim_sample(eps_fn: EpsFn, noise: torch.Tensor, timesteps: torch.Tensor, alp
         x = ddim_step(x, eps, alphas[i], alphas[i - 1])
         if after_step is not None:
             x = after_step(x, i)
+        check_finite(x, k, total)
         if callback is not None:
             callback(k, total)
     return x

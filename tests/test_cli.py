@@ -377,3 +377,42 @@ def test_option_adder_rewords_by_argparse_dest_and_refuses_unknown_overrides():
     add("--present")
     with pytest.raises(ValueError, match="missing"):
         add.check()
+
+
+def poisoned_models(monkeypatch, when):
+    """Load the model as usual, with a UNet whose output turns NaN on the calls for which `when(batch)` holds."""
+    real = stem.engine.load_models
+
+    def load(*args, **kwargs):
+        parts = real(*args, **kwargs)
+
+        def hook(module, inputs, output):
+            if when(inputs[0].shape[0]):
+                (output[0] if isinstance(output, tuple) else output.sample).fill_(float("nan"))
+
+        parts.unet.register_forward_hook(hook)
+        return parts
+
+    monkeypatch.setattr(stem.engine, "load_models", load)
+
+
+@pytest.mark.parametrize("command, extra, words", [
+    ("invert", [], ["inversion", "NaN", "step 1 of 2"]),
+    ("edit", ["--prompt", "a red square"], ["edit", "NaN", "guidance scale (7.5)", "FreeU factors (b1 1.2"]),
+    ("edit", ["--editor", "fatezero", "--prompt", "a red square", "--reweight", "red=3"],
+     ["edit", "NaN", "guidance scale (7.5)", "reweight scales (red=3)"]),
+])
+def test_latents_that_turn_non_finite_stop_the_job_with_one_sentence_and_write_nothing(
+        clip, tmp_path, capsys, monkeypatch, command, extra, words):
+    frames = 2
+    # the inversion's UNet sees one group of frames, the edit's three (source, negative, target)
+    poisoned_models(monkeypatch, (lambda batch: True) if command == "invert" else (lambda batch: batch == 3 * frames))
+    out = tmp_path / "out"
+    code, stdout, err = run([command, clip, *FAST, "--frames", frames, *extra, "--out", out,
+                             "--cache-dir", tmp_path / "cache"], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and stdout == "", err
+    assert all(word in lines[0] for word in words), lines[0]
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    if command == "invert":  # nothing non-finite is cached
+        assert not [p for p in (tmp_path / "cache").rglob("*.safetensors")]

@@ -21,9 +21,9 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from ..engine import Engine, InversionResult, InversionSettings, Progress
+from ..engine import Engine, InversionResult, InversionSettings, Progress, non_finite_advice
 from ..errors import StemError
-from ..inversion import call_unet, ddim_sample, ddim_schedule, decode_latents, encode_prompt, to_epsilon
+from ..inversion import NonFiniteLatents, call_unet, ddim_sample, ddim_schedule, decode_latents, encode_prompt, to_epsilon
 from ..video import Video
 
 SOURCE, UNCOND, COND = 0, 1, 2  # the groups of the UNet batch
@@ -186,12 +186,28 @@ def edit_video(engine: Engine, video: Video, inversion: InversionSettings, edit:
         text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p)
                           for p in (inversion.prompt, edit.negative_prompt, edit.prompt)])
         report("editing", 0, len(timesteps))
-        latents, details = edit_latents(
-            parts, result.trajectory, timesteps, alphas, text, edit, engine.attention_state(inversion, NUM_GROUPS),
-            engine.unet_chunk_size, lambda k, n: report("editing", k, n),
-        )
+        try:
+            latents, details = edit_latents(
+                parts, result.trajectory, timesteps, alphas, text, edit, engine.attention_state(inversion, NUM_GROUPS),
+                engine.unet_chunk_size, lambda k, n: report("editing", k, n),
+            )
+        except NonFiniteLatents as error:
+            raise StemError(f"The edit became NaN or infinite at step {error.step} of {error.total}, so nothing was "
+                            f"written; {non_finite_advice(parts.dtype, edit_causes(edit))}") from None
         frames = decode_latents(parts.vae, latents, engine.vae_batch_size, lambda d, n: report("decoding", d, n))
     return EditResult(frames, result, result.cache_hit, result.seconds, time.perf_counter() - start, edit, details)
+
+
+def edit_causes(edit: EditSettingsBase) -> tuple[str, ...]:
+    """The edit's settings that can drive its latents to NaN or infinity, each with its value."""
+    causes = [f"lower the guidance scale ({edit.guidance:g})"]
+    freeu = getattr(edit, "freeu", None)
+    if freeu is not None and freeu.enabled:
+        causes.append(f"the FreeU factors (b1 {freeu.b1:g}, b2 {freeu.b2:g}, s1 {freeu.s1:g}, s2 {freeu.s2:g})")
+    reweight = getattr(edit, "reweight", ())
+    if reweight:
+        causes.append("the reweight scales (" + ", ".join(f"{word}={scale:g}" for word, scale in reweight) + ")")
+    return tuple(causes)
 
 
 def edit_metrics(video: Video, result: EditResult) -> dict:
