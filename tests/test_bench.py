@@ -7,7 +7,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from stem.attention import AttentionState, StemAttnProcessor, attention_mode
-from stem.bench import NaiveStemAttnProcessor, install, main
+from benchmarks import NaiveStemAttnProcessor, install, main
 
 ROW_KEYS = {"bench", "mode", "frames", "seconds", "peak_mb", "device", "dtype", "memory"}
 
@@ -111,7 +111,7 @@ def test_edit_benchmark_compares_one_editing_step_with_3n_unet_calls(tmp_path, c
 
 def test_edit_step_runs_the_keyframe_pass_and_the_propagation(tiny_parts, count_calls):
     """One step of 3 groups: the keyframe call and one propagation call per batch of frames."""
-    from stem.bench.benches import tokenflow_step
+    from benchmarks.benches import tokenflow_step
     from stem.inversion import ddim_schedule
     from stem.models import sd_ddim_scheduler
 
@@ -125,7 +125,7 @@ def test_edit_step_runs_the_keyframe_pass_and_the_propagation(tiny_parts, count_
 
 def test_fatezero_step_runs_every_frame_of_the_three_groups_once(tiny_parts, count_calls):
     """One FateZero step: one UNet call on the source and both edit groups of all frames."""
-    from stem.bench.benches import fatezero_step
+    from benchmarks.benches import fatezero_step
     from stem.inversion import ddim_schedule
     from stem.models import sd_ddim_scheduler
 
