@@ -1,13 +1,14 @@
 """The benchmark command end to end (tiny shapes), and the fast STEM path against the naive reference."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
-from stem.attention import AttentionState, StemAttnProcessor, attention_mode
 from benchmarks import NaiveStemAttnProcessor, install, main
+from stem.attention import AttentionState, StemAttnProcessor, attention_mode
 
 ROW_KEYS = {"bench", "mode", "frames", "seconds", "peak_mb", "device", "dtype", "memory"}
 
@@ -174,3 +175,63 @@ def test_gpu_check_script_runs_sections_in_their_own_processes_without_video_lib
     assert doc["sections"]["full-edit"]["status"] == "ok"
     assert [r["bench"] for r in doc["rows"]] == ["full-edit"]
     assert "| full-edit | ok |" in proc.stdout  # the summary table comes last
+
+
+# -- benchmarks/ beside the library ---------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_library_ships_no_benchmarks():
+    """No module of `stem` names `benchmarks`; the wheel's packages are every package under stem/ and nothing else."""
+    import ast
+    import importlib.util
+    import tomllib
+
+    from setuptools import find_packages
+
+    for path in (ROOT / "stem").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not any(m.split(".")[0] == "benchmarks" for m in modules), path
+    assert importlib.util.find_spec("stem.bench") is None and not (ROOT / "stem" / "bench_fatezero.py").exists()
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    shipped = set(find_packages(str(ROOT), include=find["include"], exclude=find.get("exclude", ())))
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "stem").rglob("__init__.py")}
+    assert shipped == on_disk and "stem.editing" in shipped
+
+
+def test_fatezero_is_a_subcommand_with_its_own_options(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("benchmarks.fatezero.fix_mmap_threshold", lambda: False)  # leave this process's malloc alone
+    out = tmp_path / "fz.json"
+    assert main(["fatezero", "--unet", "tiny", "--frames", "1", "--steps", "1", "--size", "64", "--modes", "ddim",
+                 "--json", str(out)]) == 0
+    assert [(r["bench"], r["frames"], r["steps"]) for r in json.loads(out.read_text())["rows"]] == [
+        ("fatezero-memory", 1, 1)]
+    with pytest.raises(SystemExit):  # its options belong after it
+        main(["--frames", "1", "fatezero"])
+    assert "put it first" in capsys.readouterr().err
+
+
+def test_repository_root_is_found_from_inside_the_checkout_or_from_the_package(tmp_path, monkeypatch):
+    from benchmarks.gpu import repository_root
+
+    assert repository_root(ROOT / "tests") == ROOT
+    assert repository_root(tmp_path) == ROOT  # outside any checkout: the one the package lives in
+    fake = tmp_path / "checkout"
+    for marker in ("stem/__init__.py", "benchmarks/__init__.py", "tests/test_gpu.py"):
+        (fake / marker).parent.mkdir(parents=True, exist_ok=True)
+        (fake / marker).touch()
+    (fake / "assets").mkdir()
+    monkeypatch.chdir(fake / "assets")
+    assert repository_root() == fake  # the working folder's checkout comes first
+
+
+def test_isolated_sections_write_where_the_caller_asked_from_any_folder(tmp_path, monkeypatch):
+    """The section's process imports the parent's packages and resolves a relative --out as the parent does."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", "")
+    assert main(["gpu", "--dry", "--isolate", "--sections", "sdpa", "--out", "rel"]) == 0
+    doc = json.loads((tmp_path / "rel" / "bench-gpu.json").read_text())
+    assert doc["sections"]["sdpa"]["status"] == "ok" and doc["sdpa"]["cases"]
