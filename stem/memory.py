@@ -23,12 +23,12 @@ frame; w: the UNet's first block width / 320 (1 for SD 1.x and 2.x); C = 320 w; 
                                                 S = Σ over self-attention layers of tokens · channels / L
 
 UNET_CALL, UNET_HELD and VAE_ELEMENTS_PER_PIXEL are elements per latent token (per pixel for the VAE)
-per sample, measured on the SD-1.5 architecture by `python -m stem.bench memory`: on the CPU through
+per sample, measured on the SD-1.5 architecture by `python -m benchmarks memory`: on the CPU through
 the profiler's allocation events, on CUDA (`--device cuda`, fp16) through the caching allocator's
 counters. The constants are the larger of the two. They do not depend on the size (64-512 px
 measured): attention runs in fused kernels (flash, memory-efficient or cuDNN on CUDA), so no
 (tokens x tokens) matrix is held. The GPU check records this estimate beside the measured peak of
-its full jobs, and `python -m stem.bench memory --device cuda` prints it beside the measured peak of
+its full jobs, and `python -m benchmarks memory --device cuda` prints it beside the measured peak of
 STEM calls in lock-step chunks of every size.
 
 A phase fits when MARGIN · activations + weights + RESERVE <= the bytes available to the job
@@ -52,7 +52,7 @@ MiB = 2**20
 GiB = 2**30
 
 # Elements per latent token per sample, SD-1.5 UNet (w = 1); see the module docstring.
-# `python -m stem.bench memory` printed, 2026-11: on the CPU (torch 2.13, float32) UNET_CALL 7246,
+# `python -m benchmarks memory` printed, 2026-11: on the CPU (torch 2.13, float32) UNET_CALL 7246,
 # UNET_HELD 3526, VAE 996; on an H200 (torch 2.11 + CUDA 13, float16) 8251, 3618 and 1225.
 UNET_CALL = 8250     # peak of one UNet call (CUDA: slope over 8 -> 16 samples at 256 px; cuDNN's convolutions)
 UNET_HELD = 3618     # what a sample holds at a self-attention layer (CPU 3522-3545 at 64-256 px; CUDA 3522-3618)

@@ -1,13 +1,14 @@
 """The benchmark command end to end (tiny shapes), and the fast STEM path against the naive reference."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
+from benchmarks import NaiveStemAttnProcessor, install, main
 from stem.attention import AttentionState, StemAttnProcessor, attention_mode
-from stem.bench import NaiveStemAttnProcessor, install, main
 
 ROW_KEYS = {"bench", "mode", "frames", "seconds", "peak_mb", "device", "dtype", "memory"}
 
@@ -111,7 +112,7 @@ def test_edit_benchmark_compares_one_editing_step_with_3n_unet_calls(tmp_path, c
 
 def test_edit_step_runs_the_keyframe_pass_and_the_propagation(tiny_parts, count_calls):
     """One step of 3 groups: the keyframe call and one propagation call per batch of frames."""
-    from stem.bench.benches import tokenflow_step
+    from benchmarks.benches import tokenflow_step
     from stem.inversion import ddim_schedule
     from stem.models import sd_ddim_scheduler
 
@@ -125,7 +126,7 @@ def test_edit_step_runs_the_keyframe_pass_and_the_propagation(tiny_parts, count_
 
 def test_fatezero_step_runs_every_frame_of_the_three_groups_once(tiny_parts, count_calls):
     """One FateZero step: one UNet call on the source and both edit groups of all frames."""
-    from stem.bench.benches import fatezero_step
+    from benchmarks.benches import fatezero_step
     from stem.inversion import ddim_schedule
     from stem.models import sd_ddim_scheduler
 
@@ -174,3 +175,63 @@ def test_gpu_check_script_runs_sections_in_their_own_processes_without_video_lib
     assert doc["sections"]["full-edit"]["status"] == "ok"
     assert [r["bench"] for r in doc["rows"]] == ["full-edit"]
     assert "| full-edit | ok |" in proc.stdout  # the summary table comes last
+
+
+# -- benchmarks/ beside the library ---------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_library_ships_no_benchmarks():
+    """No module of `stem` names `benchmarks`; the wheel's packages are every package under stem/ and nothing else."""
+    import ast
+    import importlib.util
+    import tomllib
+
+    from setuptools import find_packages
+
+    for path in (ROOT / "stem").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not any(m.split(".")[0] == "benchmarks" for m in modules), path
+    assert importlib.util.find_spec("stem.bench") is None and not (ROOT / "stem" / "bench_fatezero.py").exists()
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    shipped = set(find_packages(str(ROOT), include=find["include"], exclude=find.get("exclude", ())))
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "stem").rglob("__init__.py")}
+    assert shipped == on_disk and "stem.editing" in shipped
+
+
+def test_fatezero_is_a_subcommand_with_its_own_options(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("benchmarks.fatezero.fix_mmap_threshold", lambda: False)  # leave this process's malloc alone
+    out = tmp_path / "fz.json"
+    assert main(["fatezero", "--unet", "tiny", "--frames", "1", "--steps", "1", "--size", "64", "--modes", "ddim",
+                 "--json", str(out)]) == 0
+    assert [(r["bench"], r["frames"], r["steps"]) for r in json.loads(out.read_text())["rows"]] == [
+        ("fatezero-memory", 1, 1)]
+    with pytest.raises(SystemExit):  # its options belong after it
+        main(["--frames", "1", "fatezero"])
+    assert "put it first" in capsys.readouterr().err
+
+
+def test_repository_root_is_found_from_inside_the_checkout_or_from_the_package(tmp_path, monkeypatch):
+    from benchmarks.gpu import repository_root
+
+    assert repository_root(ROOT / "tests") == ROOT
+    assert repository_root(tmp_path) == ROOT  # outside any checkout: the one the package lives in
+    fake = tmp_path / "checkout"
+    for marker in ("stem/__init__.py", "benchmarks/__init__.py", "tests/test_gpu.py"):
+        (fake / marker).parent.mkdir(parents=True, exist_ok=True)
+        (fake / marker).touch()
+    (fake / "assets").mkdir()
+    monkeypatch.chdir(fake / "assets")
+    assert repository_root() == fake  # the working folder's checkout comes first
+
+
+def test_isolated_sections_write_where_the_caller_asked_from_any_folder(tmp_path, monkeypatch):
+    """The section's process imports the parent's packages and resolves a relative --out as the parent does."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", "")
+    assert main(["gpu", "--dry", "--isolate", "--sections", "sdpa", "--out", "rel"]) == 0
+    doc = json.loads((tmp_path / "rel" / "bench-gpu.json").read_text())
+    assert doc["sections"]["sdpa"]["status"] == "ok" and doc["sdpa"]["cases"]

@@ -453,9 +453,9 @@ def test_cli_refuses_replace_with_different_token_counts_before_inverting(clip_f
 # -- the memory benchmark (tiny configuration) -----------------------------------------------------
 
 def test_memory_benchmark_writes_rows_table_and_plot(tmp_path, capsys, monkeypatch):
-    from stem.bench_fatezero import main as bench
+    from benchmarks.fatezero import main as bench
 
-    monkeypatch.setattr("stem.bench_fatezero.fix_mmap_threshold", lambda: False)  # leave this process's malloc alone
+    monkeypatch.setattr("benchmarks.fatezero.fix_mmap_threshold", lambda: False)  # leave this process's malloc alone
     out = tmp_path / "bench.json"
     bench(["--unet", "tiny", "--frames", "1,2", "--steps", "1", "--size", "64", "--modes", "ddim", "--json", str(out),
            "--md", str(tmp_path / "bench.md"), "--plot", str(tmp_path / "bench.png")])

@@ -103,7 +103,7 @@ def test_tiny_inversion_in_half_on_cuda_stays_near_float32(method, dtype, tmp_pa
 
 
 def test_fused_attention_kernels_accept_our_shapes():
-    from stem.bench.gpu import sdpa_probe
+    from benchmarks.gpu import sdpa_probe
 
     probe = sdpa_probe(CUDA, torch.float16)
     for case in probe["cases"]:
@@ -138,7 +138,7 @@ def test_the_memory_plan_reads_the_free_gpu_memory(tmp_path):
 
 @pytest.fixture(scope="module")
 def sd15_unet_fp16():
-    from stem.bench.models import sd15_unet
+    from benchmarks.models import sd15_unet
 
     return sd15_unet(CUDA, torch.float16)
 

@@ -131,7 +131,7 @@ def test_self_attention_elements_match_the_tokens_the_layers_see(tiny_parts):
 
 
 def test_live_bytes_counts_what_is_alive_at_once():
-    from stem.bench.calibrate import live_bytes
+    from benchmarks.calibrate import live_bytes
 
     def two_then_one():
         a = torch.ones(1 << 20)   # 4 MiB

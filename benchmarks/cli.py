@@ -1,9 +1,10 @@
-"""The `python -m stem.bench` command line."""
+"""The `python -m benchmarks` command line."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -14,16 +15,18 @@ from .report import (
     ALL_MODES, MODES, machine_summary, write_reports,
 )
 
-COMMANDS = ("attention", "inversion", "edit", "report", "memory", "gpu")
+COMMANDS = ("attention", "inversion", "edit", "report", "memory", "gpu", "fatezero")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     from . import __doc__ as doc
 
-    parser = argparse.ArgumentParser(prog="python -m stem.bench", description=doc.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=doc.split("\n\n")[0])
     parser.add_argument("bench", choices=COMMANDS,
                         help="what to run; `report` only re-renders --md/--plot from the rows of --json; `memory` "
-                             "measures stem.memory's constants; `gpu` is the whole GPU check (scripts/gpu_check.sh)")
+                             "measures stem.memory's constants; `gpu` is the whole GPU check (scripts/gpu_check.sh); "
+                             "`fatezero` is the FateZero memory bench, with options of its own "
+                             "(python -m benchmarks fatezero --help)")
     parser.add_argument("--frames", default=None, help="comma-separated N (default: 4,8,16; edit: 16)")
     parser.add_argument("--modes", default=None, help="comma-separated modes (default: ddim,inflated,stem,stem-naive "
                         "for attention; ddim,stem,inflated for inversion)")
@@ -59,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.modes) - set(ALL_MODES) | set(args.editors) - {"tokenflow", "fatezero"}
     if unknown:
         parser.error(f"unknown mode(s) {', '.join(sorted(unknown))}; choose from {', '.join(ALL_MODES)}")
+    if args.bench == "fatezero":
+        parser.error("fatezero takes options of its own; put it first: python -m benchmarks fatezero [options]")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
     if args.md and not args.json:
@@ -77,6 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["fatezero"]:  # its own rows and options (steps, chunk size); see fatezero.py
+        from .fatezero import main as fatezero_main
+
+        return fatezero_main(argv[1:])
     args = parse_args(argv)
     if args.bench == "gpu":
         return gpu_main(args)

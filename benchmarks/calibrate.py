@@ -1,4 +1,4 @@
-"""`python -m stem.bench memory`: the constants of `stem.memory`, measured.
+"""`python -m benchmarks memory`: the constants of `stem.memory`, measured.
 
 On the CPU, live tensor bytes are counted from the profiler's allocation events (every allocation
 and free of the CPU allocator, in order), the counterpart of CUDA's `max_memory_allocated`; RSS
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import AttentionState, FrameAttnProcessor, attention_mode, processors_installed, self_attention_layers
+from stem.attention import AttentionState, FrameAttnProcessor, attention_mode, processors_installed, self_attention_layers
 
 MARK = "stem-bench-self-attention"
 
@@ -129,8 +129,8 @@ def calibrate(device: str = "cpu", size: int | None = None, frames=None, vae_siz
 
 def lockstep_table(unet, device, dtype, size: int, frames: int = 8, chunks=(None, 4, 2, 1)) -> dict:
     """STEM on `frames` frames in lock-step chunks: {chunk: (measured MiB, estimated MiB)} of one UNet call."""
-    from ..inversion import call_unet
-    from ..memory import Job, ModelFacts, inversion_activations, trajectory_bytes
+    from stem.inversion import call_unet
+    from stem.memory import Job, ModelFacts, inversion_activations, trajectory_bytes
 
     h = size // 8
     x = torch.randn(frames, 4, h, h, device=device, dtype=dtype)

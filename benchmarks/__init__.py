@@ -1,10 +1,14 @@
 """Benchmarks of the self-attention modes, of editing, and the GPU check: time and peak memory against N.
 
-    python -m stem.bench attention --frames 4,8,16 --tokens 4096 --json bench.json --plot bench.png
-    python -m stem.bench inversion --frames 4,8,16 --size 256 --json bench.json --md bench.md
-    python -m stem.bench edit --frames 16 --size 256 --repeats 1 --json bench.json   # --editors tokenflow,fatezero
-    python -m stem.bench gpu [--out assets] [--dry]                                   # scripts/gpu_check.sh
-    python -m stem.bench memory [--device cuda]                                       # stem.memory's constants
+    python -m benchmarks attention --frames 4,8,16 --tokens 4096 --json bench.json --plot bench.png
+    python -m benchmarks inversion --frames 4,8,16 --size 256 --json bench.json --md bench.md
+    python -m benchmarks edit --frames 16 --size 256 --repeats 1 --json bench.json   # --editors tokenflow,fatezero
+    python -m benchmarks fatezero --frames 4,8,16 --steps 2,4 --json fz.json         # FateZero memory (fatezero.py)
+    python -m benchmarks gpu [--out assets] [--dry]                                   # scripts/gpu_check.sh
+    python -m benchmarks memory [--device cuda]                                       # stem.memory's constants
+
+A folder of the repository beside the library, not part of the `stem` package (nor of its wheel):
+run it from the repository root, where `python -m` finds both `benchmarks` and `stem`.
 
 `attention`: one self-attention layer at SD-1.5's highest resolution, a diffusers
 `Attention(query_dim=320, heads=8, dim_head=40)` with random weights, on (N, tokens, 320) hidden
@@ -13,6 +17,7 @@ states, for the modes ddim, inflated, stem and stem-naive (the reference in `mod
 of SD-1.5's UNet architecture with random weights (same cost as the real model).
 `edit`: one editing step (TokenFlow: keyframe pass and propagation, through `stem.editing.edit_latents`
 on a one-step schedule) against 3·N plain per-frame UNet evaluations (mode "ddim") at the same size.
+`fatezero`: a whole FateZero edit's peak memory against N and the steps T (`fatezero.py`).
 `gpu`: the one-command GPU check (`gpu.py`).
 
 Every row: {"bench", "mode", "frames", "tokens" | "size", "seconds", "peak_mb", "device", "dtype", ...}

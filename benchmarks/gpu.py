@@ -1,4 +1,4 @@
-"""`python -m stem.bench gpu` (`bash scripts/gpu_check.sh`): the one-command GPU check.
+"""`python -m benchmarks gpu` (`bash scripts/gpu_check.sh`): the one-command GPU check.
 
 Sections, in this order, each with its own time budget and (by default) its own process, so a
 failure, an out-of-memory or a timeout loses only that section; rows go to OUT/bench-gpu.json after
@@ -43,7 +43,6 @@ from .report import (
     full_jobs_table, machine_summary, markdown_document, markdown_table, merge_rows, plot, read_doc, write_json,
 )
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository (tests/ lives here)
 DEADLINE = 510        # seconds for the whole check: the goal is 8 minutes; the integrator runs it under a 9.8-minute limit
 RESERVE = 15          # seconds kept for the report at the end
 BUDGETS = {"sdpa": 45, "pytest": 90, "bench": 100, "full-stem": 150, "full-ddim": 90, "full-edit": 150, "fatezero": 200}
@@ -53,6 +52,21 @@ PROMPT, EDIT_PROMPT = "a test pattern sliding sideways", "a watercolor painting 
 
 class SectionSkipped(Exception):
     """The section cannot run here (its note says why)."""
+
+
+def repository_root(start: Path | None = None) -> Path:
+    """The checkout the check runs in: the nearest folder at or above `start` (default: the working folder),
+    then above this package, holding `stem/`, `benchmarks/` and `tests/test_gpu.py`.
+
+    The pytest section runs tests/test_gpu.py there. Raises SectionSkipped when there is no such folder.
+    """
+    starts = [Path.cwd() if start is None else Path(start), Path(__file__).parent]
+    for folder in (f for s in starts for f in (s.resolve(), *s.resolve().parents)):
+        if all((folder / marker).is_file() for marker in ("stem/__init__.py", "benchmarks/__init__.py",
+                                                          "tests/test_gpu.py")):
+            return folder
+    raise SectionSkipped("no repository checkout (stem/, benchmarks/ and tests/test_gpu.py) at or above "
+                         f"{starts[0]}; run the check from the repository root (bash scripts/gpu_check.sh)")
 
 
 class SectionTimeout(BaseException):
@@ -149,7 +163,7 @@ class Recorder:
 
 def synthetic_video(num_frames: int, size: int, seed: int = 0):
     """A `Video` of a smooth random texture sliding 2 px per frame (no decoding library needed)."""
-    from ..video import Video
+    from stem.video import Video
 
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, (size // 8 + 1, (size + 2 * num_frames) // 8 + 1, 3), dtype=np.uint8)
@@ -227,7 +241,7 @@ class FiniteInputs:
 
 def job_estimate_mb(engine, video, settings, edit=None) -> float:
     """stem.memory's estimate of the job as planned (on a CPU: for all frames at once)."""
-    from ..memory import Job, ModelFacts, estimate
+    from stem.memory import Job, ModelFacts, estimate
 
     if engine.plan is not None:
         return round(engine.plan.estimate_bytes / 2**20, 1)
@@ -291,7 +305,7 @@ def sdpa_kernels_ran(device, dtype, tokens, frames) -> dict:
     """The attention kernels the profiler saw in one call of each engine processor on SD-1.5's top layer."""
     from torch.profiler import ProfilerActivity, profile
 
-    from ..attention import PROCESSORS, AttentionState
+    from stem.attention import PROCESSORS, AttentionState
     from .models import attention_layer
 
     attn = attention_layer(device, dtype)
@@ -323,7 +337,7 @@ def section_sdpa(cfg: CheckConfig, rec: Recorder) -> str:
 
 def section_pytest(cfg: CheckConfig, rec: Recorder) -> str:
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-rA", "-p", "no:cacheprovider"]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(command, cwd=repository_root(), capture_output=True, text=True)
     print(proc.stdout[-6000:], proc.stderr[-2000:], sep="\n", flush=True)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else f"pytest exited {proc.returncode}"
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", summary)}
@@ -355,8 +369,8 @@ def section_bench(cfg: CheckConfig, rec: Recorder) -> str:
 
 def section_full(cfg: CheckConfig, rec: Recorder, method: str) -> str:
     """One whole inversion + reconstruction through `Engine.invert` (row bench "full")."""
-    from ..cache import LatentCache
-    from ..engine import Engine, InversionSettings
+    from stem.cache import LatentCache
+    from stem.engine import Engine, InversionSettings
 
     parts = build_parts(cfg)
     engine = Engine(parts.model_id, cache=LatentCache(cfg.cache_dir)).use_parts(parts)
@@ -387,9 +401,9 @@ def section_full(cfg: CheckConfig, rec: Recorder, method: str) -> str:
 
 def run_edit(cfg: CheckConfig, rec: Recorder, editor: str, frames: int, steps: int, parts=None) -> str:
     """One whole edit through `edit_video` (row bench "full-edit"); the STEM inversion comes from the cache when there."""
-    from ..cache import LatentCache
-    from ..editing import FateZeroSettings, TokenFlowSettings, edit_video
-    from ..engine import Engine, InversionSettings
+    from stem.cache import LatentCache
+    from stem.editing import FateZeroSettings, TokenFlowSettings, edit_video
+    from stem.engine import Engine, InversionSettings
 
     parts = parts if parts is not None else build_parts(cfg)
     engine = Engine(parts.model_id, cache=LatentCache(cfg.cache_dir)).use_parts(parts)
@@ -466,13 +480,22 @@ def section_main(name: str, cfg: CheckConfig, status_file: Path) -> int:
 
 # -- the orchestrator -------------------------------------------------------------------------------
 
+def _import_path() -> str:
+    """PYTHONPATH for a section's process: the folders this one imported `benchmarks` and `stem` from, first."""
+    import stem
+
+    folders = [str(Path(module_file).resolve().parents[1]) for module_file in (__file__, stem.__file__)]
+    folders += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join(dict.fromkeys(folders))
+
+
 def _child(name: str, cfg: CheckConfig, budget: float) -> tuple[str, str]:
     """Run a section in a child process within `budget` seconds (SIGTERM, then SIGKILL 10 s later)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         status_file = Path(f.name)
-    command = [sys.executable, "-m", "stem.bench", "gpu", "--section", name, "--out", str(cfg.out),
+    command = [sys.executable, "-m", "benchmarks", "gpu", "--section", name, "--out", str(cfg.out),
                "--cache-dir", str(cfg.cache_dir), "--status-file", str(status_file)] + (["--dry"] if cfg.dry else [])
-    proc = subprocess.Popen(command, cwd=ROOT)
+    proc = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": _import_path()})
     try:
         proc.wait(timeout=budget)
     except subprocess.TimeoutExpired:
@@ -536,7 +559,7 @@ def run_check(out: Path, dry: bool = False, sections=None, isolate: bool | None 
     doc = read_doc(cfg.json)
     doc.setdefault("machine", machine_info())
     doc.setdefault("seconds", "median over the timed calls after warm-up, modes interleaved")
-    doc.setdefault("peak_mb", "see stem/bench/measure.py")
+    doc.setdefault("peak_mb", "see benchmarks/measure.py")
     write_json(cfg.json, doc)
     (out / "bench-gpu.md").write_text(markdown_document(doc))
     if any(r["bench"] in ("attention", "inversion", "edit") for r in doc["rows"]):

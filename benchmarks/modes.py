@@ -6,12 +6,12 @@ import contextlib
 
 import torch
 
-from ..attention import (
+from stem.attention import (
     PROCESSORS, AttentionState, StemAttnProcessor, _frames_major, _group_tokens, attention_mode,
     processors_installed, self_attention_layers,
 )
-from ..em import EPS
-from ..lockstep import whole_video
+from stem.em import EPS
+from stem.lockstep import whole_video
 
 
 class NaiveStemAttnProcessor(StemAttnProcessor):

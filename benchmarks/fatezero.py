@@ -1,7 +1,7 @@
 """Benchmark: peak memory of a FateZero edit against the number of frames N and of steps T.
 
-    python -m stem.bench_fatezero --frames 4,8,16 --steps 2,4 --size 128 --json out.json --md out.md --plot out.png
-    python -m stem.bench_fatezero --device cuda --dtype float16 --size 512 --frames 8,16,32,48 --steps 10,50 --json gpu.json
+    python -m benchmarks fatezero --frames 4,8,16 --steps 2,4 --size 128 --json out.json --md out.md --plot out.png
+    python -m benchmarks fatezero --device cuda --dtype float16 --size 512 --frames 8,16,32,48 --steps 10,50 --json gpu.json
 
 One row per (mode, N, T): a whole FateZero edit (`stem.editing.fatezero.edit_latents`, T denoising
 steps over N frames, the three-group batch, with blend words so that the self-attention mask pass
@@ -13,7 +13,7 @@ nothing is kept per step, so `peak_mb` should not change with T and should grow 
 
 Row: {"bench": "fatezero-memory", "mode", "frames", "size", "steps", "seconds", "peak_mb", "device",
 "dtype", ...}: `seconds` the wall time of the edit (one run), `peak_mb` its peak memory above the level
-just before it (see `stem.bench.PEAK_MEMORY`). --json merges rows into the file.
+just before it (see `benchmarks.measure.PEAK_MEMORY`). --json merges rows into the file.
 
 On the CPU, glibc's mmap threshold is fixed at 1 MiB first (`mallopt`), so that a freed activation
 buffer leaves the resident set. With glibc's default, dynamic threshold, freed buffers stay on the heap
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .bench import PEAK_MEMORY, machine_info, measure
-from .bench.report import machine_summary, save_figure, write_reports
+from .measure import PEAK_MEMORY, machine_info, measure
+from .report import machine_summary, save_figure, write_reports
 
 BENCH = "fatezero-memory"
 MODES = ("stem", "ddim", "inflated")
@@ -45,7 +45,7 @@ PUBLISHED = "FateZero (its config/TuningGuidance.md): 8 frames, 50 steps, 512 px
 
 def model_parts(device: torch.device, dtype: torch.dtype, unet_kind: str):
     """SD-1.5's UNet with random weights (or the tiny one, for tests), a DDIM scheduler and a tokenizer."""
-    from .bench.models import unet_only_parts
+    from .models import unet_only_parts
 
     return unet_only_parts(unet_kind, device, dtype, f"{unet_kind}-random")
 
@@ -60,10 +60,10 @@ def fix_mmap_threshold() -> bool:
 
 def run_edit(parts, mode: str, frames: int, size: int, steps: int, chunk_size: int | None, seed: int = 0):
     """One FateZero edit of `frames` random latents over `steps` steps; returns (seconds, peak MiB, memory method)."""
-    from .attention import AttentionState
-    from .editing.common import NUM_GROUPS
-    from .editing.fatezero import FateZeroSettings, edit_latents
-    from .inversion import ddim_schedule
+    from stem.attention import AttentionState
+    from stem.editing.common import NUM_GROUPS
+    from stem.editing.fatezero import FateZeroSettings, edit_latents
+    from stem.inversion import ddim_schedule
 
     generator = torch.Generator().manual_seed(seed)
     side = size // 8
@@ -110,7 +110,7 @@ def markdown_document(doc: dict) -> str:
         f"Machine: {machine_summary(doc['machine'])}.", "",
         "SD-1.5 UNet architecture, random weights, random trajectory, blend words (mask pass and latent blending on), "
         "no UNet chunking. On the CPU glibc's mmap threshold is fixed at 1 MiB, so freed activation buffers leave "
-        "the resident set (see `stem/bench_fatezero.py`).", "",
+        "the resident set (see `benchmarks/fatezero.py`).", "",
         f"`seconds`: {doc['seconds']}. `peak MiB`: {doc['peak_mb']}", "",
         markdown_table(doc["rows"]), "",
         f"For comparison, {doc['published']}.", "",
@@ -144,7 +144,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m stem.bench_fatezero", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks fatezero", description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", default="4,8,16", help="comma-separated N (default: %(default)s)")
     parser.add_argument("--steps", default="2,4", help="comma-separated T (default: %(default)s)")
     parser.add_argument("--modes", default="stem", help=f"comma-separated inversion methods of {', '.join(MODES)} (default: %(default)s)")

@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from ..attention import AttentionState
+from stem.attention import AttentionState
 from .measure import measure
 from .models import attention_layer, bench_unet, unet_only_parts
 from .modes import install, processor, using_processor
@@ -34,7 +34,7 @@ def bench_attention(modes, frames, tokens, device, dtype, repeats, warmup, num_b
 def bench_inversion(modes, frames, size, device, dtype, repeats, warmup, num_bases, num_iters, report, unet_kind="sd15",
                     unet=None):
     """Time one inversion step (one UNet call over all N frames) per mode and N; rows go to `report`."""
-    from ..inversion import call_unet
+    from stem.inversion import call_unet
 
     unet = unet if unet is not None else bench_unet(unet_kind, device, dtype)
     side = size // 8  # latent pixels
@@ -60,7 +60,7 @@ def bench_inversion(modes, frames, size, device, dtype, repeats, warmup, num_bas
 
 def tokenflow_step(parts, trajectory, timesteps, alphas, text, batch_size):
     """(setup, call) of one TokenFlow step: the keyframe pass and the propagation over every frame."""
-    from ..editing import EditSettings, edit_latents
+    from stem.editing import EditSettings, edit_latents
 
     # injecting in this step, as the first steps of a real edit do
     edit = EditSettings(prompt="bench", batch_size=batch_size, pnp_attn=1.0, pnp_conv=1.0).validate()
@@ -74,8 +74,8 @@ def fatezero_step(parts, trajectory, timesteps, alphas, text, batch_size):
     `batch_size` is TokenFlow's and unused here; `text` holds the source, negative and target prompts, the
     word map comes from the two prompts below (a word swap of the same token count: "replace").
     """
-    from ..editing import EDITORS as EDIT_FUNCTIONS
-    from ..editing import FateZeroSettings
+    from stem.editing import EDITORS as EDIT_FUNCTIONS
+    from stem.editing import FateZeroSettings
 
     edit = FateZeroSettings(prompt="a bench clip", source_prompt="a test clip", self_replace=1.0, cross_replace=1.0).validate()
     state = AttentionState(method="stem", num_groups=3)
@@ -92,7 +92,7 @@ def bench_edit(editors, frames, size, device, dtype, repeats, warmup, batch_size
     (keyframe pass, propagation, guidance). The baseline evaluates the UNet with its default
     processors on 3·N samples in calls of 3·batch_size samples, the size of the propagation's calls.
     """
-    from ..inversion import call_unet, ddim_schedule
+    from stem.inversion import call_unet, ddim_schedule
 
     parts = unet_only_parts(unet_kind, device, dtype)
     unet = parts.unet

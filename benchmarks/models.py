@@ -51,7 +51,7 @@ def sd15_unet(device, dtype, seed: int = 0):
     """SD-1.5's UNet architecture (860M parameters) with random weights: the real model's cost."""
     from diffusers import UNet2DConditionModel
 
-    from ..models import SD_DOWN_BLOCKS, SD_UP_BLOCKS
+    from stem.models import SD_DOWN_BLOCKS, SD_UP_BLOCKS
 
     unet = _build(lambda: UNet2DConditionModel(
         sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -86,7 +86,7 @@ def sd15_text_encoder(vocab_size: int, device, dtype, seed: int = 2):
 
 def sd15_parts(device, dtype):
     """`StableDiffusionParts` of SD-1.5's architecture with random weights (the tokenizer is the tiny one)."""
-    from ..models import StableDiffusionParts, _tiny_tokenizer, sd_ddim_scheduler
+    from stem.models import StableDiffusionParts, _tiny_tokenizer, sd_ddim_scheduler
 
     tokenizer = _tiny_tokenizer()  # its cost is irrelevant; the encoder has SD-1.5's shape
     return StableDiffusionParts(sd15_unet(device, dtype), sd15_vae(device, dtype),
@@ -96,7 +96,7 @@ def sd15_parts(device, dtype):
 
 def tiny_parts(device, dtype):
     """The built-in tiny-random model (tests, dry runs)."""
-    from ..models import build_tiny
+    from stem.models import build_tiny
 
     return build_tiny(device=device, dtype=dtype)
 
@@ -114,7 +114,7 @@ def bench_unet(kind: str, device, dtype):
 def unet_only_parts(kind: str, device, dtype, model_id: str = "bench"):
     """`bench_unet` with SD's DDIM scheduler and the tiny tokenizer (FateZero's word maps need one), no VAE or
     text encoder: the editing benches start from latents and embeddings."""
-    from ..models import StableDiffusionParts, _tiny_tokenizer, sd_ddim_scheduler
+    from stem.models import StableDiffusionParts, _tiny_tokenizer, sd_ddim_scheduler
 
     return StableDiffusionParts(bench_unet(kind, device, dtype), None, None, _tiny_tokenizer(), sd_ddim_scheduler(),
                                 model_id, torch.device(device), dtype)
