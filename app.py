@@ -323,8 +323,34 @@ def _shown(value) -> dict:
 def _typed(cls, values: dict) -> dict:
     """The page's values converted to the types of `cls`'s fields of the same names (sliders give floats)."""
     hints = typing.get_type_hints(cls)
-    convert = {int: int, float: float, bool: bool, str: lambda v: (v or "").strip()}
-    return {name: convert.get(hints[name], lambda v: v)(value) for name, value in values.items()}
+    convert = {int: lambda name, v: _number(name, v, whole=True), float: lambda name, v: _number(name, v, whole=False),
+               bool: lambda name, v: bool(v), str: lambda name, v: str(v or "").strip()}
+    return {name: convert.get(hints[name], lambda name, v: v)(name, value) for name, value in values.items()}
+
+
+def _number(name: str, value, whole: bool) -> int | float:
+    """A page or API value as an int (`whole`) or a float; an emptied box, text or a list is one sentence naming
+    the control (sliders and number boxes give floats such as 256.0, which are whole)."""
+    label = LABELS.get("--" + name.replace("_", "-"), name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise _bad(f"The {label} box is empty; type a number in it.")
+    wrong = _bad(f"{label} must be {'a whole number' if whole else 'a number'}, got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise wrong
+    if isinstance(value, int):  # exact, however large (the settings say which range is allowed)
+        return value if whole else float(value)
+    try:
+        number = int(value.strip()) if whole and isinstance(value, str) else float(value)
+    except (ValueError, OverflowError):
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            raise wrong from None
+    if not whole:
+        return float(number)
+    if isinstance(number, float) and not number.is_integer():
+        raise wrong
+    return int(number)
 
 
 # -- media at the edges ---------------------------------------------------------------------------------
@@ -637,11 +663,11 @@ class Jobs:
         if not prompt:
             raise _bad("Describe the input video in the source prompt, e.g. 'a red ball bouncing on a "
                        "wooden floor'; it conditions the inversion.")
-        v = values
+        v = {name: _number(name, values[name], whole=True) for name in INVERSION_INPUTS if name != "method"}
         return InversionSettings(
-            model=self.engine.model, method=method or v["method"], num_bases=int(v["bases"]),
-            num_iters=int(v["iters"]), num_steps=int(v["steps"]), num_frames=int(v["frames"]) or None,
-            stride=int(v["stride"]), size=int(v["size"]), prompt=prompt, seed=int(v["seed"]),
+            model=self.engine.model, method=method or values["method"], num_bases=v["bases"],
+            num_iters=v["iters"], num_steps=v["steps"], num_frames=v["frames"] or None,
+            stride=v["stride"], size=v["size"], prompt=prompt, seed=v["seed"],
         ).validate()
 
     def _edit_settings(self, values: dict) -> TokenFlowSettings | FateZeroSettings:
@@ -662,8 +688,9 @@ class Jobs:
         default = cls.__dataclass_fields__["freeu"].default
         choice = values.get("freeu") or "default"
         freeu = FreeUSettings(enabled=default.enabled if choice == "default" else choice in ("on", True),
-                              **{key: float(values[f"freeu_{key}"]) for key in ("b1", "b2", "s1", "s2")})
-        return cls(prompt=target, seed=int(values["seed"]), freeu=freeu, **edit).validate()
+                              **{key: _number(f"freeu_{key}", values[f"freeu_{key}"], whole=False)
+                                 for key in ("b1", "b2", "s1", "s2")})
+        return cls(prompt=target, seed=_number("seed", values["seed"], whole=True), freeu=freeu, **edit).validate()
 
     def _clip(self, video, settings: InversionSettings) -> tuple[Video, str]:
         """Read the uploaded clip within the per-job limit; also a note when frames were left out."""
@@ -838,6 +865,8 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                     randomize = gr.Checkbox(False, label="Randomise the seed on each run "
                                                          "(a new seed re-runs the STEM inversion)")
                     c.update(_edit_controls(d))
+                for control in c.values():
+                    _check_numbers(control)
                 examples = load_examples()
                 if examples:
                     examples = gr.Examples(
@@ -893,6 +922,34 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
         demo.load(None, js=PAGE_JS)
     demo.queue(default_concurrency_limit=1, max_size=32)
     return demo
+
+
+def _check_numbers(control) -> None:
+    """Make a slider's or number box's bad values (text, a list, an emptied slider, out of range) one sentence that
+    names the control; Gradio's own words name a component index, or nothing at all. The page never sends these;
+    an API call may."""
+    if not isinstance(control, (gr.Slider, gr.Number)):
+        return
+    preprocess, label = control.preprocess, control.label
+
+    def checked(payload):
+        if payload is None and isinstance(control, gr.Slider):
+            raise _bad(f"The {label} box is empty; type a number in it.")
+        if isinstance(payload, str):  # "7.5" from a script is a number
+            try:
+                payload = int(payload) if payload.strip().lstrip("+-").isdigit() else float(payload)
+            except ValueError:
+                raise _bad(f"{label} must be a number, got {payload!r}.") from None
+        if payload is not None and (isinstance(payload, bool) or not isinstance(payload, (int, float))):
+            raise _bad(f"{label} must be a number, got {payload!r}.")
+        try:
+            return preprocess(payload)
+        except gr.Error as error:  # out of the control's range
+            raise _bad(f"{label}: {error.message}") from None
+        except (TypeError, ValueError, OverflowError):  # nan, inf
+            raise _bad(f"{label} must be a finite number, got {payload!r}.") from None
+
+    control.preprocess = checked
 
 
 def _inversion_controls(d: dict, max_pixels: int) -> dict:

@@ -63,8 +63,8 @@ class InversionSettings:
             raise StemError(f"--steps must be between 1 and {MAX_STEPS} (50 is usual), got {self.num_steps}.")
         if self.num_frames is not None and not 1 <= self.num_frames <= self.max_frames:
             raise StemError(f"--frames must be between 1 and {self.max_frames}, got {self.num_frames}.")
-        if self.seed < 0:
-            raise StemError(f"--seed must be a whole number of 0 or more, got {self.seed}.")
+        if not 0 <= self.seed < 2**63:  # what torch's generators take (the editors' bound too)
+            raise StemError(f"--seed must be a whole number from 0 to 2**63 - 1, got {self.seed}.")
         if self.stride < 1:
             raise StemError(f"--stride must be 1 or more, got {self.stride}.")
         if not 64 <= self.size <= 2048:

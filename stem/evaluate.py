@@ -46,7 +46,7 @@ import numpy as np
 from .cli import EXIT_ERROR, TqdmProgress, add_inversion_options, make_engine, settings_from, write_json
 from .editing_cli import EDITOR_OPTIONS, add_edit_options, edit_settings_for, slug
 from .errors import StemError
-from .files import atomic_output
+from .files import atomic_output, check_output_folder
 
 RECONSTRUCTION, EDIT = "reconstruction", "edit"
 DEFAULT_METHODS = "ddim,stem"
@@ -56,6 +56,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # the processes finish at different times; the gather at the end must outwait the slowest one
 GATHER_TIMEOUT = timedelta(hours=48)
 
+RESULT_FILES = ("results.json", "results.csv", "summary.md", "summary.png")  # written last, by the main process
 # the columns of results.csv, in order (a row has the ones that apply to its kind)
 COLUMNS = (
     "id", "clip", "video", "kind", "method", "editor", "prompt", "source_prompt", "num_frames", "width", "height",
@@ -452,11 +453,12 @@ def cmd_evaluate(args) -> dict:
             raise StemError("--device does not combine with several processes (accelerate gives each its own device); "
                             "leave --device out.")
         device = parse_device(args.device) if args.device is not None else state.device
+        out = Path(args.out) if args.out else Path("stem-eval") / Path(args.video).stem
+        check_output_folder(out, RESULT_FILES)  # a file or a read-only folder is refused before any job
     except StemError:
         if not main:  # every process finds the same problem; the main one says it
             raise SystemExit(EXIT_ERROR)
         raise
-    out = Path(args.out) if args.out else Path("stem-eval") / Path(args.video).stem
 
     # which jobs are done: the main process looks, every process gets its answer (the same view for all)
     done = {job.id: row for job in plan.jobs if (row := finished_row(out, job, plan.clip_model))} if main else {}

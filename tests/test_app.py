@@ -291,6 +291,27 @@ def test_bad_input_is_a_sentence_and_the_app_keeps_serving(served, clip, tmp_pat
     assert num_frames(path) == FRAMES
 
 
+@pytest.mark.parametrize("api, values, sentence", [
+    ("/invert", dict(bases="abc"), "Bases K (STEM) must be a number, got 'abc'."),
+    ("/invert", dict(bases=None), "The Bases K (STEM) box is empty; type a number in it."),
+    ("/edit", dict(iters=[1, 2]), "EM iterations R (STEM) must be a number, got [1, 2]."),
+    ("/edit", dict(freeu_b1=None), "The FreeU b1 box is empty; type a number in it."),  # an emptied number box
+    ("/edit", dict(guidance="x"), "Guidance scale must be a number, got 'x'."),
+    ("/edit", dict(steps=1.5), "Steps must be a whole number, got 1.5."),
+    ("/invert", dict(seed=2**70), "Seed must be a whole number from 0 to 2**63 - 1"),  # refused before inverting
+    ("/edit", dict(seed=2**70), "Seed must be a whole number from 0 to 2**63 - 1"),
+])
+def test_wrong_typed_api_values_are_one_sentence_naming_the_control_before_any_work(served, clip, api, values,
+                                                                                  sentence):
+    args = {"source_prompt": SOURCE, **({"target_prompt": "a golden ball"} if api == "/edit" else {}), **values}
+    before = served.unet.count()
+    with pytest.raises(AppError) as error:
+        served.client.predict(handle_file(str(clip)), **args, api_name=api)
+    assert str(error.value).startswith(sentence) and "Traceback" not in str(error.value)
+    assert served.unet.count() == before  # nothing inverted, nothing cached
+    assert app._number("steps", "3", whole=True) == 3 and app._number("guidance", 256.0, whole=False) == 256.0
+
+
 def test_edit_needs_a_target_prompt(served, clip):
     with pytest.raises(AppError, match="Type a target prompt"):
         served.client.predict(handle_file(str(clip)), SOURCE, "", api_name="/edit")
@@ -302,7 +323,7 @@ def test_the_frames_x_size_limit_is_enforced(served, clip):
         served.client.predict(handle_file(str(clip)), SOURCE, frames=8, size=512, api_name="/compare")
     with pytest.raises(AppError, match=r"Value 0 is less than minimum value 1"):  # Gradio checks the sliders' ranges
         served.client.predict(handle_file(str(clip)), SOURCE, steps=0, api_name="/invert")
-    with pytest.raises(AppError, match=r"^Seed must be a whole number of 0 or more"):  # the engine's, with page labels
+    with pytest.raises(AppError, match=r"^Seed must be a whole number from 0 to 2\*\*63 - 1"):  # the engine's, with page labels
         served.client.predict(handle_file(str(clip)), SOURCE, "a golden ball", seed=-1, api_name="/edit")
 
 

@@ -89,7 +89,7 @@ def bad_files(tmp_path, clip):
     ("clip", ["--bases", "0"], "--bases"), ("clip", ["--iters", "0"], "--iters"), ("clip", ["--frames", "0"], "--frames"),
     ("clip", ["--size", "10"], "--size"), ("clip", ["--method", "magic"], "method"), ("clip", ["--steps", "0"], "--steps"),
     ("clip", ["--chunk-size", "0"], "--chunk-size"), ("clip", ["--device", "gpu"], "--device"),
-    ("clip", ["--fps", "0"], "--fps"),
+    ("clip", ["--fps", "0"], "--fps"), ("clip", ["--seed", str(2**70)], "--seed"),  # as `edit` refuses it
 ])
 def test_bad_input_exits_non_zero_with_one_sentence_and_writes_nothing(bad_files, tmp_path, capsys, name, extra, word):
     out = tmp_path / "never"

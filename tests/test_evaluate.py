@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +225,38 @@ def test_bad_options_are_refused_in_one_sentence(clips, tmp_path, capsys, extra,
     code, _, err = run(["evaluate", manifest, *FAST, *extra, "--out", tmp_path / "never"], capsys)
     assert code == 2 and len([x for x in err.splitlines() if x.startswith("error:")]) == 1 and words in err, err
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "read-only folder", "folder at results.json"])
+def test_an_out_that_cannot_take_the_results_is_refused_before_any_job(clips, tmp_path, capsys, counted_unet, kind,
+                                                                       monkeypatch):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("notes")
+    elif kind == "read-only folder":
+        out.mkdir()
+        out.chmod(0o500)
+        if os.access(out, os.W_OK):  # root writes anywhere: the folder refuses new entries as a read-only one would
+            mkdtemp = tempfile.mkdtemp
+
+            def refused(*args, dir=None, **kwargs):
+                if dir is not None and Path(dir) == out:
+                    raise PermissionError(13, "Permission denied", str(out))
+                return mkdtemp(*args, dir=dir, **kwargs)
+            monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    else:
+        (out / "results.json").mkdir(parents=True)
+    try:
+        code, _, err = run(["evaluate", clips / "manifest.json", *FAST, "--out", out], capsys)
+    finally:
+        out.chmod(0o700) if out.is_dir() else None
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err
+    assert {"file": "is a file", "read-only folder": "is not writable",
+            "folder at results.json": "is a folder, so the output results.json"}[kind] in errors[0]
+    assert counted_unet.calls == 0  # not one job ran
+    assert sorted(p.name for p in out.iterdir()) == ([] if kind == "read-only folder" else ["results.json"]) \
+        if out.is_dir() else out.read_text() == "notes"
 
 
 def test_yaml_errors_name_the_line(clips, tmp_path):

@@ -100,7 +100,7 @@ def validate_common(edit: EditSettingsBase) -> None:
     if not is_number(edit.guidance) or not 1 <= edit.guidance <= MAX_GUIDANCE:
         raise StemError(f"--guidance must be a number between 1 and {MAX_GUIDANCE} (7.5 is usual), got {edit.guidance}.")
     if not isinstance(edit.seed, int) or isinstance(edit.seed, bool) or not 0 <= edit.seed < 2**63:
-        raise StemError(f"--seed must be a whole number of 0 or more, got {edit.seed}.")
+        raise StemError(f"--seed must be a whole number from 0 to 2**63 - 1, got {edit.seed}.")
 
 
 def wide_dtype(dtype: torch.dtype) -> torch.dtype:
