@@ -195,7 +195,8 @@ def _check_exists(path: Path) -> None:
         path.stat()
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise StemError(f"'{path}' is a symlink loop (its links lead back to themselves); point it at the "
+            where = "is a symlink loop" if path.is_symlink() else "goes through a symlink loop"
+            raise StemError(f"'{path}' {where} (its links lead back to themselves); point it at the "
                             "video file or folder of frames, or pass that path instead.") from err
         if path.is_symlink() and err.errno in (errno.ENOENT, errno.ENOTDIR):
             raise StemError(f"'{path}' is a symlink to '{os.readlink(path)}', which does not exist; point it at the "
