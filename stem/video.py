@@ -454,7 +454,7 @@ def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
 def _gif_frames(path: Path, durations: list[float]) -> Iterator[np.ndarray]:
     """Yield a GIF's frames as RGB, appending each frame's duration (ms) to `durations`."""
     try:
-        image = _open_image(path)
+        image = open_image(path)
     except OSError as err:
         raise _unreadable(path, f"Pillow: {err}") from err
     with image:
@@ -466,7 +466,7 @@ def _gif_frames(path: Path, durations: list[float]) -> Iterator[np.ndarray]:
             raise _too_large(path, err) from err
 
 
-def _open_image(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
     """Image.open, refusing (before any pixel is decoded) an image of more than MAX_SOURCE_PIXELS pixels."""
     try:
         image = Image.open(path)
@@ -511,7 +511,7 @@ def _natural_key(path: Path) -> list:
 def _load_image(path: Path) -> np.ndarray:
     """One image file as an RGB array, turned as its EXIF orientation says."""
     try:
-        with _open_image(path) as image:
+        with open_image(path) as image:
             return _image_to_rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError) as err:
         raise StemError(f"'{path}' is not a readable image; remove it from the folder or replace it.") from err
