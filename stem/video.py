@@ -239,6 +239,8 @@ def _open_source(path: Path) -> _Source:
     if path.suffix.lower() == ".gif":
         durations: list[float] = []
         return _Source(_gif_frames(path, durations), lambda frame: frame, lambda: _gif_rate(durations))
+    if path.suffix.lower() in IMAGE_EXTENSIONS:  # one still: FFmpeg says 0x0 and "zero frames" for a huge one
+        _check_image_size(path)
     decoder = _Decoder(path)
     items = decoder.frames()
     return _Source(items, _to_rgb, lambda: decoder.rate(items), decoder.problem, lambda: (items.close(), decoder.close()))
@@ -477,6 +479,14 @@ def open_image(path: Path) -> Image.Image:
         image.close()
         raise SourceTooLarge(path, width * height, width, height)
     return image
+
+
+def _check_image_size(path: Path) -> None:
+    """Refuse an image file of more than MAX_SOURCE_PIXELS pixels from its header; one Pillow cannot read passes."""
+    try:
+        open_image(path).close()
+    except (OSError, SyntaxError, ValueError):  # not an image Pillow knows: FFmpeg's words stand
+        pass
 
 
 def _too_large(path: Path, error: Exception) -> SourceTooLarge:

@@ -623,3 +623,14 @@ def test_a_video_with_frames_over_the_bound_is_refused_before_decoding(tmp_path,
     monkeypatch.setattr(video_module, "_to_rgb", lambda frame: pytest.fail("a frame was decoded"))
     with pytest.raises(video_module.SourceTooLarge, match=r"'.*big\.mp4' has 96×64 frames"):
         read_video(path, size=64)
+
+
+def test_a_20000_by_20000_image_file_passed_alone_says_it_is_too_large(tmp_path):
+    path = tmp_path / "scan.png"
+    Image.new("1", (20000, 20000)).save(path)  # a real one: 50 KB of PNG, 400 million pixels
+    with av.open(str(path)) as container:  # the premise: FFmpeg gives it no size, then no frame
+        assert container.streams.video[0].codec_context.width == 0
+    _assert_stem_error(r"'.*scan\.png' has 400,000,000-pixel frames, more than the 178,956,970 pixels", path=path)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (80, 48), (200, 30, 30)).save(small)
+    assert read_video(small, size=64).frames.shape == (1, 40, 64, 3)  # a still of sane size is still one frame
