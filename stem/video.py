@@ -38,7 +38,7 @@ except ImportError:  # the engine and the GPU check run without PyAV; only readi
 DEFAULT_MAX_FRAMES = 120  # cap on frames read when the caller does not choose a number (--frames)
 FOLDER_FPS = 10.0  # fps for sources without a frame rate (a folder of frames, a GIF without durations)
 # the rates accepted and written: an mp4 holds any of them exactly (below 1/100000 fps the fraction is 0, and
-# FFmpeg then writes its default 24 fps); a source whose rate is outside needs --fps
+# FFmpeg then writes its default 24 fps); a source whose rate is outside is written at the nearest bound, with a warning
 MIN_FPS, MAX_FPS = 0.01, 1000.0
 RATE_DENOMINATOR = 100_000  # an fps float comes back as the exact fraction it was made from (30000/1001)
 RATE_SAMPLE = 9  # frame timestamps a file's rate is checked against (read past the last kept frame if need be)
@@ -142,12 +142,13 @@ def read_video(
             MIN_FPS..MAX_FPS.
 
     Returns:
-        A `Video` with frames (N, H, W, 3) uint8 RGB and the source's fps (not divided by the stride),
+        A `Video` with frames (N, H, W, 3) uint8 RGB and the source's fps (not divided by the stride;
+            bounded to MIN_FPS..MAX_FPS, with a warning),
         as the exact fraction `write_video` stores (`as_rate`): the rate written is the rate recorded.
 
     Raises:
-        StemError: a missing, empty, truncated or undecodable source, a symlink loop, a rate outside
-            MIN_FPS..MAX_FPS (pass `fps`), or an option out of range; `SourceTooLarge` (a StemError)
+        StemError: a missing, empty, truncated or undecodable source, a symlink loop, or an option out
+            of range (`fps` outside MIN_FPS..MAX_FPS); `SourceTooLarge` (a StemError)
             for frames of more than MAX_SOURCE_PIXELS pixels, before any is decoded.
     """
     _check_options(num_frames, stride, size, fps)
@@ -173,8 +174,12 @@ def read_video(
     if fps is None and rate is None:
         warnings.warn(f"'{path}' has no frame rate; using {FOLDER_FPS:g} fps (pass --fps to set it).", stacklevel=2)
     if fps is None and rate is not None and not MIN_FPS <= rate <= MAX_FPS:
-        raise StemError(f"'{path}' plays at {float(rate):g} fps, which an mp4 cannot be written at; "
-                        f"pass --fps with a rate between {MIN_FPS:g} and {MAX_FPS:g}.")
+        # the app and `evaluate` have no --fps: the outputs are written at the nearest rate in the bounds
+        bounded = as_rate(min(max(float(rate), MIN_FPS), MAX_FPS))
+        warnings.warn(f"'{path}' plays at {float(rate):g} fps, outside the {MIN_FPS:g} to {MAX_FPS:g} fps the "
+                      f"outputs are written at; writing them at {float(bounded):g} fps (pass --fps to choose).",
+                      stacklevel=2)
+        rate = bounded
     # the rate as the fraction write_video stores, so metrics.json records the rate the mp4 plays at
     chosen = as_rate(fps) if fps is not None else rate or Fraction(FOLDER_FPS)
     return Video(frames=np.stack(frames), fps=float(as_rate(chosen)), source=str(path))

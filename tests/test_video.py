@@ -536,12 +536,22 @@ def test_the_rate_recorded_is_the_rate_written(clip_path, tmp_path, fps):
     assert count == 4 and seconds == pytest.approx(4 / clip.fps, rel=1e-3)
 
 
-def test_a_source_rate_an_mp4_cannot_hold_needs_fps(tmp_path):
-    path = tmp_path / "fast.mp4"
-    encode(path, make_clip(4), rate=5000)  # constant 5000 fps: timestamps agree with it
-    with pytest.raises(StemError, match=r"'.*fast\.mp4' plays at 5000 fps, which an mp4 cannot be written at; pass --fps"):
-        read_video(path, size=64)
-    assert read_video(path, size=64, fps=25).fps == 25
+@pytest.mark.parametrize("rate, bounded", [(5000, 1000.0), (Fraction(1, 1000), 0.01)])
+def test_a_source_rate_outside_the_bounds_is_written_at_the_nearest_with_a_warning(tmp_path, rate, bounded):
+    # the app and `evaluate` have no --fps, so such a clip is read, not refused; the rate recorded is the one written
+    path = tmp_path / "odd.mkv"
+    encode(path, make_clip(4), rate=rate)  # a constant rate: the timestamps agree with it
+    with pytest.warns(UserWarning, match=rf"'.*odd\.mkv' plays at {float(rate):g} fps, outside the 0.01 to 1000 fps "
+                                         rf"the outputs are written at; writing them at {bounded:g} fps \(pass --fps"):
+        clip = read_video(path, size=64)
+    assert clip.fps == bounded
+    out = tmp_path / "out.mp4"
+    write_video(out, clip.frames, clip.fps)
+    with av.open(str(out)) as container:
+        assert float(container.streams.video[0].average_rate) == bounded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_video(path, size=64, fps=25).fps == 25
 
 
 # ---- paths and files that cannot be read, each said in its own words
