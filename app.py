@@ -49,7 +49,7 @@ from stem.editing import (
 )
 from stem.files import pid_alive
 from stem.models import DEFAULT_MODEL, TINY_MODEL, TINY_WARNING, default_device
-from stem.video import DEFAULT_MAX_FRAMES, Video, copy_audio, side_by_side
+from stem.video import DEFAULT_MAX_FRAMES, SourceTooLarge, Video, copy_audio, open_image, side_by_side
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 GPU_LIMIT, CPU_LIMIT = "48x512", "16x256"  # per job: frames x size, i.e. frames * size**2 pixels at most
@@ -272,6 +272,12 @@ def output_name(source: str | os.PathLike, kind: str, detail: str = "") -> str:
 
     parts = [slug(Path(source).stem, 40) or "clip", kind, slug(detail, 48)]
     return "-".join(p for p in parts if p) + ".mp4"
+
+
+def _too_large(path: Path, error: SourceTooLarge) -> gr.Error:
+    """The sentence for an upload whose frames are too large to decode."""
+    return _bad(f"'{path.name}' has {error.frame_size} frames, too large for this app to read; scale it down "
+                "(to 2048 pixels on the long side at most) and upload it again.")
 
 
 def _bad(message: str) -> gr.Error:
@@ -530,9 +536,11 @@ class Jobs:
             raise _bad("Choose a GIF file to upload.")
         path = Path(upload)
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:  # a 20000x20000 GIF is refused from its header
                 long_side = max(image.size)
             clip = read_video(path, size=min(1024, max(64, long_side)), max_frames=DEFAULT_MAX_FRAMES * 8)
+        except SourceTooLarge as error:
+            raise _too_large(path, error) from error
         except (OSError, StemError) as error:
             raise _bad(f"'{path.name}' is not a GIF this app can read; upload another GIF or a video.") from error
         target = self.results.new_path(output_name(path, ""))
@@ -709,6 +717,8 @@ class Jobs:
         wanted = settings.num_frames or cap + 1  # one past the limit tells whether it left frames out
         try:
             clip = read_video(path, num_frames=wanted, stride=settings.stride, size=size)
+        except SourceTooLarge as error:
+            raise _too_large(path, error) from error
         except StemError as error:
             raise _bad(f"'{path.name}' is not a video this app can read; upload an mp4, webm, mov or gif clip.") from error
         if clip.num_frames < wanted:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import warnings
@@ -24,6 +25,21 @@ EXIT_ERROR = 2
 
 
 # -- shared options ---------------------------------------------------------------------------
+
+def whole_number(text: str) -> int:
+    """argparse type of a count or seed: '3' and '3.0' are 3; '1.5' is refused, never truncated to 1."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value.is_integer():  # also NaN and inf
+        raise argparse.ArgumentTypeError(f"must be a whole number such as 2, got {text!r}")
+    return int(value)
+
 
 def option_adder(parser, overrides: dict[str, dict] | None = None):
     """`parser.add_argument`, with `overrides[dest]` (help, metavar, default, ...) merged into that option's keywords.
@@ -59,20 +75,20 @@ def add_inversion_options(parser: argparse.ArgumentParser, prompt_flags=("--prom
     add("--model", default=os.environ.get("STEM_MODEL", DEFAULT_MODEL),
         help=f"diffusers SD 1.x/2.x hub id or local folder, or tiny-random (default: $STEM_MODEL or {DEFAULT_MODEL})")
     add("--method", default=d.method, help="self-attention during inversion: stem, ddim or inflated (default: %(default)s)")
-    add("--frames", type=int, default=None, help=f"number of frames to use (default: all, at most {d.max_frames})")
-    add("--stride", type=int, default=d.stride, help="use every S-th frame (default: %(default)s)")
-    add("--size", type=int, default=d.size, help="pixels on the long side, rounded to multiples of 8 (default: %(default)s)")
-    add("--steps", type=int, default=d.num_steps, help="DDIM steps (default: %(default)s)")
-    add("--bases", type=int, default=d.num_bases, help="STEM: K bases per layer (default: %(default)s)")
-    add("--iters", type=int, default=d.num_iters, help="STEM: R EM iterations (default: %(default)s)")
+    add("--frames", type=whole_number, default=None, help=f"number of frames to use (default: all, at most {d.max_frames})")
+    add("--stride", type=whole_number, default=d.stride, help="use every S-th frame (default: %(default)s)")
+    add("--size", type=whole_number, default=d.size, help="pixels on the long side, rounded to multiples of 8 (default: %(default)s)")
+    add("--steps", type=whole_number, default=d.num_steps, help="DDIM steps (default: %(default)s)")
+    add("--bases", type=whole_number, default=d.num_bases, help="STEM: K bases per layer (default: %(default)s)")
+    add("--iters", type=whole_number, default=d.num_iters, help="STEM: R EM iterations (default: %(default)s)")
     add(*prompt_flags, dest="source_prompt", default="", help="text describing the video; conditions the inversion")
-    add("--seed", type=int, default=d.seed, help=seed_help + " (default: %(default)s)")
+    add("--seed", type=whole_number, default=d.seed, help=seed_help + " (default: %(default)s)")
     add("--fps", type=float, default=None,
         help="frame rate of the outputs (default: the source's; 10 for a folder of frames)")
     add("--out", default=None, help="output folder (default: stem-out/<video name>)")
     add("--cache-dir", default=None, help="latent cache folder (default: $STEM_CACHE_DIR or ~/.cache/stem)")
     add("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    add("--chunk-size", type=int, default=None,
+    add("--chunk-size", type=whole_number, default=None,
         help="frames per UNet call (default: as many as fit in the GPU's free memory, all at once on a CPU); "
              "STEM still uses all frames for its bases")
     add("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
@@ -86,7 +102,9 @@ def add_inversion_options(parser: argparse.ArgumentParser, prompt_flags=("--prom
 def settings_from(args, method: str | None = None):
     """The frozen InversionSettings of parsed arguments, validated."""
     from .engine import InversionSettings
+    from .video import check_fps
 
+    check_fps(args.fps)  # before any work: the outputs' rate must be one an mp4 can hold
     return InversionSettings(
         model=args.model, method=method or args.method, num_bases=args.bases, num_iters=args.iters,
         num_steps=args.steps, num_frames=args.frames, stride=args.stride, size=args.size,

@@ -6,7 +6,9 @@ import argparse
 import re
 from dataclasses import replace
 
-from .cli import TqdmProgress, add_inversion_options, claimed_out_dir, load_video, make_engine, settings_from, write_json
+from .cli import (
+    TqdmProgress, add_inversion_options, claimed_out_dir, load_video, make_engine, settings_from, whole_number, write_json,
+)
 from .errors import StemError
 from .files import staged_outputs
 
@@ -83,7 +85,7 @@ def add_tokenflow_options(group) -> None:
                        help="fraction of steps that inject the source's self-attention queries/keys (default: %(default)s)")
     group.add_argument("--pnp-conv", type=float, default=d.pnp_conv,
                        help="fraction of steps that inject the source's conv features (default: %(default)s)")
-    group.add_argument("--batch-size", type=int, default=d.batch_size, help="frames per TokenFlow batch, one keyframe each (default: %(default)s)")
+    group.add_argument("--batch-size", type=whole_number, default=d.batch_size, help="frames per TokenFlow batch, one keyframe each (default: %(default)s)")
     group.add_argument("--edit-attention", default=d.attention,
                        help=f"the edit groups' keyframe attention: {' or '.join(EDIT_ATTENTION)} (default: %(default)s)")
     group.add_argument("--propagation", default=d.propagation,

@@ -53,6 +53,11 @@ class InversionSettings:
 
     def validate(self) -> "InversionSettings":
         """Raise StemError with one sentence for the first setting out of range."""
+        for flag, value in (("--bases", self.num_bases), ("--iters", self.num_iters), ("--steps", self.num_steps),
+                            ("--frames", self.num_frames), ("--stride", self.stride), ("--size", self.size),
+                            ("--seed", self.seed), ("max_frames", self.max_frames)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):  # 1.5 is not silently 1
+                raise StemError(f"{flag} must be a whole number (an int), got {value!r}.")
         if self.method not in METHODS:
             raise StemError(f"Unknown method {self.method!r}; choose one of: {', '.join(METHODS)}.")
         if not 1 <= self.num_bases <= MAX_BASES:

@@ -3,16 +3,20 @@
 Video files are decoded and encoded with PyAV (FFmpeg's libraries, shipped inside its wheel, whose
 FFmpeg includes libx264): frame rates come as exact fractions, the display matrix turns phone
 videos upright, FFmpeg converts every pixel format (10/16-bit, gray, alpha) to 8-bit RGB, and the
-decoder's errors are counted so a truncated or damaged file is reported. GIFs and folders of frames
-are read with Pillow.
+decoder's errors are counted so a truncated or damaged file is reported. A file's rate is checked
+against its frames' timestamps: a variable-rate file whose container declares an absurd rate (1000 fps)
+is read at the rate its frames are shown at. GIFs and folders of frames are read with Pillow.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
-import math
+import numbers
 import os
 import re
+import statistics
+import struct
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
@@ -33,8 +37,14 @@ except ImportError:  # the engine and the GPU check run without PyAV; only readi
 
 DEFAULT_MAX_FRAMES = 120  # cap on frames read when the caller does not choose a number (--frames)
 FOLDER_FPS = 10.0  # fps for sources without a frame rate (a folder of frames, a GIF without durations)
-MAX_FPS = 1000.0  # the highest --fps accepted
+# the rates accepted and written: an mp4 holds any of them exactly (below 1/100000 fps the fraction is 0, and
+# FFmpeg then writes its default 24 fps); a source whose rate is outside is written at the nearest bound, with a warning
+MIN_FPS, MAX_FPS = 0.01, 1000.0
 RATE_DENOMINATOR = 100_000  # an fps float comes back as the exact fraction it was made from (30000/1001)
+RATE_SAMPLE = 9  # frame timestamps a file's rate is checked against (read past the last kept frame if need be)
+# frames above this many pixels are refused before they are decoded: Pillow's own decompression-bomb bound
+# (2 x Image.MAX_IMAGE_PIXELS), about 13377 x 13377, 540 MB of RGB per frame
+MAX_SOURCE_PIXELS = 178_956_970
 # for file pickers; read_video takes anything FFmpeg reads
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -43,6 +53,20 @@ WRITE_EXTENSIONS = tuple(WRITE_FORMATS)
 MIN_SIZE, MAX_SIZE = 64, 2048
 WRITE_CRF = 18  # x264 constant rate factor: visually lossless, so the metrics measure the method, not the codec
 BT601 = 6  # AVCOL_*_SMPTE170M: the matrix swscale converts RGB with, tagged so players decode it the same way
+
+
+class SourceTooLarge(StemError):
+    """A source whose frames have more than MAX_SOURCE_PIXELS pixels (a decompression bomb or a huge scan)."""
+
+    def __init__(self, path: Path, pixels: int, width: int | None = None, height: int | None = None):
+        self.path, self.pixels, self.width, self.height = path, pixels, width, height
+        super().__init__(f"'{path}' has {self.frame_size} frames, more than the {MAX_SOURCE_PIXELS:,} pixels read here; "
+                         "scale it down (to 2048 pixels on the long side at most) and pass it again.")
+
+    @property
+    def frame_size(self) -> str:
+        """E.g. '20000×20000' or, when only the pixel count is known, '400,000,000-pixel'."""
+        return f"{self.width}×{self.height}" if self.width and self.height else f"{self.pixels:,}-pixel"
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: frames are an array, compare them with np.array_equal
@@ -114,24 +138,29 @@ def read_video(
         size: long side of the output frames in pixels (64..2048); the aspect ratio is kept and both
             sides are rounded to multiples of 8 (see `fit_size`).
         max_frames: the cap used when `num_frames` is None; None means no cap.
-        fps: overrides the source's frame rate (a folder has none: FOLDER_FPS unless given).
+        fps: overrides the source's frame rate (a folder has none: FOLDER_FPS unless given);
+            MIN_FPS..MAX_FPS.
 
     Returns:
-        A `Video` with frames (N, H, W, 3) uint8 RGB and the source's fps (not divided by the stride).
+        A `Video` with frames (N, H, W, 3) uint8 RGB and the source's fps (not divided by the stride;
+            bounded to MIN_FPS..MAX_FPS, with a warning),
+        as the exact fraction `write_video` stores (`as_rate`): the rate written is the rate recorded.
 
     Raises:
-        StemError: a missing, empty or undecodable source, or an option out of range.
+        StemError: a missing, empty, truncated or undecodable source, a symlink loop, or an option out
+            of range (`fps` outside MIN_FPS..MAX_FPS); `SourceTooLarge` (a StemError)
+            for frames of more than MAX_SOURCE_PIXELS pixels, before any is decoded.
     """
     _check_options(num_frames, stride, size, fps)
     path = Path(path).expanduser()
-    if not path.exists():
-        raise StemError(f"'{path}' does not exist; pass the path of a video file or a folder of frames.")
+    _check_exists(path)
 
     source = _open_source(path)
     limit = num_frames if num_frames is not None else max_frames
     try:
         frames, capped = _take_frames(path, source.items, source.decode, stride, limit, size, report_cap=num_frames is None)
-        problem, rate = source.problem(), source.rate()
+        rate = source.rate()  # may decode a few frames more for their timestamps, so before the problem report
+        problem = source.problem()
     finally:
         source.close()
     if problem:
@@ -144,7 +173,42 @@ def read_video(
         )
     if fps is None and rate is None:
         warnings.warn(f"'{path}' has no frame rate; using {FOLDER_FPS:g} fps (pass --fps to set it).", stacklevel=2)
-    return Video(frames=np.stack(frames), fps=float(fps if fps is not None else rate or FOLDER_FPS), source=str(path))
+    if fps is None and rate is not None and not MIN_FPS <= rate <= MAX_FPS:
+        # the app and `evaluate` have no --fps: the outputs are written at the nearest rate in the bounds
+        bounded = as_rate(min(max(float(rate), MIN_FPS), MAX_FPS))
+        warnings.warn(f"'{path}' plays at {float(rate):g} fps, outside the {MIN_FPS:g} to {MAX_FPS:g} fps the "
+                      f"outputs are written at; writing them at {float(bounded):g} fps (pass --fps to choose).",
+                      stacklevel=2)
+        rate = bounded
+    # the rate as the fraction write_video stores, so metrics.json records the rate the mp4 plays at
+    chosen = as_rate(fps) if fps is not None else rate or Fraction(FOLDER_FPS)
+    return Video(frames=np.stack(frames), fps=float(as_rate(chosen)), source=str(path))
+
+
+def check_fps(fps: float | None, flag: str = "--fps") -> None:
+    """Refuse in one sentence a frame rate an mp4 cannot be written at (None: the source's rate)."""
+    if fps is None:
+        return
+    if not isinstance(fps, numbers.Real) or isinstance(fps, bool) or not MIN_FPS <= fps <= MAX_FPS:  # NaN too
+        raise StemError(f"{flag} must be a positive number of frames per second between {MIN_FPS:g} and {MAX_FPS:g} "
+                        f"(got {fps}).")
+
+
+def _check_exists(path: Path) -> None:
+    """Refuse a path that cannot be looked at, saying why: missing, a broken or looping symlink, no permission."""
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            where = "is a symlink loop" if path.is_symlink() else "goes through a symlink loop"
+            raise StemError(f"'{path}' {where} (its links lead back to themselves); point it at the "
+                            "video file or folder of frames, or pass that path instead.") from err
+        if path.is_symlink() and err.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise StemError(f"'{path}' is a symlink to '{os.readlink(path)}', which does not exist; point it at the "
+                            "video file or folder of frames, or pass that path instead.") from err
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise StemError(f"'{path}' does not exist; pass the path of a video file or a folder of frames.") from err
+        raise StemError(f"'{path}' cannot be read ({err.strerror}); check its permissions or pass another video.") from err
 
 
 def _check_options(num_frames: int | None, stride: int, size: int, fps: float | None) -> None:
@@ -155,8 +219,7 @@ def _check_options(num_frames: int | None, stride: int, size: int, fps: float | 
         raise StemError(f"--stride must be at least 1 (got {stride}).")
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise StemError(f"--size must be between {MIN_SIZE} and {MAX_SIZE} pixels (got {size}).")
-    if fps is not None and not 0 < fps <= MAX_FPS:  # also rejects NaN
-        raise StemError(f"--fps must be a positive number of at most {MAX_FPS:g} (got {fps}).")
+    check_fps(fps)
 
 
 @dataclass
@@ -181,9 +244,11 @@ def _open_source(path: Path) -> _Source:
     if path.suffix.lower() == ".gif":
         durations: list[float] = []
         return _Source(_gif_frames(path, durations), lambda frame: frame, lambda: _gif_rate(durations))
+    if path.suffix.lower() in IMAGE_EXTENSIONS:  # one still: FFmpeg says 0x0 and "zero frames" for a huge one
+        _check_image_size(path)
     decoder = _Decoder(path)
     items = decoder.frames()
-    return _Source(items, _to_rgb, decoder.rate, decoder.problem, lambda: (items.close(), decoder.close()))
+    return _Source(items, _to_rgb, lambda: decoder.rate(items), decoder.problem, lambda: (items.close(), decoder.close()))
 
 
 def _take_frames(path, items, decode, stride, limit, size, report_cap) -> tuple[list[np.ndarray], bool]:
@@ -224,6 +289,49 @@ def _unreadable(path: Path, reason: str) -> StemError:
     )
 
 
+ISO_TOP_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"uuid", b"meta", b"pdin", b"moof", b"mfra",
+                 b"sidx", b"styp", b"prft"}  # what an mp4 / mov holds at its top level
+
+
+def _truncated(path: Path) -> StemError | None:
+    """The error for an mp4/mov cut short (a top-level box runs past the end, or the index is missing), else None.
+
+    FFmpeg reports such a file as invalid data, or opens it with no streams when the cut falls inside
+    the index (which is written last unless the file was made with faststart).
+    """
+    end = path.stat().st_size
+    boxes, offset = set(), 0
+    with open(path, "rb") as f:
+        while offset + 8 <= end:
+            f.seek(offset)
+            header = f.read(16)
+            size, kind = struct.unpack(">I4s", header[:8])
+            if kind not in ISO_TOP_BOXES:
+                return None  # not an mp4 (or one this walk does not know): FFmpeg's words stand
+            if size == 1:  # a 64-bit size follows
+                if len(header) < 16:
+                    break
+                size = struct.unpack(">Q", header[8:])[0]
+            elif size == 0:  # runs to the end of the file
+                size = end - offset
+            if size < 8:
+                return None
+            boxes.add(kind)
+            if offset + size > end:
+                return _cut(path, f"it ends inside its '{kind.decode()}' box, {offset + size - end:,} bytes short")
+            offset += size
+    if offset < end:
+        return _cut(path, "it ends inside a box header")
+    if b"moov" not in boxes and b"moof" not in boxes:
+        return _cut(path, "it has no 'moov' index")
+    return None
+
+
+def _cut(path: Path, how: str) -> StemError:
+    return StemError(f"'{path}' is truncated or damaged and cannot be read ({how}); copy or export the whole "
+                     "file again, or pass another video.")
+
+
 def _need_av() -> None:
     """Refuse in one sentence when PyAV is missing (video files are read and written with it)."""
     if av is None:
@@ -244,11 +352,17 @@ class _Decoder:
         try:
             self.container = av.open(_av_url(path))
         except (av.FFmpegError, OSError, ValueError) as err:
-            raise _unreadable(path, _ffmpeg_reason(err)) from err
+            raise _truncated(path) or _unreadable(path, _ffmpeg_reason(err)) from err
         if not self.container.streams.video:
             self.container.close()
-            raise StemError(f"'{path}' has no video stream; pass a video file (mp4/webm/mov/gif) or a folder of frames.")
+            # an mp4 cut inside its index (written last without faststart) opens with no streams at all
+            raise _truncated(path) or StemError(
+                f"'{path}' has no video stream; pass a video file (mp4/webm/mov/gif) or a folder of frames.")
         self.stream = self.container.streams.video[0]
+        width, height = self.stream.codec_context.width, self.stream.codec_context.height
+        if width * height > MAX_SOURCE_PIXELS:  # before a frame is decoded: one would take width*height*3 bytes
+            self.container.close()
+            raise SourceTooLarge(path, width * height, width, height)
         self.declared = self.stream.frames or 0  # the container's frame count; 0 when it does not say
         self.decoded = 0  # frames out of the decoder
         self.damaged = 0  # of those, frames the decoder marked corrupt (errors concealed)
@@ -256,6 +370,7 @@ class _Decoder:
         self.packets = 0  # packets with data read from the container
         self.cut = False  # the demuxer failed: the container ends or breaks early
         self.finished = False  # the whole stream was read
+        self.stamps: list[int] = []  # the decoded frames' pts, in the stream's time base
 
     def frames(self) -> Iterator[av.VideoFrame]:
         """Every decoded frame; packets that fail to decode are counted and skipped."""
@@ -277,15 +392,36 @@ class _Decoder:
             for frame in decoded:
                 self.decoded += 1
                 self.damaged += bool(frame.is_corrupt)
+                if frame.pts is not None:
+                    self.stamps.append(frame.pts)
                 yield frame
         self.finished = True
 
-    def rate(self) -> Fraction | None:
-        """The stream's frame rate as an exact fraction: its average rate, else FFmpeg's guess."""
+    def rate(self, frames: Iterator | None = None) -> Fraction | None:
+        """The stream's frame rate as an exact fraction: the declared rate when the frames' timestamps agree.
+
+        The declared rate is the container's average rate, else FFmpeg's guess. It is kept when one
+        frame at that rate lasts the median interval between the frames' timestamps, to one tick of
+        the time base (a 29.97 fps webm has 33 and 34 ms intervals); else the median interval gives the
+        rate, so a variable-rate file declaring 1000 fps whose frames come every 40 ms is read at 25 fps.
+        `frames` (this decoder's `frames()`) is read on, undecoded to RGB, until RATE_SAMPLE timestamps are known.
+        """
+        for _ in itertools.islice(frames or (), max(0, RATE_SAMPLE - len(self.stamps))):
+            pass
+        declared = None
         for rate in (self.stream.average_rate, self.stream.guessed_rate):  # a Fraction, None, or (PyAV 19) 0/1
             if rate and rate.numerator > 0 and rate.denominator > 0:
-                return Fraction(rate.numerator, rate.denominator)
-        return None
+                declared = Fraction(rate.numerator, rate.denominator)
+                break
+        tick = self.stream.time_base
+        stamps = sorted(set(self.stamps))
+        if tick is None or len(stamps) < 2:
+            return declared
+        tick = Fraction(tick.numerator, tick.denominator)
+        interval = statistics.median_low(b - a for a, b in zip(stamps, stamps[1:])) * tick  # seconds per frame
+        if declared is not None and abs(1 / declared - interval) <= tick:
+            return declared
+        return as_rate(1 / interval)
 
     def problem(self) -> str | None:
         """A warning sentence when frames failed to decode or are missing, else None."""
@@ -325,13 +461,43 @@ def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
 def _gif_frames(path: Path, durations: list[float]) -> Iterator[np.ndarray]:
     """Yield a GIF's frames as RGB, appending each frame's duration (ms) to `durations`."""
     try:
-        image = Image.open(path)
+        image = open_image(path)
     except OSError as err:
         raise _unreadable(path, f"Pillow: {err}") from err
     with image:
-        for frame in ImageSequence.Iterator(image):
-            durations.append(float(frame.info.get("duration") or 0))
-            yield np.asarray(frame.convert("RGB"))
+        try:
+            for frame in ImageSequence.Iterator(image):
+                durations.append(float(frame.info.get("duration") or 0))
+                yield np.asarray(frame.convert("RGB"))
+        except Image.DecompressionBombError as err:  # a later frame larger than the first
+            raise _too_large(path, err) from err
+
+
+def open_image(path: Path) -> Image.Image:
+    """Image.open, refusing (before any pixel is decoded) an image of more than MAX_SOURCE_PIXELS pixels."""
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as err:  # Pillow refuses it from the header, with the pixel count
+        raise _too_large(path, err) from err
+    width, height = image.size
+    if width * height > MAX_SOURCE_PIXELS:
+        image.close()
+        raise SourceTooLarge(path, width * height, width, height)
+    return image
+
+
+def _check_image_size(path: Path) -> None:
+    """Refuse an image file of more than MAX_SOURCE_PIXELS pixels from its header; one Pillow cannot read passes."""
+    try:
+        open_image(path).close()
+    except (OSError, SyntaxError, ValueError):  # not an image Pillow knows: FFmpeg's words stand
+        pass
+
+
+def _too_large(path: Path, error: Exception) -> SourceTooLarge:
+    """SourceTooLarge for Pillow's DecompressionBombError, with the pixel count its message gives."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    return SourceTooLarge(path, int(found.group(1)) if found else MAX_SOURCE_PIXELS + 1)
 
 
 def _gif_rate(durations: list[float]) -> Fraction:
@@ -360,7 +526,7 @@ def _natural_key(path: Path) -> list:
 def _load_image(path: Path) -> np.ndarray:
     """One image file as an RGB array, turned as its EXIF orientation says."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             return _image_to_rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError) as err:
         raise StemError(f"'{path}' is not a readable image; remove it from the folder or replace it.") from err
@@ -385,16 +551,16 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None
     Args:
         path: output file, .mp4 (or .mov/.mkv); missing parent folders are created.
         frames: (N, H, W, 3) uint8 RGB.
-        fps: frames per second, e.g. 24 or 30000/1001 (a float or a Fraction; stored as the exact
-            fraction, see `as_rate`).
+        fps: frames per second, e.g. 24 or 30000/1001 (a float or a Fraction, MIN_FPS..MAX_FPS; stored as
+            the exact fraction, see `as_rate`, which is what `read_video` gives as `Video.fps`).
     """
     _need_av()
     path = Path(path)
     frames = _check_frames(frames)
     if path.suffix.lower() not in WRITE_EXTENSIONS:
         raise StemError(f"Cannot write '{path}': videos are written as H.264, so name the output '.mp4'.")
-    if not (fps > 0 and math.isfinite(fps)):
-        raise StemError(f"Cannot write '{path}' at {fps} fps; the fps must be a positive number.")
+    if not MIN_FPS <= fps <= MAX_FPS:  # also NaN; below, the fraction would be 0 and FFmpeg would write 24 fps
+        raise StemError(f"Cannot write '{path}' at {fps} fps; the fps must be between {MIN_FPS:g} and {MAX_FPS:g}.")
     frames = _pad_to_even(frames)
     with atomic_output(path) as tmp:
         _encode(str(tmp), frames, fps, shown_as=path)

@@ -587,3 +587,35 @@ def test_the_endpoints_take_one_list_of_inputs():
     settings_fields = set().union(*(typing.get_type_hints(cls) for cls in app.EDIT_SETTINGS.values()))
     assert set(app.EDIT_INPUTS) <= settings_fields | set(app.FREEU_INPUTS)
     assert set(app.DEFAULTS) == set(app.INVERSION_INPUTS) | set(app.EDIT_INPUTS)
+
+
+# -- frames too large to decode: one sentence, before any pixel is decoded -------------------------
+
+def gif_claiming(path: Path, width: int, height: int) -> None:
+    """A GIF whose logical screen says width x height (Pillow refuses it from the header)."""
+    Image.new("P", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[6:10] = width.to_bytes(2, "little") + height.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+
+
+def test_a_20000_by_20000_upload_is_one_sentence_and_the_app_keeps_serving(served, clip, tmp_path):
+    huge = tmp_path / "huge.gif"
+    gif_claiming(huge, 20000, 20000)
+    with pytest.raises(AppError) as error:  # used to be Gradio's generic text over a DecompressionBombError
+        served.client.predict(handle_file(str(huge)), SOURCE, api_name="/invert")
+    assert "'huge.gif' has 400,000,000-pixel frames, too large for this app to read; scale it down" in str(error.value)
+    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder(tmp_path / "results"))
+    with pytest.raises(Exception, match=r"'huge\.gif' has 400,000,000-pixel frames, too large for this app"):
+        jobs.gif_to_video(str(huge))  # the GIF upload button
+    path, _, _ = served.client.predict(handle_file(str(clip)), SOURCE, api_name="/invert")  # still serving
+    assert num_frames(path) == FRAMES
+
+
+def test_a_video_upload_over_the_pixel_bound_is_refused_before_decoding(served, clip, monkeypatch):
+    import stem.video as video_module
+
+    monkeypatch.setattr(video_module, "MAX_SOURCE_PIXELS", 96 * 64 - 1)  # the clip is 96x64
+    monkeypatch.setattr(video_module, "_to_rgb", lambda frame: pytest.fail("a frame was decoded"))
+    with pytest.raises(AppError, match=r"'square\.mp4' has 96×64 frames, too large for this app to read"):
+        served.client.predict(handle_file(str(clip)), SOURCE, api_name="/invert")

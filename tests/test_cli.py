@@ -416,3 +416,132 @@ def test_latents_that_turn_non_finite_stop_the_job_with_one_sentence_and_write_n
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     if command == "invert":  # nothing non-finite is cached
         assert not [p for p in (tmp_path / "cache").rglob("*.safetensors")]
+
+
+# --- rates, counts and inputs the video layer refuses in one sentence, before any work -------------
+
+
+def test_an_fps_an_mp4_cannot_hold_is_refused_before_the_model_loads(clip, tmp_path, capsys, monkeypatch):
+    no_model(monkeypatch)
+    out = tmp_path / "out"
+    code, stdout, err = run(["invert", clip, *FAST, "--fps", "1e-9", "--out", out, "--cache-dir", tmp_path / "c"], capsys)
+    assert code == 2 and stdout == "", err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "--fps must be a positive number of frames per second between 0.01 and 1000" in lines[0]
+    assert not out.exists() and not (tmp_path / "c").exists()
+
+
+def test_the_fps_in_metrics_is_the_rate_the_mp4_plays_at(clip, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run(["invert", clip, *FAST, "--method", "ddim", "--fps", "23.976023976", "--out", out,
+                        "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 0, err
+    import av
+
+    with av.open(str(out / "reconstruction.mp4")) as container:
+        written = container.streams.video[0].average_rate
+    recorded = json.loads((out / "metrics.json").read_text())["fps"]
+    assert recorded == float(written) and recorded == pytest.approx(23.976023976, rel=1e-9)
+
+
+def test_a_variable_rate_input_gives_a_result_at_its_frames_rate(tmp_path, capsys):
+    from fractions import Fraction
+
+    import av
+
+    frames, tick = make_frames(6), Fraction(1, 1000)
+    source = tmp_path / "vfr.mkv"
+    with av.open(str(source), "w") as container:  # declares 1000 fps; its frames come every ~40 ms
+        stream = container.add_stream("libx264", rate=1000)
+        stream.height, stream.width, stream.pix_fmt = 64, 96, "yuv420p"
+        stream.codec_context.time_base = stream.time_base = tick
+        for frame, pts in zip(frames, [0, 40, 80, 81, 121, 161]):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            picture.pts, picture.time_base = pts, tick
+            container.mux(stream.encode(picture))
+        container.mux(stream.encode())
+    out = tmp_path / "out"
+    code, _, err = run(["invert", source, *FAST, "--method", "ddim", "--frames", "4", "--out", out,
+                        "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["fps"] == 25
+    with av.open(str(out / "reconstruction.mp4")) as container:
+        packets = [p for p in container.demux(video=0) if p.pts is not None]
+        seconds = sum(float(p.duration * p.time_base) for p in packets)
+    assert len(packets) == 4 and seconds == pytest.approx(0.16, abs=1e-3)  # 4 frames of 40 ms, not 4 ms
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "1.5"), ("--bases", "2.5"), ("--frames", "nan"), ("--seed", "1e400")])
+def test_a_count_that_is_not_whole_is_refused_not_truncated(clip, tmp_path, capsys, monkeypatch, flag, value):
+    no_model(monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        main(["invert", str(clip), *FAST, flag, value, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert f"argument {flag}: must be a whole number such as 2, got '{value}'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_whole_numbers_written_as_floats_are_taken():
+    from stem.cli import whole_number
+
+    assert (whole_number("3"), whole_number("3.0"), whole_number("1e3"), whole_number("-2")) == (3, 3, 1000, -2)
+
+
+def test_an_edit_batch_size_that_is_not_whole_is_refused(clip, tmp_path, capsys, monkeypatch):
+    no_model(monkeypatch)
+    with pytest.raises(SystemExit):
+        main(["edit", str(clip), *FAST, "--source-prompt", "a square", "--prompt", "a red square", "--batch-size", "2.5",
+              "--out", str(tmp_path / "out")])
+    assert "argument --batch-size: must be a whole number such as 2, got '2.5'" in capsys.readouterr().err
+
+
+def _huge_png(path):
+    """A PNG whose header says 20000x20000 (Pillow refuses it from the header; nothing is decoded)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    start = data.find(b"IHDR")
+    data[start + 4:start + 12] = struct.pack(">II", 20000, 20000)
+    data[start + 17:start + 21] = struct.pack(">I", zlib.crc32(bytes(data[start:start + 17])))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case, sentence", [
+    ("huge frame", "has 400,000,000-pixel frames, more than the 178,956,970 pixels read here; scale it down"),
+    ("symlink loop", "is a symlink loop"),
+    ("index cut", "is truncated or damaged and cannot be read (it ends inside its 'moov' box"),
+])
+def test_unreadable_inputs_say_why_in_one_sentence(tmp_path, capsys, monkeypatch, case, sentence):
+    no_model(monkeypatch)
+    if case == "huge frame":
+        source = tmp_path / "frames"
+        source.mkdir()
+        _huge_png(source / "0.png")
+    elif case == "symlink loop":
+        source, other = tmp_path / "a.mp4", tmp_path / "b.mp4"
+        source.symlink_to(other)
+        other.symlink_to(source)
+    else:
+        import av
+
+        full = tmp_path / "full.mp4"
+        with av.open(str(full), "w") as container:  # no faststart: the index is written last
+            stream = container.add_stream("libx264", rate=12)
+            stream.height, stream.width, stream.pix_fmt = 64, 96, "yuv420p"
+            for frame in make_frames(6):
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+        data = full.read_bytes()
+        source = tmp_path / "cut.mp4"
+        source.write_bytes(data[: data.rfind(b"moov") + 12])
+    out = tmp_path / "out"
+    code, stdout, err = run(["invert", source, *FAST, "--out", out, "--cache-dir", tmp_path / "c"], capsys)
+    assert code == 2 and stdout == "", err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and sentence in lines[0], err
+    assert "Traceback" not in err and not out.exists()

@@ -100,6 +100,17 @@ def test_bad_settings_are_refused_with_one_sentence(bad, word):
     assert str(error.value).count("\n") == 0
 
 
+@pytest.mark.parametrize("field, flag", [("num_steps", "--steps"), ("num_bases", "--bases"), ("num_iters", "--iters"),
+                                         ("num_frames", "--frames"), ("stride", "--stride"), ("size", "--size"),
+                                         ("seed", "--seed")])
+@pytest.mark.parametrize("value", [1.5, 2.0, True])
+def test_counts_that_are_not_ints_are_refused_not_truncated(field, flag, value):
+    # steps=1.5 used to pass as 1 <= 1.5 <= 1000 and run one step; 2.0 would split the cache key from 2
+    value = value * 64 if field == "size" and not isinstance(value, bool) else value
+    with pytest.raises(StemError, match=rf"^{flag} must be a whole number \(an int\), got {value!r}\.$"):
+        dataclasses.replace(BASE, **{field: value}).validate()
+
+
 def test_settings_are_frozen_and_hashable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         BASE.num_bases = 3

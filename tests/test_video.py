@@ -234,8 +234,8 @@ def test_truncated_mp4_gives_fewer_frames_or_stem_error(tmp_path, faststart, fra
             assert "cut.mp4" in str(err)
         else:
             assert 1 <= clip.num_frames < 30
-    if not faststart:  # without an index at the start nothing can be decoded
-        with pytest.raises(StemError, match="not a readable video"):
+    if not faststart:  # without an index at the start nothing can be decoded, and the sentence says why
+        with pytest.raises(StemError, match=r"is truncated or damaged and cannot be read \(it ends inside its 'mdat' box"):
             read_video(cut, size=64)
 
 
@@ -451,3 +451,196 @@ def test_written_files_are_tagged_h264_yuv420p_bt601(tmp_path):
         assert (context.name, context.pix_fmt) == ("h264", "yuv420p")
         assert context.colorspace == video_module.BT601
     assert path.read_bytes().find(b"moov") < path.read_bytes().find(b"mdat")  # index first: plays while loading
+
+
+# ---- rates an mp4 can hold, recorded as written; variable-rate files read at their frames' rate
+
+
+def encode_timed(path, pts_ms, declared_rate, frames=None):
+    """H.264 frames at the given presentation times (ms) in a container whose stream declares `declared_rate`."""
+    frames = make_clip(len(pts_ms)) if frames is None else frames
+    tick = Fraction(1, 1000)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=declared_rate)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = stream.time_base = tick
+        for frame, pts in zip(frames, pts_ms):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            picture.pts, picture.time_base = pts, tick
+            container.mux(stream.encode(picture))
+        container.mux(stream.encode())
+
+
+def shown_seconds(path):
+    """(seconds from the first frame to the end of the last, number of frames) of a written file, from its packets."""
+    with av.open(str(path)) as container:
+        packets = [p for p in container.demux(video=0) if p.pts is not None]
+        ends = [float((p.pts + p.duration) * p.time_base) for p in packets]
+        starts = [float(p.pts * p.time_base) for p in packets]
+    return max(ends) - min(starts), len(packets)
+
+
+VFR_MS = [0, 40, 80, 81, 121, 161, 200, 241, 281, 321]  # ~25 fps with one doubled frame and jitter
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
+def test_a_variable_rate_file_gets_its_rate_from_the_frames_timestamps(tmp_path, suffix):
+    path = tmp_path / f"vfr{suffix}"
+    encode_timed(path, VFR_MS, declared_rate=1000)
+    with av.open(str(path)) as container:  # the premise: what the container says is far from 25 fps
+        declared = container.streams.video[0].average_rate
+    assert abs(float(declared) - 25) > 4
+    intervals = sorted(b - a for a, b in zip(VFR_MS, VFR_MS[1:]))
+    median_ms = intervals[(len(intervals) - 1) // 2]  # the lower median: an interval that occurs
+    for num_frames in (4, 1):  # one kept frame: the rate still comes from several timestamps
+        clip = read_video(path, size=64, num_frames=num_frames)
+        assert clip.fps == 1000 / median_ms == 25
+    clip = read_video(path, size=64, num_frames=4)
+    out = tmp_path / "result.mp4"
+    write_video(out, clip.frames, clip.fps)
+    seconds, count = shown_seconds(out)
+    assert count == 4 and seconds == pytest.approx(4 * median_ms / 1000, abs=1e-3)  # 160 ms, not 4 ms
+
+
+def test_a_constant_rate_file_with_a_coarse_time_base_keeps_its_exact_rate(tmp_path):
+    # 29.97 fps in millisecond ticks: intervals of 33 and 34 ms, within one tick of 1001/30000 s
+    rate = Fraction(30000, 1001)
+    pts = [int(i / rate * 1000) for i in range(12)]
+    assert {b - a for a, b in zip(pts, pts[1:])} == {33, 34}
+    path = tmp_path / "ntsc.mkv"
+    encode_timed(path, pts, declared_rate=rate)
+    clip = read_video(path, size=64)
+    assert clip.rate == rate and clip.fps == float(rate)
+
+
+@pytest.mark.parametrize("fps", [1e-9, 1e-5, 0.001, 1500.0, float("inf"), float("nan")])
+def test_a_rate_an_mp4_cannot_hold_is_refused_before_reading_or_writing(clip_path, tmp_path, fps):
+    with pytest.raises(StemError, match=r"--fps must be a positive number of frames per second between 0.01 and 1000"):
+        read_video(clip_path, size=64, fps=fps)
+    with pytest.raises(StemError, match=r"Cannot write '.*never\.mp4' at .* fps; the fps must be between 0.01 and 1000"):
+        write_video(tmp_path / "never.mp4", make_clip(2), fps)
+    assert not (tmp_path / "never.mp4").exists()
+
+
+@pytest.mark.parametrize("fps", [0.01, 0.0123456789, 1 / 3, 23.976023976, 7.3, 1000.0])
+def test_the_rate_recorded_is_the_rate_written(clip_path, tmp_path, fps):
+    clip = read_video(clip_path, size=64, num_frames=4, fps=fps)
+    assert clip.fps == pytest.approx(fps, rel=1e-4)
+    out = tmp_path / "out.mp4"
+    write_video(out, clip.frames, clip.fps)
+    with av.open(str(out)) as container:
+        written = container.streams.video[0].average_rate
+    assert float(written) == clip.fps  # exactly: metrics.json records clip.fps
+    seconds, count = shown_seconds(out)
+    assert count == 4 and seconds == pytest.approx(4 / clip.fps, rel=1e-3)
+
+
+@pytest.mark.parametrize("rate, bounded", [(5000, 1000.0), (Fraction(1, 1000), 0.01)])
+def test_a_source_rate_outside_the_bounds_is_written_at_the_nearest_with_a_warning(tmp_path, rate, bounded):
+    # the app and `evaluate` have no --fps, so such a clip is read, not refused; the rate recorded is the one written
+    path = tmp_path / "odd.mkv"
+    encode(path, make_clip(4), rate=rate)  # a constant rate: the timestamps agree with it
+    with pytest.warns(UserWarning, match=rf"'.*odd\.mkv' plays at {float(rate):g} fps, outside the 0.01 to 1000 fps "
+                                         rf"the outputs are written at; writing them at {bounded:g} fps \(pass --fps"):
+        clip = read_video(path, size=64)
+    assert clip.fps == bounded
+    out = tmp_path / "out.mp4"
+    write_video(out, clip.frames, clip.fps)
+    with av.open(str(out)) as container:
+        assert float(container.streams.video[0].average_rate) == bounded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_video(path, size=64, fps=25).fps == 25
+
+
+# ---- paths and files that cannot be read, each said in its own words
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
+def test_a_symlink_loop_and_a_broken_symlink_say_so(tmp_path):
+    a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    _assert_stem_error(r"'.*a\.mp4' is a symlink loop", path=a)
+    _assert_stem_error(r"'.*a\.mp4/frames' goes through a symlink loop", path=a / "frames")
+    dangling = tmp_path / "gone.mp4"
+    dangling.symlink_to(tmp_path / "deleted.mp4")
+    _assert_stem_error(r"'.*gone\.mp4' is a symlink to '.*deleted\.mp4', which does not exist", path=dangling)
+
+
+def test_an_mp4_cut_inside_its_index_at_the_end_says_it_is_truncated(tmp_path):
+    full = tmp_path / "full.mp4"
+    _write_noise_mp4(full, faststart=False)
+    data = full.read_bytes()
+    moov = data.rfind(b"moov") - 4  # the index, written last without faststart
+    assert moov > data.find(b"mdat")
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: moov + 16])  # the index's first bytes only
+    with av.open(str(cut)) as container:  # the premise: FFmpeg opens it, with no stream at all
+        assert len(container.streams) == 0
+    _assert_stem_error(r"'.*cut\.mp4' is truncated or damaged and cannot be read \(it ends inside its 'moov' box", path=cut)
+    audio = tmp_path / "sound.mp4"  # a complete file without video still says just that
+    with av.open(str(audio), "w") as container:
+        stream = container.add_stream("aac", rate=8000)
+        samples = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        samples.sample_rate = 8000
+        container.mux(stream.encode(samples))
+        container.mux(stream.encode())
+    _assert_stem_error(r"'.*sound\.mp4' has no video stream", path=audio)
+
+
+def png_claiming(path, width, height):
+    """A PNG whose header says width x height (its pixels are never decoded: Pillow refuses it from the header)."""
+    import struct
+    import zlib
+
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    start = data.find(b"IHDR")
+    data[start + 4:start + 12] = struct.pack(">II", width, height)
+    data[start + 17:start + 21] = struct.pack(">I", zlib.crc32(bytes(data[start:start + 17])))
+    path.write_bytes(bytes(data))
+
+
+def gif_claiming(path, width, height):
+    """A GIF whose logical screen is width x height."""
+    import struct
+
+    Image.new("P", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    data[6:10] = struct.pack("<HH", width, height)
+    path.write_bytes(bytes(data))
+
+
+def test_a_20000_by_20000_frame_is_refused_in_one_sentence(tmp_path, monkeypatch):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    png_claiming(folder / "0.png", 20000, 20000)
+    _assert_stem_error(r"'.*0\.png' has 400,000,000-pixel frames, more than the 178,956,970 pixels read here; "
+                       r"scale it down", path=folder)
+    gif_claiming(tmp_path / "huge.gif", 20000, 20000)
+    _assert_stem_error(r"'.*huge\.gif' has 400,000,000-pixel frames", path=tmp_path / "huge.gif")
+    monkeypatch.setattr(video_module, "MAX_SOURCE_PIXELS", 1000 * 1000)  # a bound below Pillow's holds too
+    png_claiming(folder / "0.png", 1200, 1000)
+    _assert_stem_error(r"'.*0\.png' has 1200×1000 frames, more than the 1,000,000 pixels", path=folder)
+
+
+def test_a_video_with_frames_over_the_bound_is_refused_before_decoding(tmp_path, monkeypatch):
+    path = tmp_path / "big.mp4"
+    write_video(path, make_clip(2, width=96, height=64), 24)
+    monkeypatch.setattr(video_module, "MAX_SOURCE_PIXELS", 96 * 64 - 1)
+    monkeypatch.setattr(video_module, "_to_rgb", lambda frame: pytest.fail("a frame was decoded"))
+    with pytest.raises(video_module.SourceTooLarge, match=r"'.*big\.mp4' has 96×64 frames"):
+        read_video(path, size=64)
+
+
+def test_a_20000_by_20000_image_file_passed_alone_says_it_is_too_large(tmp_path):
+    path = tmp_path / "scan.png"
+    Image.new("1", (20000, 20000)).save(path)  # a real one: 50 KB of PNG, 400 million pixels
+    with av.open(str(path)) as container:  # the premise: FFmpeg gives it no size, then no frame
+        assert container.streams.video[0].codec_context.width == 0
+    _assert_stem_error(r"'.*scan\.png' has 400,000,000-pixel frames, more than the 178,956,970 pixels", path=path)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (80, 48), (200, 30, 30)).save(small)
+    assert read_video(small, size=64).frames.shape == (1, 40, 64, 3)  # a still of sane size is still one frame
