@@ -241,15 +241,15 @@ def test_good_hit_does_not_warn(tmp_path):
 # --- atomic save -----------------------------------------------------------------------------------
 
 
-def test_failure_inside_safetensors_save_leaves_nothing(tmp_path, monkeypatch):
+def test_failure_inside_the_write_leaves_nothing(tmp_path, monkeypatch):
     cache = LatentCache(tmp_path)
 
-    def half_write_then_fail(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{partial")
+    def half_write_then_fail(fd, data):
+        with open(fd, "wb") as f:
+            f.write(data[: len(data) // 2])
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(cache_mod, "save_file", half_write_then_fail)
+    monkeypatch.setattr(cache_mod, "_write_and_sync", half_write_then_fail)
     with pytest.raises(RuntimeError, match="disk on fire"):
         cache.save(KEY, make_tensors())
     assert list(tmp_path.iterdir()) == []
@@ -540,13 +540,12 @@ WRITER = """
 import os, sys, time
 import stem.cache as cache
 
-def stuck_save(tensors, filename, metadata=None):
-    with open(filename, "wb") as f:
-        f.write(b"x" * 5000)
+def stuck_write(fd, data):
+    os.write(fd, b"x" * 5000)
     print("writing", flush=True)
     time.sleep(600)
 
-cache.save_file = stuck_save
+cache._write_and_sync = stuck_write
 cache.LatentCache(sys.argv[1]).save("k" * 64, {"a": cache.torch.zeros(1)})
 """
 
