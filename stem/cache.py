@@ -350,6 +350,8 @@ class LatentCache:
             before = os.stat(path)  # never open what is not a regular file: a FIFO would block forever
         except OSError:
             return None
+        if stat.S_ISDIR(before.st_mode):
+            return None  # no entry; save() makes way for one, or says in one warning why it cannot
         if not stat.S_ISREG(before.st_mode):
             warnings.warn(f"STEM cache entry {path} is not a regular file; ignoring it and recomputing.", stacklevel=2)
             return None
