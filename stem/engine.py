@@ -24,7 +24,7 @@ from .inversion import (
     call_unet, ddim_invert, ddim_sample, ddim_schedule, decode_latents, encode_frames, encode_prompt, to_epsilon,
 )
 from .memory import Job, MemoryPlan, ModelFacts, available_bytes, plan
-from .models import DEFAULT_MODEL, StableDiffusionParts, default_device, load_models, resolve_dtype
+from .models import DEFAULT_MODEL, StableDiffusionParts, default_device, fingerprint_for, load_models, resolve_dtype
 from .video import DEFAULT_MAX_FRAMES, Video
 
 MAX_STEPS = 1000
@@ -226,6 +226,17 @@ class Engine:
     def model_fingerprint(self) -> str:
         """What identifies the loaded weights (hub commit, folder digest, tiny-random's build); part of every cache key."""
         return self.parts.fingerprint
+
+    def model_identity(self) -> str:
+        """The model fingerprint and dtype that every cache key of this engine holds, e.g. ``"folder:9f2c... torch.float32"``.
+
+        Known without loading the weights when they are not loaded yet (`stem.models.fingerprint_for`), so
+        a caller can tell whether a stored result was made with this model before it decides to load it.
+        """
+        if self._parts is not None:
+            return f"{self.parts.fingerprint} {self.parts.dtype}"
+        device = self.device if self.device is not None else default_device()
+        return f"{fingerprint_for(self.model)} {resolve_dtype(self.dtype, device)}"
 
     def job_for(self, video: Video, settings: InversionSettings) -> dict:
         """The full key material of inverting these frames with these settings: stored in the entry, compared on load."""

@@ -566,3 +566,18 @@ def test_the_endpoints_take_one_list_of_inputs():
     settings_fields = set().union(*(typing.get_type_hints(cls) for cls in app.EDIT_SETTINGS.values()))
     assert set(app.EDIT_INPUTS) <= settings_fields | set(app.FREEU_INPUTS)
     assert set(app.DEFAULTS) == set(app.INVERSION_INPUTS) | set(app.EDIT_INPUTS)
+
+
+def test_a_cache_that_cannot_store_results_costs_reuse_not_the_result(tiny_parts, tmp_path, clip, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    engine = Engine("tiny-random", cache=LatentCache(blocker / "cache")).use_parts(tiny_parts)
+    demo, client = serve(engine, tmp_path / "results", max_pixels=app.parse_limit("16x256"))
+    try:
+        with caplog.at_level(logging.WARNING, logger="stem.app"):
+            path, status, details = client.predict(handle_file(str(clip)), SOURCE, api_name="/invert")
+    finally:
+        demo.close()
+    assert num_frames(path) == FRAMES and details["inversion_cache_hit"] is False and "computed" in status
+    assert f"Cannot write to the cache folder {blocker / 'cache'}" in caplog.text  # the operator's hint
+    assert blocker.read_text() == "not a folder"
