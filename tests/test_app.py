@@ -572,6 +572,7 @@ def test_a_cache_that_cannot_store_results_costs_reuse_not_the_result(tiny_parts
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     engine = Engine("tiny-random", cache=LatentCache(blocker / "cache")).use_parts(tiny_parts)
+    (tmp_path / "results").mkdir()
     demo, client = serve(engine, tmp_path / "results", max_pixels=app.parse_limit("16x256"))
     try:
         with caplog.at_level(logging.WARNING, logger="stem.app"):
