@@ -584,7 +584,10 @@ class Jobs:
                                     values.get("editor", "tokenflow"))
 
     def _check_server(self, progress) -> None:
-        """Load the model and check the cache folder; what the operator must fix goes to the log, not the page."""
+        """Load the model and check the cache folder; what the operator must fix goes to the log, not the page.
+
+        A cache that cannot store results costs reuse, never the result: that is a warning, and the job runs.
+        """
         try:
             self.engine.load(lambda *_: progress(0.0, desc="Loading the model (the first job only)…"))
         except StemError as error:
@@ -592,9 +595,8 @@ class Jobs:
             raise _bad(SERVER_PROBLEM.format(what="its model could not be loaded")) from error
         try:
             self.engine.cache.ensure_writable()
-        except StemError as error:
-            log.error("cannot use the cache: %s", error)
-            raise _bad(SERVER_PROBLEM.format(what="it cannot store results")) from error
+        except (StemError, OSError) as error:
+            log.warning("%s", error)  # the engine warns too, and runs the job
 
     def _tracker(self, progress, phases) -> JobProgress:
         return JobProgress(progress, phases, getattr(self._local, "stop", None))

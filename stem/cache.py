@@ -4,9 +4,12 @@ One entry is one safetensors file, ``root/<key>.safetensors``, holding named ten
 trajectory ``(T+1, N, 4, h, w)`` and uint8 reconstruction frames) and str->str metadata. The key is
 :func:`job_key` of the job: its settings, the frames' digest, the model's fingerprint. The job
 itself is stored in the entry and compared when it is read, so an entry copied or renamed under
-another key is a miss, never a hit. Entries are written atomically (temp file + ``os.replace``),
+another key is a miss, never a hit; :func:`misfit` checks the tensors a caller expects (name,
+dtype, shape, finite values). Entries are serialised in memory and written atomically through a
+temp file of this process (``.<key>~<pid>~<host>~<random>.tmp``, fsynced, then ``os.replace``),
 verified by a checksum when read, and evicted least-recently-used first once the folder (temp files
 of writers in progress included) grows past ``max_bytes``; a file's mtime is its last access time.
+Temp files whose writer died (killed mid-write) are removed by the next load, save or eviction.
 One job per key runs at a time: :meth:`LatentCache.lock` is a file lock per key.
 """
 
@@ -30,7 +33,7 @@ from pathlib import Path, PurePath
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialise
 
 from .errors import StemError
 from .files import left_by_dead_writer, owner_tag
@@ -39,6 +42,8 @@ FORMAT_VERSION = 1
 
 _SUFFIX = ".safetensors"
 _TMP_SUFFIX = ".tmp"  # temp files are ".<key>~<pid>~<host>~<random>.tmp": never matched by "*.safetensors"
+# safetensors' save_file writes through ".tmpXXXXXX" of its own (earlier versions used it): untagged, judged by age
+_FOREIGN_TMP_RE = re.compile(r"\.tmp[0-9A-Za-z]{6}")
 _LOCK_SUFFIX = ".lock"  # lock files are ".<key>.lock"
 _STALE_LOCK_SECONDS = 3600.0  # a free lock file of a key without entry, this old, is removed
 _RESERVED = ("stem_format", "stem_checksum", "stem_job")
@@ -180,6 +185,34 @@ def _prepare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def misfit(tensors: Mapping[str, torch.Tensor],
+           expected: Mapping[str, tuple[torch.dtype, tuple[int, ...]]]) -> str | None:
+    """Why `tensors` are not the ones a caller expects (a sentence part), or None if they fit.
+
+    Each expected name must be there with exactly its dtype and shape, and a floating-point tensor
+    must hold finite values only: a NaN or inf entry is a miss, never served.
+
+    Args:
+        tensors: name -> tensor, e.g. ``CacheEntry.tensors``.
+        expected: name -> (dtype, shape), e.g. ``{"trajectory": (torch.float32, (T + 1, N, 4, h, w))}``.
+
+    Returns:
+        e.g. ``"holds a trajectory of dtype float16, not float32"``, or None.
+    """
+    name_of = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
+    for name, (dtype, shape) in expected.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            return f"has no {name}"
+        if tensor.dtype != dtype:
+            return f"holds a {name} of dtype {name_of(tensor.dtype)}, not {name_of(dtype)}"
+        if tuple(tensor.shape) != tuple(shape):
+            return f"holds a {name} of shape {tuple(tensor.shape)}, not {tuple(shape)}"
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            return f"holds a {name} with NaN or infinite values"
+    return None
+
+
 class _Corrupt(Exception):
     """A cache file that exists but cannot be trusted; the message is the reason."""
 
@@ -203,6 +236,14 @@ def _read_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if _checksum(tensors, metadata) != expected:
         raise _Corrupt("checksum mismatch")
     return tensors, metadata
+
+
+def _write_and_sync(fd: int, data: bytes) -> None:
+    """Write all of `data` to the open file `fd`, flush it to the disk, close it."""
+    with open(fd, "wb", closefd=True) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _stat_id(path: Path) -> tuple[int, int, int] | None:
@@ -237,6 +278,7 @@ class CacheEntry:
     metadata: dict[str, str]
     path: Path
     job: dict | None = None  # the job saved with the entry, if any
+    file_id: tuple[int, int, int] | None = None  # the file read (inode, size, mtime), so discard() spares a newer one
 
 
 class LatentCache:
@@ -308,6 +350,8 @@ class LatentCache:
             before = os.stat(path)  # never open what is not a regular file: a FIFO would block forever
         except OSError:
             return None
+        if stat.S_ISDIR(before.st_mode):
+            return None  # no entry; save() makes way for one, or says in one warning why it cannot
         if not stat.S_ISREG(before.st_mode):
             warnings.warn(f"STEM cache entry {path} is not a regular file; ignoring it and recomputing.", stacklevel=2)
             return None
@@ -332,7 +376,17 @@ class LatentCache:
             os.utime(path)  # mtime is the LRU clock
         except OSError:
             pass  # a read-only cache still serves hits
-        return CacheEntry(tensors=tensors, metadata=metadata, path=path, job=json.loads(stored) if stored else None)
+        now = _stat_id(path)  # after the utime; the same inode as read, or None (replaced meanwhile)
+        return CacheEntry(tensors=tensors, metadata=metadata, path=path, job=json.loads(stored) if stored else None,
+                          file_id=now if now is not None and now[0] == before.st_ino else None)
+
+    def discard(self, entry: CacheEntry) -> None:
+        """Delete an entry the caller found unusable (e.g. wrong dtype), unless a writer replaced it since."""
+        if entry.file_id is not None and _stat_id(entry.path) == entry.file_id:
+            try:
+                entry.path.unlink()
+            except OSError:
+                pass
 
     def ensure_writable(self) -> None:
         """Create the cache folder and check a file can be written there; raises StemError if not.
@@ -368,7 +422,8 @@ class LatentCache:
             alone exceeds max_bytes (that is warned about).
 
         Raises:
-            StemError: the cache folder cannot be created or written.
+            StemError: the cache folder cannot be created or written (read-only, full), or a folder
+                that is not empty sits at the entry's name; nothing is left behind then.
         """
         path = self.path_for(key)
         metadata = dict(metadata or {})
@@ -383,15 +438,14 @@ class LatentCache:
         header = {**metadata, "stem_format": str(FORMAT_VERSION), "stem_checksum": _checksum(tensors, metadata)}
 
         self._mkdir()
+        self._clear_the_way(path)
+        data = serialise(tensors, metadata=header)  # in memory: no file of safetensors' own is ever left behind
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{key}{owner_tag()}", suffix=_TMP_SUFFIX, dir=self.root)
         except OSError as e:
             raise self._unwritable(e) from e
         try:
-            os.close(fd)
-            save_file(tensors, tmp, metadata=header)
-            with open(tmp, "r+b") as f:
-                os.fsync(f.fileno())
+            _write_and_sync(fd, data)
             os.replace(tmp, path)  # atomic: readers see the old file or the new one, never a mix
         except BaseException as e:
             try:
@@ -401,6 +455,8 @@ class LatentCache:
             if isinstance(e, OSError):
                 raise self._unwritable(e) from e
             raise
+        finally:
+            del data
         self._fsync_dir()
 
         self.evict(keep=key)
@@ -478,8 +534,9 @@ class LatentCache:
             return []
 
     def _temp_files(self) -> list[Path]:
-        """The temp files of writers, alive or dead."""
-        return [p for p in self._listing() if p.name.startswith(".") and p.name.endswith(_TMP_SUFFIX)]
+        """The temp files of writers, alive or dead (safetensors' own ``.tmpXXXXXX`` of earlier versions too)."""
+        return [p for p in self._listing() if (p.name.startswith(".") and p.name.endswith(_TMP_SUFFIX))
+                or _FOREIGN_TMP_RE.fullmatch(p.name)]
 
     def _remove_dead_tmp(self) -> None:
         """Remove temp files whose writer is gone (its process ended, e.g. killed mid-write)."""
@@ -522,6 +579,18 @@ class LatentCache:
         if not self.root.is_dir():
             raise self._unwritable(NotADirectoryError(f"{self.root} is not a folder"))
 
+    def _clear_the_way(self, path: Path) -> None:
+        """Make room for an entry where an empty folder sits at its name; refuse a folder with contents."""
+        if not path.is_dir() or path.is_symlink():
+            return  # nothing, or a file (even a FIFO or a link): os.replace puts the entry over it
+        try:
+            path.rmdir()
+        except OSError as e:
+            raise StemError(
+                f"The cache entry {path} is a folder, so the result is not cached; move that folder away or pass "
+                "another --cache-dir."
+            ) from e
+
     def _fsync_dir(self) -> None:
         """Make the rename durable (POSIX only; best effort)."""
         if os.name == "nt":
@@ -541,6 +610,6 @@ class LatentCache:
         """The user-facing error for a cache folder that cannot be created or written."""
         reason = e.strerror or str(e)
         return StemError(
-            f"Cannot write to the cache folder {self.root} ({reason}); pass --cache-dir or set "
-            f"STEM_CACHE_DIR to a writable folder with free space."
+            f"Cannot write to the cache folder {self.root} ({reason}), so the result is not cached; pass "
+            f"--cache-dir or set STEM_CACHE_DIR to a writable folder with free space."
         )

@@ -18,13 +18,13 @@ import numpy as np
 import torch
 
 from .attention import METHODS, AttentionState, attention_mode
-from .cache import CacheEntry, LatentCache, frames_digest, job_key
+from .cache import CacheEntry, LatentCache, frames_digest, job_key, misfit
 from .errors import StemError
 from .inversion import (
     NonFiniteLatents, call_unet, ddim_invert, ddim_sample, ddim_schedule, decode_latents, encode_frames, encode_prompt, to_epsilon,
 )
 from .memory import Job, MemoryPlan, ModelFacts, available_bytes, plan
-from .models import DEFAULT_MODEL, StableDiffusionParts, default_device, load_models, resolve_dtype
+from .models import DEFAULT_MODEL, StableDiffusionParts, default_device, fingerprint_for, load_models, resolve_dtype
 from .video import DEFAULT_MAX_FRAMES, Video
 
 MAX_STEPS = 1000
@@ -97,6 +97,7 @@ class InversionResult:
     vae_roundtrip: np.ndarray      # (N, H, W, 3) uint8: decode(encode(frames)), the ceiling
     cache_hit: bool
     seconds: float                 # inversion + reconstruction (cache load on a hit)
+    cache_warning: str | None = None  # why a computed result is not in the cache (also warned), else None
 
     @property
     def inverted_latents(self) -> torch.Tensor:
@@ -231,6 +232,17 @@ class Engine:
         """What identifies the loaded weights (hub commit, folder digest, tiny-random's build); part of every cache key."""
         return self.parts.fingerprint
 
+    def model_identity(self) -> str:
+        """The model fingerprint and dtype that every cache key of this engine holds, e.g. ``"folder:9f2c... torch.float32"``.
+
+        Known without loading the weights when they are not loaded yet (`stem.models.fingerprint_for`), so
+        a caller can tell whether a stored result was made with this model before it decides to load it.
+        """
+        if self._parts is not None:
+            return f"{self.parts.fingerprint} {self.parts.dtype}"
+        device = self.device if self.device is not None else default_device()
+        return f"{fingerprint_for(self.model)} {resolve_dtype(self.dtype, device)}"
+
     def job_for(self, video: Video, settings: InversionSettings) -> dict:
         """The full key material of inverting these frames with these settings: stored in the entry, compared on load."""
         tiled = {"vae_tiling": True} if self.plan is not None and self.plan.vae_tiling else {}  # tiles change the latents
@@ -241,19 +253,37 @@ class Engine:
         """The cache key of inverting these frames with these settings (with this model, in this dtype)."""
         return job_key(self.job_for(video, settings))
 
-    def _misfit(self, entry: CacheEntry, video: Video, settings: InversionSettings) -> str | None:
-        """Why a cache entry's tensors cannot be this job's result (a sentence part), or None if they fit."""
+    def entry_spec(self, video: Video, settings: InversionSettings, timesteps: torch.Tensor) -> dict:
+        """What a cache entry of this job holds: tensor name -> (dtype, shape), as `stem.cache.misfit` takes."""
         f, channels = self.parts.vae_scale_factor, self.parts.unet.config.in_channels
-        expected = {
-            "trajectory": (settings.num_steps + 1, video.num_frames, channels, video.height // f, video.width // f),
-            "timesteps": (settings.num_steps,), "reconstruction": video.frames.shape, "vae_roundtrip": video.frames.shape,
+        return {
+            "trajectory": (torch.float32, (settings.num_steps + 1, video.num_frames, channels,
+                                           video.height // f, video.width // f)),
+            "timesteps": (timesteps.dtype, tuple(timesteps.shape)),
+            "reconstruction": (torch.uint8, video.frames.shape), "vae_roundtrip": (torch.uint8, video.frames.shape),
         }
-        for name, shape in expected.items():
-            tensor = entry.tensors.get(name)
-            if tensor is None:
-                return f"has no {name}"
-            if tuple(tensor.shape) != tuple(shape):
-                return f"holds a {name} of shape {tuple(tensor.shape)}, not {tuple(shape)}"
+
+    def _misfit(self, entry: CacheEntry, video: Video, settings: InversionSettings) -> str | None:
+        """Why a cache entry's tensors cannot be this job's result (a sentence part), or None if they fit.
+
+        Every tensor's dtype and shape is checked, float ones for NaN and inf, and the timesteps against
+        this model's scheduler: whatever an entry holds, it is served only if it is what this job computes.
+        """
+        timesteps, _ = ddim_schedule(self.parts.scheduler, settings.num_steps)
+        problem = misfit(entry.tensors, self.entry_spec(video, settings, timesteps))
+        if problem is None and not torch.equal(entry.tensors["timesteps"], timesteps):
+            problem = "holds other timesteps than this model's scheduler gives"
+        return problem
+
+    def _save(self, key: str, tensors: dict, metadata: dict, job: dict, spec: dict) -> str | None:
+        """Save a computed result in the cache; what went wrong is warned and returned, never raised."""
+        problem = misfit(tensors, spec)
+        if problem is not None:  # never write an entry that load would refuse
+            return _cache_warning(f"The result {problem}, so it is not cached.")
+        try:
+            self.cache.save(key, tensors, metadata, job=job)
+        except Exception as error:  # noqa: BLE001 - the cache must never cost the user the result
+            return _cache_warning(_cache_trouble(self.cache, error))
         return None
 
     def eps_fn(self, text: torch.Tensor, alphas: torch.Tensor, state: AttentionState | None = None,
@@ -304,14 +334,19 @@ class Engine:
         start = time.perf_counter()
         entry = self.cache.load(key, job)
         if entry is not None:
-            misfit = self._misfit(entry, video, settings)
-            if misfit is None:
+            problem = self._misfit(entry, video, settings)
+            if problem is None:
                 t = entry.tensors
                 return InversionResult(settings, key, t["trajectory"], t["timesteps"], t["reconstruction"].numpy(),
                                        t["vae_roundtrip"].numpy(), True, time.perf_counter() - start)
-            warnings.warn(f"STEM cache entry {entry.path} {misfit}; recomputing.", stacklevel=3)
+            warnings.warn(f"STEM cache entry {entry.path} {problem}; recomputing.", stacklevel=3)
+            self.cache.discard(entry)  # a bad entry never stays in the way, even if this result is not saved
 
-        self.cache.ensure_writable()  # fail before the expensive part, not after it
+        try:  # say before the expensive part that its result will not be kept; the job runs all the same
+            self.cache.ensure_writable()
+            unwritable = None
+        except (StemError, OSError) as error:
+            unwritable = _cache_warning(_cache_trouble(self.cache, error))
         timesteps, alphas = ddim_schedule(parts.scheduler, settings.num_steps)
         with torch.inference_mode():
             latents = encode_frames(parts.vae, video.frames, self.vae_batch_size,
@@ -334,10 +369,11 @@ class Engine:
             seconds = time.perf_counter() - start
             roundtrip = decode(latents)
         result = InversionResult(settings, key, trajectory.cpu().contiguous(), timesteps, reconstruction, roundtrip, False, seconds)
-        self.cache.save(key, {
+        result.cache_warning = unwritable or self._save(key, {
             "trajectory": result.trajectory, "timesteps": timesteps,
             "reconstruction": torch.from_numpy(reconstruction), "vae_roundtrip": torch.from_numpy(roundtrip),
-        }, {"settings": repr(dataclasses.asdict(settings)), "seconds": f"{seconds:.3f}"}, job=job)
+        }, {"settings": repr(dataclasses.asdict(settings)), "seconds": f"{seconds:.3f}"}, job,
+            self.entry_spec(video, settings, timesteps))
         return result
 
 
@@ -349,6 +385,20 @@ def non_finite_advice(dtype: torch.dtype, causes: tuple[str, ...] = ()) -> str:
     if not fixes:
         return "the model's noise predictions are not finite; check its weights."
     return (fixes[0] if len(fixes) == 1 else ", ".join(fixes[:-1]) + " or " + fixes[-1]) + "."
+
+
+def _cache_trouble(cache: LatentCache, error: Exception) -> str:
+    """One sentence on a cache that cannot take this result: the cache's own, or one naming the error."""
+    if isinstance(error, StemError):
+        return str(error)
+    return (f"Could not save the result in the cache folder {cache.root} ({type(error).__name__}: {error}), so it is "
+            "not cached; pass --cache-dir or set STEM_CACHE_DIR to a writable folder with free space.")
+
+
+def _cache_warning(message: str) -> str:
+    """Warn that a result is not cached (the outputs are written all the same) and return the sentence."""
+    warnings.warn(message, stacklevel=4)
+    return message
 
 
 def inversion_metrics(video: Video, result: InversionResult, engine: Engine | None = None, motion=None) -> dict:

@@ -254,11 +254,15 @@ class Job:
         return f"{base}--{RECONSTRUCTION}" if self.kind == RECONSTRUCTION else \
             f"{base}--{self.editor}--{self.number}-{slug(self.prompt)}"
 
-    def fingerprint(self, clip_model: str | None) -> str:
-        """A hash of everything the row depends on: a stored row with another fingerprint is stale."""
+    def fingerprint(self, clip_model: str | None, model: str) -> str:
+        """A hash of everything the row depends on: a stored row with another fingerprint is stale.
+
+        `model`: `Engine.model_identity()`, the weights' fingerprint and dtype the latent cache keys on
+        (the model id alone would keep the rows of weights re-saved under the same name).
+        """
         stat = self.clip.path.stat()
         parts = [str(self.clip.path), stat.st_size, int(stat.st_mtime), repr(self.inversion), repr(self.edit),
-                 clip_model if self.kind == EDIT else None]
+                 clip_model if self.kind == EDIT else None, model]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -351,13 +355,13 @@ def process_state():
     return PartialState(cpu=forced_cpu or (launched and not torch.cuda.is_available()), timeout=GATHER_TIMEOUT)
 
 
-def finished_row(out: Path, job: Job, clip_model: str | None) -> dict | None:
-    """The stored row of a job already done with these settings (its video present), else None."""
+def finished_row(out: Path, job: Job, clip_model: str | None, model: str) -> dict | None:
+    """The stored row of a job already done with these settings and this model (its video present), else None."""
     try:
         row = json.loads((out / "rows" / f"{job.id}.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(row, dict) or row.get("fingerprint") != job.fingerprint(clip_model) \
+    if not isinstance(row, dict) or row.get("fingerprint") != job.fingerprint(clip_model, model) \
             or not (out / str(row.get("file", ""))).is_file():
         return None
     return {**row, "skipped": True}
@@ -424,7 +428,7 @@ def run_job(job: Job, video, engine, scorer, out: Path, process_index: int, prog
         "num_frames": video.num_frames, "width": video.width, "height": video.height, **metrics,
         "seconds": round(seconds, 3), "seconds_job": round(time.perf_counter() - start, 3), "cache_hit": cache_hit,
         "process_index": process_index, "device": str(engine.parts.device), "file": file, "skipped": False,
-        "fingerprint": job.fingerprint(scorer.name if scorer is not None else None),
+        "fingerprint": job.fingerprint(scorer.name if scorer is not None else None, engine.model_identity()),
     }
     write_json(out / "rows" / f"{job.id}.json", row)
     return row
@@ -455,13 +459,15 @@ def cmd_evaluate(args) -> dict:
         device = parse_device(args.device) if args.device is not None else state.device
         out = Path(args.out) if args.out else Path("stem-eval") / Path(args.video).stem
         check_output_folder(out, RESULT_FILES)  # a file or a read-only folder is refused before any job
+        engine = make_engine(argparse.Namespace(**{**vars(args), "device": str(device)}))  # loads nothing yet
+        model = engine.model_identity() if main else ""  # the weights' fingerprint: no weights loaded for it
     except StemError:
         if not main:  # every process finds the same problem; the main one says it
             raise SystemExit(EXIT_ERROR)
         raise
 
     # which jobs are done: the main process looks, every process gets its answer (the same view for all)
-    done = {job.id: row for job in plan.jobs if (row := finished_row(out, job, plan.clip_model))} if main else {}
+    done = {job.id: row for job in plan.jobs if (row := finished_row(out, job, plan.clip_model, model))} if main else {}
     pending = [i for i, g in enumerate(plan.groups) if any(job.id not in done for job in g.jobs)] if main else []
     pending, done_ids = broadcast_object_list([pending, set(done)])
 
@@ -472,7 +478,6 @@ def cmd_evaluate(args) -> dict:
         mine = list(mine)
     rows = []
     if mine:
-        engine = make_engine(argparse.Namespace(**{**vars(args), "device": str(device)}))
         needs_clip = any(job.kind == EDIT and job.id not in done_ids for i in mine for job in plan.groups[i].jobs)
         scorer = load_clip(plan.clip_model, device) if plan.clip_model and needs_clip else None  # the smaller download first
         progress = TqdmProgress() if count == 1 else None

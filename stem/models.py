@@ -7,6 +7,7 @@ and offline smoke runs, and its outputs are noise.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -182,9 +183,26 @@ def model_fingerprint(model_id: str) -> str:
         return "folder:" + _folder_digest(local)
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(model_id, "unet/config.json")
+    try:
+        cached = try_to_load_from_cache(model_id, "unet/config.json")
+    except Exception:  # noqa: BLE001 - not a valid hub id: load_models says so in its own sentence
+        cached = None
     commit = Path(cached).parents[1].name if isinstance(cached, str) else "unresolved"  # snapshots/<commit>/unet/config.json
     return f"hub:{model_id}@{commit}"
+
+
+def fingerprint_for(model_id: str) -> str:
+    """The fingerprint `load_models(model_id)` gives its parts, found without loading any weights.
+
+    A hub id or folder: :func:`model_fingerprint`; `tiny-random`: that of what `build_tiny` builds
+    (built once per process; it changes only when the code that builds it does).
+    """
+    return _tiny_fingerprint() if model_id == TINY_MODEL else model_fingerprint(model_id)
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_fingerprint() -> str:
+    return build_tiny(device="cpu", dtype=torch.float32).fingerprint
 
 
 def _folder_digest(folder: Path) -> str:

@@ -619,3 +619,19 @@ def test_a_video_upload_over_the_pixel_bound_is_refused_before_decoding(served, 
     monkeypatch.setattr(video_module, "_to_rgb", lambda frame: pytest.fail("a frame was decoded"))
     with pytest.raises(AppError, match=r"'square\.mp4' has 96×64 frames, too large for this app to read"):
         served.client.predict(handle_file(str(clip)), SOURCE, api_name="/invert")
+
+
+def test_a_cache_that_cannot_store_results_costs_reuse_not_the_result(tiny_parts, tmp_path, clip, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    engine = Engine("tiny-random", cache=LatentCache(blocker / "cache")).use_parts(tiny_parts)
+    (tmp_path / "results").mkdir()
+    demo, client = serve(engine, tmp_path / "results", max_pixels=app.parse_limit("16x256"))
+    try:
+        with caplog.at_level(logging.WARNING, logger="stem.app"):
+            path, status, details = client.predict(handle_file(str(clip)), SOURCE, api_name="/invert")
+    finally:
+        demo.close()
+    assert num_frames(path) == FRAMES and details["inversion_cache_hit"] is False and "computed" in status
+    assert f"Cannot write to the cache folder {blocker / 'cache'}" in caplog.text  # the operator's hint
+    assert blocker.read_text() == "not a folder"

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -241,15 +242,15 @@ def test_good_hit_does_not_warn(tmp_path):
 # --- atomic save -----------------------------------------------------------------------------------
 
 
-def test_failure_inside_safetensors_save_leaves_nothing(tmp_path, monkeypatch):
+def test_failure_inside_the_write_leaves_nothing(tmp_path, monkeypatch):
     cache = LatentCache(tmp_path)
 
-    def half_write_then_fail(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{partial")
+    def half_write_then_fail(fd, data):
+        with open(fd, "wb") as f:
+            f.write(data[: len(data) // 2])
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(cache_mod, "save_file", half_write_then_fail)
+    monkeypatch.setattr(cache_mod, "_write_and_sync", half_write_then_fail)
     with pytest.raises(RuntimeError, match="disk on fire"):
         cache.save(KEY, make_tensors())
     assert list(tmp_path.iterdir()) == []
@@ -540,13 +541,12 @@ WRITER = """
 import os, sys, time
 import stem.cache as cache
 
-def stuck_save(tensors, filename, metadata=None):
-    with open(filename, "wb") as f:
-        f.write(b"x" * 5000)
+def stuck_write(fd, data):
+    os.write(fd, b"x" * 5000)
     print("writing", flush=True)
     time.sleep(600)
 
-cache.save_file = stuck_save
+cache._write_and_sync = stuck_write
 cache.LatentCache(sys.argv[1]).save("k" * 64, {"a": cache.torch.zeros(1)})
 """
 
@@ -568,3 +568,86 @@ def test_a_writer_killed_mid_write_leaves_a_temp_file_that_counts_until_the_next
         writer.stdout.close()
     assert cache.load(KEY) is None
     assert not tmp.exists() and cache.size_bytes() == 0
+
+
+KILLED_IN_SAVE = """
+import sys
+import torch
+import stem.cache as cache
+cache.LatentCache(sys.argv[1]).save("k" * 64, {"big": torch.arange(2**18, dtype=torch.float32)})
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None or os.name == "nt", reason="needs strace (syscall injection)")
+def test_a_kill_during_the_write_leaves_only_a_temp_file_that_counts_and_is_swept(tmp_path):
+    root = tmp_path / "cache"
+    root.mkdir()
+    renames = "rename,renameat,renameat2"  # killed on the way into the first rename, whoever makes it
+    proc = subprocess.run(["strace", "-f", "-qq", "-o", os.devnull, "-e", f"trace={renames}",
+                           "-e", f"inject={renames}:signal=KILL:when=1", sys.executable, "-c", KILLED_IN_SAVE,
+                           str(root)], capture_output=True, text=True, timeout=300)
+    if "ptrace" in proc.stderr or "PTRACE" in proc.stderr:
+        pytest.skip(f"strace cannot trace here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode != 0, proc.stderr
+    left = {p.name: p.stat().st_size for p in root.iterdir()}
+    assert left and not any(name.endswith(".safetensors") for name in left)  # killed before the entry existed
+    assert max(left.values()) > 2**20  # an entry-sized file is there
+    cache = LatentCache(root, max_bytes=10**9)
+    assert cache.size_bytes() == sum(left.values())  # every byte of it counts towards the bound
+    assert cache.load("k" * 64) is None
+    assert list(root.iterdir()) == []  # its writer is dead: the next load removes it
+
+
+def test_safetensors_own_temp_files_count_and_stale_ones_are_swept(tmp_path):
+    cache = LatentCache(tmp_path)
+    path = cache.save(KEY, make_tensors())
+    stale, fresh = tmp_path / ".tmpAb3dE9", tmp_path / ".tmpZz81Qx"  # save_file's names: no owner, judged by age
+    for p in (stale, fresh):
+        p.write_bytes(b"x" * 700)
+    os.utime(stale, (time.time() - 2 * 3600,) * 2)
+    assert cache.size_bytes() == path.stat().st_size + 1400
+    cache.evict()
+    assert not stale.exists() and fresh.exists()
+    assert cache.size_bytes() == path.stat().st_size + 700
+
+
+def test_save_makes_no_file_but_its_own_tagged_temp(tmp_path, monkeypatch):
+    cache = LatentCache(tmp_path)
+    seen = []
+    real = os.replace
+
+    def spy(src, dst):
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        return real(src, dst)
+
+    monkeypatch.setattr(cache_mod.os, "replace", spy)
+    cache.save(KEY, make_tensors())
+    (names,) = seen
+    (name,) = names
+    assert name.startswith(f".{KEY}~{os.getpid()}~") and name.endswith(".tmp")
+
+
+# --- misfit: what a caller expects of an entry ------------------------------------------------------
+
+
+SPEC = {"inverted_latents": (torch.float32, (3, 2, 4, 8, 8)), "reconstruction": (torch.uint8, (2, 16, 16, 3))}
+
+
+@pytest.mark.parametrize("name,value,words", [
+    ("inverted_latents", lambda t: t.half(), "holds a inverted_latents of dtype float16, not float32"),
+    ("inverted_latents", lambda t: t.double(), "of dtype float64, not float32"),
+    ("inverted_latents", lambda t: t[:2], "of shape (2, 2, 4, 8, 8), not (3, 2, 4, 8, 8)"),
+    ("reconstruction", lambda t: t.float(), "holds a reconstruction of dtype float32, not uint8"),
+    ("reconstruction", lambda t: t.long(), "of dtype int64, not uint8"),
+    ("inverted_latents", lambda t: t.index_fill(0, torch.tensor([1]), float("nan")), "with NaN or infinite values"),
+    ("inverted_latents", lambda t: t.index_fill(0, torch.tensor([2]), float("inf")), "with NaN or infinite values"),
+    ("reconstruction", None, "has no reconstruction"),
+])
+def test_misfit_names_what_is_wrong(name, value, words):
+    tensors = make_tensors()
+    assert cache_mod.misfit(tensors, SPEC) is None
+    if value is None:
+        del tensors[name]
+    else:
+        tensors[name] = value(tensors[name])
+    assert words in cache_mod.misfit(tensors, SPEC)

@@ -545,3 +545,33 @@ def test_unreadable_inputs_say_why_in_one_sentence(tmp_path, capsys, monkeypatch
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and sentence in lines[0], err
     assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("how", ["a file at the cache dir", "a full disk"])
+def test_a_cache_that_cannot_be_written_is_a_warning_and_the_outputs_are_written(clip, tmp_path, capsys,
+                                                                                 monkeypatch, how):
+    import errno
+
+    import stem.cache
+
+    cache = tmp_path / "cache"
+    if how == "a full disk":
+        def full(fd, data):
+            os.close(fd)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(stem.cache, "_write_and_sync", full)
+        reason = "No space left on device"
+    else:
+        cache.write_text("not a folder")
+        reason = "is not a folder" if os.name == "nt" else ""
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning) as record:
+        code, stdout, err = run(["invert", clip, *FAST, "--frames", "2", "--out", out, "--cache-dir", cache], capsys)
+    assert code == 0, err
+    messages = [str(w.message) for w in record if "cache" in str(w.message)]
+    assert len(messages) == 1 and messages[0].startswith(f"Cannot write to the cache folder {cache} (")
+    assert reason in messages[0] and "so the result is not cached" in messages[0]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "reconstruction.mp4"]
+    assert read_video(out / "reconstruction.mp4", size=96).num_frames == 2
+    assert json.loads((out / "metrics.json").read_text())["cache_hit"] is False

@@ -229,3 +229,160 @@ def test_a_resaved_local_model_folder_is_a_new_model(tiny_parts, video, tmp_path
     assert not again.cache_hit and again.key != first.key
     assert (again.trajectory[-1] - first.trajectory[-1]).abs().max() > 1e-3
     assert other.model_fingerprint.startswith("folder:")
+
+
+# --- an entry holds exactly what the job computes, and the cache never costs the result (issue 17: 3, 5, 7) ---
+
+
+def _plant(engine, video, settings, **changes):
+    """Rewrite the job's entry (checksum and job record intact) with some tensors replaced."""
+    key = engine.key_for(video, settings)
+    tensors = {**engine.cache.load(key).tensors, **changes}
+    engine.cache.save(key, tensors, job=engine.job_for(video, settings))
+    return key
+
+
+@pytest.mark.parametrize("bad,reason", [
+    ("float16 trajectory", r"holds a trajectory of dtype float16, not float32"),
+    ("float64 trajectory", r"holds a trajectory of dtype float64, not float32"),
+    ("float reconstruction", r"holds a reconstruction of dtype float32, not uint8"),
+    ("int64 reconstruction", r"holds a reconstruction of dtype int64, not uint8"),
+    ("int32 timesteps", r"holds a timesteps of dtype int32, not int64"),
+    ("other timesteps", r"other timesteps than this model's scheduler gives"),
+    ("NaN trajectory", r"holds a trajectory with NaN or infinite values"),
+    ("inf roundtrip", r"holds a vae_roundtrip of dtype float32"),
+    ("inf trajectory", r"holds a trajectory with NaN or infinite values"),
+])
+def test_an_entry_of_another_dtype_or_with_non_finite_values_is_a_miss_and_replaced(engine, video, count_calls,
+                                                                                     bad, reason):
+    first = engine.invert(video, BASE)
+    t = first.trajectory
+    nan, inf = t.clone(), t.clone()
+    nan[1, 0, 0, 0, 0] = float("nan")
+    inf[-1, 2, 1, 3, 3] = float("-inf")
+    recon = torch.from_numpy(first.reconstruction)
+    planted = {
+        "float16 trajectory": dict(trajectory=t.half()), "float64 trajectory": dict(trajectory=t.double()),
+        "float reconstruction": dict(reconstruction=recon.float()),
+        "int64 reconstruction": dict(reconstruction=recon.long()),
+        "int32 timesteps": dict(timesteps=first.timesteps.int()),
+        "other timesteps": dict(timesteps=first.timesteps + 1),
+        "NaN trajectory": dict(trajectory=nan), "inf trajectory": dict(trajectory=inf),
+        "inf roundtrip": dict(vae_roundtrip=torch.full(video.frames.shape, float("inf"))),
+    }[bad]
+    key = _plant(engine, video, BASE, **planted)
+    with pytest.warns(UserWarning, match=reason + r".*; recomputing"), count_calls(engine.parts.unet) as counter:
+        again = engine.invert(video, BASE)
+    assert not again.cache_hit and counter.calls == 2 * BASE.num_steps
+    assert again.trajectory.dtype == torch.float32 and again.reconstruction.dtype == np.uint8
+    torch.testing.assert_close(again.trajectory, first.trajectory)
+    assert np.array_equal(again.reconstruction, first.reconstruction)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # replaced: the next run is a clean hit
+        hit = engine.invert(video, BASE)
+    assert hit.cache_hit and hit.key == key and torch.equal(hit.trajectory, first.trajectory)
+
+
+def test_a_bad_entry_is_removed_even_when_the_result_cannot_be_saved(engine, video, monkeypatch):
+    import errno
+
+    import stem.cache
+
+    first = engine.invert(video, BASE)
+    key = _plant(engine, video, BASE, reconstruction=torch.from_numpy(first.reconstruction).long())
+
+    def full(fd, data):
+        os.close(fd)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(stem.cache, "_write_and_sync", full)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = engine.invert(video, BASE)
+    assert not again.cache_hit and np.array_equal(again.reconstruction, first.reconstruction)
+    assert not engine.cache.path_for(key).exists()  # it does not block the runs after this one
+    assert any("No space left on device" in str(w.message) for w in caught)
+
+
+def _cache_files(engine):
+    return sorted(p.name for p in engine.cache.root.iterdir() if not p.name.endswith(".lock"))
+
+
+def test_a_full_disk_under_the_cache_is_a_warning_and_the_result_is_returned(engine, video, monkeypatch):
+    import errno
+
+    import stem.cache
+
+    def full(fd, data):
+        os.write(fd, data[: len(data) // 3])  # part of it made it to the disk
+        os.close(fd)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(stem.cache, "_write_and_sync", full)
+    with pytest.warns(UserWarning) as record:
+        result = engine.invert(video, BASE)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1 and result.cache_warning == messages[0]
+    assert messages[0].startswith(f"Cannot write to the cache folder {engine.cache.root} (No space left on device), "
+                                  "so the result is not cached; pass --cache-dir")
+    assert messages[0].count(". ") == 0 and messages[0].endswith(".")  # one sentence
+    assert not result.cache_hit and result.reconstruction.shape == video.frames.shape
+    assert _cache_files(engine) == []  # no partial entry, no temp file
+    monkeypatch.undo()
+    assert not engine.invert(video, BASE).cache_hit  # nothing was cached; now it is
+    assert engine.invert(video, BASE).cache_hit
+
+
+def test_an_unwritable_cache_warns_before_the_work_and_never_raises(engine, video, monkeypatch):
+    import stem.cache
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")  # what a read-only folder does (root aside)
+
+    monkeypatch.setattr(stem.cache.tempfile, "mkstemp", denied)
+    events = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = engine.invert(video, BASE, lambda phase, done, total: events.append((phase, len(caught))))
+    assert [str(w.message) for w in caught] == [result.cache_warning]
+    assert "Permission denied" in result.cache_warning and "not cached" in result.cache_warning
+    assert events and all(warned == 1 for _, warned in events)  # said before any work began
+    assert not result.cache_hit and result.reconstruction.shape == video.frames.shape
+    assert _cache_files(engine) == []
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_a_folder_at_the_entry_name_does_not_fail_the_job(engine, video, full):
+    path = engine.cache.path_for(engine.key_for(video, BASE))
+    path.mkdir(parents=True)
+    if full:
+        (path / "keep.txt").write_text("someone's file")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = engine.invert(video, BASE)
+    assert not result.cache_hit and result.reconstruction.shape == video.frames.shape
+    if full:  # a folder with contents is left alone, and said so
+        assert result.cache_warning == (f"The cache entry {path} is a folder, so the result is not cached; "
+                                        "move that folder away or pass another --cache-dir.")
+        assert [str(w.message) for w in caught if "cache" in str(w.message)] == [result.cache_warning]
+        assert (path / "keep.txt").read_text() == "someone's file"
+        assert not engine.invert(video, BASE).cache_hit  # every run still works
+    else:  # an empty one makes way for the entry
+        assert result.cache_warning is None and path.is_file()
+        assert engine.invert(video, BASE).cache_hit
+
+
+def test_a_non_finite_result_is_not_written_to_the_cache(engine, video, monkeypatch):
+    import stem.engine as engine_mod
+
+    real = engine_mod.ddim_invert
+
+    def poisoned(*args, **kwargs):
+        trajectory = real(*args, **kwargs)
+        trajectory[2, 1, 0, 0, 0] = float("nan")
+        return trajectory
+
+    monkeypatch.setattr(engine_mod, "ddim_invert", poisoned)
+    with pytest.warns(UserWarning, match="with NaN or infinite values, so it is not cached"):
+        result = engine.invert(video, BASE)
+    assert not engine.cache.path_for(result.key).exists()

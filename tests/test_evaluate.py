@@ -388,3 +388,29 @@ def test_a_failing_job_is_recorded_and_the_others_go_on(clips, tmp_path, capsys,
     assert "video" in rows["notes--ddim--reconstruction"]["error"]
     assert sorted(p.name for p in (out / "rows").iterdir()) == ["a--ddim--reconstruction.json"]  # retried next time
     assert "## Failed jobs (1)" in (out / "summary.md").read_text()
+
+
+def test_rows_made_with_other_weights_under_the_same_model_name_are_recomputed(clips, tmp_path, capsys):
+    from stem.models import build_tiny, save_pretrained
+
+    folder = save_pretrained(build_tiny(seed=0), tmp_path / "my-model")
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps([{"video": str(clips / "a.mp4"), "source_prompt": "a yellow square"}]))
+    out = tmp_path / "out"
+    args = ["evaluate", manifest, *FAST, "--model", folder, "--methods", "ddim", "--editors", "none",
+            "--out", out, "--cache-dir", tmp_path / "cache"]
+    code, stdout, err = run(args, capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["ran"] == 1
+    first = rows_of(out)[0]
+    code, stdout, err = run(args, capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["ran"] == 0 and rows_of(out)[0]["skipped"]  # same weights: the row stands
+
+    save_pretrained(build_tiny(seed=1), folder)  # other weights under the same name and configs
+    code, stdout, err = run(args, capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["ran"] == 1
+    (row,) = rows_of(out)
+    assert not row["skipped"] and not row["cache_hit"] and row["fingerprint"] != first["fingerprint"]
+    assert row["psnr"] != first["psnr"]  # what the new weights give, not the old row
