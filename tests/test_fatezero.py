@@ -82,7 +82,7 @@ def test_good_settings_pass_and_are_hashable():
     assert edit.validate() is edit and hash(edit) == hash(FateZeroSettings(**vars(edit)))
     assert edit.blend_word_lists() == (("cat",), ("dog",))
     assert fatezero("a cat", blend_words="cat").validate().blend_word_lists() == (("cat",), ("cat",))
-    assert fatezero(self_replace=0.58, cross_replace=0.8).num_fused_steps(50) == (29, 40)
+    assert fatezero(self_replace=0.58, cross_replace=0.8).num_fused_steps(50) == (28, 40)
 
 
 def test_reweight_parsing():

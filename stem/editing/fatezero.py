@@ -159,7 +159,7 @@ class FateZeroSettings:
 
     def num_fused_steps(self, num_steps: int) -> tuple[int, int]:
         """(self-attention steps, cross-attention steps): the first so many of `num_steps` steps fuse."""
-        return leading_steps(self.self_replace, num_steps), leading_steps(self.cross_replace, num_steps)
+        return self_replace_steps(self.self_replace, num_steps), cross_replace_steps(self.cross_replace, num_steps)
 
     def metrics(self) -> dict:
         """The settings as recorded in metrics.json."""
@@ -168,6 +168,20 @@ class FateZeroSettings:
                 "reweight": {word: scale for word, scale in self.reweight}, "blend_words": self.blend_words,
                 "blend_threshold": self.blend_threshold, "blend_start": self.blend_start, "blend_end": self.blend_end,
                 **self.freeu.metrics()}
+
+
+def cross_replace_steps(fraction: float, num_steps: int) -> int:
+    """Steps of cross-attention fusion, FateZero's `int(f * (T + 1))` (at most T).
+
+    `ptp_utils.get_time_words_attention_alpha` builds its per-step weights over T + 1 rows and sets the
+    first `int(f * (T + 1))` of them; the edit reads rows 0 .. T - 1. (0.75 at T = 50: 38 steps.)
+    """
+    return min(num_steps, int(fraction * (num_steps + 1)))
+
+
+def self_replace_steps(fraction: float, num_steps: int) -> int:
+    """Steps of self-attention fusion, FateZero's `int(T * f)` (0.58 at T = 50 is 28.999...: 28 steps)."""
+    return int(num_steps * fraction)
 
 
 def parse_reweight(items: str | Iterable[str] | None) -> tuple[tuple[str, float], ...]:
