@@ -118,8 +118,9 @@ def add_fatezero_options(group) -> None:
     group.add_argument("--cross-replace", type=float, default=d.cross_replace,
                        help="fraction of steps whose cross-attention maps come from the source's (default: %(default)s)")
     group.add_argument("--word-map", default=d.word_map,
-                       help=f"how target tokens take the source's maps: {', '.join(WORD_MAPS)} (auto: replace when the "
-                            "prompts have as many tokens, else refine) (default: %(default)s)")
+                       help=f"how target tokens take the source's maps: {', '.join(WORD_MAPS)} (auto, FateZero's: replace "
+                            "when the prompts have as many space-separated words, else refine; tokens: replace token by "
+                            "token when they have as many tokens, else refine) (default: %(default)s)")
     group.add_argument("--reweight", action="append", default=None, metavar="WORD=SCALE",
                        help="scale the cross-attention of a target word while the maps are fused; repeatable")
     group.add_argument("--blend-words", default=d.blend_words, metavar="SRC[,TGT]",

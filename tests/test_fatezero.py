@@ -68,12 +68,12 @@ def test_bad_settings_are_refused_with_one_sentence(overrides, words):
     assert words in message and "\n" not in message and message.endswith("."), message
 
 
-def test_replace_with_different_token_counts_is_refused(tokenizer):
+def test_replace_with_different_word_counts_is_refused(tokenizer):
     edit = fatezero("a big cat", word_map="replace").validate()
     with pytest.raises(StemError) as err:
         EditMaps.build(edit, tokenizer)
     message = str(err.value)
-    assert "--word-map replace" in message and "6" in message and "9" in message and "\n" not in message
+    assert "--word-map replace" in message and "words" in message and "2" in message and "3" in message and "\n" not in message
 
 
 def test_good_settings_pass_and_are_hashable():
@@ -102,6 +102,8 @@ def test_alignment_of_token_sequences():
     assert align_tokens([1, 2, 3], [1, 9, 3]) == [0, None, 2]            # a changed token is never aligned
     assert align_tokens([5], [5, 5]) == [0, None]                        # the earliest match wins a tie
     assert align_tokens([7, 8], [8, 7]) == [1, None]                     # ... and the earliest target token
+    # FateZero's traceback: a repeated word aligns to its earliest source occurrence
+    assert align_tokens([0, 1, 2, 3, 4, 1, 5, 3, 9], [0, 1, 6, 3, 9]) == [0, 1, None, 3, 8]
 
 
 def test_word_swap_is_a_replace(tokenizer):
@@ -109,6 +111,20 @@ def test_word_swap_is_a_replace(tokenizer):
     mapping = word_map(tokenizer, "a cat", "a dog")
     assert mapping.mode == "replace"
     assert mapping.source_index == tuple(range(77)) and mapping.weight == (1.0,) * 77
+
+
+def test_a_swap_that_changes_the_token_count_is_fatezeros_word_replace(tokenizer):
+    # source  0 BOS 1 a</w> 2 f 3 o 4 x</w> 5 s 6 a 7 t</w> 8 EOS
+    # target  0 BOS 1 a</w> 2 w 3 o 4 l 5 f</w> 6 s 7 a 8 t</w> 9 EOS: as many words, one token more
+    mapping = word_map(tokenizer, "a fox sat", "a wolf sat")
+    assert mapping.mode == "replace" and mapping.weight == (1.0,) * 77
+    assert mapping.columns[:2] == (((0, 1.0),), ((1, 1.0),))
+    assert all(column == ((2, 0.25), (3, 0.25), (4, 0.25)) for column in mapping.columns[2:6])  # fox / 4 each
+    # after the last swapped word, by absolute position: "sat" takes "at" and the EOS of the source
+    assert mapping.columns[6:10] == (((6, 1.0),), ((7, 1.0),), ((8, 1.0),), ((9, 1.0),))
+    tokens = word_map(tokenizer, "a fox sat", "a wolf sat", mode="tokens")   # the project's rule: a refine
+    assert tokens.mode == "refine" and tokens.source_index[6:10] == (5, 6, 7, 8)
+    assert word_map(tokenizer, "a cat", "a dog", mode="tokens").source_index == tuple(range(77))
 
 
 def test_insertion_is_a_refine(tokenizer):
@@ -442,7 +458,7 @@ def test_cli_refuses_bad_fatezero_options_before_any_work(clip_file, tmp_path, c
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
-def test_cli_refuses_replace_with_different_token_counts_before_inverting(clip_file, tmp_path, capsys):
+def test_cli_refuses_replace_with_different_word_counts_before_inverting(clip_file, tmp_path, capsys):
     assert main(fatezero_args(clip_file, tmp_path, "--prompt", "a big dog", "--word-map", "replace", "--frames", "2")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after "loading the model..."
     assert err.startswith("error: ") and "--word-map replace" in err

@@ -90,7 +90,7 @@ class FateZeroSettings:
     guidance: float = 7.5        # classifier-free guidance scale, >= 1
     self_replace: float = 0.6    # fraction of steps with self-attention fusion, in [0, 1]
     cross_replace: float = 0.8   # fraction of steps with cross-attention fusion, in [0, 1]
-    word_map: str = "auto"       # "replace" (equal token counts), "refine", or "auto" (replace when possible)
+    word_map: str = "auto"       # "auto" (FateZero's: replace with equal word counts, else refine), "replace", "refine", "tokens"
     reweight: tuple[tuple[str, float], ...] = ()  # (target word, scale) pairs: scale that word's maps
     blend_words: str = ""        # "SRC" or "SRC,TGT" (each side one or more words): local editing
     blend_threshold: float = 0.3  # mask threshold on the per-frame normalised maps, in (0, 1]
@@ -210,7 +210,7 @@ class EditMaps:
     """The token-level tensors of one edit: word map, reweighting and the blend words' tokens."""
 
     mode: str                             # the word map used: "replace" or "refine"
-    source_index: torch.Tensor            # (77,) long: the source token each target token's map comes from
+    mapper: torch.Tensor                  # (77, 77) float32: target token j's map is sum_i mapper[i, j] source_i
     weight: torch.Tensor                  # (77,) float32: 1 takes the source's map, 0 keeps the target's
     scales: torch.Tensor                  # (77,) float32: reweighting of the target's maps
     source_blend: torch.Tensor | None     # (77,) float32: 1 at the source blend words' tokens
@@ -222,20 +222,20 @@ class EditMaps:
 
     @classmethod
     def build(cls, edit: FateZeroSettings, tokenizer, device=None) -> "EditMaps":
-        """Tokenise the prompts; refuses a replace with different token counts or words past the 77 tokens."""
+        """Tokenise the prompts; refuses a replace with different word counts or words past the 77 tokens."""
         mapping = word_map(tokenizer, edit.source_prompt, edit.prompt, edit.word_map)
-        index, weight = mapping.tensors(device)
+        mapper, weight = mapping.tensors(device)
         scales = reweight_scales(tokenizer, edit.prompt, edit.reweight).to(device)
         source_words, target_words = edit.blend_word_lists()
         source_blend = target_blend = None
         if source_words:
             source_blend = word_mask(tokenizer, edit.source_prompt, source_words, "blend").to(device)
             target_blend = word_mask(tokenizer, edit.prompt, target_words, "blend").to(device)
-        return cls(mapping.mode, index, weight, scales, source_blend, target_blend)
+        return cls(mapping.mode, mapper, weight, scales, source_blend, target_blend)
 
     def fuse_cross(self, source: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
         """(..., 77) source and edit cross-attention probabilities -> the edit's fused probabilities."""
-        mapped = source[..., self.source_index]
+        mapped = source @ self.mapper
         return torch.lerp(edit, mapped, self.weight) * self.scales
 
 
