@@ -127,6 +127,12 @@ def add_fatezero_options(group) -> None:
                        help="local edit: the source (and target) words whose attention masks where the edit may change the video")
     group.add_argument("--blend-threshold", type=float, default=d.blend_threshold,
                        help="mask threshold on the per-frame normalised word maps, in (0, 1] (default: %(default)s)")
+    group.add_argument("--source-maps", default=d.source_maps,
+                       help="the source's attention maps at step i: inversion (FateZero's: x_(i-1) at t_i, as its "
+                            "inversion stores them) or editing (x_i at t_i) (default: %(default)s)")
+    group.add_argument("--blend-level", default=d.blend_level,
+                       help="the source latents the blend keeps outside the mask after step i: input (FateZero's "
+                            "LocalBlend: x_i) or output (x_(i-1), the edit's level) (default: %(default)s)")
 
 
 def fatezero_settings(args, prompt: str):
@@ -136,6 +142,7 @@ def fatezero_settings(args, prompt: str):
         prompt=prompt, source_prompt=args.source_prompt, **shared_options(args),
         self_replace=args.self_replace, cross_replace=args.cross_replace, word_map=args.word_map,
         reweight=parse_reweight(args.reweight), blend_words=args.blend_words, blend_threshold=args.blend_threshold,
+        source_maps=args.source_maps, blend_level=args.blend_level,
     )
 
 
@@ -150,7 +157,8 @@ EDITOR_ONLY = {"tokenflow": {"pnp_attn": ("--pnp-attn", "pnp_attn"), "pnp_conv":
                              "propagation": ("--propagation", "propagation")},
                "fatezero": {"self_replace": ("--self-replace", "self_replace"), "cross_replace": ("--cross-replace", "cross_replace"),
                             "word_map": ("--word-map", "word_map"), "reweight": ("--reweight", None),
-                            "blend_words": ("--blend-words", "blend_words"), "blend_threshold": ("--blend-threshold", "blend_threshold")}}
+                            "blend_words": ("--blend-words", "blend_words"), "blend_threshold": ("--blend-threshold", "blend_threshold"),
+                            "source_maps": ("--source-maps", "source_maps"), "blend_level": ("--blend-level", "blend_level")}}
 
 
 def refuse_other_editors_options(args) -> None:

@@ -60,6 +60,7 @@ def shared_engine(tiny_parts, tmp_path_factory):
     (dict(blend_words=" ,dog"), "--blend-words"), (dict(reweight=(("horse", 2.0),)), "reweighted word"),
     (dict(reweight=(("dog", float("inf")),)), "--reweight"), (dict(reweight=(("a dog", 2.0),)), "one word"),
     (dict(blend_start=0.9), "blend start"), (dict(source_prompt=None), "--source-prompt"),
+    (dict(source_maps="x_i"), "--source-maps"), (dict(blend_level="previous"), "--blend-level"),
 ])
 def test_bad_settings_are_refused_with_one_sentence(overrides, words):
     with pytest.raises(StemError) as err:
@@ -331,13 +332,15 @@ def test_source_prompt_with_full_fusion_reproduces_the_reconstruction(shared_eng
 
 def test_an_empty_blend_mask_keeps_every_pixel_of_the_source(shared_engine, tiny_parts):
     """Threshold 1: no normalised map is above its frame's maximum, so the masks are empty. Blending after
-    every step puts the source's x_0 back: the frames are the decoded source latents, exactly."""
+    every step puts the source back: FateZero's blend level (the step's input x_i) ends on the source's x_1,
+    the "output" level on its x_0; the frames are those decoded source latents, exactly."""
     video, settings = synthetic_video(3), inversion()
-    result = edit_video(shared_engine, video, settings, fatezero(blend_words="cat,dog", blend_threshold=1.0,
-                                                                 blend_start=0, blend_end=1))
-    trajectory = result.inversion.trajectory
-    assert result.details["blended_steps"] == [3, 2, 1]
-    assert np.array_equal(result.frames, decode_latents(tiny_parts.vae, trajectory[0]))
+    for level, final in (("input", 1), ("output", 0)):
+        result = edit_video(shared_engine, video, settings, fatezero(blend_words="cat,dog", blend_threshold=1.0,
+                                                                     blend_start=0, blend_end=1, blend_level=level))
+        trajectory = result.inversion.trajectory
+        assert result.details["blended_steps"] == [3, 2, 1]
+        assert np.array_equal(result.frames, decode_latents(tiny_parts.vae, trajectory[final]))
 
     # the default window, steps k in (0.6, 2.4] of 3: the latents are the source's after those steps only
     parts, blends = tiny_parts, []
@@ -350,14 +353,14 @@ def test_an_empty_blend_mask_keeps_every_pixel_of_the_source(shared_engine, tiny
                                         trace=lambda event, _, step, t: blends.append((step, t)) if event == "blend" else None)
     assert details["blended_steps"] == [3, 2] and [step for step, _ in blends] == [3, 2]
     for step, tensors in blends:
-        assert not tensors["mask"].any() and torch.equal(tensors["latents"], trajectory[step - 1])
+        assert not tensors["mask"].any() and torch.equal(tensors["latents"], trajectory[step])
     assert not torch.equal(latents, trajectory[0])  # the last step is not blended
 
 
 @torch.no_grad()
 def test_blend_words_confine_the_edit(tiny_parts):
     """A 16x16 latent (blend layers at 4x4 tokens): the masks cover part of each frame; after each blended
-    step the latents outside the mask are the source's x_{i-1} and inside it the edit's own. The random
+    step the latents outside the mask are the source's x_i (FateZero's blend level) and inside it the edit's own. The random
     model's maps are flat (0.7-1.0 of each frame's maximum), so a threshold near 1 keeps about the 3x3
     neighbourhood of each frame's maximum."""
     parts, steps, n = tiny_parts, 3, 2
@@ -373,8 +376,8 @@ def test_blend_words_confine_the_edit(tiny_parts):
     for step, tensors in blends:
         mask, x = tensors["mask"].expand(-1, 4, -1, -1), tensors["latents"]
         assert 0.05 < mask.float().mean() < 0.95, mask.float().mean()
-        assert torch.equal(x[~mask], trajectory[step - 1][~mask])
-        assert (x[mask] != trajectory[step - 1][mask]).float().mean() > 0.99
+        assert torch.equal(x[~mask], trajectory[step][~mask])
+        assert (x[mask] != trajectory[step][mask]).float().mean() > 0.99
     assert torch.equal(latents, blends[-1][1]["latents"])
 
 
@@ -446,6 +449,7 @@ def test_cli_fatezero_end_to_end(clip_file, tmp_path, capsys):
     (["--self-replace", "1.5"], "--self-replace"), (["--cross-replace", "-1"], "--cross-replace"),
     (["--blend-threshold", "0"], "--blend-threshold"), (["--blend-words", "horse"], "horse"),
     (["--reweight", "dog"], "WORD=SCALE"), (["--reweight", "fox=2"], "fox"), (["--word-map", "swap"], "swap"),
+    (["--source-maps", "stored"], "--source-maps"), (["--blend-level", "x_i"], "--blend-level"),
 ])
 def test_cli_refuses_bad_fatezero_options_before_any_work(clip_file, tmp_path, capsys, monkeypatch, extra, words):
     def no_model(*_, **__):

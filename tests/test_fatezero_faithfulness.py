@@ -284,3 +284,84 @@ def test_token_alignment_tie_break_is_fatezeros_on_random_sequences():
     target = ["<bos>", "a", "green", "car", "<eos>"]
     assert reference_alignment(source, target)[3] == 3
     assert align_tokens(source, target) == [0, 1, None, 3, 8]
+
+
+# -- where the source's maps and the blend's source latents come from -------------------------------
+
+def reference_source_map_step(cur_step: int, num_steps: int) -> tuple[int, int]:
+    """(trajectory level, index into the ascending timesteps) of the UNet call whose maps FateZero fuses at
+    edit step cur_step (0 .. T-1, timestep timesteps[T-1-cur_step]).
+
+    ddim_clean2noisy_loop: inversion step k runs the UNet on latent x_k at timesteps[k] and its
+    AttentionStore appends those maps as attention_store_all_step[k]. AttentionControlEdit.forward with
+    use_inversion_attention reads attention_store_all_step[T - cur_step - 1]."""
+    k = num_steps - cur_step - 1
+    return k, k
+
+
+def reference_blend_source_level(cur_step: int, num_steps: int) -> int:
+    """The trajectory level of the source latents FateZero's LocalBlend mixes into the edit after step cur_step.
+
+    The inversion's step_callback appends x_(k+1) as latents_store[k]; the edit's step_callback first
+    increments cur_step, then reads latents_store[len(latents_store) - cur_step]."""
+    latents_store = list(range(1, num_steps + 1))
+    return latents_store[num_steps - (cur_step + 1)]
+
+
+def run_edit(tiny_parts, edit, steps=3, n=2, side=16):
+    from stem.attention import AttentionState
+    from stem.editing import NUM_GROUPS
+    from stem.editing.fatezero import edit_latents
+    from stem.inversion import ddim_schedule, encode_prompt
+
+    parts = tiny_parts
+    trajectory = torch.randn(steps + 1, n, 4, side, side, generator=torch.Generator().manual_seed(0))
+    timesteps, alphas = ddim_schedule(parts.scheduler, steps)
+    text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p) for p in (edit.source_prompt, "", edit.prompt)])
+    calls, blends = [], []
+
+    def record(_module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        calls.append((sample.detach().clone(), int(timestep)))
+
+    handle = parts.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            latents, _ = edit_latents(parts, trajectory, timesteps, alphas, text, edit,
+                                      AttentionState(method="ddim", num_groups=NUM_GROUPS),
+                                      trace=lambda event, _, step, t: blends.append((step, t)) if event == "blend" else None)
+    finally:
+        handle.remove()
+    return trajectory, timesteps, calls, blends
+
+
+@pytest.mark.parametrize("source_maps", ["inversion", "editing"])
+def test_the_source_group_runs_where_fatezero_stored_its_maps(tiny_parts, source_maps):
+    steps, n = 3, 2
+    edit = FateZeroSettings("a dog", source_prompt="a cat", self_replace=1.0, cross_replace=1.0,
+                            source_maps=source_maps).validate()
+    trajectory, timesteps, calls, _ = run_edit(tiny_parts, edit, steps, n)
+    assert len(calls) == steps
+    for cur_step, (sample, timestep) in enumerate(calls):
+        level, t_index = reference_source_map_step(cur_step, steps)
+        if source_maps == "editing":
+            level += 1  # the project's option: the source at the edit's own level x_i
+        assert timestep == int(timesteps[t_index])
+        assert torch.equal(sample[:n].float(), trajectory[level])           # the source group
+        if cur_step == 0:
+            assert torch.equal(sample[n:2 * n].float(), trajectory[steps])  # the edit starts from x_T
+
+
+@pytest.mark.parametrize("blend_level", ["input", "output"])
+def test_the_latent_blend_keeps_fatezeros_source_level(tiny_parts, blend_level):
+    steps = 3
+    edit = FateZeroSettings("a dog", source_prompt="a cat", blend_words="cat,dog", blend_threshold=0.999,
+                            blend_start=0, blend_end=1, blend_level=blend_level).validate()
+    trajectory, _, calls, blends = run_edit(tiny_parts, edit, steps)
+    assert [step for step, _ in blends] == [3, 2, 1]
+    for cur_step, (step, tensors) in enumerate(blends):
+        level = reference_blend_source_level(cur_step, steps) - (blend_level == "output")
+        mask, x = tensors["mask"].expand(-1, 4, -1, -1), tensors["latents"]
+        assert 0 < mask.float().mean() < 1
+        assert torch.equal(x[~mask], trajectory[level][~mask])

@@ -1,9 +1,17 @@
 """FateZero attention-fusion editing of an inverted video (Qi et al., ICCV 2023), fused on the fly.
 
-At each DDIM step i (T down to 1) the UNet batch holds the three groups of `common`
-(source x_i from the cached trajectory under the source prompt | edit, negative prompt | edit,
-target prompt). FateZero edits the attention of the **target-prompt group** from the source group's
-(the negative-prompt group runs unfused, as in FateZero and Prompt-to-Prompt):
+At each DDIM step i (T down to 1, timestep t_i) the UNet batch holds the three groups of `common`
+(source latents from the cached trajectory under the source prompt | edit x_i, negative prompt |
+edit x_i, target prompt). FateZero edits the attention of the **target-prompt group** from the source
+group's (the negative-prompt group runs unfused, as in FateZero and Prompt-to-Prompt).
+
+The source group sees, with `source_maps`:
+    inversion  x_{i-1} at t_i (default): FateZero stores the source's maps while it inverts, and the
+               inversion's step to level i runs the UNet on x_{i-1} at t_i, so these are exactly the
+               maps FateZero fuses at step i (`use_inversion_attention`, step_in_store = T - k). With
+               STEM the source's EM is seeded as in that inversion step, so the bases are the same too;
+    editing    x_i at t_i: the source at the level the edit is at (the project's earlier choice; it
+               lines the source's maps up with the edit's latents, but no FateZero run fuses them).
 
 1. Self-attention fusion, during the first `self_replace` fraction of the steps, in the
    self-attention layers with at most 32x32 tokens per frame (FateZero skips SD's 64x64 layers): the
@@ -25,7 +33,9 @@ target prompt). FateZero edits the attention of the **target-prompt group** from
    mask * edit + (1 - mask) * fused, with the mask of the source's words at this step; after the
    denoising steps k in (blend_start * T, blend_end * T] the latents keep the edit inside the union of
    the source mask (this step) and the target mask (the target's maps summed over the steps so far)
-   and take the source's trajectory x_{i-1} outside it.
+   and take the source's trajectory outside it: with `blend_level` "input" (default) the source's
+   x_i, the step's input level, as FateZero's LocalBlend does (it reads `latents_store[T - k]`, the
+   inversion's x_i, for the edit's x_{i-1}); with "output" the source's x_{i-1}, the edit's own level.
 
 Nothing is stored per step: the source branch is recomputed beside the edit from the cached
 trajectory, so memory does not grow with the number of steps. The self-attention masks need this
@@ -71,6 +81,8 @@ Trace = Callable[[str, str, int, dict], None]
 # -- settings ---------------------------------------------------------------------------------------
 
 MAX_REWEIGHT = 100  # larger scales overflow the attention maps to inf/nan
+SOURCE_MAPS = ("inversion", "editing")  # the trajectory level of the source group at step i: i - 1 or i
+BLEND_LEVELS = ("input", "output")      # the source level the latent blend keeps after step i: i or i - 1
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,8 @@ class FateZeroSettings:
     blend_threshold: float = 0.3  # mask threshold on the per-frame normalised maps, in (0, 1]
     blend_start: float = 0.2     # latents are blended after the steps k with blend_start*T < k <= blend_end*T
     blend_end: float = 0.8
+    source_maps: str = "inversion"  # "inversion": the source's maps from x_{i-1} at t_i (FateZero's); "editing": x_i at t_i
+    blend_level: str = "input"   # the source latents the blend keeps: "input" x_i (FateZero's), "output" x_{i-1}
     seed: int = 0                # unused: FateZero draws nothing at random (the EM seed is the inversion's)
     freeu: FreeUSettings = FreeUSettings(enabled=False)  # off: FateZero's release has no FreeU
 
@@ -119,6 +133,10 @@ class FateZeroSettings:
             raise StemError(f"--blend-threshold must be above 0 and at most 1 (0.3 is usual), got {self.blend_threshold}.")
         check_fraction("The blend start", self.blend_start)
         check_fraction("The blend end", self.blend_end)
+        if self.source_maps not in SOURCE_MAPS:
+            raise StemError(f"--source-maps must be one of {', '.join(SOURCE_MAPS)}, got {self.source_maps!r}.")
+        if self.blend_level not in BLEND_LEVELS:
+            raise StemError(f"--blend-level must be one of {', '.join(BLEND_LEVELS)}, got {self.blend_level!r}.")
         if self.blend_start > self.blend_end:
             raise StemError(f"The blend start ({self.blend_start}) must not come after the blend end ({self.blend_end}).")
         if not isinstance(self.freeu, FreeUSettings):
@@ -167,6 +185,7 @@ class FateZeroSettings:
                 "self_replace": self.self_replace, "cross_replace": self.cross_replace, "word_map": self.word_map,
                 "reweight": {word: scale for word, scale in self.reweight}, "blend_words": self.blend_words,
                 "blend_threshold": self.blend_threshold, "blend_start": self.blend_start, "blend_end": self.blend_end,
+                "source_maps": self.source_maps, "blend_level": self.blend_level,
                 **self.freeu.metrics()}
 
 
@@ -473,7 +492,7 @@ def unet_step(parts, text: torch.Tensor, source: torch.Tensor, x: torch.Tensor, 
     Args:
         parts: the model (`StableDiffusionParts`) with the FateZero processors installed.
         text: (3, 77, D) embeddings of [source prompt, negative prompt, target prompt] (model dtype).
-        source: (N, 4, h, w) the source's latents at this level; x: (N, 4, h, w) the edit's.
+        source: (N, 4, h, w) the source group's latents (see `source_maps`); x: (N, 4, h, w) the edit's.
         t: the timestep.
         chunk_size: frames per UNet call (None: all at once).
         mask_pass: run the source group alone first, for this step's self-attention blend masks.
@@ -532,7 +551,7 @@ def edit_latents(
 
     Returns:
         (N, 4, h, w) float32 edited clean latents, and {"word_map": "replace" | "refine",
-        "blended_steps": the levels i whose result was blended with the source's x_{i-1}}.
+        "blended_steps": the levels i whose result was blended with the source's latents}.
     """
     if attention.num_groups != NUM_GROUPS:
         raise ValueError(f"the attention state must describe {NUM_GROUPS} groups, got {attention.num_groups}")
@@ -548,8 +567,9 @@ def edit_latents(
         k = num_steps - i + 1
         state.step = attention.step = i  # the step also seeds STEM's initial bases, as in the inversion
         state.fuse_self, state.fuse_cross = k <= self_steps, k <= cross_steps
+        source = source_latents(trajectory, i - 1 if edit.source_maps == "inversion" else i, device)
         out, maps_of_step["source"], maps_of_step["target"] = unet_step(
-            parts, text, source_latents(trajectory, i, device), x, t, chunk_size, maps.blends and state.fuse_self)
+            parts, text, source, x, t, chunk_size, maps.blends and state.fuse_self)
         return guided_noise(out, x, alphas[i], edit.guidance, parts.prediction_type)
 
     def blend(x, i):
@@ -562,7 +582,7 @@ def edit_latents(
         if blend_from < k <= blend_to:
             size = tuple(x.shape[-2:])
             mask = blend_mask(maps_of_step["source"], size, edit.blend_threshold) | blend_mask(target_maps, size, edit.blend_threshold)
-            x = torch.where(mask, x, source_latents(trajectory, i - 1, device))
+            x = torch.where(mask, x, source_latents(trajectory, i if edit.blend_level == "input" else i - 1, device))
             blended.append(i)
             if trace is not None:
                 trace("blend", "latents", i, {"mask": mask, "latents": x})
