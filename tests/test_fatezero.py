@@ -61,6 +61,11 @@ def shared_engine(tiny_parts, tmp_path_factory):
     (dict(reweight=(("dog", float("inf")),)), "--reweight"), (dict(reweight=(("a dog", 2.0),)), "one word"),
     (dict(blend_start=0.9), "blend start"), (dict(source_prompt=None), "--source-prompt"),
     (dict(source_maps="x_i"), "--source-maps"), (dict(blend_level="previous"), "--blend-level"),
+    (dict(cross_replace_words=(("dog", 1.5),)), "--cross-replace-word dog="),
+    (dict(cross_replace_words=(("horse", 0.4),)), "cross-replace word"),
+    (dict(cross_replace_words=(("a dog", 0.4),)), "one word"), (dict(cross_replace_words=("dog",)), "WORD=FRACTION"),
+    (dict(blend_latents=1), "--blend-latents"), (dict(blend_self_attention="yes"), "--blend-self-attention"),
+    (dict(blend_words="cat,dog", blend_latents=False, blend_self_attention=False), "--blend-words does nothing"),
 ])
 def test_bad_settings_are_refused_with_one_sentence(overrides, words):
     with pytest.raises(StemError) as err:
@@ -170,6 +175,70 @@ def test_fused_cross_attention_follows_the_word_map(tokenizer):
     torch.testing.assert_close(fused[..., 2:5], edit[..., 2:5])           # "big" is new
     torch.testing.assert_close(fused[..., 5:8], 2 * source[..., 2:5])     # "cat", reweighted
     torch.testing.assert_close(fused[..., 8], source[..., 5])             # EOS
+
+
+def test_per_word_cross_replace_fuses_that_word_for_its_own_steps(tokenizer):
+    # "a cat" -> "a dog": BOS a</w> d o g</w> EOS; dog fuses for int(0.4 * 11) = 4 of 10 steps, the rest for 8
+    maps = EditMaps.build(fatezero("a dog", cross_replace=0.8, cross_replace_words=(("dog", 0.4),),
+                                   reweight=(("dog", 2.0),)), tokenizer)
+    steps = maps.cross_steps(10)
+    assert steps[2:5].tolist() == [4, 4, 4] and steps[[0, 1, 5]].tolist() == [8, 8, 8] and set(steps[5:].tolist()) == {8}
+    g = torch.Generator().manual_seed(0)
+    source, edit = torch.rand(2, 3, 77, generator=g), torch.rand(2, 3, 77, generator=g)
+    alpha = torch.ones(77)
+    alpha[2:5] = 0  # step 5: dog no longer fuses
+    fused = maps.fuse_cross(source, edit, alpha)
+    torch.testing.assert_close(fused[..., 2:5], edit[..., 2:5])          # its own map, not reweighted
+    torch.testing.assert_close(fused[..., [0, 1, 5]], source[..., [0, 1, 5]])
+    torch.testing.assert_close(maps.fuse_cross(source, edit, torch.ones(77))[..., 2:5], 2 * source[..., 2:5])
+
+
+@torch.no_grad()
+def test_per_word_cross_replace_in_the_edit(tiny_parts):
+    """cross_replace 0 but "dog" 1.0: every step's target cross-attention takes the source's maps at dog's
+    tokens only (the replace map of "a cat" -> "a dog" is the identity), recomputed in float64 from the trace."""
+    parts, steps, n = tiny_parts, 2, 1
+    trajectory = torch.randn(steps + 1, n, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    timesteps, alphas = ddim_schedule(parts.scheduler, steps)
+    text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p) for p in (SOURCE_PROMPT, "", "a dog")])
+    edit = fatezero("a dog", self_replace=0, cross_replace=0, cross_replace_words=(("dog", 1.0),)).validate()
+    checked = []
+
+    def trace(event, name, step, tensors):
+        if event != "cross":
+            return
+        q, k, v = (x.double().view(NUM_GROUPS, n, *x.shape[1:]) for x in (tensors["query"], tensors["key"], tensors["value"]))
+        out = tensors["output"].double().view(NUM_GROUPS, n, *tensors["output"].shape[1:])
+        scale = q.shape[-1] ** -0.5
+        source, own = (torch.softmax(q[g] @ k[g].transpose(-1, -2) * scale, dim=-1) for g in (SOURCE, COND))
+        mixed = own.clone()
+        mixed[..., 2:5] = source[..., 2:5]
+        torch.testing.assert_close(out[COND], mixed @ v[COND], rtol=1e-4, atol=1e-5)
+        checked.append(step)
+
+    edit_latents(parts, trajectory, timesteps, alphas, text, edit, AttentionState(method="ddim", num_groups=NUM_GROUPS),
+                 trace=trace)
+    assert set(checked) == {1, 2}
+
+
+@torch.no_grad()
+def test_blend_switches(tiny_parts, count_calls):
+    """--no-blend-latents: no latent blend; --no-blend-self-attention: no mask pass (the source group alone)."""
+    parts, steps = tiny_parts, 3
+    trajectory = torch.randn(steps + 1, 1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    timesteps, alphas = ddim_schedule(parts.scheduler, steps)
+    text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p) for p in (SOURCE_PROMPT, "", "a dog")])
+    attention = AttentionState(method="ddim", num_groups=NUM_GROUPS)
+    runs = {}
+    for latents_on, self_on in ((True, True), (False, True), (True, False)):
+        edit = fatezero(blend_words="cat,dog", blend_threshold=0.999, blend_start=0, blend_end=1, self_replace=1.0,
+                        blend_latents=latents_on, blend_self_attention=self_on).validate()
+        with count_calls(parts.unet) as counter:
+            _, details = edit_latents(parts, trajectory, timesteps, alphas, text, edit, attention)
+        runs[latents_on, self_on] = (details["blended_steps"], counter.calls)
+    assert runs[True, True] == ([3, 2, 1], 2 * steps)     # a mask pass before each fused step
+    assert runs[False, True] == ([], 2 * steps)
+    assert runs[True, False] == ([3, 2, 1], steps)
 
 
 # -- masks -----------------------------------------------------------------------------------------
@@ -450,6 +519,8 @@ def test_cli_fatezero_end_to_end(clip_file, tmp_path, capsys):
     (["--blend-threshold", "0"], "--blend-threshold"), (["--blend-words", "horse"], "horse"),
     (["--reweight", "dog"], "WORD=SCALE"), (["--reweight", "fox=2"], "fox"), (["--word-map", "swap"], "swap"),
     (["--source-maps", "stored"], "--source-maps"), (["--blend-level", "x_i"], "--blend-level"),
+    (["--cross-replace-word", "dog"], "WORD=FRACTION"), (["--cross-replace-word", "dog=2"], "--cross-replace-word dog="),
+    (["--blend-words", "cat,dog", "--no-blend-latents", "--no-blend-self-attention"], "--blend-words does nothing"),
 ])
 def test_cli_refuses_bad_fatezero_options_before_any_work(clip_file, tmp_path, capsys, monkeypatch, extra, words):
     def no_model(*_, **__):

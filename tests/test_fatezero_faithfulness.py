@@ -365,3 +365,47 @@ def test_the_latent_blend_keeps_fatezeros_source_level(tiny_parts, blend_level):
         mask, x = tensors["mask"].expand(-1, 4, -1, -1), tensors["latents"]
         assert 0 < mask.float().mean() < 1
         assert torch.equal(x[~mask], trajectory[level][~mask])
+
+
+# -- per-word cross-replace schedules ---------------------------------------------------------------
+
+def reference_word_inds_of(text: str, word: str, tokenizer) -> list[int]:
+    """seq_aligner.get_word_inds with a str word: every space-separated piece equal to it."""
+    places = [i for i, piece in enumerate(text.split(" ")) if piece == word]
+    return sorted(j for place in places for j in reference_word_inds(text, place, tokenizer))
+
+
+def reference_alpha_time_words(prompts, num_steps: int, cross_replace_steps: dict, tokenizer) -> np.ndarray:
+    """ptp_utils.get_time_words_attention_alpha for one edit: (T + 1, 77) float64, row cur_step read at step cur_step."""
+    alpha = np.zeros((num_steps + 1, 77), dtype=np.float64)
+
+    def update(bounds, inds):
+        start, end = int(0 * alpha.shape[0]), int(bounds * alpha.shape[0])
+        alpha[:start, inds], alpha[start:end, inds], alpha[end:, inds] = 0, 1, 0
+
+    update(cross_replace_steps["default_"], np.arange(77))
+    for key, item in cross_replace_steps.items():
+        if key != "default_":
+            inds = reference_word_inds_of(prompts[1], key, tokenizer)
+            if len(inds) > 0:
+                update(item, inds)
+    return alpha
+
+
+@pytest.mark.parametrize("num_steps", [10, 20, 50])
+def test_per_word_cross_replace_steps_are_fatezeros(tokenizer, num_steps):
+    from stem.editing.fatezero import EditMaps
+
+    cases = [("a brown bear walking on the rock", "a red tiger walking on the rock", {"default_": 0.8, "tiger": 0.4}),
+             ("a white fox sitting in the grass", "a grey wolf sitting in the snow",
+              {"default_": 0.7, "wolf": 0.3, "snow": 0.58, "grey": 1.0}),
+             ("a sleepy white duck", "a sleepy yellow rubber duck", {"default_": 0.5, "rubber": 0.0, "duck": 0.75})]
+    for source_prompt, prompt, schedule in cases:
+        edit = FateZeroSettings(prompt, source_prompt=source_prompt, cross_replace=schedule["default_"],
+                                cross_replace_words=tuple((w, f) for w, f in schedule.items() if w != "default_")).validate()
+        steps = EditMaps.build(edit, tokenizer).cross_steps(num_steps)
+        alpha = reference_alpha_time_words([source_prompt, prompt], num_steps, schedule, tokenizer)
+        for j in range(77):
+            fused = [cur_step for cur_step in range(num_steps) if alpha[cur_step, j] == 1]
+            assert fused == list(range(len(fused))), (prompt, j)  # a leading run of steps
+            assert int(steps[j]) == len(fused), (prompt, j, num_steps)
