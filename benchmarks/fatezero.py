@@ -40,7 +40,7 @@ SOURCE_PROMPT = "a silver jeep driving down a curvy road in the countryside"   #
 TARGET_PROMPT = "a porsche car driving down a curvy road in the countryside"
 BLEND_WORDS = "jeep,car"
 MMAP_THRESHOLD = 1 << 20  # bytes; glibc's M_MMAP_THRESHOLD is mallopt parameter -3
-PUBLISHED = "FateZero (its config/TuningGuidance.md): 8 frames, 50 steps, 512 px, fp16 on an RTX 3090: 100 GB host RAM, 12 GB GPU"
+PUBLISHED = "FateZero (its docs/EditingGuidance.md): 8 frames, 50 steps, 512 px, fp16 on an RTX 3090: 100 GB host RAM, 12 GB GPU"
 
 
 def model_parts(device: torch.device, dtype: torch.dtype, unet_kind: str):

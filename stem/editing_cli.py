@@ -120,23 +120,42 @@ def add_fatezero_options(group) -> None:
     group.add_argument("--cross-replace", type=float, default=d.cross_replace,
                        help="fraction of steps whose cross-attention maps come from the source's (default: %(default)s)")
     group.add_argument("--word-map", default=d.word_map,
-                       help=f"how target tokens take the source's maps: {', '.join(WORD_MAPS)} (auto: replace when the "
-                            "prompts have as many tokens, else refine) (default: %(default)s)")
+                       help=f"how target tokens take the source's maps: {', '.join(WORD_MAPS)} (auto, FateZero's: replace "
+                            "when the prompts have as many space-separated words, else refine; tokens: replace token by "
+                            "token when they have as many tokens, else refine) (default: %(default)s)")
+    group.add_argument("--cross-replace-word", action="append", default=None, metavar="WORD=FRACTION",
+                       help="a target word's own --cross-replace (FateZero's cross_replace_steps {word: fraction}); repeatable")
     group.add_argument("--reweight", action="append", default=None, metavar="WORD=SCALE",
                        help="scale the cross-attention of a target word while the maps are fused; repeatable")
     group.add_argument("--blend-words", default=d.blend_words, metavar="SRC[,TGT]",
                        help="local edit: the source (and target) words whose attention masks where the edit may change the video")
     group.add_argument("--blend-threshold", type=float, default=d.blend_threshold,
                        help="mask threshold on the per-frame normalised word maps, in (0, 1] (default: %(default)s)")
+    group.add_argument("--blend-self-attention", action=argparse.BooleanOptionalAction, default=d.blend_self_attention,
+                       help="with --blend-words: keep the edit's own self-attention inside the source words' mask "
+                            "(FateZero's blend_self_attention) (default: on)")
+    group.add_argument("--blend-latents", action=argparse.BooleanOptionalAction, default=d.blend_latents,
+                       help="with --blend-words: blend the latents with the source's outside the masks "
+                            "(FateZero's blend_latents) (default: on)")
+    group.add_argument("--source-maps", default=d.source_maps,
+                       help="the source's attention maps at step i: inversion (FateZero's: x_(i-1) at t_i, as its "
+                            "inversion stores them) or editing (x_i at t_i) (default: %(default)s)")
+    group.add_argument("--blend-level", default=d.blend_level,
+                       help="the source latents the blend keeps outside the mask after step i: input (FateZero's "
+                            "LocalBlend: x_i) or output (x_(i-1), the edit's level) (default: %(default)s)")
 
 
 def fatezero_settings(args, prompt: str):
     from .editing import FateZeroSettings, parse_reweight
+    from .editing.fatezero import parse_cross_replace_words
 
     return FateZeroSettings(
         prompt=prompt, source_prompt=args.source_prompt, **shared_options(args),
         self_replace=args.self_replace, cross_replace=args.cross_replace, word_map=args.word_map,
         reweight=parse_reweight(args.reweight), blend_words=args.blend_words, blend_threshold=args.blend_threshold,
+        source_maps=args.source_maps, blend_level=args.blend_level,
+        cross_replace_words=parse_cross_replace_words(args.cross_replace_word),
+        blend_self_attention=args.blend_self_attention, blend_latents=args.blend_latents,
     )
 
 
@@ -151,7 +170,11 @@ EDITOR_ONLY = {"tokenflow": {"pnp_attn": ("--pnp-attn", "pnp_attn"), "pnp_conv":
                              "propagation": ("--propagation", "propagation")},
                "fatezero": {"self_replace": ("--self-replace", "self_replace"), "cross_replace": ("--cross-replace", "cross_replace"),
                             "word_map": ("--word-map", "word_map"), "reweight": ("--reweight", None),
-                            "blend_words": ("--blend-words", "blend_words"), "blend_threshold": ("--blend-threshold", "blend_threshold")}}
+                            "blend_words": ("--blend-words", "blend_words"), "blend_threshold": ("--blend-threshold", "blend_threshold"),
+                            "source_maps": ("--source-maps", "source_maps"), "blend_level": ("--blend-level", "blend_level"),
+                            "cross_replace_word": ("--cross-replace-word", None),
+                            "blend_self_attention": ("--blend-self-attention", "blend_self_attention"),
+                            "blend_latents": ("--blend-latents", "blend_latents")}}
 
 
 def refuse_other_editors_options(args) -> None:

@@ -60,6 +60,12 @@ def shared_engine(tiny_parts, tmp_path_factory):
     (dict(blend_words=" ,dog"), "--blend-words"), (dict(reweight=(("horse", 2.0),)), "reweighted word"),
     (dict(reweight=(("dog", float("inf")),)), "--reweight"), (dict(reweight=(("a dog", 2.0),)), "one word"),
     (dict(blend_start=0.9), "blend start"), (dict(source_prompt=None), "--source-prompt"),
+    (dict(source_maps="x_i"), "--source-maps"), (dict(blend_level="previous"), "--blend-level"),
+    (dict(cross_replace_words=(("dog", 1.5),)), "--cross-replace-word dog="),
+    (dict(cross_replace_words=(("horse", 0.4),)), "cross-replace word"),
+    (dict(cross_replace_words=(("a dog", 0.4),)), "one word"), (dict(cross_replace_words=("dog",)), "WORD=FRACTION"),
+    (dict(blend_latents=1), "--blend-latents"), (dict(blend_self_attention="yes"), "--blend-self-attention"),
+    (dict(blend_words="cat,dog", blend_latents=False, blend_self_attention=False), "--blend-words does nothing"),
 ])
 def test_bad_settings_are_refused_with_one_sentence(overrides, words):
     with pytest.raises(StemError) as err:
@@ -68,12 +74,12 @@ def test_bad_settings_are_refused_with_one_sentence(overrides, words):
     assert words in message and "\n" not in message and message.endswith("."), message
 
 
-def test_replace_with_different_token_counts_is_refused(tokenizer):
+def test_replace_with_different_word_counts_is_refused(tokenizer):
     edit = fatezero("a big cat", word_map="replace").validate()
     with pytest.raises(StemError) as err:
         EditMaps.build(edit, tokenizer)
     message = str(err.value)
-    assert "--word-map replace" in message and "6" in message and "9" in message and "\n" not in message
+    assert "--word-map replace" in message and "words" in message and "2" in message and "3" in message and "\n" not in message
 
 
 def test_good_settings_pass_and_are_hashable():
@@ -82,7 +88,7 @@ def test_good_settings_pass_and_are_hashable():
     assert edit.validate() is edit and hash(edit) == hash(FateZeroSettings(**vars(edit)))
     assert edit.blend_word_lists() == (("cat",), ("dog",))
     assert fatezero("a cat", blend_words="cat").validate().blend_word_lists() == (("cat",), ("cat",))
-    assert fatezero(self_replace=0.58, cross_replace=0.8).num_fused_steps(50) == (29, 40)
+    assert fatezero(self_replace=0.58, cross_replace=0.8).num_fused_steps(50) == (28, 40)
 
 
 def test_reweight_parsing():
@@ -102,6 +108,8 @@ def test_alignment_of_token_sequences():
     assert align_tokens([1, 2, 3], [1, 9, 3]) == [0, None, 2]            # a changed token is never aligned
     assert align_tokens([5], [5, 5]) == [0, None]                        # the earliest match wins a tie
     assert align_tokens([7, 8], [8, 7]) == [1, None]                     # ... and the earliest target token
+    # FateZero's traceback: a repeated word aligns to its earliest source occurrence
+    assert align_tokens([0, 1, 2, 3, 4, 1, 5, 3, 9], [0, 1, 6, 3, 9]) == [0, 1, None, 3, 8]
 
 
 def test_word_swap_is_a_replace(tokenizer):
@@ -109,6 +117,20 @@ def test_word_swap_is_a_replace(tokenizer):
     mapping = word_map(tokenizer, "a cat", "a dog")
     assert mapping.mode == "replace"
     assert mapping.source_index == tuple(range(77)) and mapping.weight == (1.0,) * 77
+
+
+def test_a_swap_that_changes_the_token_count_is_fatezeros_word_replace(tokenizer):
+    # source  0 BOS 1 a</w> 2 f 3 o 4 x</w> 5 s 6 a 7 t</w> 8 EOS
+    # target  0 BOS 1 a</w> 2 w 3 o 4 l 5 f</w> 6 s 7 a 8 t</w> 9 EOS: as many words, one token more
+    mapping = word_map(tokenizer, "a fox sat", "a wolf sat")
+    assert mapping.mode == "replace" and mapping.weight == (1.0,) * 77
+    assert mapping.columns[:2] == (((0, 1.0),), ((1, 1.0),))
+    assert all(column == ((2, 0.25), (3, 0.25), (4, 0.25)) for column in mapping.columns[2:6])  # fox / 4 each
+    # after the last swapped word, by absolute position: "sat" takes "at" and the EOS of the source
+    assert mapping.columns[6:10] == (((6, 1.0),), ((7, 1.0),), ((8, 1.0),), ((9, 1.0),))
+    tokens = word_map(tokenizer, "a fox sat", "a wolf sat", mode="tokens")   # the project's rule: a refine
+    assert tokens.mode == "refine" and tokens.source_index[6:10] == (5, 6, 7, 8)
+    assert word_map(tokenizer, "a cat", "a dog", mode="tokens").source_index == tuple(range(77))
 
 
 def test_insertion_is_a_refine(tokenizer):
@@ -153,6 +175,70 @@ def test_fused_cross_attention_follows_the_word_map(tokenizer):
     torch.testing.assert_close(fused[..., 2:5], edit[..., 2:5])           # "big" is new
     torch.testing.assert_close(fused[..., 5:8], 2 * source[..., 2:5])     # "cat", reweighted
     torch.testing.assert_close(fused[..., 8], source[..., 5])             # EOS
+
+
+def test_per_word_cross_replace_fuses_that_word_for_its_own_steps(tokenizer):
+    # "a cat" -> "a dog": BOS a</w> d o g</w> EOS; dog fuses for int(0.4 * 11) = 4 of 10 steps, the rest for 8
+    maps = EditMaps.build(fatezero("a dog", cross_replace=0.8, cross_replace_words=(("dog", 0.4),),
+                                   reweight=(("dog", 2.0),)), tokenizer)
+    steps = maps.cross_steps(10)
+    assert steps[2:5].tolist() == [4, 4, 4] and steps[[0, 1, 5]].tolist() == [8, 8, 8] and set(steps[5:].tolist()) == {8}
+    g = torch.Generator().manual_seed(0)
+    source, edit = torch.rand(2, 3, 77, generator=g), torch.rand(2, 3, 77, generator=g)
+    alpha = torch.ones(77)
+    alpha[2:5] = 0  # step 5: dog no longer fuses
+    fused = maps.fuse_cross(source, edit, alpha)
+    torch.testing.assert_close(fused[..., 2:5], edit[..., 2:5])          # its own map, not reweighted
+    torch.testing.assert_close(fused[..., [0, 1, 5]], source[..., [0, 1, 5]])
+    torch.testing.assert_close(maps.fuse_cross(source, edit, torch.ones(77))[..., 2:5], 2 * source[..., 2:5])
+
+
+@torch.no_grad()
+def test_per_word_cross_replace_in_the_edit(tiny_parts):
+    """cross_replace 0 but "dog" 1.0: every step's target cross-attention takes the source's maps at dog's
+    tokens only (the replace map of "a cat" -> "a dog" is the identity), recomputed in float64 from the trace."""
+    parts, steps, n = tiny_parts, 2, 1
+    trajectory = torch.randn(steps + 1, n, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    timesteps, alphas = ddim_schedule(parts.scheduler, steps)
+    text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p) for p in (SOURCE_PROMPT, "", "a dog")])
+    edit = fatezero("a dog", self_replace=0, cross_replace=0, cross_replace_words=(("dog", 1.0),)).validate()
+    checked = []
+
+    def trace(event, name, step, tensors):
+        if event != "cross":
+            return
+        q, k, v = (x.double().view(NUM_GROUPS, n, *x.shape[1:]) for x in (tensors["query"], tensors["key"], tensors["value"]))
+        out = tensors["output"].double().view(NUM_GROUPS, n, *tensors["output"].shape[1:])
+        scale = q.shape[-1] ** -0.5
+        source, own = (torch.softmax(q[g] @ k[g].transpose(-1, -2) * scale, dim=-1) for g in (SOURCE, COND))
+        mixed = own.clone()
+        mixed[..., 2:5] = source[..., 2:5]
+        torch.testing.assert_close(out[COND], mixed @ v[COND], rtol=1e-4, atol=1e-5)
+        checked.append(step)
+
+    edit_latents(parts, trajectory, timesteps, alphas, text, edit, AttentionState(method="ddim", num_groups=NUM_GROUPS),
+                 trace=trace)
+    assert set(checked) == {1, 2}
+
+
+@torch.no_grad()
+def test_blend_switches(tiny_parts, count_calls):
+    """--no-blend-latents: no latent blend; --no-blend-self-attention: no mask pass (the source group alone)."""
+    parts, steps = tiny_parts, 3
+    trajectory = torch.randn(steps + 1, 1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    timesteps, alphas = ddim_schedule(parts.scheduler, steps)
+    text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p) for p in (SOURCE_PROMPT, "", "a dog")])
+    attention = AttentionState(method="ddim", num_groups=NUM_GROUPS)
+    runs = {}
+    for latents_on, self_on in ((True, True), (False, True), (True, False)):
+        edit = fatezero(blend_words="cat,dog", blend_threshold=0.999, blend_start=0, blend_end=1, self_replace=1.0,
+                        blend_latents=latents_on, blend_self_attention=self_on).validate()
+        with count_calls(parts.unet) as counter:
+            _, details = edit_latents(parts, trajectory, timesteps, alphas, text, edit, attention)
+        runs[latents_on, self_on] = (details["blended_steps"], counter.calls)
+    assert runs[True, True] == ([3, 2, 1], 2 * steps)     # a mask pass before each fused step
+    assert runs[False, True] == ([], 2 * steps)
+    assert runs[True, False] == ([3, 2, 1], steps)
 
 
 # -- masks -----------------------------------------------------------------------------------------
@@ -315,13 +401,15 @@ def test_source_prompt_with_full_fusion_reproduces_the_reconstruction(shared_eng
 
 def test_an_empty_blend_mask_keeps_every_pixel_of_the_source(shared_engine, tiny_parts):
     """Threshold 1: no normalised map is above its frame's maximum, so the masks are empty. Blending after
-    every step puts the source's x_0 back: the frames are the decoded source latents, exactly."""
+    every step puts the source back: FateZero's blend level (the step's input x_i) ends on the source's x_1,
+    the "output" level on its x_0; the frames are those decoded source latents, exactly."""
     video, settings = synthetic_video(3), inversion()
-    result = edit_video(shared_engine, video, settings, fatezero(blend_words="cat,dog", blend_threshold=1.0,
-                                                                 blend_start=0, blend_end=1))
-    trajectory = result.inversion.trajectory
-    assert result.details["blended_steps"] == [3, 2, 1]
-    assert np.array_equal(result.frames, decode_latents(tiny_parts.vae, trajectory[0]))
+    for level, final in (("input", 1), ("output", 0)):
+        result = edit_video(shared_engine, video, settings, fatezero(blend_words="cat,dog", blend_threshold=1.0,
+                                                                     blend_start=0, blend_end=1, blend_level=level))
+        trajectory = result.inversion.trajectory
+        assert result.details["blended_steps"] == [3, 2, 1]
+        assert np.array_equal(result.frames, decode_latents(tiny_parts.vae, trajectory[final]))
 
     # the default window, steps k in (0.6, 2.4] of 3: the latents are the source's after those steps only
     parts, blends = tiny_parts, []
@@ -334,14 +422,14 @@ def test_an_empty_blend_mask_keeps_every_pixel_of_the_source(shared_engine, tiny
                                         trace=lambda event, _, step, t: blends.append((step, t)) if event == "blend" else None)
     assert details["blended_steps"] == [3, 2] and [step for step, _ in blends] == [3, 2]
     for step, tensors in blends:
-        assert not tensors["mask"].any() and torch.equal(tensors["latents"], trajectory[step - 1])
+        assert not tensors["mask"].any() and torch.equal(tensors["latents"], trajectory[step])
     assert not torch.equal(latents, trajectory[0])  # the last step is not blended
 
 
 @torch.no_grad()
 def test_blend_words_confine_the_edit(tiny_parts):
     """A 16x16 latent (blend layers at 4x4 tokens): the masks cover part of each frame; after each blended
-    step the latents outside the mask are the source's x_{i-1} and inside it the edit's own. The random
+    step the latents outside the mask are the source's x_i (FateZero's blend level) and inside it the edit's own. The random
     model's maps are flat (0.7-1.0 of each frame's maximum), so a threshold near 1 keeps about the 3x3
     neighbourhood of each frame's maximum."""
     parts, steps, n = tiny_parts, 3, 2
@@ -357,8 +445,8 @@ def test_blend_words_confine_the_edit(tiny_parts):
     for step, tensors in blends:
         mask, x = tensors["mask"].expand(-1, 4, -1, -1), tensors["latents"]
         assert 0.05 < mask.float().mean() < 0.95, mask.float().mean()
-        assert torch.equal(x[~mask], trajectory[step - 1][~mask])
-        assert (x[mask] != trajectory[step - 1][mask]).float().mean() > 0.99
+        assert torch.equal(x[~mask], trajectory[step][~mask])
+        assert (x[mask] != trajectory[step][mask]).float().mean() > 0.99
     assert torch.equal(latents, blends[-1][1]["latents"])
 
 
@@ -430,6 +518,9 @@ def test_cli_fatezero_end_to_end(clip_file, tmp_path, capsys):
     (["--self-replace", "1.5"], "--self-replace"), (["--cross-replace", "-1"], "--cross-replace"),
     (["--blend-threshold", "0"], "--blend-threshold"), (["--blend-words", "horse"], "horse"),
     (["--reweight", "dog"], "WORD=SCALE"), (["--reweight", "fox=2"], "fox"), (["--word-map", "swap"], "swap"),
+    (["--source-maps", "stored"], "--source-maps"), (["--blend-level", "x_i"], "--blend-level"),
+    (["--cross-replace-word", "dog"], "WORD=FRACTION"), (["--cross-replace-word", "dog=2"], "--cross-replace-word dog="),
+    (["--blend-words", "cat,dog", "--no-blend-latents", "--no-blend-self-attention"], "--blend-words does nothing"),
 ])
 def test_cli_refuses_bad_fatezero_options_before_any_work(clip_file, tmp_path, capsys, monkeypatch, extra, words):
     def no_model(*_, **__):
@@ -442,7 +533,7 @@ def test_cli_refuses_bad_fatezero_options_before_any_work(clip_file, tmp_path, c
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
-def test_cli_refuses_replace_with_different_token_counts_before_inverting(clip_file, tmp_path, capsys):
+def test_cli_refuses_replace_with_different_word_counts_before_inverting(clip_file, tmp_path, capsys):
     assert main(fatezero_args(clip_file, tmp_path, "--prompt", "a big dog", "--word-map", "replace", "--frames", "2")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after "loading the model..."
     assert err.startswith("error: ") and "--word-map replace" in err

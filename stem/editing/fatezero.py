@@ -1,9 +1,17 @@
 """FateZero attention-fusion editing of an inverted video (Qi et al., ICCV 2023), fused on the fly.
 
-At each DDIM step i (T down to 1) the UNet batch holds the three groups of `common`
-(source x_i from the cached trajectory under the source prompt | edit, negative prompt | edit,
-target prompt). FateZero edits the attention of the **target-prompt group** from the source group's
-(the negative-prompt group runs unfused, as in FateZero and Prompt-to-Prompt):
+At each DDIM step i (T down to 1, timestep t_i) the UNet batch holds the three groups of `common`
+(source latents from the cached trajectory under the source prompt | edit x_i, negative prompt |
+edit x_i, target prompt). FateZero edits the attention of the **target-prompt group** from the source
+group's (the negative-prompt group runs unfused, as in FateZero and Prompt-to-Prompt).
+
+The source group sees, with `source_maps`:
+    inversion  x_{i-1} at t_i (default): FateZero stores the source's maps while it inverts, and the
+               inversion's step to level i runs the UNet on x_{i-1} at t_i, so these are exactly the
+               maps FateZero fuses at step i (`use_inversion_attention`, step_in_store = T - k). With
+               STEM the source's EM is seeded as in that inversion step, so the bases are the same too;
+    editing    x_i at t_i: the source at the level the edit is at (the project's earlier choice; it
+               lines the source's maps up with the edit's latents, but no FateZero run fuses them).
 
 1. Self-attention fusion, during the first `self_replace` fraction of the steps, in the
    self-attention layers with at most 32x32 tokens per frame (FateZero skips SD's 64x64 layers): the
@@ -17,15 +25,20 @@ target prompt). FateZero edits the attention of the **target-prompt group** from
                  step). The source's EM runs once, with the edit's values beside its own.
 2. Cross-attention fusion, during the first `cross_replace` fraction, in the same layers: the target's
    maps come from the source's through a Prompt-to-Prompt word map (`wordmap`: replace or refine),
-   times the `reweight` scales.
+   times the `reweight` scales. `cross_replace_words` gives target words their own fraction
+   (FateZero's `cross_replace_steps: {default_: 0.8, word: 0.4}`): at a step past a token's fraction
+   that token keeps its own map, unscaled, as FateZero's `alpha_words` blend does.
 3. Local blending with `blend_words` "SRC[,TGT]": a mask per frame from the cross-attention of the blend
    words in the cross-attention layers of `down_blocks.2` and `up_blocks.1` (SD's 16x16 layers at
    512 px; FateZero's `down_cross[2:4] + up_cross[:3]`), mean over heads and layers, 3x3 max-pool,
-   resized, divided by the frame's maximum, above `blend_threshold`. Self-attention is fused as
+   resized, divided by the frame's maximum, above `blend_threshold`. Two switches, as FateZero's
+   `blend_self_attention` and `blend_latents`, turn each use of the masks on or off. Self-attention is fused as
    mask * edit + (1 - mask) * fused, with the mask of the source's words at this step; after the
    denoising steps k in (blend_start * T, blend_end * T] the latents keep the edit inside the union of
    the source mask (this step) and the target mask (the target's maps summed over the steps so far)
-   and take the source's trajectory x_{i-1} outside it.
+   and take the source's trajectory outside it: with `blend_level` "input" (default) the source's
+   x_i, the step's input level, as FateZero's LocalBlend does (it reads `latents_store[T - k]`, the
+   inversion's x_i, for the edit's x_{i-1}); with "output" the source's x_{i-1}, the edit's own level.
 
 Nothing is stored per step: the source branch is recomputed beside the edit from the cached
 trajectory, so memory does not grow with the number of steps. The self-attention masks need this
@@ -71,15 +84,18 @@ Trace = Callable[[str, str, int, dict], None]
 # -- settings ---------------------------------------------------------------------------------------
 
 MAX_REWEIGHT = 100  # larger scales overflow the attention maps to inf/nan
+SOURCE_MAPS = ("inversion", "editing")  # the trajectory level of the source group at step i: i - 1 or i
+BLEND_LEVELS = ("input", "output")      # the source level the latent blend keeps after step i: i or i - 1
 
 
 @dataclass(frozen=True)
 class FateZeroSettings:
     """One FateZero edit of an inverted video (not part of the cache key: the InversionSettings are).
 
-    Defaults from FateZero's configs: guidance 7.5 (every config), cross_replace 0.8 (its tuning
-    guide and teaser), self_replace 0.6 (its attribute and shape edits use 0.5-0.7), blend threshold
-    0.3 (`bend_th` of its local edits), latent blending between 20 % and 80 % of the steps.
+    Defaults from FateZero's configs: guidance 7.5 (every config), cross_replace 0.8 (its guide,
+    docs/EditingGuidance.md, and teaser), self_replace 0.6 (its attribute edits use 0.1-0.7, shape
+    0.3-0.9, style up to 0.9), blend threshold 0.3 (`blend_th` of its local edits), latent blending
+    between 20 % and 80 % of the steps; both blend switches on, as in its guide's local-edit example.
     """
 
     editor: ClassVar[str] = "fatezero"
@@ -90,12 +106,17 @@ class FateZeroSettings:
     guidance: float = 7.5        # classifier-free guidance scale, >= 1
     self_replace: float = 0.6    # fraction of steps with self-attention fusion, in [0, 1]
     cross_replace: float = 0.8   # fraction of steps with cross-attention fusion, in [0, 1]
-    word_map: str = "auto"       # "replace" (equal token counts), "refine", or "auto" (replace when possible)
+    cross_replace_words: tuple[tuple[str, float], ...] = ()  # (target word, fraction): that word's own cross_replace
+    word_map: str = "auto"       # "auto" (FateZero's: replace with equal word counts, else refine), "replace", "refine", "tokens"
     reweight: tuple[tuple[str, float], ...] = ()  # (target word, scale) pairs: scale that word's maps
     blend_words: str = ""        # "SRC" or "SRC,TGT" (each side one or more words): local editing
     blend_threshold: float = 0.3  # mask threshold on the per-frame normalised maps, in (0, 1]
+    blend_self_attention: bool = True  # with blend words: keep the edit's own self-attention inside the source mask
+    blend_latents: bool = True   # with blend words: blend the latents with the source's outside the masks
     blend_start: float = 0.2     # latents are blended after the steps k with blend_start*T < k <= blend_end*T
     blend_end: float = 0.8
+    source_maps: str = "inversion"  # "inversion": the source's maps from x_{i-1} at t_i (FateZero's); "editing": x_i at t_i
+    blend_level: str = "input"   # the source latents the blend keeps: "input" x_i (FateZero's), "output" x_{i-1}
     seed: int = 0                # unused: FateZero draws nothing at random (the EM seed is the inversion's)
     freeu: FreeUSettings = FreeUSettings(enabled=False)  # off: FateZero's release has no FreeU
 
@@ -119,34 +140,48 @@ class FateZeroSettings:
             raise StemError(f"--blend-threshold must be above 0 and at most 1 (0.3 is usual), got {self.blend_threshold}.")
         check_fraction("The blend start", self.blend_start)
         check_fraction("The blend end", self.blend_end)
+        if self.source_maps not in SOURCE_MAPS:
+            raise StemError(f"--source-maps must be one of {', '.join(SOURCE_MAPS)}, got {self.source_maps!r}.")
+        if self.blend_level not in BLEND_LEVELS:
+            raise StemError(f"--blend-level must be one of {', '.join(BLEND_LEVELS)}, got {self.blend_level!r}.")
         if self.blend_start > self.blend_end:
             raise StemError(f"The blend start ({self.blend_start}) must not come after the blend end ({self.blend_end}).")
         if not isinstance(self.freeu, FreeUSettings):
             raise StemError(f"The FreeU settings must be a FreeUSettings, got {self.freeu!r}.")
         self.freeu.validate()
-        self._validate_reweight()
+        for word, scale in self._checked_word_pairs(self.reweight, "--reweight", "SCALE", "reweighted"):
+            if not is_number(scale) or not -MAX_REWEIGHT <= scale <= MAX_REWEIGHT:
+                raise StemError(f"--reweight {word}= needs a scale between -{MAX_REWEIGHT} and {MAX_REWEIGHT}, got {scale!r}.")
+        for word, fraction in self._checked_word_pairs(self.cross_replace_words, "--cross-replace-word", "FRACTION",
+                                                      "cross-replace"):
+            check_fraction(f"--cross-replace-word {word}=", fraction)
         self._validate_blend_words()
         return self
 
-    def _validate_reweight(self) -> None:
-        if not isinstance(self.reweight, tuple):
-            raise StemError(f"reweight must be a tuple of (word, scale) pairs, got {self.reweight!r}.")
-        for pair in self.reweight:
+    def _checked_word_pairs(self, pairs, flag: str, value: str, what: str) -> tuple[tuple[str, float], ...]:
+        """`pairs` if it is a tuple of (one word of the target prompt, value) pairs; else one sentence."""
+        if not isinstance(pairs, tuple):
+            raise StemError(f"{flag} must be a tuple of (word, {value.lower()}) pairs, got {pairs!r}.")
+        for pair in pairs:
             if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
-                raise StemError(f"--reweight takes WORD=SCALE, got {pair!r}.")
-            word, scale = pair
-            if len(word.split()) != 1:
-                raise StemError(f"--reweight takes one word per WORD=SCALE, got {word!r}.")
-            if not is_number(scale) or not -MAX_REWEIGHT <= scale <= MAX_REWEIGHT:
-                raise StemError(f"--reweight {word}= needs a scale between -{MAX_REWEIGHT} and {MAX_REWEIGHT}, got {scale!r}.")
-            if not contains_word(self.prompt, word):
-                raise StemError(f"The reweighted word {word!r} is not in the target prompt {self.prompt!r}.")
+                raise StemError(f"{flag} takes WORD={value}, got {pair!r}.")
+            if len(pair[0].split()) != 1:
+                raise StemError(f"{flag} takes one word per WORD={value}, got {pair[0]!r}.")
+            if not contains_word(self.prompt, pair[0]):
+                raise StemError(f"The {what} word {pair[0]!r} is not in the target prompt {self.prompt!r}.")
+        return pairs
 
     def _validate_blend_words(self) -> None:
         if not isinstance(self.blend_words, str):
             raise StemError(f"--blend-words must be text (SRC or SRC,TGT), got {self.blend_words!r}.")
+        for flag, on in (("--blend-self-attention", self.blend_self_attention), ("--blend-latents", self.blend_latents)):
+            if not isinstance(on, bool):
+                raise StemError(f"{flag} is a switch (True or False), got {on!r}.")
         if not self.blend_words.strip():
             return
+        if not (self.blend_self_attention or self.blend_latents):
+            raise StemError("--blend-words does nothing with both --no-blend-self-attention and --no-blend-latents; "
+                            "turn one of them back on or leave --blend-words out.")
         sides = self.blend_words.split(",")
         if len(sides) > 2 or not all(side.split() for side in sides):
             raise StemError(f"--blend-words takes SRC or SRC,TGT (e.g. car or car,truck), got {self.blend_words!r}.")
@@ -158,8 +193,9 @@ class FateZeroSettings:
                     raise StemError(f"The blend word {word!r} is not in the {which} prompt {prompt!r}{hint}.")
 
     def num_fused_steps(self, num_steps: int) -> tuple[int, int]:
-        """(self-attention steps, cross-attention steps): the first so many of `num_steps` steps fuse."""
-        return leading_steps(self.self_replace, num_steps), leading_steps(self.cross_replace, num_steps)
+        """(self-attention steps, cross-attention steps): the first so many of `num_steps` steps fuse
+        (the cross-attention count of the tokens without a `cross_replace_words` fraction of their own)."""
+        return self_replace_steps(self.self_replace, num_steps), cross_replace_steps(self.cross_replace, num_steps)
 
     def metrics(self) -> dict:
         """The settings as recorded in metrics.json."""
@@ -167,11 +203,38 @@ class FateZeroSettings:
                 "self_replace": self.self_replace, "cross_replace": self.cross_replace, "word_map": self.word_map,
                 "reweight": {word: scale for word, scale in self.reweight}, "blend_words": self.blend_words,
                 "blend_threshold": self.blend_threshold, "blend_start": self.blend_start, "blend_end": self.blend_end,
+                "source_maps": self.source_maps, "blend_level": self.blend_level,
+                "cross_replace_words": {word: fraction for word, fraction in self.cross_replace_words},
+                "blend_self_attention": self.blend_self_attention, "blend_latents": self.blend_latents,
                 **self.freeu.metrics()}
+
+
+def cross_replace_steps(fraction: float, num_steps: int) -> int:
+    """Steps of cross-attention fusion, FateZero's `int(f * (T + 1))` (at most T).
+
+    `ptp_utils.get_time_words_attention_alpha` builds its per-step weights over T + 1 rows and sets the
+    first `int(f * (T + 1))` of them; the edit reads rows 0 .. T - 1. (0.75 at T = 50: 38 steps.)
+    """
+    return min(num_steps, int(fraction * (num_steps + 1)))
+
+
+def self_replace_steps(fraction: float, num_steps: int) -> int:
+    """Steps of self-attention fusion, FateZero's `int(T * f)` (0.58 at T = 50 is 28.999...: 28 steps)."""
+    return int(num_steps * fraction)
 
 
 def parse_reweight(items: str | Iterable[str] | None) -> tuple[tuple[str, float], ...]:
     """"WORD=SCALE" strings (or one comma-separated string) -> ((word, scale), ...); one sentence if malformed."""
+    return parse_word_values(items, "--reweight", "WORD=SCALE (e.g. watercolor=2)")
+
+
+def parse_cross_replace_words(items: str | Iterable[str] | None) -> tuple[tuple[str, float], ...]:
+    """"WORD=FRACTION" strings (FateZero's `cross_replace_steps: {word: fraction}`) -> ((word, fraction), ...)."""
+    return parse_word_values(items, "--cross-replace-word", "WORD=FRACTION (e.g. tiger=0.4)")
+
+
+def parse_word_values(items: str | Iterable[str] | None, flag: str, form: str) -> tuple[tuple[str, float], ...]:
+    """"WORD=NUMBER" strings (or one comma-separated string) -> ((word, number), ...); one sentence if malformed."""
     if items is None:
         return ()
     if isinstance(items, str):
@@ -184,7 +247,7 @@ def parse_reweight(items: str | Iterable[str] | None) -> tuple[tuple[str, float]
         except ValueError:
             value = None
         if value is None or not word.strip():
-            raise StemError(f"--reweight takes WORD=SCALE (e.g. watercolor=2), got {item!r}.")
+            raise StemError(f"{flag} takes {form}, got {item!r}.")
         pairs.append((word.strip(), value))
     return tuple(pairs)
 
@@ -196,9 +259,10 @@ class EditMaps:
     """The token-level tensors of one edit: word map, reweighting and the blend words' tokens."""
 
     mode: str                             # the word map used: "replace" or "refine"
-    source_index: torch.Tensor            # (77,) long: the source token each target token's map comes from
+    mapper: torch.Tensor                  # (77, 77) float32: target token j's map is sum_i mapper[i, j] source_i
     weight: torch.Tensor                  # (77,) float32: 1 takes the source's map, 0 keeps the target's
     scales: torch.Tensor                  # (77,) float32: reweighting of the target's maps
+    cross_fractions: tuple[float, ...]    # (77,) each target token's fraction of cross-attention fusion steps
     source_blend: torch.Tensor | None     # (77,) float32: 1 at the source blend words' tokens
     target_blend: torch.Tensor | None     # (77,) float32: 1 at the target blend words' tokens
 
@@ -208,21 +272,33 @@ class EditMaps:
 
     @classmethod
     def build(cls, edit: FateZeroSettings, tokenizer, device=None) -> "EditMaps":
-        """Tokenise the prompts; refuses a replace with different token counts or words past the 77 tokens."""
+        """Tokenise the prompts; refuses a replace with different word counts or words past the 77 tokens."""
         mapping = word_map(tokenizer, edit.source_prompt, edit.prompt, edit.word_map)
-        index, weight = mapping.tensors(device)
+        mapper, weight = mapping.tensors(device)
         scales = reweight_scales(tokenizer, edit.prompt, edit.reweight).to(device)
+        fractions = [edit.cross_replace] * tokenizer.model_max_length
+        for word, fraction in edit.cross_replace_words:  # FateZero's {default_: f, word: f_word}, the word's tokens
+            for position in word_mask(tokenizer, edit.prompt, [word], "cross-replace").nonzero().flatten().tolist():
+                fractions[position] = fraction
         source_words, target_words = edit.blend_word_lists()
         source_blend = target_blend = None
         if source_words:
             source_blend = word_mask(tokenizer, edit.source_prompt, source_words, "blend").to(device)
             target_blend = word_mask(tokenizer, edit.prompt, target_words, "blend").to(device)
-        return cls(mapping.mode, index, weight, scales, source_blend, target_blend)
+        return cls(mapping.mode, mapper, weight, scales, tuple(fractions), source_blend, target_blend)
 
-    def fuse_cross(self, source: torch.Tensor, edit: torch.Tensor) -> torch.Tensor:
-        """(..., 77) source and edit cross-attention probabilities -> the edit's fused probabilities."""
-        mapped = source[..., self.source_index]
-        return torch.lerp(edit, mapped, self.weight) * self.scales
+    def cross_steps(self, num_steps: int, device=None) -> torch.Tensor:
+        """(77,) long: how many of the first steps fuse each target token's cross-attention."""
+        return torch.tensor([cross_replace_steps(f, num_steps) for f in self.cross_fractions], device=device)
+
+    def fuse_cross(self, source: torch.Tensor, edit: torch.Tensor, alpha: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., 77) source and edit cross-attention probabilities -> the edit's fused probabilities.
+
+        `alpha` (77,) 1 where this step fuses the target token, 0 where it keeps the edit's own map
+        (FateZero's `replace * alpha_words + (1 - alpha_words) * edit`: reweighting only where fused); None: all 1.
+        """
+        fused = torch.lerp(edit, source @ self.mapper, self.weight) * self.scales
+        return fused if alpha is None else torch.lerp(edit, fused, alpha)
 
 
 def token_grid(num_tokens: int, latent_size: tuple[int, int]) -> tuple[int, int]:
@@ -254,7 +330,8 @@ class FateZeroState:
     threshold: float                   # blend threshold
     step: int = 0                      # level i of the current denoising step (T .. 1)
     fuse_self: bool = False            # this step fuses self-attention
-    fuse_cross: bool = False           # this step fuses cross-attention
+    fuse_cross: bool = False           # this step fuses cross-attention (of some target tokens)
+    cross_alpha: torch.Tensor | None = None  # (77,) 1 at the target tokens whose cross-attention this step fuses
     trace: Trace | None = None
 
 
@@ -428,7 +505,7 @@ class FateZeroCrossAttnProcessor(FateZeroAttnProcessor):
                     chunk.record("target", target @ state.maps.target_blend)
                 if fuse:
                     groups = _groups(out, G)
-                    groups[COND] = (state.maps.fuse_cross(source, target) @ v[COND].float()).to(out.dtype)
+                    groups[COND] = (state.maps.fuse_cross(source, target, state.cross_alpha) @ v[COND].float()).to(out.dtype)
                     out = torch.cat(groups)
         self.observe("cross", chunk, {"query": query, "key": key, "value": value, "output": out})
         return out
@@ -459,7 +536,7 @@ def unet_step(parts, text: torch.Tensor, source: torch.Tensor, x: torch.Tensor, 
     Args:
         parts: the model (`StableDiffusionParts`) with the FateZero processors installed.
         text: (3, 77, D) embeddings of [source prompt, negative prompt, target prompt] (model dtype).
-        source: (N, 4, h, w) the source's latents at this level; x: (N, 4, h, w) the edit's.
+        source: (N, 4, h, w) the source group's latents (see `source_maps`); x: (N, 4, h, w) the edit's.
         t: the timestep.
         chunk_size: frames per UNet call (None: all at once).
         mask_pass: run the source group alone first, for this step's self-attention blend masks.
@@ -518,14 +595,15 @@ def edit_latents(
 
     Returns:
         (N, 4, h, w) float32 edited clean latents, and {"word_map": "replace" | "refine",
-        "blended_steps": the levels i whose result was blended with the source's x_{i-1}}.
+        "blended_steps": the levels i whose result was blended with the source's latents}.
     """
     if attention.num_groups != NUM_GROUPS:
         raise ValueError(f"the attention state must describe {NUM_GROUPS} groups, got {attention.num_groups}")
     device, num_steps = parts.device, len(timesteps)
     maps = EditMaps.build(edit, parts.tokenizer, device)
     state = FateZeroState(attention, maps, edit.blend_threshold, trace=trace)
-    self_steps, cross_steps = edit.num_fused_steps(num_steps)
+    self_steps = edit.num_fused_steps(num_steps)[0]
+    cross_steps = maps.cross_steps(num_steps, device)  # per target token
     blend_from, blend_to = leading_steps(edit.blend_start, num_steps), leading_steps(edit.blend_end, num_steps)
     text = text.to(device=device, dtype=parts.dtype)
     maps_of_step, target_maps, blended = {}, None, []
@@ -533,14 +611,16 @@ def edit_latents(
     def eps_fn(x, t, i):
         k = num_steps - i + 1
         state.step = attention.step = i  # the step also seeds STEM's initial bases, as in the inversion
-        state.fuse_self, state.fuse_cross = k <= self_steps, k <= cross_steps
+        state.cross_alpha = (k <= cross_steps).float()
+        state.fuse_self, state.fuse_cross = k <= self_steps, bool(state.cross_alpha.any())
+        source = source_latents(trajectory, i - 1 if edit.source_maps == "inversion" else i, device)
         out, maps_of_step["source"], maps_of_step["target"] = unet_step(
-            parts, text, source_latents(trajectory, i, device), x, t, chunk_size, maps.blends and state.fuse_self)
+            parts, text, source, x, t, chunk_size, maps.blends and state.fuse_self and edit.blend_self_attention)
         return guided_noise(out, x, alphas[i], edit.guidance, parts.prediction_type)
 
     def blend(x, i):
         nonlocal target_maps
-        if not maps.blends:
+        if not (maps.blends and edit.blend_latents):
             return x
         k = num_steps - i + 1
         step_maps = maps_of_step["target"]
@@ -548,7 +628,7 @@ def edit_latents(
         if blend_from < k <= blend_to:
             size = tuple(x.shape[-2:])
             mask = blend_mask(maps_of_step["source"], size, edit.blend_threshold) | blend_mask(target_maps, size, edit.blend_threshold)
-            x = torch.where(mask, x, source_latents(trajectory, i - 1, device))
+            x = torch.where(mask, x, source_latents(trajectory, i if edit.blend_level == "input" else i - 1, device))
             blended.append(i)
             if trace is not None:
                 trace("blend", "latents", i, {"mask": mask, "latents": x})
