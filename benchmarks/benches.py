@@ -9,7 +9,7 @@ import torch
 from stem.attention import AttentionState
 from .measure import measure
 from .models import attention_layer, bench_unet, unet_only_parts
-from .modes import install, processor, using_processor
+from .modes import install, mode_state, processor, using_processor
 
 
 def bench_attention(modes, frames, tokens, device, dtype, repeats, warmup, num_bases, num_iters, report):
@@ -20,7 +20,7 @@ def bench_attention(modes, frames, tokens, device, dtype, repeats, warmup, num_b
         x = torch.randn(n, tokens, attn.inner_dim, generator=generator).to(device=device, dtype=dtype)
 
         def case(mode, x):
-            state = AttentionState(method=mode.removesuffix("-naive"), num_bases=num_bases, num_iters=num_iters)
+            state = mode_state(mode, num_bases=num_bases, num_iters=num_iters)
             return lambda: using_processor(attn, processor(mode, state)), lambda: attn(x)
 
         with torch.inference_mode():
@@ -45,7 +45,7 @@ def bench_inversion(modes, frames, size, device, dtype, repeats, warmup, num_bas
         text = torch.randn(n, 77, unet.config.cross_attention_dim, generator=generator).to(device=device, dtype=dtype)
 
         def case(mode, latents, text):
-            state = AttentionState(method=mode.removesuffix("-naive"), num_bases=num_bases, num_iters=num_iters)
+            state = mode_state(mode, num_bases=num_bases, num_iters=num_iters)
             return lambda: install(unet, mode, state), lambda: call_unet(unet, latents, t, text)
 
         with torch.inference_mode():

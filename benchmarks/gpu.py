@@ -45,7 +45,7 @@ from .report import (
 
 DEADLINE = 510        # seconds for the whole check: the goal is 8 minutes; the integrator runs it under a 9.8-minute limit
 RESERVE = 15          # seconds kept for the report at the end
-BUDGETS = {"sdpa": 45, "pytest": 90, "bench": 100, "full-stem": 150, "full-ddim": 90, "full-edit": 150, "fatezero": 200}
+BUDGETS = {"sdpa": 45, "pytest": 90, "bench": 100, "full-stem": 150, "full-stem-fused": 90, "full-ddim": 90, "full-edit": 150, "fatezero": 200}
 SECTIONS = tuple(BUDGETS)
 PROMPT, EDIT_PROMPT = "a test pattern sliding sideways", "a watercolor painting of a test pattern sliding sideways"
 
@@ -356,30 +356,39 @@ def section_bench(cfg: CheckConfig, rec: Recorder) -> str:
     def report(row):
         rec.row({**row, "repeats": cfg.repeats})
 
-    def modes(n):
-        return ["ddim", "stem"] + (["inflated"] if n in cfg.inflated_frames else [])
+    from stem import em_fused
 
-    for n in cfg.frames:  # one layer: cheap, all N first
-        bench_attention(modes(n), [n], tokens=(cfg.size // 8) ** 2, report=report, **common)
+    fused = ["stem-fused"] if em_fused.available(cfg.device) else []
+
+    def modes(n):
+        return ["ddim", "stem", *fused] + (["inflated"] if n in cfg.inflated_frames else [])
+
+    for n in cfg.frames:  # one layer: cheap, all N first; the authors' formulation (stem-naive) beside ours
+        bench_attention(modes(n) + ["stem-naive"], [n], tokens=(cfg.size // 8) ** 2, report=report, **common)
     unet = bench_unet(cfg.model, cfg.device, cfg.dtype)
     for n in cfg.frames:
         bench_inversion(modes(n), [n], cfg.size, report=report, unet=unet, **common)
     return f"N = {', '.join(map(str, cfg.frames))}"
 
 
-def section_full(cfg: CheckConfig, rec: Recorder, method: str) -> str:
-    """One whole inversion + reconstruction through `Engine.invert` (row bench "full")."""
+def section_full(cfg: CheckConfig, rec: Recorder, method: str, em_kernel: str = "torch") -> str:
+    """One whole inversion + reconstruction through `Engine.invert` (row bench "full"; mode "stem-fused" for STEM
+    with the fused EM kernel)."""
+    from stem import em_fused
     from stem.cache import LatentCache
     from stem.engine import Engine, InversionSettings
 
+    if em_kernel == "fused" and not em_fused.available(cfg.device):
+        return f"skipped: the fused EM kernel needs CUDA and Triton (this run: {cfg.device.type})"
     parts = build_parts(cfg)
-    engine = Engine(parts.model_id, cache=LatentCache(cfg.cache_dir)).use_parts(parts)
+    engine = Engine(parts.model_id, device=cfg.device, cache=LatentCache(cfg.cache_dir),
+                    em_kernel=em_kernel).use_parts(parts)
     video = synthetic_video(cfg.full_frames, cfg.size)
     settings = InversionSettings(model=parts.model_id, method=method, num_steps=cfg.steps, size=cfg.size, prompt=PROMPT)
     plan = engine.plan_memory(video, settings)
     if plan is not None:
         print(f"  memory plan: {plan.describe()}", flush=True)
-    row = {"bench": "full", "mode": method, "frames": cfg.full_frames, "size": cfg.size, "steps": cfg.steps,
+    row = {"bench": "full", "mode": method + ("-fused" if em_kernel == "fused" else ""), "frames": cfg.full_frames, "size": cfg.size, "steps": cfg.steps,
            "chunk_size": engine.unet_chunk_size, "estimate_mb": job_estimate_mb(engine, video, settings),
            "memory": "cuda-max-allocated (absolute)" if cfg.device.type == "cuda" else "not measured on the CPU"}
     clock = PhaseClock()
@@ -445,6 +454,7 @@ RUNNERS = {
     "pytest": section_pytest,
     "bench": section_bench,
     "full-stem": lambda cfg, rec: section_full(cfg, rec, "stem"),
+    "full-stem-fused": lambda cfg, rec: section_full(cfg, rec, "stem", em_kernel="fused"),
     "full-ddim": lambda cfg, rec: section_full(cfg, rec, "ddim"),
     "full-edit": lambda cfg, rec: run_edit(cfg, rec, "tokenflow", cfg.full_frames, cfg.steps),
     "fatezero": section_fatezero,

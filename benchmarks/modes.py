@@ -54,6 +54,13 @@ class NaiveStemAttnProcessor(StemAttnProcessor):
         return out
 
 
+def mode_state(mode: str, **kwargs) -> AttentionState:
+    """The attention state of a benchmark mode: `stem-naive` is STEM's maths in the reference processor,
+    `stem-fused` STEM with the fused Triton EM (`stem.em_fused`)."""
+    method = mode.removesuffix("-naive").removesuffix("-fused")
+    return AttentionState(method=method, em_kernel="fused" if mode.endswith("-fused") else "torch", **kwargs)
+
+
 def install(unet, mode: str, state: AttentionState):
     """Context manager: every self-attention of `unet` gets the processor of a benchmark mode."""
     if mode != "stem-naive":
@@ -64,7 +71,7 @@ def install(unet, mode: str, state: AttentionState):
 
 def processor(mode: str, state: AttentionState):
     """The processor of a benchmark mode for a single attention layer."""
-    return NaiveStemAttnProcessor(state) if mode == "stem-naive" else PROCESSORS[mode](state)
+    return NaiveStemAttnProcessor(state) if mode == "stem-naive" else PROCESSORS[state.method](state)
 
 
 @contextlib.contextmanager

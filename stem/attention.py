@@ -39,6 +39,7 @@ class AttentionState:
     step: int = 0              # the diffusion level being computed (set by the caller before each UNet call)
     num_groups: int = 1
     em_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    em_kernel: str = "torch"   # "torch": stem.em's streamed EM; "fused": stem.em_fused's Triton E+M kernel
     em_calls: int = field(default=0, init=False)  # how many EMs ran (one per layer per step)
 
 
@@ -134,10 +135,16 @@ class StemAttnProcessor(FrameAttnProcessor):
         # (G*h, N*L, d): a view, no copy, when G = 1 and the keys come straight from `to_k`.
         keys = _group_tokens(key).reshape(G * h, N * L, d)
         values = _group_tokens(value).reshape(G * h, N * L, value.shape[-1])
-        key_bases, value_bases = estimate_bases(
-            keys, values, state.num_bases, state.num_iters, tau=state.tau, init=self.initial_bases(keys),
-            chunk_elements=state.em_chunk_elements,
-        )
+        if state.em_kernel == "fused":
+            from .em_fused import estimate_bases_fused
+
+            key_bases, value_bases = estimate_bases_fused(
+                keys, values, state.num_bases, state.num_iters, tau=state.tau, init=self.initial_bases(keys))
+        else:
+            key_bases, value_bases = estimate_bases(
+                keys, values, state.num_bases, state.num_iters, tau=state.tau, init=self.initial_bases(keys),
+                chunk_elements=state.em_chunk_elements,
+            )
         state.em_calls += 1
         return key_bases.view(G, h, -1, d), value_bases.view(G, h, -1, value.shape[-1])
 

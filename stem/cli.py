@@ -93,6 +93,9 @@ def add_inversion_options(parser: argparse.ArgumentParser, prompt_flags=("--prom
              "STEM still uses all frames for its bases")
     add("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
         help="model precision (default: float16 on a GPU, float32 on the CPU); EM statistics and softmax stay float32")
+    add("--em-kernel", default="auto", choices=("auto", "fused", "torch"),
+        help="STEM's EM: fused (one Triton pass per iteration, CUDA), torch (streamed, any device) or auto "
+             "(fused on CUDA where Triton imports; default)")
     add("--offload", action="store_true",
         help="keep the model on the CPU and move each part to the GPU when it runs (for small GPUs)")
     add("--debug", action="store_true", help="show full tracebacks")
@@ -120,7 +123,7 @@ def make_engine(args):
     if args.chunk_size is not None and args.chunk_size < 1:
         raise StemError(f"--chunk-size must be 1 or more, got {args.chunk_size}.")
     return Engine(args.model, device=parse_device(args.device), dtype=args.dtype, cache=LatentCache(args.cache_dir),
-                  unet_chunk_size=args.chunk_size, offload=args.offload)
+                  unet_chunk_size=args.chunk_size, offload=args.offload, em_kernel=args.em_kernel)
 
 
 def parse_device(name: str | None):

@@ -118,11 +118,12 @@ class Engine:
 
     def __init__(self, model: str = DEFAULT_MODEL, device=None, dtype=None, cache: LatentCache | None = None,
                  unet_chunk_size: int | None = None, vae_batch_size: int = 4, offload: bool = False,
-                 memory_budget: Callable[[], int] | None = None):
+                 memory_budget: Callable[[], int] | None = None, em_kernel: str = "auto"):
         self.model = model
         self.device = device
         self.dtype = dtype
         resolve_dtype(dtype, device if device is not None else default_device())  # a bad dtype fails now
+        self.em_kernel = choose_em_kernel(em_kernel, device if device is not None else default_device())
         self.cache = cache if cache is not None else LatentCache()
         self.unet_chunk_size = unet_chunk_size
         self.vae_batch_size = vae_batch_size
@@ -208,7 +209,7 @@ class Engine:
         else:
             self.plan = None
             return None
-        self.plan = plan(Job.of(video, settings, edit), ModelFacts.of(parts), budget, self._unet_chunk_size,
+        self.plan = plan(Job.of(video, settings, edit, self.em_kernel), ModelFacts.of(parts), budget, self._unet_chunk_size,
                          self._vae_batch_size, offload=self._offload is not None)
         if self.plan.vae_tiling:
             parts.vae.enable_tiling()
@@ -220,7 +221,7 @@ class Engine:
 
     def _plan_job(self, video: Video, settings: InversionSettings) -> None:
         """Plan the memory of an inversion unless a plan of the same job (e.g. made for its edit) exists."""
-        if self.plan is None or self.plan.job_key != Job.of(video, settings).key():
+        if self.plan is None or self.plan.job_key != Job.of(video, settings, em_kernel=self.em_kernel).key():
             self.plan_memory(video, settings)
 
     def _check_model(self, settings: InversionSettings) -> None:
@@ -246,8 +247,10 @@ class Engine:
     def job_for(self, video: Video, settings: InversionSettings) -> dict:
         """The full key material of inverting these frames with these settings: stored in the entry, compared on load."""
         tiled = {"vae_tiling": True} if self.plan is not None and self.plan.vae_tiling else {}  # tiles change the latents
+        # the fused EM rounds otherwise than the streamed one (entries made before it existed are the torch path's)
+        fused = {"em_kernel": "fused"} if settings.method == "stem" and self.em_kernel == "fused" else {}
         return {**settings.result_fields(), "dtype": str(self.parts.dtype), "model_fingerprint": self.model_fingerprint,
-                "frames": frames_digest(video.frames), **tiled}
+                "frames": frames_digest(video.frames), **tiled, **fused}
 
     def key_for(self, video: Video, settings: InversionSettings) -> str:
         """The cache key of inverting these frames with these settings (with this model, in this dtype)."""
@@ -300,11 +303,10 @@ class Engine:
 
         return eps
 
-    @staticmethod
-    def attention_state(settings: InversionSettings, num_groups: int = 1) -> AttentionState:
+    def attention_state(self, settings: InversionSettings, num_groups: int = 1) -> AttentionState:
         """The processors' shared state for a job."""
-        return AttentionState(method=settings.method, num_bases=settings.num_bases,
-                              num_iters=settings.num_iters, seed=settings.seed, num_groups=num_groups)
+        return AttentionState(method=settings.method, num_bases=settings.num_bases, num_iters=settings.num_iters,
+                              seed=settings.seed, num_groups=num_groups, em_kernel=self.em_kernel)
 
     def invert(self, video: Video, settings: InversionSettings, progress: Progress | None = None) -> InversionResult:
         """Invert `video` with `settings` (from the cache when possible) and reconstruct it.
@@ -375,6 +377,25 @@ class Engine:
         }, {"settings": repr(dataclasses.asdict(settings)), "seconds": f"{seconds:.3f}"}, job,
             self.entry_spec(video, settings, timesteps))
         return result
+
+
+EM_KERNELS = ("auto", "fused", "torch")
+
+
+def choose_em_kernel(name: str, device) -> str:
+    """The EM kernel `name` asks for on `device`: "fused" (Triton) or "torch" (streamed); one sentence when it
+    cannot run. `auto` is the fused kernel on CUDA where Triton imports, the torch path elsewhere."""
+    from . import em_fused
+
+    device = torch.device(device)
+    if name not in EM_KERNELS:
+        raise StemError(f"Unknown EM kernel {name!r}; choose one of: {', '.join(EM_KERNELS)}.")
+    if name == "auto":
+        return "fused" if device.type == "cuda" and em_fused.available(device) else "torch"
+    if name == "fused" and not em_fused.available(device):
+        raise StemError(f"--em-kernel fused needs a CUDA GPU with Triton installed (this job runs on {device.type}); "
+                        "pass --em-kernel auto or torch.")
+    return name
 
 
 def non_finite_advice(dtype: torch.dtype, causes: tuple[str, ...] = ()) -> str:

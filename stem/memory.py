@@ -76,6 +76,7 @@ class Job:
     num_steps: int = 50
     editor: str | None = None   # None (inversion only), "tokenflow" or "fatezero"
     edit_batch_size: int = 8
+    em_kernel: str = "torch"    # STEM's EM: "torch" (streamed blocks) or "fused" (Triton, per-block partial sums)
 
     @property
     def tokens(self) -> int:
@@ -83,14 +84,14 @@ class Job:
         return (self.height // 8) * (self.width // 8)
 
     def key(self) -> tuple:
-        return (self.frames, self.height, self.width, self.method, self.num_steps)
+        return (self.frames, self.height, self.width, self.method, self.num_steps, self.em_kernel)
 
     @classmethod
-    def of(cls, video, settings, edit=None) -> "Job":
+    def of(cls, video, settings, edit=None, em_kernel: str = "torch") -> "Job":
         """The job of inverting `video` (a stem.video.Video) with `settings`, and editing it with `edit` if given."""
         return cls(frames=video.num_frames, height=video.height, width=video.width, method=settings.method,
                    num_steps=settings.num_steps, editor=None if edit is None else getattr(edit, "editor", "tokenflow"),
-                   edit_batch_size=getattr(edit, "batch_size", 8))
+                   edit_batch_size=getattr(edit, "batch_size", 8), em_kernel=em_kernel)
 
 
 @dataclass(frozen=True)
@@ -199,9 +200,13 @@ def stem_em_bytes(job: Job, facts: ModelFacts, groups: int = 1) -> float:
     snapshots, 8 frames of 256 px, unchunked and in lock-step chunks of 1 and 2 frames).
     """
     n, L, b, C = job.frames, job.tokens, facts.element_bytes, 320 * facts.width
+    regrouped = 2 * n * L * C * b + n * L * (C / facts.heads) * 4
+    if job.em_kernel == "fused":  # no responsibilities; per-block partial sums of the keys and (last) the values
+        from .em_fused import BLOCK_L
+
+        return groups * (2 * math.ceil(n * L / BLOCK_L) * 256 * C * 4 + regrouped)  # K = 256, every head
     chunk_tokens = em._token_chunk(facts.heads, n * L, 256, em.DEFAULT_CHUNK_ELEMENTS, torch.device("cuda"))  # K = 256
-    return groups * (EM_BLOCK_BYTES + SPLIT_SUMS_BYTES + 2 * chunk_tokens * C * 4 + 2 * n * L * C * b
-                     + n * L * (C / facts.heads) * 4)
+    return groups * (EM_BLOCK_BYTES + SPLIT_SUMS_BYTES + 2 * chunk_tokens * C * 4 + regrouped)
 
 
 def tokenflow_activations(job: Job, facts: ModelFacts, chunk: int | None) -> float:

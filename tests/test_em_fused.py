@@ -95,6 +95,29 @@ def test_interpreted_kernel_matches_float64_reference(interpreted, name):
     check(interpreted[name], name)
 
 
+def test_the_engine_and_fatezero_run_the_fused_kernel_when_asked_and_key_it_apart(interpreted):
+    runs = interpreted["engine"]
+    assert runs["torch_calls"] == [0, 0]
+    assert all(n > 0 for n in runs["fused_calls"]), runs  # the inversion's EMs, and the FateZero edit's
+    assert runs["keys_differ"]  # the kernel rounds otherwise: its own cache entries
+    # the same maths: trajectories agree to float32 rounding amplified by 1/tau over 2 steps (loose, any CPU)
+    assert runs["trajectory_rel"] < 1e-2, runs
+
+
+def test_em_kernel_choice_and_refusals(monkeypatch):
+    from stem.engine import Engine, choose_em_kernel
+    from stem.errors import StemError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert choose_em_kernel("auto", "cpu") == "torch" and choose_em_kernel("torch", "cpu") == "torch"
+    assert Engine("tiny-random", device="cpu").em_kernel == "torch"
+    with pytest.raises(StemError, match=r"^--em-kernel fused needs a CUDA GPU with Triton installed \(this job runs "
+                                        r"on cpu\); pass --em-kernel auto or torch\.$"):
+        Engine("tiny-random", device="cpu", em_kernel="fused")
+    with pytest.raises(StemError, match=r"Unknown EM kernel 'magic'; choose one of: auto, fused, torch\."):
+        choose_em_kernel("magic", "cpu")
+
+
 def test_not_available_on_cpu_without_interpreter(monkeypatch):
     from stem.em_fused import available
 
@@ -109,5 +132,47 @@ def test_compiled_kernel_matches_float64_reference(name):
     check(measure("cuda")[name], name)
 
 
+def engine_runs(cache_dir):
+    """One tiny STEM inversion (and a FateZero edit, whose EMs use the same kernel) per EM kernel, counting the
+    fused kernel's calls; run under the interpreter in the subprocess."""
+    import numpy as np
+
+    import stem.em_fused
+    from stem.cache import LatentCache
+    from stem.editing import FateZeroSettings, edit_video
+    from stem.engine import Engine, InversionSettings
+    from stem.models import build_tiny
+    from stem.video import Video
+
+    calls = {"fused": 0}
+    real = stem.em_fused.estimate_bases_fused
+
+    def counted(*args, **kwargs):
+        calls["fused"] += 1
+        return real(*args, **kwargs)
+
+    stem.em_fused.estimate_bases_fused = counted
+    rng = np.random.default_rng(0)
+    video = Video(rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8), 8.0, "noise")
+    settings = InversionSettings(model="tiny-random", num_bases=4, num_iters=2, num_steps=2, size=64, prompt="a cat")
+    parts = build_tiny("cpu", torch.float32)
+    out = {}
+    for kernel in ("torch", "fused"):
+        engine = Engine("tiny-random", device="cpu", cache=LatentCache(Path(cache_dir) / kernel),
+                        em_kernel=kernel).use_parts(parts)
+        before = calls["fused"]
+        result = engine.invert(video, settings)
+        inverting = calls["fused"] - before
+        edit_video(engine, video, settings, FateZeroSettings(prompt="a dog", source_prompt="a cat"))
+        out[kernel] = {"key": engine.key_for(video, settings), "trajectory": result.trajectory,
+                       "calls": [inverting, calls["fused"] - before - inverting]}
+    t, f = out["torch"], out["fused"]
+    return {"keys_differ": t["key"] != f["key"], "torch_calls": t["calls"], "fused_calls": f["calls"],
+            "trajectory_rel": rel(f["trajectory"], t["trajectory"])}
+
+
 if __name__ == "__main__":
-    print(json.dumps(measure()))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        print(json.dumps({**measure(), "engine": engine_runs(cache_dir)}))

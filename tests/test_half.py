@@ -92,7 +92,7 @@ def edited(editor: str = "tokenflow", **edit_changes):
         with torch.inference_mode():
             text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p) for p in ("a cat", "", "a dog")])
             latents, _ = EDITORS[editor](parts, reference.trajectory, timesteps, alphas, text, edit,
-                                         Engine.attention_state(SETTINGS, NUM_GROUPS))
+                                         Engine("tiny-random", device="cpu").attention_state(SETTINGS, NUM_GROUPS))
         return latents
 
     return run
