@@ -94,8 +94,8 @@ def add_inversion_options(parser: argparse.ArgumentParser, prompt_flags=("--prom
     add("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
         help="model precision (default: float16 on a GPU, float32 on the CPU); EM statistics and softmax stay float32")
     add("--em-kernel", default="auto", choices=("auto", "fused", "torch"),
-        help="STEM's EM: fused (one Triton pass per iteration, CUDA), torch (streamed, any device) or auto "
-             "(fused on CUDA where Triton imports; default)")
+        help="STEM's EM: fused (one Triton pass per iteration, CUDA with Triton; not yet measured on a GPU), "
+             "torch (streamed, any device) or auto (default: torch until the fused kernel is measured on a GPU)")
     add("--offload", action="store_true",
         help="keep the model on the CPU and move each part to the GPU when it runs (for small GPUs)")
     add("--debug", action="store_true", help="show full tracebacks")

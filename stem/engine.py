@@ -380,18 +380,24 @@ class Engine:
 
 
 EM_KERNELS = ("auto", "fused", "torch")
+# The fused kernel has run only in Triton's interpreter so far: no GPU has compiled or timed it, and its per-block
+# partial sums are large at 48 frames (README, GPU). `auto` picks it once a GPU check has.
+FUSED_BY_DEFAULT = False
 
 
 def choose_em_kernel(name: str, device) -> str:
     """The EM kernel `name` asks for on `device`: "fused" (Triton) or "torch" (streamed); one sentence when it
-    cannot run. `auto` is the fused kernel on CUDA where Triton imports, the torch path elsewhere."""
+    cannot run. `auto` is meant to be the fused kernel on CUDA where Triton imports; until a GPU check has
+    compiled and measured that kernel (`FUSED_BY_DEFAULT`), `auto` is the streamed torch path everywhere and
+    `fused` is asked for by name."""
     from . import em_fused
 
     device = torch.device(device)
     if name not in EM_KERNELS:
         raise StemError(f"Unknown EM kernel {name!r}; choose one of: {', '.join(EM_KERNELS)}.")
     if name == "auto":
-        return "fused" if device.type == "cuda" and em_fused.available(device) else "torch"
+        chosen = FUSED_BY_DEFAULT and device.type == "cuda" and em_fused.available(device)
+        return "fused" if chosen else "torch"
     if name == "fused" and not em_fused.available(device):
         raise StemError(f"--em-kernel fused needs a CUDA GPU with Triton installed (this job runs on {device.type}); "
                         "pass --em-kernel auto or torch.")

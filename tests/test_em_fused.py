@@ -116,6 +116,13 @@ def test_em_kernel_choice_and_refusals(monkeypatch):
         Engine("tiny-random", device="cpu", em_kernel="fused")
     with pytest.raises(StemError, match=r"Unknown EM kernel 'magic'; choose one of: auto, fused, torch\."):
         choose_em_kernel("magic", "cpu")
+    import stem.em_fused
+    import stem.engine
+
+    monkeypatch.setattr(stem.em_fused, "available", lambda device: torch.device(device).type == "cuda")
+    assert choose_em_kernel("auto", "cuda") == "torch"  # not before a GPU has compiled and measured the kernel
+    monkeypatch.setattr(stem.engine, "FUSED_BY_DEFAULT", True)
+    assert choose_em_kernel("auto", "cuda") == "fused" and choose_em_kernel("auto", "cpu") == "torch"
 
 
 def test_not_available_on_cpu_without_interpreter(monkeypatch):
