@@ -136,7 +136,7 @@ def add_fatezero_options(group) -> None:
                             "(FateZero's blend_self_attention) (default: on)")
     group.add_argument("--blend-latents", action=argparse.BooleanOptionalAction, default=d.blend_latents,
                        help="with --blend-words: blend the latents with the source's outside the masks "
-                            "(FateZero's blend_latents) (default: on)")
+                            "(FateZero's blend_latents) (default: off, as FateZero's configs)")
     group.add_argument("--source-maps", default=d.source_maps,
                        help="the source's attention maps at step i: inversion (FateZero's: x_(i-1) at t_i, as its "
                             "inversion stores them) or editing (x_i at t_i) (default: %(default)s)")

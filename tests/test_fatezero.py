@@ -406,7 +406,8 @@ def test_an_empty_blend_mask_keeps_every_pixel_of_the_source(shared_engine, tiny
     video, settings = synthetic_video(3), inversion()
     for level, final in (("input", 1), ("output", 0)):
         result = edit_video(shared_engine, video, settings, fatezero(blend_words="cat,dog", blend_threshold=1.0,
-                                                                     blend_start=0, blend_end=1, blend_level=level))
+                                                                     blend_start=0, blend_end=1, blend_level=level,
+                                                                     blend_latents=True))
         trajectory = result.inversion.trajectory
         assert result.details["blended_steps"] == [3, 2, 1]
         assert np.array_equal(result.frames, decode_latents(tiny_parts.vae, trajectory[final]))
@@ -415,7 +416,7 @@ def test_an_empty_blend_mask_keeps_every_pixel_of_the_source(shared_engine, tiny
     parts, blends = tiny_parts, []
     timesteps, alphas = ddim_schedule(parts.scheduler, settings.num_steps)
     text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p) for p in (SOURCE_PROMPT, "", "a dog")])
-    edit = fatezero(blend_words="cat,dog", blend_threshold=1.0)
+    edit = fatezero(blend_words="cat,dog", blend_threshold=1.0, blend_latents=True)
     with torch.inference_mode():
         latents, details = edit_latents(parts, trajectory, timesteps, alphas, text, edit,
                                         shared_engine.attention_state(settings, NUM_GROUPS),
@@ -436,7 +437,8 @@ def test_blend_words_confine_the_edit(tiny_parts):
     trajectory = torch.randn(steps + 1, n, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     timesteps, alphas = ddim_schedule(parts.scheduler, steps)
     text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p) for p in (SOURCE_PROMPT, "", "a dog")])
-    edit = fatezero(blend_words="cat,dog", blend_threshold=0.999, blend_start=0, blend_end=1)  # flat maps of random weights
+    edit = fatezero(blend_words="cat,dog", blend_threshold=0.999, blend_start=0, blend_end=1,  # flat maps of random weights
+                    blend_latents=True)
     blends = []
     latents, details = edit_latents(parts, trajectory, timesteps, alphas, text, edit,
                                     AttentionState(method="stem", num_bases=8, num_iters=2, num_groups=NUM_GROUPS),

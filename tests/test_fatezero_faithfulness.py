@@ -357,7 +357,7 @@ def test_the_source_group_runs_where_fatezero_stored_its_maps(tiny_parts, source
 def test_the_latent_blend_keeps_fatezeros_source_level(tiny_parts, blend_level):
     steps = 3
     edit = FateZeroSettings("a dog", source_prompt="a cat", blend_words="cat,dog", blend_threshold=0.999,
-                            blend_start=0, blend_end=1, blend_level=blend_level).validate()
+                            blend_start=0, blend_end=1, blend_level=blend_level, blend_latents=True).validate()
     trajectory, _, calls, blends = run_edit(tiny_parts, edit, steps)
     assert [step for step, _ in blends] == [3, 2, 1]
     for cur_step, (step, tensors) in enumerate(blends):
@@ -409,3 +409,10 @@ def test_per_word_cross_replace_steps_are_fatezeros(tokenizer, num_steps):
             fused = [cur_step for cur_step in range(num_steps) if alpha[cur_step, j] == 1]
             assert fused == list(range(len(fused))), (prompt, j)  # a leading run of steps
             assert int(steps[j]) == len(fused), (prompt, j, num_steps)
+
+
+def test_the_blend_switches_default_to_fatezeros_configs():
+    """FateZero's configs with blend words set blend_self_attention: True and leave blend_latents out (its
+    code's default, False), all but the one local-latent-blend config; the defaults here are those."""
+    d = FateZeroSettings("a dog", source_prompt="a cat", blend_words="cat,dog").validate()
+    assert d.blend_self_attention is True and d.blend_latents is False

@@ -112,7 +112,9 @@ class FateZeroSettings:
     blend_words: str = ""        # "SRC" or "SRC,TGT" (each side one or more words): local editing
     blend_threshold: float = 0.3  # mask threshold on the per-frame normalised maps, in (0, 1]
     blend_self_attention: bool = True  # with blend words: keep the edit's own self-attention inside the source mask
-    blend_latents: bool = True   # with blend words: blend the latents with the source's outside the masks
+    # with blend words: blend the latents with the source's outside the masks; off as in FateZero's configs (only
+    # its jeep_posche_local_latent_blend.yaml turns it on; the others leave it out: "performance not so good")
+    blend_latents: bool = False
     blend_start: float = 0.2     # latents are blended after the steps k with blend_start*T < k <= blend_end*T
     blend_end: float = 0.8
     source_maps: str = "inversion"  # "inversion": the source's maps from x_{i-1} at t_i (FateZero's); "editing": x_i at t_i
