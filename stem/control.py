@@ -122,7 +122,9 @@ def load_controlnet(model_id: str, unet, device, dtype, seed: int = 0):
             raise StemError(f"Could not load the ControlNet {model_id!r} ({type(error).__name__}); pass a local "
                             "ControlNet folder or hub id with --control-model.") from error
     check_controlnet(net, unet, model_id)
-    return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if next(net.parameters()).dtype != dtype:  # diffusers warns on any dtype cast, even a no-op
+        net.to(dtype=dtype)
+    return net.to(device=device).eval().requires_grad_(False)
 
 
 def load_depth_estimator(model_id: str, device, seed: int = 0):
