@@ -33,6 +33,10 @@ class Control:
     cond: torch.Tensor            # (N, 3, H, W) condition frames in [0, 1], in the net's dtype and device
     scale: float = 1.0            # conditioning_scale
 
+    def frames(self, index) -> "Control":
+        """The same ControlNet with the conditions of the frames `index` (a slice or index tensor)."""
+        return Control(self.net, self.cond[index], self.scale)
+
 
 def validate_control(kind: str, scale: float, low: int, high: int) -> None:
     """Raise StemError with one sentence for the first control setting out of range."""
@@ -144,11 +148,12 @@ def load_depth_estimator(model_id: str, device, seed: int = 0):
 
 
 def controlled_unet(unet, control: Control, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                    cond: torch.Tensor) -> torch.Tensor:
+                    cond: torch.Tensor, **unet_kwargs) -> torch.Tensor:
     """One UNet call with the ControlNet's residuals, as diffusers' StableDiffusionControlNetPipeline does.
 
     Args:
         latents: (B, 4, h, w); text: (B, 77, D); cond: (B, 3, H, W) the condition frames of these latents.
+        unet_kwargs: more arguments of the UNet call (e.g. `cross_attention_kwargs` for the UNet's processors).
 
     Returns:
         (B, 4, h, w) the UNet's output.
@@ -156,4 +161,4 @@ def controlled_unet(unet, control: Control, latents: torch.Tensor, t: torch.Tens
     down, mid = control.net(latents, t, encoder_hidden_states=text, controlnet_cond=cond,
                             conditioning_scale=control.scale, return_dict=False)
     return unet(latents, t, encoder_hidden_states=text, down_block_additional_residuals=down,
-                mid_block_additional_residual=mid).sample
+                mid_block_additional_residual=mid, **unet_kwargs).sample

@@ -199,3 +199,37 @@ def test_canny_inversion_and_reconstruction_match_the_release_in_float64(video, 
                                                      settings.num_steps, batch_size=2)
     torch.testing.assert_close(result.trajectory.double(), trajectory, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(captured["clean"].double(), clean, rtol=1e-6, atol=1e-6)
+
+
+# -- editing: residuals for all three groups, with the source frames' conditions -----------------------
+
+def _fatezero(prompt):
+    from stem.editing import FateZeroSettings
+
+    return FateZeroSettings(prompt, source_prompt="a square")
+
+
+@pytest.mark.parametrize("make_edit", [lambda: __import__("stem.editing", fromlist=["EditSettings"]).EditSettings("a dog", batch_size=2),
+                                       lambda: _fatezero("a circle")], ids=["tokenflow", "fatezero"])
+def test_edits_take_controlnet_residuals_for_every_group(engine, video, count_calls, make_edit):
+    from stem.editing import edit_video
+
+    plain = edit_video(engine, video, BASE, make_edit())
+    zero = edit_video(engine, video, dataclasses.replace(CANNY, control_scale=0.0), make_edit())
+    engine.invert(video, CANNY)  # cached: only the edit's calls are counted below
+    net = engine.control_for(video, CANNY).net
+    batches = []
+    handle = net.register_forward_pre_hook(lambda _m, args, kwargs: batches.append((args[0].shape[0], kwargs["controlnet_cond"])), with_kwargs=True)
+    try:
+        with count_calls(engine.parts.unet) as unet_calls:
+            canny = edit_video(engine, video, CANNY, make_edit())
+    finally:
+        handle.remove()
+    assert np.array_equal(zero.frames, plain.frames)  # scale 0: the uncontrolled edit
+    assert not np.array_equal(canny.frames, plain.frames)
+    assert len(batches) == unet_calls.calls > 0  # one ControlNet call per UNet call
+    edit_passes = [(b, c) for b, c in batches if b % 3 == 0 and torch.equal(c[: b // 3], c[b // 3: 2 * b // 3])]
+    assert edit_passes  # the three groups get the same (source) frames' conditions
+    conditions = engine.conditions(video, CANNY)
+    for b, c in batches:  # every condition handed over is one of the source frames'
+        assert all(any(torch.equal(ci, f) for f in conditions) for ci in c)
