@@ -421,6 +421,8 @@ def inversion_metrics(video: Video, result: InversionResult, engine: Engine | No
     }
     if s.method == "stem":
         block.update(num_bases=s.num_bases, num_iters=s.num_iters, seed=s.seed)
+    if s.control != "none":
+        block.update({k: v for k, v in s.result_fields().items() if k.startswith(("control", "canny", "depth"))})
     block.update(reconstruction_metrics(video.frames, result.reconstruction, result.vae_roundtrip, motion))
     block.update(cache_hit=result.cache_hit, seconds=round(result.seconds, 3))
     if engine is not None and engine._parts is not None:

@@ -233,3 +233,34 @@ def test_edits_take_controlnet_residuals_for_every_group(engine, video, count_ca
     conditions = engine.conditions(video, CANNY)
     for b, c in batches:  # every condition handed over is one of the source frames'
         assert all(any(torch.equal(ci, f) for f in conditions) for ci in c)
+
+
+# -- command line -------------------------------------------------------------------------------------
+
+FAST = ["--model", "tiny-random", "--steps", "2", "--bases", "8", "--iters", "2", "--size", "96"]
+
+
+def test_cli_invert_with_canny_writes_control_video_and_keys_the_cache(clip, tmp_path, capsys):
+    import json
+
+    from stem.cli import main
+    from stem.video import read_video
+
+    common = ["invert", str(clip), *FAST, "--cache-dir", str(tmp_path / "cache")]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "control.mp4").exists()
+    assert main([*common, "--control", "canny", "--control-scale", "0.5", "--out", str(tmp_path / "canny")]) == 0
+    metrics = json.loads((tmp_path / "canny" / "metrics.json").read_text())
+    assert metrics["cache_hit"] is False and metrics["control"] == "canny" and metrics["control_scale"] == 0.5
+    control = read_video(tmp_path / "canny" / "control.mp4", size=96).frames
+    assert control.shape == (6, 64, 96, 3) and control.max() > 200 and control.min() < 30  # white edges on black
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("flags, word", [(["--control", "pose"], "--control"), (["--control-scale", "-1"], "--control-scale")])
+def test_cli_bad_control_flags_are_one_sentence_and_write_nothing(clip, tmp_path, capsys, flags, word):
+    from stem.cli import main
+
+    code = main(["invert", str(clip), *FAST, *flags, "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert code != 0 and word in err and not (tmp_path / "o").exists()
