@@ -264,3 +264,18 @@ def test_cli_bad_control_flags_are_one_sentence_and_write_nothing(clip, tmp_path
     code = main(["invert", str(clip), *FAST, *flags, "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")])
     err = capsys.readouterr().err
     assert code != 0 and word in err and not (tmp_path / "o").exists()
+
+
+def test_memory_estimate_counts_the_controlnet(tiny_parts, video):
+    from stem.memory import Job, ModelFacts, estimate, module_bytes
+
+    facts = ModelFacts.of(tiny_parts)
+    net = build_tiny_controlnet(tiny_parts.unet)
+    # the ControlNet's weights, but its own conditioning embedding and zero convolutions (a few percent)
+    extras = module_bytes(net.controlnet_cond_embedding) + sum(module_bytes(m) for m in net.controlnet_down_blocks) \
+        + module_bytes(net.controlnet_mid_block)
+    assert facts.control_bytes == module_bytes(net) - extras
+    plain, guided = Job.of(video, BASE), Job.of(video, CANNY)
+    assert guided.key() != plain.key()
+    a, b = estimate(plain, facts), estimate(guided, facts)
+    assert b["unet"] - a["unet"] > facts.control_bytes and b["vae"] - a["vae"] == facts.control_bytes
