@@ -83,6 +83,15 @@ def add_inversion_options(parser: argparse.ArgumentParser, prompt_flags=("--prom
     add("--iters", type=whole_number, default=d.num_iters, help="STEM: R EM iterations (default: %(default)s)")
     add(*prompt_flags, dest="source_prompt", default="", help="text describing the video; conditions the inversion")
     add("--seed", type=whole_number, default=d.seed, help=seed_help + " (default: %(default)s)")
+    add("--control", default=d.control, help="structure guidance: none, canny or depth, a ControlNet in every UNet call "
+        "(default: %(default)s)")
+    add("--control-model", default=d.control_model, help="ControlNet hub id or folder (default: lllyasviel's SD 1.5 "
+        "v1.1 canny / depth ControlNet; tiny-random's own for --model tiny-random)")
+    add("--control-scale", type=float, default=d.control_scale, help="ControlNet conditioning scale (default: %(default)s)")
+    add("--canny-low", type=whole_number, default=d.canny_low, help="canny: lower cv2.Canny threshold (default: %(default)s)")
+    add("--canny-high", type=whole_number, default=d.canny_high, help="canny: upper cv2.Canny threshold (default: %(default)s)")
+    add("--depth-model", default=d.depth_model, help="depth: transformers depth-estimation hub id or folder "
+        "(default: depth-anything/Depth-Anything-V2-Small-hf; tiny-random's own for --model tiny-random)")
     add("--fps", type=float, default=None,
         help="frame rate of the outputs (default: the source's; 10 for a folder of frames)")
     add("--out", default=None, help="output folder (default: stem-out/<video name>)")
@@ -111,8 +120,23 @@ def settings_from(args, method: str | None = None):
     return InversionSettings(
         model=args.model, method=method or args.method, num_bases=args.bases, num_iters=args.iters,
         num_steps=args.steps, num_frames=args.frames, stride=args.stride, size=args.size,
-        prompt=args.source_prompt, seed=args.seed,
+        prompt=args.source_prompt, seed=args.seed, control=args.control, control_model=args.control_model,
+        control_scale=args.control_scale, canny_low=args.canny_low, canny_high=args.canny_high, depth_model=args.depth_model,
     ).validate()
+
+
+def control_names(settings) -> list[str]:
+    """The extra output files of a job with structure guidance: the condition video."""
+    return [] if settings.control == "none" else ["control.mp4"]
+
+
+def write_control(stage: Path, engine, video, settings) -> None:
+    """control.mp4: the condition frames (edges or depth) of a job with structure guidance."""
+    from .video import write_video
+
+    if settings.control != "none":
+        cond = engine.conditions(video, settings)  # (N, 3, H, W) in [0, 1]
+        write_video(stage / "control.mp4", (cond * 255).round().byte().permute(0, 2, 3, 1).numpy(), video.fps)
 
 
 def make_engine(args):
@@ -207,7 +231,7 @@ def cmd_invert(args) -> dict:
     from .video import write_video
 
     settings = settings_from(args)
-    names = ["reconstruction.mp4", "metrics.json"]
+    names = ["reconstruction.mp4", "metrics.json"] + control_names(settings)
     with claimed_out_dir(args, names) as out:
         engine = make_engine(args)
         video = load_video(args, settings)
@@ -218,6 +242,7 @@ def cmd_invert(args) -> dict:
         with staged_outputs(out, names) as stage:
             write_video(stage / "reconstruction.mp4", result.reconstruction, video.fps)
             write_json(stage / "metrics.json", metrics)
+            write_control(stage, engine, video, settings)
         return {"out": str(out), **{k: metrics[k] for k in ("psnr", "ssim", "warp_error", "cache_hit", "seconds")}}
 
 
@@ -228,7 +253,7 @@ def cmd_compare(args) -> dict:
 
     methods = ["ddim", "stem"] + (["inflated"] if args.all else [])
     jobs = [settings_from(args, method) for method in methods]
-    names = ["comparison.mp4", "metrics.json"]
+    names = ["comparison.mp4", "metrics.json"] + control_names(jobs[0])
     with claimed_out_dir(args, names) as out:
         engine = make_engine(args)
         video = load_video(args, jobs[0])
@@ -244,6 +269,7 @@ def cmd_compare(args) -> dict:
                              ["Input"] + [labels[m] for m in methods])
         with staged_outputs(out, names) as stage:
             write_video(stage / "comparison.mp4", panel, video.fps)
+            write_control(stage, engine, video, jobs[0])
             write_json(stage / "metrics.json", {"video": str(args.video), "methods": blocks})
         return {"out": str(out), **{m: {k: b[k] for k in ("psnr", "ssim", "warp_error", "cache_hit")} for m, b in blocks.items()}}
 

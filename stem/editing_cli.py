@@ -7,7 +7,8 @@ import re
 from dataclasses import replace
 
 from .cli import (
-    TqdmProgress, add_inversion_options, claimed_out_dir, load_video, make_engine, settings_from, whole_number, write_json,
+    TqdmProgress, add_inversion_options, claimed_out_dir, control_names, load_video, make_engine, settings_from,
+    whole_number, write_control, write_json,
 )
 from .errors import StemError
 from .files import staged_outputs
@@ -224,7 +225,7 @@ def cmd_edit(args) -> dict:
 
     edits = edit_settings_from(args)  # every setting is checked before the video or the model is touched
     settings = settings_from(args)
-    names = video_names(edits) + ["metrics.json"]
+    names = video_names(edits) + ["metrics.json"] + control_names(settings)
     with claimed_out_dir(args, names) as out:  # checked before the model loads
         engine = make_engine(args)
         scorer = load_clip(args.clip_model, engine.device) if args.clip_model else None
@@ -241,5 +242,6 @@ def cmd_edit(args) -> dict:
                 clip = scorer.edit_metrics(result.frames, settings.prompt, result.settings.prompt) if scorer else {}
                 blocks.append({"file": name, **edit_metrics(video, result), **clip})
             write_json(stage / "metrics.json", blocks[0] if len(blocks) == 1 else {"video": str(args.video), "edits": blocks})
+            write_control(stage, engine, video, settings)
         return {"out": str(out), "edits": [{k: b[k] for k in ("file", "prompt", "warp_error", "inversion_cache_hit",
                                                              "seconds_inversion", "seconds_editing")} for b in blocks]}

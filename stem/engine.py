@@ -24,7 +24,13 @@ from .inversion import (
     NonFiniteLatents, call_unet, ddim_invert, ddim_sample, ddim_schedule, decode_latents, encode_frames, encode_prompt, to_epsilon,
 )
 from .memory import Job, MemoryPlan, ModelFacts, available_bytes, plan
-from .models import DEFAULT_MODEL, StableDiffusionParts, default_device, fingerprint_for, load_models, resolve_dtype
+from .control import (
+    DEFAULT_CONTROL_MODELS, DEFAULT_DEPTH_MODEL, TINY_CONTROL, Control, canny_conditions, depth_conditions, load_controlnet,
+    load_depth_estimator, validate_control,
+)
+from .models import (
+    DEFAULT_MODEL, TINY_MODEL, StableDiffusionParts, default_device, fingerprint_for, load_models, resolve_dtype,
+)
 from .video import DEFAULT_MAX_FRAMES, Video
 
 MAX_STEPS = 1000
@@ -50,6 +56,12 @@ class InversionSettings:
     prompt: str = ""           # source prompt (conditions inversion, guidance 1)
     seed: int = 0              # EM initialisation
     max_frames: int = DEFAULT_MAX_FRAMES
+    control: str = "none"      # structure guidance: "none" | "canny" | "depth" (a ControlNet in every UNet call)
+    control_model: str = ""    # ControlNet id or folder; "" = the default for the kind (tiny-random's own for tiny-random)
+    control_scale: float = 1.0  # ControlNet conditioning_scale (the release's 1)
+    canny_low: int = 100       # cv2.Canny thresholds (the release's 100 / 200)
+    canny_high: int = 200
+    depth_model: str = ""      # transformers depth-estimation id or folder; "" = the default
 
     def validate(self) -> "InversionSettings":
         """Raise StemError with one sentence for the first setting out of range."""
@@ -74,7 +86,15 @@ class InversionSettings:
             raise StemError(f"--stride must be 1 or more, got {self.stride}.")
         if not 64 <= self.size <= 2048:
             raise StemError(f"--size must be between 64 and 2048 pixels, got {self.size}.")
+        validate_control(self.control, self.control_scale, self.canny_low, self.canny_high)
         return self
+
+    def control_ids(self) -> tuple[str, str]:
+        """The ControlNet and depth model this job uses ("" defaults resolved; tiny-random's own for tiny-random)."""
+        tiny = self.model == TINY_MODEL
+        net = self.control_model or (TINY_CONTROL if tiny else DEFAULT_CONTROL_MODELS.get(self.control, ""))
+        depth = self.depth_model or (TINY_CONTROL if tiny else DEFAULT_DEPTH_MODEL)
+        return net, depth
 
     def result_fields(self) -> dict:
         """The settings that change the inverted latents (K and R only matter for STEM)."""
@@ -82,6 +102,11 @@ class InversionSettings:
                   "prompt": self.prompt}
         if self.method == "stem":
             fields.update(num_bases=self.num_bases, num_iters=self.num_iters, seed=self.seed)
+        if self.control != "none":  # "none" keeps the keys of uncontrolled jobs as they were
+            net, depth = self.control_ids()
+            fields.update(control=self.control, control_model=net, control_scale=float(self.control_scale))
+            fields.update(dict(canny_low=self.canny_low, canny_high=self.canny_high) if self.control == "canny" else
+                          dict(depth_model=depth))
         return fields
 
 
@@ -132,6 +157,8 @@ class Engine:
         self.plan: MemoryPlan | None = None  # the memory plan of the current job (None: no planning, e.g. on a CPU)
         self._offload = None
         self._parts: StableDiffusionParts | None = None
+        self._controlnets: dict = {}   # ControlNet id -> module, loaded on first use
+        self._conditions: dict = {}    # (frames digest, kind, thresholds / depth model) -> (N, 3, H, W) float32 CPU
 
     @property
     def unet_chunk_size(self) -> int | None:
@@ -247,10 +274,46 @@ class Engine:
     def job_for(self, video: Video, settings: InversionSettings) -> dict:
         """The full key material of inverting these frames with these settings: stored in the entry, compared on load."""
         tiled = {"vae_tiling": True} if self.plan is not None and self.plan.vae_tiling else {}  # tiles change the latents
+        control = {}
+        if settings.control != "none":  # the condition frames themselves: a different condition is a different job
+            cond = self.conditions(video, settings)
+            control = {"control_frames": frames_digest((cond[:, 0] * 255).round().to(torch.uint8).numpy())}
         # the fused EM rounds otherwise than the streamed one (entries made before it existed are the torch path's)
         fused = {"em_kernel": "fused"} if settings.method == "stem" and self.em_kernel == "fused" else {}
         return {**settings.result_fields(), "dtype": str(self.parts.dtype), "model_fingerprint": self.model_fingerprint,
-                "frames": frames_digest(video.frames), **tiled, **fused}
+                "frames": frames_digest(video.frames), **tiled, **control, **fused}
+
+    def conditions(self, video: Video, settings: InversionSettings) -> torch.Tensor:
+        """(N, 3, H, W) float32 CPU condition frames of `video` for `settings.control`, computed once per clip."""
+        _, depth_id = settings.control_ids()
+        how = (settings.canny_low, settings.canny_high) if settings.control == "canny" else depth_id
+        key = (frames_digest(video.frames), settings.control, how)
+        if key not in self._conditions:
+            if settings.control == "canny":
+                cond = canny_conditions(video.frames, settings.canny_low, settings.canny_high)
+            else:
+                from .offload import execution_device
+
+                estimator, processor = load_depth_estimator(depth_id, execution_device(self.parts.unet))
+                cond = depth_conditions(estimator, processor, video.frames)
+                del estimator
+            self._conditions = {key: cond}  # one clip at a time: condition frames are as large as the video
+        return self._conditions[key]
+
+    def control_for(self, video: Video, settings: InversionSettings) -> Control | None:
+        """The ControlNet and condition frames of a job (None for `control="none"`)."""
+        if settings.control == "none":
+            return None
+        from .offload import execution_device
+
+        parts = self.parts
+        net_id, _ = settings.control_ids()
+        device = execution_device(parts.unet)
+        if net_id not in self._controlnets:
+            self._controlnets = {net_id: load_controlnet(net_id, parts.unet, device, parts.dtype)}
+        net = self._controlnets[net_id]
+        cond = self.conditions(video, settings).to(device=device, dtype=parts.dtype)
+        return Control(net, cond, float(settings.control_scale))
 
     def key_for(self, video: Video, settings: InversionSettings) -> str:
         """The cache key of inverting these frames with these settings (with this model, in this dtype)."""
@@ -290,7 +353,7 @@ class Engine:
         return None
 
     def eps_fn(self, text: torch.Tensor, alphas: torch.Tensor, state: AttentionState | None = None,
-               num_groups: int = 1):
+               num_groups: int = 1, control: Control | None = None):
         """A noise predictor `eps_fn(x, t, step)` over all frames (float32 in and out); sets `state.step`."""
         parts = self.parts
 
@@ -298,7 +361,7 @@ class Engine:
             if state is not None:
                 state.step = step
             out = call_unet(parts.unet, x.to(parts.dtype), t, text.expand(x.shape[0], -1, -1),
-                            self.unet_chunk_size, num_groups)
+                            self.unet_chunk_size, num_groups, control)
             return to_epsilon(out.float(), x, alphas[step], parts.prediction_type)
 
         return eps
@@ -324,6 +387,7 @@ class Engine:
         report = progress or (lambda *_: None)
         self.load(report)
         self._plan_job(video, settings)  # the memory plan (chunk, VAE batch) or a refusal, before any work
+        self.control_for(video, settings)  # a ControlNet for another base model is refused before any work
         job = self.job_for(video, settings)
         key = job_key(job)
         with self.cache.lock(key):  # one job per key: an identical job waits here, then reads this one's entry
@@ -355,7 +419,7 @@ class Engine:
                                     lambda d, n: report("encoding", d, n)).float()
             text = encode_prompt(parts.tokenizer, parts.text_encoder, settings.prompt)
             state = self.attention_state(settings)
-            eps = self.eps_fn(text, alphas, state)
+            eps = self.eps_fn(text, alphas, state, control=self.control_for(video, settings))
             with attention_mode(parts.unet, state):
                 phase = "inversion"
                 try:
@@ -441,6 +505,8 @@ def inversion_metrics(video: Video, result: InversionResult, engine: Engine | No
     }
     if s.method == "stem":
         block.update(num_bases=s.num_bases, num_iters=s.num_iters, seed=s.seed)
+    if s.control != "none":
+        block.update({k: v for k, v in s.result_fields().items() if k.startswith(("control", "canny", "depth"))})
     block.update(reconstruction_metrics(video.frames, result.reconstruction, result.vae_roundtrip, motion))
     block.update(cache_hit=result.cache_hit, seconds=round(result.seconds, 3))
     if engine is not None and engine._parts is not None:

@@ -144,7 +144,7 @@ def to_epsilon(model_output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor,
 
 
 def call_unet(unet, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-              chunk_size: int | None = None, num_groups: int = 1) -> torch.Tensor:
+              chunk_size: int | None = None, num_groups: int = 1, control=None) -> torch.Tensor:
     """Run the UNet on all frames, optionally on chunks of frames in lock-step.
 
     Args:
@@ -155,20 +155,34 @@ def call_unet(unet, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
         chunk_size: frames per UNet call; None or >= N runs them all at once. Whole-video
             attention layers meet across chunks, so the result does not depend on it.
         num_groups: G.
+        control: optional `stem.control.Control` (a ControlNet and the N frames' conditions, shared by
+            every group); its residuals go into each UNet call.
 
     Returns:
         (G * N, 4, h, w) the UNet's output.
     """
     frames = latents.shape[0] // num_groups
+    if control is None:
+        def model(x, emb, cond):
+            return unet(x, t, encoder_hidden_states=emb).sample
+        cond = None
+    else:
+        from .control import controlled_unet
+
+        def model(x, emb, cond):
+            return controlled_unet(unet, control, x, t, emb, cond)
+        cond = control.cond.repeat(num_groups, 1, 1, 1)  # (G * N, 3, H, W)
     if chunk_size is None or chunk_size >= frames:
-        return unet(latents, t, encoder_hidden_states=text).sample
+        return model(latents, text, cond)
 
     def chunk_of(x, start):
+        if x is None:
+            return None
         grouped = x.view(num_groups, frames, *x.shape[1:])[:, start:start + chunk_size]
         return grouped.reshape(-1, *x.shape[1:])
 
-    chunks = [(chunk_of(latents, s), chunk_of(text, s)) for s in range(0, frames, chunk_size)]
-    outputs = run_lockstep(lambda c: unet(c[0], t, encoder_hidden_states=c[1]).sample, chunks)
+    chunks = [(chunk_of(latents, s), chunk_of(text, s), chunk_of(cond, s)) for s in range(0, frames, chunk_size)]
+    outputs = run_lockstep(lambda c: model(*c), chunks)
     grouped = [o.view(num_groups, -1, *o.shape[1:]) for o in outputs]
     return torch.cat(grouped, dim=1).reshape(latents.shape[0], *outputs[0].shape[1:])
 

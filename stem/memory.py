@@ -63,6 +63,7 @@ SIMILARITY_BYTES = 4 * (1 << 24)  # TokenFlow's nearest-neighbour block (DEFAULT
 MARGIN = 1.25            # allocator rounding and fragmentation, kernels' workspaces
 RESERVE = 512 * MiB      # cuDNN/cuBLAS workspaces and whatever else this process allocates
 WHOLE_VIDEO = ("stem", "inflated")
+CONTROL_ACTIVATIONS = 0.5  # a ControlNet (the UNet's encoder half) adds about half a UNet's activations per call
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Job:
     editor: str | None = None   # None (inversion only), "tokenflow" or "fatezero"
     edit_batch_size: int = 8
     em_kernel: str = "torch"    # STEM's EM: "torch" (streamed blocks) or "fused" (Triton, per-block partial sums)
+    control: bool = False       # structure guidance: a ControlNet runs before every UNet call
 
     @property
     def tokens(self) -> int:
@@ -84,14 +86,15 @@ class Job:
         return (self.height // 8) * (self.width // 8)
 
     def key(self) -> tuple:
-        return (self.frames, self.height, self.width, self.method, self.num_steps, self.em_kernel)
+        return (self.frames, self.height, self.width, self.method, self.num_steps, self.em_kernel, self.control)
 
     @classmethod
     def of(cls, video, settings, edit=None, em_kernel: str = "torch") -> "Job":
         """The job of inverting `video` (a stem.video.Video) with `settings`, and editing it with `edit` if given."""
         return cls(frames=video.num_frames, height=video.height, width=video.width, method=settings.method,
                    num_steps=settings.num_steps, editor=None if edit is None else getattr(edit, "editor", "tokenflow"),
-                   edit_batch_size=getattr(edit, "batch_size", 8), em_kernel=em_kernel)
+                   edit_batch_size=getattr(edit, "batch_size", 8), em_kernel=em_kernel,
+                   control=getattr(settings, "control", "none") != "none")
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class ModelFacts:
     self_attention_elements: float = 2820.0  # S: Σ tokens · channels over self-attention layers, per latent token
     largest_unet_module_bytes: int = 0       # what a streamed (sequentially offloaded) UNet keeps on the GPU
     vae_tile_pixels: int = 512 * 512         # pixels of one VAE tile when tiling
+    control_bytes: int = 0                   # a ControlNet's weights (a copy of the UNet's encoder half), if one is used
 
     @classmethod
     def of(cls, parts) -> "ModelFacts":
@@ -124,6 +128,7 @@ class ModelFacts:
             self_attention_elements=self_attention_elements(unet, channels, levels),
             largest_unet_module_bytes=max(module_bytes(m, recurse=False) for m in unet.modules()),
             vae_tile_pixels=sample * sample,
+            control_bytes=sum(module_bytes(m) for m in (unet.conv_in, unet.time_embedding, *unet.down_blocks, unet.mid_block)),
         )
 
 
@@ -265,21 +270,23 @@ def estimate(job: Job, facts: ModelFacts, chunk: int | None = None, vae_batch: i
     Returns:
         {"vae": bytes, "unet": bytes, "edit": bytes (with an editor), "peak": the largest}.
     """
-    all_weights = facts.unet_bytes + facts.vae_bytes + facts.text_bytes
-    unet_weights = (facts.largest_unet_module_bytes if stream_unet else facts.unet_bytes) if offload else all_weights
-    vae_weights = facts.vae_bytes if offload else all_weights
+    control = facts.control_bytes if job.control else 0  # the ControlNet stays on the device (not offloaded)
+    guided = 1 + CONTROL_ACTIVATIONS if job.control else 1
+    all_weights = facts.unet_bytes + facts.vae_bytes + facts.text_bytes + control
+    unet_weights = (facts.largest_unet_module_bytes if stream_unet else facts.unet_bytes) + control if offload else all_weights
+    vae_weights = facts.vae_bytes + control if offload else all_weights
 
     def total(weights, activations):
         return int(weights + MARGIN * activations + RESERVE)
 
     phases = {
         "vae": total(vae_weights, vae_activations(job, facts, vae_batch, vae_tiling)),
-        "unet": total(unet_weights, inversion_activations(job, facts, chunk)),
+        "unet": total(unet_weights, guided * inversion_activations(job, facts, chunk)),
     }
     if job.editor is not None:
         if job.editor not in EDITORS:
             raise ValueError(f"no memory model for the editor {job.editor!r}; add one to stem.memory.EDITORS")
-        phases["edit"] = total(unet_weights, EDITORS[job.editor](job, facts, chunk))
+        phases["edit"] = total(unet_weights, guided * EDITORS[job.editor](job, facts, chunk))
     phases["peak"] = max(phases.values())
     return phases
 

@@ -115,7 +115,7 @@ def from_source(x: torch.Tensor, groups: int = NUM_GROUPS) -> torch.Tensor:
 
 
 def unet_groups(parts, text: torch.Tensor, source: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
-                chunk_size: int | None = None) -> torch.Tensor:
+                chunk_size: int | None = None, control=None) -> torch.Tensor:
     """Run the UNet on the three groups of n frames.
 
     Args:
@@ -125,13 +125,14 @@ def unet_groups(parts, text: torch.Tensor, source: torch.Tensor, x: torch.Tensor
         x: (n, 4, h, w) the edit's latents.
         t: the timestep.
         chunk_size: frames per UNet call (lock-step), None for one call.
+        control: optional `stem.control.Control` with the n source frames' conditions, for every group.
 
     Returns:
         (3, n, 4, h, w) float32 UNet outputs of the source, negative and target groups.
     """
     n = x.shape[0]
     latents = torch.cat([source, x, x]).to(parts.dtype)
-    out = call_unet(parts.unet, latents, t, text.repeat_interleave(n, dim=0), chunk_size, NUM_GROUPS)
+    out = call_unet(parts.unet, latents, t, text.repeat_interleave(n, dim=0), chunk_size, NUM_GROUPS, control)
     return out.float().view(NUM_GROUPS, n, *x.shape[1:])
 
 
@@ -179,6 +180,8 @@ def edit_video(engine: Engine, video: Video, inversion: InversionSettings, edit:
     engine.plan_memory(video, inversion, edit)  # a plan that covers the edit too, or a refusal before any work
     result = engine.invert(video, inversion, progress)
     start = time.perf_counter()
+    control = engine.control_for(video, inversion)  # the source frames' conditions guide every group
+    control = {} if control is None else {"control": control}
     timesteps, alphas = ddim_schedule(parts.scheduler, inversion.num_steps)
     if timesteps.tolist() != result.timesteps.tolist():
         raise StemError("The cached inversion was made with other timesteps than this model's scheduler gives; clear the cache and try again.")
@@ -190,6 +193,7 @@ def edit_video(engine: Engine, video: Video, inversion: InversionSettings, edit:
             latents, details = edit_latents(
                 parts, result.trajectory, timesteps, alphas, text, edit, engine.attention_state(inversion, NUM_GROUPS),
                 engine.unet_chunk_size, lambda k, n: report("editing", k, n),
+                **control,
             )
         except NonFiniteLatents as error:
             raise StemError(f"The edit became NaN or infinite at step {error.step} of {error.total}, so nothing was "

@@ -532,7 +532,7 @@ def fatezero_processors(unet, state: FateZeroState) -> Iterator[dict]:
 # -- the edit ---------------------------------------------------------------------------------------
 
 def unet_step(parts, text: torch.Tensor, source: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
-              chunk_size: int | None, mask_pass: bool):
+              chunk_size: int | None, mask_pass: bool, control=None):
     """One denoising step's UNet work on every frame, in lock-step frame chunks.
 
     Args:
@@ -542,6 +542,7 @@ def unet_step(parts, text: torch.Tensor, source: torch.Tensor, x: torch.Tensor, 
         t: the timestep.
         chunk_size: frames per UNet call (None: all at once).
         mask_pass: run the source group alone first, for this step's self-attention blend masks.
+        control: optional `stem.control.Control` with the N source frames' conditions, for every group.
 
     Returns:
         (3, N, 4, h, w) float32 UNet outputs, and the (N, r, c) source and target blend-word maps
@@ -550,17 +551,24 @@ def unet_step(parts, text: torch.Tensor, source: torch.Tensor, x: torch.Tensor, 
     unet, N = parts.unet, x.shape[0]
     size = chunk_size or N
 
+    def call(latents, emb, frames: slice, chunk):
+        """The UNet on latents of the frames `frames` (with the ControlNet's residuals under structure guidance)."""
+        if control is None:
+            return unet(latents, t, encoder_hidden_states=emb, cross_attention_kwargs={"chunk": chunk}).sample
+        from ..control import controlled_unet
+
+        cond = control.cond[frames].repeat(latents.shape[0] // (frames.stop - frames.start), 1, 1, 1)
+        return controlled_unet(unet, control, latents, t, emb, cond, cross_attention_kwargs={"chunk": chunk})
+
     def run(frames: slice):
         n = frames.stop - frames.start
         chunk = FrameChunk(MASK_PASS, tuple(x.shape[-2:]))
         if mask_pass:
-            unet(source[frames].to(parts.dtype), t, encoder_hidden_states=text[SOURCE:SOURCE + 1].expand(n, -1, -1),
-                 cross_attention_kwargs={"chunk": chunk})
+            call(source[frames].to(parts.dtype), text[SOURCE:SOURCE + 1].expand(n, -1, -1), frames, chunk)
             chunk.self_mask_maps, chunk.sums, chunk.heads = chunk.mean_maps("source"), {}, {}
         chunk.groups = EDIT_PASS
         latents = torch.cat([source[frames], x[frames], x[frames]]).to(parts.dtype)
-        out = unet(latents, t, encoder_hidden_states=text.repeat_interleave(n, dim=0),
-                   cross_attention_kwargs={"chunk": chunk}).sample
+        out = call(latents, text.repeat_interleave(n, dim=0), frames, chunk)
         return out.float().view(NUM_GROUPS, n, *x.shape[1:]), chunk.mean_maps("source"), chunk.mean_maps("target")
 
     results = run_lockstep(run, [slice(s, min(N, s + size)) for s in range(0, N, size)])
@@ -580,6 +588,7 @@ def edit_latents(
     chunk_size: int | None = None,
     callback: Callable[[int, int], None] | None = None,
     trace: Trace | None = None,
+    control=None,
 ) -> tuple[torch.Tensor, dict]:
     """FateZero editing of an inverted video, from x_T to clean latents.
 
@@ -594,6 +603,8 @@ def edit_latents(
         chunk_size: frames per UNet call (None: all at once); the result does not depend on it.
         callback: `callback(k, T)` after the k-th denoising step.
         trace: optional observer, see `Trace`.
+        control: optional `stem.control.Control` with the N source frames' conditions: ControlNet
+            residuals for all three groups (this project's design; the release has none).
 
     Returns:
         (N, 4, h, w) float32 edited clean latents, and {"word_map": "replace" | "refine",
@@ -617,7 +628,7 @@ def edit_latents(
         state.fuse_self, state.fuse_cross = k <= self_steps, bool(state.cross_alpha.any())
         source = source_latents(trajectory, i - 1 if edit.source_maps == "inversion" else i, device)
         out, maps_of_step["source"], maps_of_step["target"] = unet_step(
-            parts, text, source, x, t, chunk_size, maps.blends and state.fuse_self and edit.blend_self_attention)
+            parts, text, source, x, t, chunk_size, maps.blends and state.fuse_self and edit.blend_self_attention, control)
         return guided_noise(out, x, alphas[i], edit.guidance, parts.prediction_type)
 
     def blend(x, i):

@@ -369,6 +369,7 @@ def edit_latents(
     callback: Callable[[int, int], None] | None = None,
     trace: Trace | None = None,
     keyframe_chooser: KeyframeChooser = choose_keyframes,
+    control=None,
 ) -> tuple[torch.Tensor, dict]:
     """TokenFlow PnP editing of an inverted video, from x_T to clean latents.
 
@@ -386,6 +387,8 @@ def edit_latents(
         trace: optional observer, see `Trace`.
         keyframe_chooser: picks each step's keyframes (default: one at random per batch, seeded by
             `edit.seed`); tests pass given keyframes.
+        control: optional `stem.control.Control` with the N source frames' conditions: ControlNet
+            residuals in both passes for all three groups (this project's design; the release has none).
 
     Returns:
         (N, 4, h, w) float32 edited clean latents, and {"keyframes": the keyframes chosen at each step}.
@@ -411,7 +414,7 @@ def edit_latents(
         keys = keyframes.to(device)
 
         state.phase = KEYFRAMES  # pass 1: the keyframes attend (see TokenFlowAttnProcessor); outputs stored
-        unet_groups(parts, text, source[keys], x[keys], t, chunk_size)
+        unet_groups(parts, text, source[keys], x[keys], t, chunk_size, control and control.frames(keys))
 
         state.phase = PROPAGATE  # pass 2: every frame, self-attention propagated from the keyframes
         noise = torch.empty_like(x)
@@ -421,7 +424,7 @@ def edit_latents(
             state.neighbours = (own.to(device), other.to(device), own_weight.to(device, wide_dtype(parts.dtype)))
             state.frames = frames
             index = frames.to(device)
-            out = unet_groups(parts, text, source[index], x[index], t, None)
+            out = unet_groups(parts, text, source[index], x[index], t, None, control and control.frames(index))
             noise[index] = guided_noise(out, x[index], alphas[step], edit.guidance, parts.prediction_type)
         state.keyframe_outputs.clear()
         state.keyframe_features.clear()
