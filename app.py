@@ -70,13 +70,16 @@ FREEU_INPUTS = ("freeu", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2")  # -> t
 FREEU_CHOICES = [("The editor's default (on for TokenFlow, off for FateZero)", "default"), ("On", "on"), ("Off", "off")]
 EDIT_INPUTS = ("editor", "guidance", "negative_prompt", "pnp_attn", "pnp_conv", "batch_size", "propagation",
                "self_replace", "cross_replace", "blend_words", "blend_threshold", "reweight", *FREEU_INPUTS)
+CONTROL_INPUTS = ("control", "control_scale")  # structure guidance, last so that positional API calls keep working
+CONTROLS = [("None", "none"), ("Canny edges", "canny"), ("Depth", "depth")]
 ENDPOINT_INPUTS = {
-    "invert": ("video", "source_prompt", *INVERSION_INPUTS),
-    "edit": ("video", "source_prompt", "target_prompt", *INVERSION_INPUTS, *EDIT_INPUTS),
-    "compare": ("video", "source_prompt", *(name for name in INVERSION_INPUTS if name != "method")),
+    "invert": ("video", "source_prompt", *INVERSION_INPUTS, *CONTROL_INPUTS),
+    "edit": ("video", "source_prompt", "target_prompt", *INVERSION_INPUTS, *EDIT_INPUTS, *CONTROL_INPUTS),
+    "compare": ("video", "source_prompt", *(name for name in INVERSION_INPUTS if name != "method"), *CONTROL_INPUTS),
 }
 # The page's defaults, by endpoint parameter name; build_app(defaults=...) overrides them.
 DEFAULTS = dict(method="stem", bases=256, iters=5, steps=50, frames=16, stride=1, size=512, seed=0,
+                control=InversionSettings.control, control_scale=InversionSettings.control_scale,
                 editor="tokenflow", guidance=7.5, negative_prompt=DEFAULT_NEGATIVE_PROMPT, pnp_attn=0.5, pnp_conv=0.8,
                 batch_size=8, propagation="previous", self_replace=0.6, cross_replace=0.8, blend_words="",
                 blend_threshold=0.3, reweight="", freeu="default", freeu_b1=1.2, freeu_b2=1.4, freeu_s1=0.9, freeu_s2=0.2)
@@ -87,7 +90,8 @@ LABELS = {"--bases": "Bases K", "--iters": "EM iterations R", "--steps": "Steps"
           "--batch-size": "Batch size", "--negative-prompt": "Negative prompt", "--propagation": "Propagation",
           "--self-replace": "Self-attention fusion", "--cross-replace": "Cross-attention fusion",
           "--blend-words": "Blend words", "--blend-threshold": "Blend threshold", "--reweight": "Reweight",
-          "--freeu-b1": "FreeU b1", "--freeu-b2": "FreeU b2", "--freeu-s1": "FreeU s1", "--freeu-s2": "FreeU s2"}
+          "--freeu-b1": "FreeU b1", "--freeu-b2": "FreeU b2", "--freeu-s1": "FreeU s1", "--freeu-s2": "FreeU s2",
+          "--control-scale": "Structure strength", "--control": "Structure guidance"}
 STOPPED = "**Stopped.** Press a button to start again."
 SERVER_PROBLEM = ("This server cannot run jobs right now ({what}); please try again later or tell the person who "
                   "runs it (the server log says what to fix).")
@@ -678,6 +682,8 @@ class Jobs:
             model=self.engine.model, method=method or values["method"], num_bases=v["bases"],
             num_iters=v["iters"], num_steps=v["steps"], num_frames=v["frames"] or None,
             stride=v["stride"], size=v["size"], prompt=prompt, seed=v["seed"],
+            control=values.get("control") or "none",
+            control_scale=_number("control_scale", values.get("control_scale", 1.0), whole=False),
         ).validate()
 
     def _edit_settings(self, values: dict) -> TokenFlowSettings | FateZeroSettings:
@@ -980,6 +986,12 @@ def _inversion_controls(d: dict, max_pixels: int) -> dict:
         c["size"] = gr.Slider(64, 1024, d["size"], step=32, label="Size (long side, px)")
     gr.Markdown(f"Limit per job: {describe_limit(max_pixels)}.")
     c["seed"] = gr.Number(d["seed"], precision=0, label="Seed")
+    with gr.Row():
+        c["control"] = gr.Radio(CONTROLS, value=d["control"], label="Structure guidance",
+                                info="A ControlNet keeps the clip's edges or depth through the edit "
+                                     "(in the inversion, the reconstruction and the edit)")
+        c["control_scale"] = gr.Slider(0, 2, d["control_scale"], step=0.05, label="Structure strength",
+                                       info="0 is no guidance; 1 is the ControlNet's usual strength")
     return c
 
 

@@ -586,7 +586,7 @@ def test_the_endpoints_take_one_list_of_inputs():
         assert params == [*names, "progress", "request"]
     settings_fields = set().union(*(typing.get_type_hints(cls) for cls in app.EDIT_SETTINGS.values()))
     assert set(app.EDIT_INPUTS) <= settings_fields | set(app.FREEU_INPUTS)
-    assert set(app.DEFAULTS) == set(app.INVERSION_INPUTS) | set(app.EDIT_INPUTS)
+    assert set(app.DEFAULTS) == set(app.INVERSION_INPUTS) | set(app.EDIT_INPUTS) | set(app.CONTROL_INPUTS)
 
 
 # -- frames too large to decode: one sentence, before any pixel is decoded -------------------------
@@ -635,3 +635,12 @@ def test_a_cache_that_cannot_store_results_costs_reuse_not_the_result(tiny_parts
     assert num_frames(path) == FRAMES and details["inversion_cache_hit"] is False and "computed" in status
     assert f"Cannot write to the cache folder {blocker / 'cache'}" in caplog.text  # the operator's hint
     assert blocker.read_text() == "not a folder"
+
+
+def test_structure_guidance_through_the_api(served, clip):
+    plain, _, plain_details = served.client.predict(handle_file(str(clip)), SOURCE, api_name="/invert")
+    guided, status, details = served.client.predict(handle_file(str(clip)), SOURCE, control="canny", api_name="/invert")
+    assert num_frames(guided) == FRAMES and details["control"] == "canny" and "control" not in plain_details
+    assert not np.array_equal(read_video(guided, size=SIZE).frames, read_video(plain, size=SIZE).frames)
+    with pytest.raises(AppError, match="Structure strength"):  # the engine's sentence, with the page's label
+        served.client.predict(handle_file(str(clip)), SOURCE, control="canny", control_scale=-1, api_name="/invert")
