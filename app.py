@@ -845,7 +845,7 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
     with gr.Blocks(title="STEM video editing", delete_cache=(OUTPUT_TTL_SECONDS, OUTPUT_TTL_SECONDS)) as demo:
         # the results, placed in the right-hand column below (made first: the examples name them)
         status = gr.Markdown("Upload a clip or pick an example, describe it, then **Invert** or **Edit**.",
-                             elem_id="status", render=False)
+                             elem_id="status", label="Status", render=False)  # the API's name of this output
         player = dict(interactive=False, visible=False, loop=True, elem_classes=["result-player"], render=False)
         edited = gr.Video(label="Edited", elem_id="edited", **player)
         reconstruction = gr.Video(label="Reconstruction", elem_id="reconstruction", **player)
@@ -868,10 +868,10 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                 gif = gr.UploadButton("Upload a GIF instead", file_types=[".gif"], size="sm", elem_id="gif-upload")
                 c["source_prompt"] = gr.Textbox(label="Source prompt", elem_id="source-prompt", max_lines=3,
                                                 info="Describes the input video; it conditions the inversion.",
-                                                placeholder="a red ball bouncing on a wooden floor")
+                                                placeholder="Type what the input video shows")  # not an example: it would read as input
                 c["target_prompt"] = gr.Textbox(label="Target prompt", elem_id="target-prompt", max_lines=3,
                                                 info="Describes the video you want; press Enter to edit.",
-                                                placeholder="a shiny golden ball bouncing on a marble floor")
+                                                placeholder="Type what the edited video should show")
                 with gr.Row():
                     button = dict(min_width=120)  # four in a row on a desktop, two on a phone
                     invert_button = gr.Button("Invert & reconstruct", elem_id="invert-button", **button)

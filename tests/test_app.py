@@ -644,3 +644,25 @@ def test_structure_guidance_through_the_api(served, clip):
     assert not np.array_equal(read_video(guided, size=SIZE).frames, read_video(plain, size=SIZE).frames)
     with pytest.raises(AppError, match="Structure strength"):  # the engine's sentence, with the page's label
         served.client.predict(handle_file(str(clip)), SOURCE, control="canny", control_scale=-1, api_name="/invert")
+
+
+def test_empty_prompt_boxes_show_an_instruction_not_an_example_and_the_refusal_does_not_quote_it(served):
+    demo = app.build_app(served.engine, defaults=SMALL, results=app.ResultFolder())
+    boxes = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder())
+    values = {**app.DEFAULTS, **SMALL, "source_prompt": "", "target_prompt": ""}
+    for elem_id, refuse in (("source-prompt", lambda: jobs._settings(values)),
+                            ("target-prompt", lambda: jobs._edit_settings(values))):
+        placeholder = boxes[elem_id].placeholder
+        assert placeholder.startswith("Type what")  # an instruction, which no one takes for a prompt
+        with pytest.raises(Exception) as error:
+            refuse()
+        assert placeholder not in str(error.value) and placeholder.lower() not in str(error.value).lower()
+
+
+def test_the_api_names_every_output(served):
+    demo = app.build_app(served.engine, defaults=SMALL, results=app.ResultFolder())
+    endpoints = demo.get_api_info()["named_endpoints"]
+    for kind in ("/invert", "/edit", "/compare"):
+        labels = [r["label"] for r in endpoints[kind]["returns"]]
+        assert "Status" in labels and not any(label.startswith("value_") for label in labels), labels
