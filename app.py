@@ -14,6 +14,7 @@ whether it was stopped (the Stop button, a cancelled client call, a closed page)
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import atexit
 import functools
 import inspect
@@ -76,6 +77,37 @@ ENDPOINT_INPUTS = {
     "invert": ("video", "source_prompt", *INVERSION_INPUTS, *CONTROL_INPUTS),
     "edit": ("video", "source_prompt", "target_prompt", *INVERSION_INPUTS, *EDIT_INPUTS, *CONTROL_INPUTS),
     "compare": ("video", "source_prompt", *(name for name in INVERSION_INPUTS if name != "method"), *CONTROL_INPUTS),
+}
+# What each endpoint parameter changes: the API's and the MCP tools' parameter descriptions.
+PARAMETER_HELP = {
+    "video": "the input video file (mp4, webm, mov or gif)",
+    "source_prompt": "what the input video shows; it conditions the inversion",
+    "target_prompt": "what the edited video should show",
+    "method": "inversion attention: stem (K bases from all frames), ddim (per frame) or inflated (all frames' keys)",
+    "bases": "STEM: K, the bases per layer (more: closer to full attention, slower)",
+    "iters": "STEM: R, the EM iterations that estimate the bases",
+    "steps": "DDIM steps T (more: slower, more faithful)",
+    "frames": "frames to use (0: all, up to the server's limit)",
+    "stride": "keep every n-th frame",
+    "size": "pixels on the frames' long side",
+    "seed": "seed of STEM's initial bases and TokenFlow's keyframe choice",
+    "editor": "tokenflow (whole-video edits) or fatezero (attention fusion, local edits)",
+    "guidance": "classifier-free guidance scale (higher: closer to the prompt)",
+    "negative_prompt": "what the edit should avoid",
+    "pnp_attn": "TokenFlow: fraction of steps whose self-attention comes from the source (keeps structure)",
+    "pnp_conv": "TokenFlow: fraction of steps whose residual features come from the source",
+    "batch_size": "TokenFlow: frames per keyframe",
+    "propagation": "TokenFlow: how keyframe features reach the other frames",
+    "self_replace": "FateZero: fraction of steps whose self-attention is the source's (keeps structure)",
+    "cross_replace": "FateZero: fraction of steps whose cross-attention maps are the source's (keeps layout)",
+    "blend_words": "FateZero: 'SRC,TGT' words whose attention masks confine a local edit",
+    "blend_threshold": "FateZero: mask threshold of the blend words' attention",
+    "reweight": "FateZero: 'word=scale' pairs that strengthen or weaken target words",
+    "freeu": "FreeU: the editor's default, on or off",
+    "freeu_b1": "FreeU backbone factor b1", "freeu_b2": "FreeU backbone factor b2",
+    "freeu_s1": "FreeU skip factor s1", "freeu_s2": "FreeU skip factor s2",
+    "control": "structure guidance: none, canny (edges) or depth, a ControlNet in every UNet call",
+    "control_scale": "structure strength (0: none; 1: the ControlNet's usual strength)",
 }
 # The page's defaults, by endpoint parameter name; build_app(defaults=...) overrides them.
 DEFAULTS = dict(method="stem", bases=256, iters=5, steps=50, frames=16, stride=1, size=512, seed=0,
@@ -478,7 +510,8 @@ class Jobs:
         handler.__signature__ = signature
         handler.__annotations__ = {"request": gr.Request}
         handler.__name__ = handler.__qualname__ = kind
-        handler.__doc__ = getattr(self, f"_{kind}").__doc__
+        summary = getattr(self, f"_{kind}").__doc__.strip().splitlines()[0]
+        handler.__doc__ = summary + "\n\nArgs:\n" + "".join(f"    {name}: {PARAMETER_HELP[name]}\n" for name in names)
         return handler
 
     async def example(self, video, source_prompt, target_prompt, progress=gr.Progress(), request: gr.Request = None):
@@ -1065,6 +1098,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
                         help="port (default: $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    parser.add_argument("--mcp", action="store_true", default=os.environ.get("STEM_MCP", "").lower() in ("1", "true", "yes"),
+                        help="also serve /invert, /edit and /compare as MCP tools at /gradio_api/mcp/ (also $STEM_MCP=1)")
     parser.add_argument("--cache-dir", default=None, help="latent cache folder (default: $STEM_CACHE_DIR or ~/.cache/stem)")
     parser.add_argument("--max-frames-x-size", default=os.environ.get("STEM_MAX_FRAMES_X_SIZE"),
                         help=f"per-job limit as FRAMESxSIZE, i.e. frames * size^2 pixels "
@@ -1105,6 +1140,9 @@ def make_engine(model: str, cache_dir: str | None, zero_gpu: bool) -> Engine:
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.mcp and importlib.util.find_spec("mcp") is None:
+        print("--mcp needs Gradio's MCP extra; install it with pip install 'gradio[mcp]'.", file=sys.stderr)
+        sys.exit(2)
     if not port_is_free(args.host, args.port):
         _port_busy(args.port)
     engine = make_engine(args.model, args.cache_dir, zero_gpu=bool(os.environ.get("SPACES_ZERO_GPU")))
@@ -1114,7 +1152,7 @@ def main(argv=None) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         launch(demo, server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD,
-               allowed_paths=[str(EXAMPLES_DIR)])
+               allowed_paths=[str(EXAMPLES_DIR)], mcp_server=args.mcp)
     except OSError as error:
         if "port" not in str(error).lower():
             raise

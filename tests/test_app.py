@@ -666,3 +666,31 @@ def test_the_api_names_every_output(served):
     for kind in ("/invert", "/edit", "/compare"):
         labels = [r["label"] for r in endpoints[kind]["returns"]]
         assert "Status" in labels and not any(label.startswith("value_") for label in labels), labels
+
+
+def test_the_endpoints_are_mcp_tools_with_their_parameters_described(served):
+    import json
+    import urllib.request
+
+    pytest.importorskip("mcp")
+    demo = app.build_app(served.engine, defaults=SMALL, results=app.ResultFolder())
+    app.launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+               mcp_server=True)
+    try:
+        tools = {tool["name"]: tool for tool in json.loads(urllib.request.urlopen(
+            demo.local_url + "gradio_api/mcp/schema", timeout=30).read())}
+    finally:
+        demo.close()
+    assert set(tools) == {"invert", "edit", "compare"}
+    for name, tool in tools.items():
+        properties = tool["inputSchema"]["properties"]
+        assert list(properties) == list(app.ENDPOINT_INPUTS[name])
+        for parameter, schema in properties.items():
+            assert schema["description"] == app.PARAMETER_HELP[parameter]
+    assert tools["edit"]["description"].startswith("Edit the clip towards the target prompt")
+    assert app.parse_args(["--mcp"]).mcp and not app.parse_args([]).mcp
+
+
+def test_stem_mcp_turns_the_mcp_server_on(monkeypatch):
+    monkeypatch.setenv("STEM_MCP", "1")
+    assert app.parse_args([]).mcp
