@@ -370,6 +370,11 @@ def _typed(cls, values: dict) -> dict:
     return {name: convert.get(hints[name], lambda name, v: v)(name, value) for name, value in values.items()}
 
 
+def _parse_number(text: str, whole: bool = False) -> int | float:
+    """A number typed as text ("7.5", "256"); digits alone stay an exact int. ValueError if it is not one."""
+    return int(text) if whole and text.strip().lstrip("+-").isdigit() else float(text)
+
+
 def _number(name: str, value, whole: bool) -> int | float:
     """A page or API value as an int (`whole`) or a float; an emptied box, text or a list is one sentence naming
     the control (sliders and number boxes give floats such as 256.0, which are whole)."""
@@ -382,12 +387,9 @@ def _number(name: str, value, whole: bool) -> int | float:
     if isinstance(value, int):  # exact, however large (the settings say which range is allowed)
         return value if whole else float(value)
     try:
-        number = int(value.strip()) if whole and isinstance(value, str) else float(value)
-    except (ValueError, OverflowError):
-        try:
-            number = float(value)
-        except (ValueError, OverflowError):
-            raise wrong from None
+        number = _parse_number(value, whole) if isinstance(value, str) else value
+    except ValueError:
+        raise wrong from None
     if not whole:
         return float(number)
     if isinstance(number, float) and not number.is_integer():
@@ -988,7 +990,7 @@ def _check_numbers(control) -> None:
             raise _bad(f"The {label} box is empty; type a number in it.")
         if isinstance(payload, str):  # "7.5" from a script is a number
             try:
-                payload = int(payload) if payload.strip().lstrip("+-").isdigit() else float(payload)
+                payload = _parse_number(payload, whole=True)
             except ValueError:
                 raise _bad(f"{label} must be a number, got {payload!r}.") from None
         if payload is not None and (isinstance(payload, bool) or not isinstance(payload, (int, float))):

@@ -387,14 +387,14 @@ class Engine:
         report = progress or (lambda *_: None)
         self.load(report)
         self._plan_job(video, settings)  # the memory plan (chunk, VAE batch) or a refusal, before any work
-        self.control_for(video, settings)  # a ControlNet for another base model is refused before any work
+        control = self.control_for(video, settings)  # a ControlNet for another base model is refused before any work
         job = self.job_for(video, settings)
         key = job_key(job)
         with self.cache.lock(key):  # one job per key: an identical job waits here, then reads this one's entry
-            return self._load_or_invert(video, settings, job, key, report)
+            return self._load_or_invert(video, settings, job, key, report, control)
 
     def _load_or_invert(self, video: Video, settings: InversionSettings, job: dict, key: str,
-                        report: Progress) -> InversionResult:
+                        report: Progress, control: Control | None) -> InversionResult:
         """The cached result of `job` if there is a fitting one, else invert and save it."""
         parts = self.parts
         start = time.perf_counter()
@@ -419,7 +419,7 @@ class Engine:
                                     lambda d, n: report("encoding", d, n)).float()
             text = encode_prompt(parts.tokenizer, parts.text_encoder, settings.prompt)
             state = self.attention_state(settings)
-            eps = self.eps_fn(text, alphas, state, control=self.control_for(video, settings))
+            eps = self.eps_fn(text, alphas, state, control=control)
             with attention_mode(parts.unet, state):
                 phase = "inversion"
                 try:
