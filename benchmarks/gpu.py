@@ -38,10 +38,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .measure import load_average, machine_info
 from stem.report import read_doc, write_json, write_report
 
-from .report import full_jobs_table, machine_summary, markdown_document, markdown_table, merge_rows, plot, sections_table
+from .measure import load_average, machine_info
+from .report import (
+    full_jobs_table, machine_summary, markdown_document, markdown_table, merge_rows, plot, sections_table,
+)
 
 DEADLINE = 510        # seconds for the whole check: the goal is 8 minutes; the integrator runs it under a 9.8-minute limit
 RESERVE = 15          # seconds kept for the report at the end
@@ -570,8 +572,8 @@ def run_check(out: Path, dry: bool = False, sections=None, isolate: bool | None 
     doc.setdefault("seconds", "median over the timed calls after warm-up, modes interleaved")
     doc.setdefault("peak_mb", "see benchmarks/measure.py")
     plotted = any(r["bench"] in ("attention", "inversion", "edit") for r in doc["rows"])
-    write_report(doc, json_path=cfg.json, md_path=out / "bench-gpu.md", png_path=out / "bench-gpu.png" if plotted else None,
-                 markdown=markdown_document, plot=plot)
+    write_report(doc, json_path=cfg.json, md_path=out / "bench-gpu.md",
+                 png_path=out / "bench-gpu.png" if plotted else None, markdown=markdown_document, plot=plot)
     print("\n" + markdown_table(doc["rows"]) + "\n\n" + full_jobs_table(doc["rows"]) + "\n")
     print(sections_table({name: {"status": status, "seconds": seconds, "note": note}
                           for name, (status, seconds, note) in results.items()}))
