@@ -26,13 +26,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import json
 from pathlib import Path
 
 import torch
 
+from stem.report import Column, read_doc, save_figure
+from stem.report import markdown_table as columns_table
+from stem.report import merge_rows as merged
+
 from .measure import PEAK_MEMORY, machine_info, measure
-from .report import machine_summary, save_figure, write_reports
+from .report import machine_summary, write_reports
 
 BENCH = "fatezero-memory"
 MODES = ("stem", "ddim", "inflated")
@@ -85,23 +88,25 @@ def _key(row: dict) -> tuple:
 
 def merge_rows(path: Path, rows: list[dict]) -> dict:
     """The rows of `path` (if any) updated with `rows`, sorted; the document to write back."""
-    old = json.loads(path.read_text())["rows"] if path.exists() else []
-    merged = {_key(r): r for r in old}
-    merged.update({_key(r): r for r in rows})
-    ordered = sorted(merged.values(), key=lambda r: (r["device"], r["dtype"], MODES.index(r["mode"]), r["size"],
-                                                     r["steps"], r["frames"]))
+    ordered = merged(read_doc(path)["rows"], rows, _key,
+                     lambda r: (r["device"], r["dtype"], MODES.index(r["mode"]), r["size"], r["steps"], r["frames"]))
     return {"machine": machine_info(), "bench": BENCH, "seconds": "wall time of one whole edit",
             "peak_mb": PEAK_MEMORY, "published": PUBLISHED, "rows": ordered}
 
 
+COLUMNS = [
+    Column("mode", lambda r: r["mode"]), Column("N", lambda r: r["frames"], right=True),
+    Column("px", lambda r: r["size"], right=True), Column("T", lambda r: r["steps"], right=True),
+    Column("peak MiB", lambda r: f"{r['peak_mb']:.0f}", right=True),
+    Column("seconds", lambda r: f"{r['seconds']:.1f}", right=True),
+    Column("s / step", lambda r: f"{r['seconds'] / r['steps']:.1f}", right=True),
+    Column("device", lambda r: r["device"]), Column("dtype", lambda r: r["dtype"]),
+]
+
+
 def markdown_table(rows: list[dict]) -> str:
     """The rows as a markdown table, with the time per step."""
-    lines = ["| mode | N | px | T | peak MiB | seconds | s / step | device | dtype |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['mode']} | {r['frames']} | {r['size']} | {r['steps']} | {r['peak_mb']:.0f} | "
-                     f"{r['seconds']:.1f} | {r['seconds'] / r['steps']:.1f} | {r['device']} | {r['dtype']} |")
-    return "\n".join(lines)
+    return columns_table(COLUMNS, rows)
 
 
 def markdown_document(doc: dict) -> str:

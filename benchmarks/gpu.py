@@ -38,9 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stem.report import read_doc, write_json, write_report
+
 from .measure import load_average, machine_info
 from .report import (
-    full_jobs_table, machine_summary, markdown_document, markdown_table, merge_rows, plot, read_doc, write_json,
+    full_jobs_table, machine_summary, markdown_document, markdown_table, merge_rows, plot, sections_table,
 )
 
 DEADLINE = 510        # seconds for the whole check: the goal is 8 minutes; the integrator runs it under a 9.8-minute limit
@@ -145,9 +147,8 @@ class Recorder:
         row.setdefault("repeats", 1)
         row.update(device=self.device_name, dtype=self.dtype_name, machine=self.machine,
                    loadavg=load_average())
-        doc = merge_rows(self.cfg.json, [row])
-        write_json(self.cfg.json, doc)
-        (self.cfg.out / "bench-gpu.md").write_text(markdown_document(doc))
+        write_report(merge_rows(self.cfg.json, [row]), json_path=self.cfg.json, md_path=self.cfg.out / "bench-gpu.md",
+                     markdown=markdown_document)
         shape = f"tokens={row['tokens']}" if "tokens" in row else f"size={row.get('size')}"
         print(f"  row: {row['bench']} {row['mode']} N={row['frames']} {shape}: {row['seconds']:.3f} s, "
               f"peak {row['peak_mb']:.0f} MiB" + (f" ({row['note']})" if row.get("note") else ""), flush=True)
@@ -570,14 +571,12 @@ def run_check(out: Path, dry: bool = False, sections=None, isolate: bool | None 
     doc.setdefault("machine", machine_info())
     doc.setdefault("seconds", "median over the timed calls after warm-up, modes interleaved")
     doc.setdefault("peak_mb", "see benchmarks/measure.py")
-    write_json(cfg.json, doc)
-    (out / "bench-gpu.md").write_text(markdown_document(doc))
-    if any(r["bench"] in ("attention", "inversion", "edit") for r in doc["rows"]):
-        plot(doc["rows"], out / "bench-gpu.png")
+    plotted = any(r["bench"] in ("attention", "inversion", "edit") for r in doc["rows"])
+    write_report(doc, json_path=cfg.json, md_path=out / "bench-gpu.md",
+                 png_path=out / "bench-gpu.png" if plotted else None, markdown=markdown_document, plot=plot)
     print("\n" + markdown_table(doc["rows"]) + "\n\n" + full_jobs_table(doc["rows"]) + "\n")
-    print("| section | status | seconds | note |\n|---|---|---:|---|")
-    for name, (status, seconds, note) in results.items():
-        print(f"| {name} | {status} | {seconds:.0f} | {note} |")
+    print(sections_table({name: {"status": status, "seconds": seconds, "note": note}
+                          for name, (status, seconds, note) in results.items()}))
     print(f"\ntotal {time.monotonic() - start:.0f} s; wrote {cfg.json}, {out / 'bench-gpu.md'}"
           + (f", {out / 'bench-gpu.png'}" if (out / "bench-gpu.png").exists() else ""), flush=True)
     return 0 if all(status in ("ok", "skipped") for status, _, _ in results.values()) else 1

@@ -1,10 +1,16 @@
-"""The benchmark's JSON document (rows merged across runs), its markdown page and its plot."""
+"""The benchmark's JSON document (rows merged across runs), its markdown page and its plot.
+
+The files are written by `stem.report`, the writer `python -m stem evaluate` uses too; this module says
+what the benchmarks' rows, tables and plots are.
+"""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
+
+from stem.report import Column, read_doc, save_figure, write_report
+from stem.report import markdown_table as columns_table
+from stem.report import merge_rows as merged
 
 from .measure import PEAK_MEMORY, machine_info
 
@@ -26,19 +32,13 @@ def _key(row: dict) -> tuple:
             row.get("steps"))
 
 
-def read_doc(path: Path) -> dict:
-    """The JSON document of `path`, or an empty one (no rows) when there is no file yet."""
-    return json.loads(path.read_text()) if path.exists() else {"rows": []}
-
-
 def merge_rows(path: Path, rows: list[dict]) -> dict:
     """The document of `path` (if any) with `rows` merged in (a row replaces one with the same key)."""
     doc = read_doc(path)
-    merged = {_key(r): r for r in doc.get("rows", [])}
-    merged.update({_key(r): r for r in rows})
     order = {m: i for i, m in enumerate(ALL_MODES)}
-    ordered = sorted(merged.values(), key=lambda r: (BENCHES.index(r["bench"]), r["device"], r["dtype"],
-                                                     r.get("tokens") or r.get("size"), r["frames"], order[r["mode"]]))
+    ordered = merged(doc.get("rows", []), rows, _key,
+                     lambda r: (BENCHES.index(r["bench"]), r["device"], r["dtype"], r.get("tokens") or r.get("size"),
+                                r["frames"], order[r["mode"]]))
     return {**doc, "machine": doc.get("machine") or machine_info(),  # rows from another machine carry their own
             "seconds": "median over the timed calls after warm-up, modes interleaved", "peak_mb": PEAK_MEMORY,
             "rows": ordered}
@@ -57,41 +57,31 @@ def write_reports(rows: list[dict], json_path: Path | None, md_path: Path | None
     A bench with its own row layout passes its own `merge`, `table`, `document` and `draw`.
     """
     merge, table = merge or merge_rows, table or markdown_table
-    document, draw = document or markdown_document, draw or plot
     doc = None  # the JSON file's rows: the table of the page and the plot
     if json_path:
-        doc = json.loads(json_path.read_text()) if reread else merge(json_path, rows)
-        if rows:
-            write_json(json_path, doc)
+        doc = read_doc(json_path) if reread else merge(json_path, rows)
     print()
     print(table(rows or doc["rows"]))
-    if md_path:
-        md_path.parent.mkdir(parents=True, exist_ok=True)
-        md_path.write_text(document(doc))
-    if plot_path:
-        draw(doc["rows"] if doc else rows, plot_path)
-
-
-def write_json(path: Path, doc: dict) -> None:
-    """Write the document atomically: a reader (or a run killed half-way) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_report(doc or {"rows": rows}, json_path=json_path if json_path and rows else None, md_path=md_path,
+                 png_path=plot_path, markdown=document or markdown_document, plot=draw or plot)
 
 
 def markdown_table(rows: list[dict]) -> str:
     """The rows as a markdown table, with each mode's time relative to ddim at the same N."""
     ddim = {(_key(r)[0],) + _key(r)[2:]: r["seconds"] for r in rows if r["mode"] == "ddim"}
-    lines = ["| bench | N | tokens / px | mode | seconds | × ddim | peak MiB | timed calls | device | dtype |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---|---|"]
-    for r in rows:
+
+    def ratio(r: dict) -> str:
         base = ddim.get((_key(r)[0],) + _key(r)[2:])
-        shape = r.get("tokens") if r["bench"] == "attention" else r.get("size")
-        ratio = f"{r['seconds'] / base:.2f}" if base else "-"
-        lines.append(f"| {r['bench']} | {r['frames']} | {shape} | {r['mode']} | {r['seconds']:.3f} | {ratio} | "
-                     f"{r['peak_mb']:.0f} | {r.get('repeats', '-')} | {r['device']} | {r['dtype']} |")
-    return "\n".join(lines)
+        return f"{r['seconds'] / base:.2f}" if base else "-"
+
+    return columns_table([
+        Column("bench", lambda r: r["bench"]), Column("N", lambda r: r["frames"], right=True),
+        Column("tokens / px", lambda r: r.get("tokens") if r["bench"] == "attention" else r.get("size"), right=True),
+        Column("mode", lambda r: r["mode"]), Column("seconds", lambda r: f"{r['seconds']:.3f}", right=True),
+        Column("× ddim", ratio, right=True), Column("peak MiB", lambda r: f"{r['peak_mb']:.0f}", right=True),
+        Column("timed calls", lambda r: r.get("repeats", "-"), right=True),
+        Column("device", lambda r: r["device"]), Column("dtype", lambda r: r["dtype"]),
+    ], rows)
 
 
 def _cell(value) -> str:
@@ -100,15 +90,22 @@ def _cell(value) -> str:
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
+FULL_JOB_COLUMNS = [Column(name, lambda r, name=name: _cell(r.get(name))) for name in (
+    "bench", "mode", "frames", "size", "steps", "seconds", "seconds_inverting", "seconds_reconstructing",
+    "seconds_editing", "peak_mb", "estimate_mb", "peak_reserved_mb", "finite", "note")]
+SECTION_COLUMNS = [Column("section", lambda s: s["name"]), Column("status", lambda s: s["status"]),
+                   Column("seconds", lambda s: f"{s.get('seconds', 0):.0f}", right=True),
+                   Column("note", lambda s: s.get("note", ""))]
+
+
 def full_jobs_table(rows: list[dict]) -> str:
     """The whole jobs' details: phases, estimate against peak, finiteness, notes."""
-    columns = ("bench", "mode", "frames", "size", "steps", "seconds", "seconds_inverting", "seconds_reconstructing",
-               "seconds_editing", "peak_mb", "estimate_mb", "peak_reserved_mb", "finite", "note")
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        if r["bench"] in ("full", "full-edit"):
-            lines.append("| " + " | ".join(_cell(r.get(c)) for c in columns) + " |")
-    return "\n".join(lines)
+    return columns_table(FULL_JOB_COLUMNS, [r for r in rows if r["bench"] in ("full", "full-edit")])
+
+
+def sections_table(sections: dict[str, dict]) -> str:
+    """The GPU check's sections: status, seconds, note."""
+    return columns_table(SECTION_COLUMNS, [{"name": name, **s} for name, s in sections.items()])
 
 
 def markdown_document(doc: dict) -> str:
@@ -139,10 +136,7 @@ def markdown_document(doc: dict) -> str:
                       + "; ".join(f"{k}: {v}" for k, v in doc["sdpa"]["ran"].items()) + "."]
         parts.append("")
     if doc.get("sections"):
-        parts += ["## Sections of the GPU check", "", "| section | status | seconds | note |", "|---|---|---:|---|"]
-        for name, s in doc["sections"].items():
-            parts.append(f"| {name} | {s['status']} | {s.get('seconds', 0):.0f} | {s.get('note', '')} |")
-        parts.append("")
+        parts += ["## Sections of the GPU check", "", sections_table(doc["sections"]), ""]
     return "\n".join(parts)
 
 
@@ -182,13 +176,3 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.grid(alpha=0.3)
             ax.legend()
     save_figure(fig, path)
-
-
-def save_figure(fig, path: Path) -> None:
-    """Lay out `fig`, write it to `path` as a PNG (creating the folder), and free it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
