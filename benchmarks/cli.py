@@ -15,13 +15,13 @@ from .report import (
     ALL_MODES, MODES, machine_summary, write_reports,
 )
 
+DESCRIPTION = ("Benchmarks of the self-attention modes, of editing, and the GPU check: time and peak memory "
+               "against N (each bench is described in benchmarks/__init__.py).")
 COMMANDS = ("attention", "inversion", "edit", "report", "memory", "gpu", "fatezero")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from . import __doc__ as doc
-
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=doc.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=DESCRIPTION)
     parser.add_argument("bench", choices=COMMANDS,
                         help="what to run; `report` only re-renders --md/--plot from the rows of --json; `memory` "
                              "measures stem.memory's constants; `gpu` is the whole GPU check (scripts/gpu_check.sh); "
