@@ -19,6 +19,7 @@ import weakref
 from pathlib import Path
 
 from .errors import StemError
+from .settings import SettingError, for_face, spec
 from .files import atomic_output, check_output_folder, output_lock, remove_dead_stages, staged_outputs
 
 EXIT_ERROR = 2
@@ -299,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cli_message(error: StemError) -> str:
+    """The error's sentence; one about a setting names its flag first ("--bases: the number of bases K ...")."""
+    if isinstance(error, SettingError) and error.owner is not None:
+        return for_face(error, spec(error.owner, error.setting).flag)
+    return str(error)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -316,7 +324,7 @@ def main(argv=None) -> int:
     except StemError as error:
         if debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {cli_message(error)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted; nothing was written.", file=sys.stderr)

@@ -38,16 +38,6 @@ class Control:
         return Control(self.net, self.cond[index], self.scale)
 
 
-def validate_control(kind: str, scale: float, low: int, high: int) -> None:
-    """Raise StemError with one sentence for the first control setting out of range."""
-    if kind not in CONTROL_KINDS:
-        raise StemError(f"Unknown --control {kind!r}; choose one of: {', '.join(CONTROL_KINDS)}.")
-    if not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale >= 0):
-        raise StemError(f"--control-scale must be a number of 0 or more (1.0 is the release's), got {scale}.")
-    if not 0 <= low <= high <= 255 * 4:
-        raise StemError(f"--canny-low and --canny-high must satisfy 0 <= low <= high (100 and 200 are the release's), got {low} and {high}.")
-
-
 def canny_conditions(frames: np.ndarray, low: int = 100, high: int = 200) -> torch.Tensor:
     """(N, H, W, 3) uint8 frames -> (N, 3, H, W) float32 canny edges in {0, 1}, as the release computes them."""
     import cv2

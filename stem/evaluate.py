@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import EXIT_ERROR, TqdmProgress, add_inversion_options, make_engine, settings_from, write_json
+from .cli import EXIT_ERROR, TqdmProgress, add_inversion_options, cli_message, make_engine, settings_from, write_json
 from .editing_cli import EDITOR_OPTIONS, add_edit_options, edit_settings_for, slug
 from .errors import StemError
 from .files import atomic_output, check_output_folder
@@ -340,7 +340,7 @@ def _checked(clip: Clip, make):
     try:
         return make()
     except StemError as error:
-        raise StemError(f"{clip.where} ({clip.video}): {error}") from error
+        raise StemError(f"{clip.where} ({clip.video}): {cli_message(error)}") from error
 
 
 # -- running -----------------------------------------------------------------------------------

@@ -90,9 +90,9 @@ def test_result_shapes_and_metrics(engine, video):
 
 
 @pytest.mark.parametrize("bad,word", [
-    ({"num_bases": 0}, "--bases"), ({"num_iters": 0}, "--iters"), ({"num_steps": 0}, "--steps"),
-    ({"num_frames": 0}, "--frames"), ({"stride": 0}, "--stride"), ({"size": 10}, "--size"),
-    ({"method": "magic"}, "method"),
+    ({"num_bases": 0}, "number of bases K"), ({"num_iters": 0}, "number of EM iterations R"),
+    ({"num_steps": 0}, "number of DDIM steps"), ({"num_frames": 0}, "number of frames"), ({"stride": 0}, "stride"),
+    ({"size": 10}, "size"), ({"method": "magic"}, "method"),
 ])
 def test_bad_settings_are_refused_with_one_sentence(bad, word):
     with pytest.raises(StemError, match=word) as error:
@@ -100,9 +100,10 @@ def test_bad_settings_are_refused_with_one_sentence(bad, word):
     assert str(error.value).count("\n") == 0
 
 
-@pytest.mark.parametrize("field, flag", [("num_steps", "--steps"), ("num_bases", "--bases"), ("num_iters", "--iters"),
-                                         ("num_frames", "--frames"), ("stride", "--stride"), ("size", "--size"),
-                                         ("seed", "--seed")])
+@pytest.mark.parametrize("field, flag", [("num_steps", "The number of DDIM steps"), ("num_bases", "The number of bases K"),
+                                         ("num_iters", "The number of EM iterations R"),
+                                         ("num_frames", "The number of frames"), ("stride", "The stride"),
+                                         ("size", "The size"), ("seed", "The seed")])
 @pytest.mark.parametrize("value", [1.5, 2.0, True])
 def test_counts_that_are_not_ints_are_refused_not_truncated(field, flag, value):
     # steps=1.5 used to pass as 1 <= 1.5 <= 1000 and run one step; 2.0 would split the cache key from 2
