@@ -91,19 +91,20 @@ class InversionSettings:
                            when=_controlled,
                            help="structure guidance: none, canny or depth, a ControlNet in every UNet call")
     control_model: str = setting("", label="ControlNet", words="the ControlNet model", faces={"cli", "metrics"},
-                                 when=_controlled, help="ControlNet hub id or folder (empty: the default for the kind)")
+                                 when=_controlled, help="ControlNet hub id or folder (default: lllyasviel's SD 1.5 v1.1 canny "
+                                 "/ depth ControlNet; tiny-random's own for the tiny-random model)")
     control_scale: float = setting(1.0, label="Structure strength", words="the structure strength", minimum=0,
                                    step=0.05, note="1.0 is the release's", when=_controlled,
                                    help="ControlNet conditioning scale (0: no structure guidance)")
     canny_low: int = setting(100, label="Canny low threshold", words="the lower canny threshold", minimum=0,
                              maximum=MAX_CANNY, faces={"cli", "metrics"}, when=_canny,
-                             help="canny: lower cv2.Canny threshold (the release's 100)")
+                             help="canny: lower cv2.Canny threshold")
     canny_high: int = setting(200, label="Canny high threshold", words="the upper canny threshold", minimum=0,
                               maximum=MAX_CANNY, faces={"cli", "metrics"}, when=_canny,
-                              help="canny: upper cv2.Canny threshold (the release's 200)")
+                              help="canny: upper cv2.Canny threshold")
     depth_model: str = setting("", label="Depth model", words="the depth model", faces={"cli", "metrics"},
-                               when=_depth, help="depth: transformers depth-estimation hub id or folder "
-                               "(empty: the default)")
+                               when=_depth, help="depth: transformers depth-estimation hub id or folder (default: "
+                               "depth-anything/Depth-Anything-V2-Small-hf; tiny-random's own for the tiny-random model)")
 
     def validate(self) -> "InversionSettings":
         """Raise SettingError with one sentence (in words) for the first setting out of range."""

@@ -206,10 +206,15 @@ def metrics(settings, prefix: str = "") -> dict:
         value = getattr(settings, s.name)
         name = prefix + s.name
         if s.nested:
-            block.update({(name if key == "enabled" else f"{name}_{key}"): v for key, v in metrics(value).items()})
+            block.update(flattened(name, metrics(value)))
         elif isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value) and \
                 typing.get_origin(s.base_type) is tuple:
             block[name] = {word: number for word, number in value}
         else:
             block[name] = value
     return block
+
+
+def flattened(name: str, block: dict) -> dict:
+    """A nested settings block under its field's name: {"enabled": x, "b1": y} -> {name: x, name_b1: y}."""
+    return {(name if key == "enabled" else f"{name}_{key}"): v for key, v in block.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -148,3 +149,60 @@ def test_the_cli_prints_the_flag_of_a_bad_setting_before_any_work(tmp_path, caps
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --bases: the number of bases K must be between 1 and 4096"), err
     assert not (tmp_path / "out").exists()
+
+
+# -- a new setting reaches every face with no other edit (issue 18: the CLI and metrics.json sides) --------------
+
+@pytest.fixture
+def clip_file(tmp_path):
+    from conftest import make_frames
+    from stem.video import write_video
+
+    write_video(tmp_path / "clip.mp4", make_frames(2, 64, 64, seed=0), 12.0)
+    return tmp_path / "clip.mp4"
+
+
+def with_new_setting(cls, name: str):
+    """A copy of a settings dataclass with one more `setting(...)` field, as a contributor would add it."""
+    new = setting(0.25, label=name.capitalize(), help=f"the brand-new {name} setting", minimum=0)
+    return dataclasses.make_dataclass(cls.__name__, [(name, float, new)], bases=(cls,), frozen=True)
+
+
+def run_cli(args, capsys):
+    from stem.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+FAST = ["--model", "tiny-random", "--steps", "1", "--size", "64", "--frames", "2"]
+
+
+def test_a_new_inversion_setting_reaches_help_errors_and_metrics_json(monkeypatch, clip_file, tmp_path, capsys):
+    import stem.cli.options as options
+
+    monkeypatch.setattr(options, "InversionSettings", with_new_setting(InversionSettings, "warmth"))
+    with pytest.raises(SystemExit):
+        run_cli(["invert", "--help"], capsys)
+    assert "--warmth WARMTH" in " ".join(capsys.readouterr().out.split())
+    code, _, err = run_cli(["invert", clip_file, *FAST, "--warmth", "-1", "--out", tmp_path / "never"], capsys)
+    assert code == 2 and err == "error: --warmth: warmth must be 0 or more, got -1.0.\n"
+    code, _, err = run_cli(["invert", clip_file, *FAST, "--method", "ddim", "--warmth", "0.5", "--out", tmp_path / "out",
+                            "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["warmth"] == 0.5
+
+
+def test_a_new_edit_setting_reaches_help_and_metrics_json(monkeypatch, clip_file, tmp_path, capsys):
+    import stem.cli.options as options
+    from stem.editing import TokenFlowSettings
+
+    monkeypatch.setitem(options.EDITOR_SETTINGS, "tokenflow", with_new_setting(TokenFlowSettings, "sharpness"))
+    with pytest.raises(SystemExit):
+        run_cli(["edit", "--help"], capsys)
+    assert "--sharpness SHARPNESS the brand-new sharpness setting (default: 0.25)" in " ".join(capsys.readouterr().out.split())
+    code, _, err = run_cli(["edit", clip_file, *FAST, "--method", "ddim", "--prompt", "a dog", "--sharpness", "2",
+                            "--out", tmp_path / "out", "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["sharpness"] == 2.0
