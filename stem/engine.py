@@ -491,8 +491,8 @@ def choose_em_kernel(name: str, device) -> str:
         chosen = FUSED_BY_DEFAULT and device.type == "cuda" and em_fused.available(device)
         return "fused" if chosen else "torch"
     if name == "fused" and not em_fused.available(device):
-        raise StemError(f"--em-kernel fused needs a CUDA GPU with Triton installed (this job runs on {device.type}); "
-                        "pass --em-kernel auto or torch.")
+        raise SettingError("em_kernel", f"The fused EM kernel needs a CUDA GPU with Triton installed (this job runs on "
+                           f"{device.type}); choose auto or torch.")
     return name
 
 
@@ -511,7 +511,7 @@ def _cache_trouble(cache: LatentCache, error: Exception) -> str:
     if isinstance(error, StemError):
         return str(error)
     return (f"Could not save the result in the cache folder {cache.root} ({type(error).__name__}: {error}), so it is "
-            "not cached; pass --cache-dir or set STEM_CACHE_DIR to a writable folder with free space.")
+            "not cached; pass another cache folder or set STEM_CACHE_DIR to a writable folder with free space.")
 
 
 def _cache_warning(message: str) -> str:

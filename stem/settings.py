@@ -124,17 +124,36 @@ def spec(cls, name: str) -> Spec:
 
 
 class SettingError(StemError):
-    """A core error about one setting, worded without any face's names: "The number of bases K must be ..."."""
+    """A core error about one setting, worded without any face's names: "The number of bases K must be ...".
 
-    def __init__(self, setting: str, message: str, owner: type | None = None):
-        super().__init__(message)
+    `setting` is the field name ("num_bases"), "" for advice about several. A sentence that names other
+    settings or options writes each as "{name}" and gives its words in `mentions` ({"offload": "offloading"}):
+    `str(error)` reads the words, `for_face(error, ..., names)` puts each face's own name there.
+    """
+
+    def __init__(self, setting: str, message: str, owner: type | None = None, mentions: dict[str, str] | None = None):
+        self.template, self.mentions = message, dict(mentions or {})
+        super().__init__(self.worded(lambda name: None))
         self.setting = setting  # the field name, e.g. "num_bases"
         self.owner = owner      # the settings dataclass it belongs to, where known
 
+    def worded(self, names) -> str:
+        """The sentence with `names(setting)` (or, where that is None, the words) for each mentioned setting."""
+        text = self.template
+        for name, words in self.mentions.items():
+            text = text.replace("{" + name + "}", names(name) or words)
+        return text
 
-def for_face(error: SettingError, name: str) -> str:
-    """The error's sentence after the face's name of the setting: "--bases: the number of bases K must ..."."""
-    message = str(error)
+
+def for_face(error: SettingError, name: str, names=None) -> str:
+    """The error's sentence after the face's name of the setting: "--bases: the number of bases K must ...".
+
+    `names(setting)`: the face's name of each setting the sentence mentions (None: keep the words); no
+    prefix where `name` is empty (advice about several settings).
+    """
+    message = error.worded(names) if names is not None else str(error)
+    if not name:
+        return message
     first = message.split(" ", 1)[0]
     if first[1:].islower():  # "The ..." -> "the ...", but "FreeU ..." and "K ..." stay
         message = message[0].lower() + message[1:]

@@ -344,7 +344,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_before_any_work(clip, tmp_
     extra = ["--prompt", "a red square"] if command == "edit" else []
     with output_lock(out):  # what another run holds while it works
         code, stdout, err = run([command, clip, *FAST, *extra, "--out", out, "--cache-dir", tmp_path / "cache"], capsys)
-    assert code == 2 and "Another run is writing into --out" in err and stdout == ""
+    assert code == 2 and "--out: another run is writing into the output folder" in err and stdout == ""
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
     assert not out.exists()
 

@@ -325,7 +325,7 @@ def test_a_full_disk_under_the_cache_is_a_warning_and_the_result_is_returned(eng
     messages = [str(w.message) for w in record]
     assert len(messages) == 1 and result.cache_warning == messages[0]
     assert messages[0].startswith(f"Cannot write to the cache folder {engine.cache.root} (No space left on device), "
-                                  "so the result is not cached; pass --cache-dir")
+                                  "so the result is not cached; pass another cache folder")
     assert messages[0].count(". ") == 0 and messages[0].endswith(".")  # one sentence
     assert not result.cache_hit and result.reconstruction.shape == video.frames.shape
     assert _cache_files(engine) == []  # no partial entry, no temp file
@@ -364,7 +364,7 @@ def test_a_folder_at_the_entry_name_does_not_fail_the_job(engine, video, full):
     assert not result.cache_hit and result.reconstruction.shape == video.frames.shape
     if full:  # a folder with contents is left alone, and said so
         assert result.cache_warning == (f"The cache entry {path} is a folder, so the result is not cached; "
-                                        "move that folder away or pass another --cache-dir.")
+                                        "move that folder away or pass another cache folder.")
         assert [str(w.message) for w in caught if "cache" in str(w.message)] == [result.cache_warning]
         assert (path / "keep.txt").read_text() == "someone's file"
         assert not engine.invert(video, BASE).cache_hit  # every run still works

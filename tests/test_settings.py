@@ -206,3 +206,20 @@ def test_a_new_edit_setting_reaches_help_and_metrics_json(monkeypatch, clip_file
                             "--out", tmp_path / "out", "--cache-dir", tmp_path / "cache"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["sharpness"] == 2.0
+
+
+def test_editor_metrics_keep_their_keys_and_values():
+    from stem.editing import FateZeroSettings, FreeUSettings, TokenFlowSettings
+
+    t = TokenFlowSettings("a dog", pnp_attn=0.3, freeu=FreeUSettings(b1=1.1))
+    freeu = {"freeu": True, "freeu_b1": 1.1, "freeu_b2": 1.4, "freeu_s1": 0.9, "freeu_s2": 0.2}
+    assert t.metrics() == {"prompt": "a dog", "negative_prompt": t.negative_prompt, "guidance": 7.5, "pnp_attn": 0.3,
+                           "pnp_conv": 0.8, "batch_size": 8, "attention": "extended", "propagation": "previous",
+                           **freeu, "seed": 0}  # as TokenFlowSettings.metrics wrote it by hand
+    f = FateZeroSettings("a big dog", source_prompt="a cat", reweight=(("big", 2.0),),
+                         cross_replace_words=(("dog", 0.4),), seed=3)
+    assert f.metrics() == {
+        "prompt": "a big dog", "negative_prompt": "", "guidance": 7.5, "self_replace": 0.6, "cross_replace": 0.8,
+        "word_map": "auto", "reweight": {"big": 2.0}, "blend_words": "", "blend_threshold": 0.3, "blend_start": 0.2,
+        "blend_end": 0.8, "source_maps": "inversion", "blend_level": "input", "cross_replace_words": {"dog": 0.4},
+        "blend_self_attention": True, "blend_latents": False, **freeu, "freeu": False, "freeu_b1": 1.2}

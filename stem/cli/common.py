@@ -19,8 +19,8 @@ import torch
 from ..cache import LatentCache
 from ..engine import Engine
 from ..errors import StemError
+from ..files import atomic_output, check_output_folder, output_lock, remove_dead_stages
 from ..video import read_video, write_video
-from ..files import atomic_output, check_output_folder, output_lock, remove_dead_stages, staged_outputs
 
 EXIT_ERROR = 2
 

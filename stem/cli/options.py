@@ -119,7 +119,7 @@ def cli_message(error: StemError) -> str:
     """The error's sentence; one about a setting names its flag first ("--bases: the number of bases K ...")."""
     if not isinstance(error, SettingError):
         return str(error)
-    return for_face(error, flag_of(error.setting, error.owner))
+    return for_face(error, error.setting and flag_of(error.setting, error.owner), lambda name: flag_of(name, error.owner))
 
 
 def flag_of(name: str, owner: type | None = None) -> str:
