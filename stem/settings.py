@@ -142,7 +142,7 @@ class SettingError(StemError):
         text = self.template
         for name, words in self.mentions.items():
             text = text.replace("{" + name + "}", names(name) or words)
-        return text
+        return sentence_case(text)
 
 
 def for_face(error: SettingError, name: str, names=None) -> str:

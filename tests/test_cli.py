@@ -428,7 +428,7 @@ def test_an_fps_an_mp4_cannot_hold_is_refused_before_the_model_loads(clip, tmp_p
     code, stdout, err = run(["invert", clip, *FAST, "--fps", "1e-9", "--out", out, "--cache-dir", tmp_path / "c"], capsys)
     assert code == 2 and stdout == "", err
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "--fps must be a positive number of frames per second between 0.01 and 1000" in lines[0]
+    assert len(lines) == 1 and "--fps: the frame rate must be a positive number of frames per second between 0.01 and 1000" in lines[0]
     assert not out.exists() and not (tmp_path / "c").exists()
 
 

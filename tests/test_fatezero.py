@@ -80,7 +80,7 @@ def test_replace_with_different_word_counts_is_refused(tokenizer):
     with pytest.raises(StemError) as err:
         EditMaps.build(edit, tokenizer)
     message = str(err.value)
-    assert "--word-map replace" in message and "words" in message and "2" in message and "3" in message and "\n" not in message
+    assert "The word map replace" in message and "--word-map replace" in cli_message(err.value) and "words" in message and "2" in message and "3" in message and "\n" not in message
 
 
 def test_good_settings_pass_and_are_hashable():
@@ -481,7 +481,7 @@ def test_chunked_unet_calls_give_the_same_edit(tiny_parts, tmp_path):
 def test_check_before_inversion(engine, tiny_parts, count_calls):
     video, settings = synthetic_video(3), inversion()
     with count_calls(tiny_parts.unet) as counter:
-        with pytest.raises(StemError, match="--word-map replace"):
+        with pytest.raises(StemError, match="The word map replace"):
             edit_video(engine, video, settings, fatezero("a big dog", word_map="replace"))
         with pytest.raises(StemError, match="source prompt"):
             edit_video(engine, video, settings, FateZeroSettings("a dog", source_prompt="a fox"))
