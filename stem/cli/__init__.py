@@ -20,7 +20,8 @@ from .evaluate import add_evaluate_command
 from .invert import add_invert_commands
 from .options import cli_message, option_adder, whole_number
 
-__all__ = ["EXIT_ERROR", "StemError", "build_parser", "cli_message", "main", "option_adder", "whole_number", "write_json"]
+__all__ = ["EXIT_ERROR", "StemError", "build_parser", "cli_message", "main", "option_adder", "whole_number",
+           "write_json"]
 
 
 def build_parser() -> argparse.ArgumentParser:

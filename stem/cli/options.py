@@ -74,9 +74,9 @@ def dest_of(flags) -> str:
 
 # -- options from specs ----------------------------------------------------------------------------
 
-def option_keywords(s: Spec, default=None) -> dict:
+def option_keywords(s: Spec) -> dict:
     """add_argument's keywords of one setting: type, default, action and help from its spec."""
-    kind, default = s.base_type, s.default if default is None else default
+    kind, default = s.base_type, s.default
     shown = "" if default in (None, "", ()) else " (default: %(default)s)"
     words = {"default": default, "help": s.help + shown}
     if kind is bool:
@@ -93,12 +93,11 @@ def option_keywords(s: Spec, default=None) -> dict:
     return words
 
 
-def add_setting_options(add, cls, skip=(), defaults: dict | None = None) -> None:
-    """One option per "cli" setting of `cls` (not those in `skip`); `defaults[name]` replaces a spec's default."""
-    defaults = defaults or {}
+def add_setting_options(add, cls, skip=()) -> None:
+    """One option per "cli" setting of `cls` (not those in `skip`), added with `add` (an `add_argument`)."""
     for s in specs(cls):
         if "cli" in s.faces and s.name not in skip and not s.nested:
-            add(s.flag, **option_keywords(s, defaults.get(s.name)))
+            add(s.flag, **option_keywords(s))
 
 
 def given_settings(cls, args, skip=()) -> dict:
@@ -119,7 +118,8 @@ def cli_message(error: StemError) -> str:
     """The error's sentence; one about a setting names its flag first ("--bases: the number of bases K ...")."""
     if not isinstance(error, SettingError):
         return str(error)
-    return for_face(error, error.setting and flag_of(error.setting, error.owner), lambda name: flag_of(name, error.owner))
+    flag = flag_of(error.setting, error.owner) if error.setting else ""
+    return for_face(error, flag, lambda name: flag_of(name, error.owner))
 
 
 def flag_of(name: str, owner: type | None = None) -> str:
@@ -185,7 +185,8 @@ def add_edit_options(parser, overrides: dict[str, dict] | None = None) -> None:
     """The options of an edit but its target prompt: the editor's choice, the shared ones, each editor's own;
     `overrides` rewords the first three by dest."""
     add = option_adder(parser, overrides)
-    add("--editor", default="tokenflow", choices=list(EDITOR_SETTINGS), help="the editing method (default: %(default)s)")
+    add("--editor", default="tokenflow", choices=list(EDITOR_SETTINGS),
+        help="the editing method (default: %(default)s)")
     add("--negative-prompt", default=None,
         help=f'unconditional text of the guidance; "" for none (default: the editor\'s: {DEFAULT_NEGATIVE_PROMPT!r} '
              'for tokenflow, as the STEM authors ran it; empty for fatezero, as FateZero ran it)')

@@ -65,8 +65,9 @@ from ..errors import StemError
 from ..lockstep import run_lockstep, whole_video
 from ..settings import SettingError, metrics, sentence_case, setting, spec
 from .common import (
-    COND, EDITOR_CHECKS, EDITORS, NUM_GROUPS, SOURCE, UNCOND, fraction_setting, guidance_setting, guided_noise, is_number,
-    leading_steps, negative_prompt_setting, sample_edit, source_latents, target_prompt_setting, validate_common,
+    COND, EDITOR_CHECKS, EDITORS, NUM_GROUPS, SOURCE, UNCOND, fraction_setting, guidance_setting, guided_noise,
+    is_number, leading_steps, negative_prompt_setting, sample_edit, source_latents, target_prompt_setting,
+    validate_common,
 )
 from .freeu import FreeUSettings, freeu_installed
 from .wordmap import WORD_MAPS, contains_word, reweight_scales, word_map, word_mask
