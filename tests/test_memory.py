@@ -44,8 +44,9 @@ def test_gpu_default_is_float16_and_bfloat16_needs_support():
 
 @pytest.mark.parametrize("bad", ["int8", "half-ish", "float8", torch.int64])
 def test_unknown_dtype_is_refused_when_the_engine_is_made(bad):
-    with pytest.raises(StemError, match="--dtype"):
+    with pytest.raises(StemError, match="model precision") as error:
         Engine(TINY_MODEL, dtype=bad)
+    assert cli_message(error.value).startswith("--dtype: the model precision")
 
 
 def test_engine_takes_the_dtype_by_name(tmp_path):
