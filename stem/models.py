@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import StemError
+from .settings import SettingError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_MODEL = "tiny-random"
@@ -95,14 +96,15 @@ def resolve_dtype(dtype, device, bf16_supported: bool | None = None) -> torch.dt
     if isinstance(dtype, str):
         name = _DTYPE_ALIASES.get(dtype.lower(), dtype.lower().removeprefix("torch."))
         if name not in known:
-            raise StemError(f"--dtype {dtype!r} is not a model precision; use one of: {', '.join(DTYPES)}.")
+            raise SettingError("dtype", f"The model precision {dtype!r} is not one; use one of: {', '.join(DTYPES)}.")
         dtype = known[name]
     if dtype not in known.values():
-        raise StemError(f"--dtype {dtype} is not a model precision; use one of: {', '.join(DTYPES)}.")
+        raise SettingError("dtype", f"The model precision {dtype} is not one; use one of: {', '.join(DTYPES)}.")
     if dtype == torch.bfloat16 and device.type == "cuda":
         supported = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if bf16_supported is None else bf16_supported
         if not supported:
-            raise StemError("This GPU has no bfloat16 support; use --dtype float16 (the GPU default) or float32.")
+            raise SettingError("dtype", "This GPU has no bfloat16 support; use float16 (the GPU default) or float32 "
+                               "as the model precision.")
     return dtype
 
 
@@ -282,7 +284,8 @@ def load_models(model_id: str = DEFAULT_MODEL, device=None, dtype=None) -> Stabl
         model_id = hub_id(model_id)
     source = str(local) if local.is_dir() else model_id
     if local.exists() and not local.is_dir():
-        raise StemError(f"--model {model_id!r} is a file; pass a diffusers model folder (with unet/, vae/, text_encoder/, tokenizer/), a hub id, or tiny-random.")
+        raise SettingError("model", f"The model {model_id!r} is a file; pass a diffusers model folder (with unet/, vae/, "
+                           "text_encoder/, tokenizer/), a hub id, or tiny-random.")
     if not local.is_dir() and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
         raise StemError(f"The model folder {model_id!r} does not exist; pass an existing diffusers model folder, a hub id such as {DEFAULT_MODEL}, or tiny-random.")
     device = torch.device(device) if device is not None else default_device()
@@ -320,9 +323,9 @@ def load_models(model_id: str = DEFAULT_MODEL, device=None, dtype=None) -> Stabl
                 "it needs diffusers' layout with unet/, vae/, text_encoder/, tokenizer/ and scheduler/ subfolders."
             ) from error
         how = "the Hugging Face Hub is not reachable (offline mode is on)" if _is_offline() else "it could not be downloaded from the Hugging Face Hub (no network, or no such model)"
-        raise StemError(
-            f"Could not load the model {model_id!r}: it is not a local folder and {how}; "
-            "pass a local model folder with --model /path/to/model, or use --model tiny-random for an offline smoke run."
+        raise SettingError(
+            "model", f"Could not load the model {model_id!r}: it is not a local folder and {how}; "
+            "pass a local model folder, or the model tiny-random for an offline smoke run."
         ) from error
     # DDIM with the model's own betas; inversion and sampling need clip_sample off.
     scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
