@@ -147,7 +147,7 @@ def make_engine(args):
     if args.chunk_size is not None and args.chunk_size < 1:
         raise StemError(f"--chunk-size must be 1 or more, got {args.chunk_size}.")
     return Engine(args.model, device=parse_device(args.device), dtype=args.dtype, cache=LatentCache(args.cache_dir),
-                  unet_chunk_size=args.chunk_size, offload=args.offload, em_kernel=args.em_kernel)
+                  offload=args.offload, em_kernel=args.em_kernel)
 
 
 def parse_device(name: str | None):
@@ -197,7 +197,7 @@ def write_json(path: Path, data: dict) -> None:
 
 
 class TqdmProgress:
-    """progress(phase, done, total) -> one tqdm bar per phase on stderr."""
+    """The engine's callback({"phase", "i", "total", ...}) -> one tqdm bar per phase on stderr."""
 
     shown: "weakref.WeakSet[TqdmProgress]" = weakref.WeakSet()  # closed by main() before it reports an error
 
@@ -205,9 +205,10 @@ class TqdmProgress:
         self.phase, self.bar = None, None
         TqdmProgress.shown.add(self)
 
-    def __call__(self, phase: str, done: int, total: int) -> None:
+    def __call__(self, info: dict) -> None:
         from tqdm.auto import tqdm
 
+        phase, done, total = info["phase"], info["i"], info["total"]
         if phase == "loading":
             if done == 0:
                 print("loading the model...", file=sys.stderr, flush=True)
@@ -236,7 +237,7 @@ def cmd_invert(args) -> dict:
         engine = make_engine(args)
         video = load_video(args, settings)
         progress = TqdmProgress()
-        result = engine.invert(video, settings, progress)
+        result = engine.invert(video, settings, engine.plan(video, settings, chunk_size=args.chunk_size), progress)
         progress.close()
         metrics = inversion_metrics(video, result, engine)
         with staged_outputs(out, names) as stage:
@@ -260,7 +261,8 @@ def cmd_compare(args) -> dict:
         progress = TqdmProgress()
         results = {}
         for settings in jobs:
-            results[settings.method] = engine.invert(video, settings, progress)
+            results[settings.method] = engine.invert(video, settings, engine.plan(video, settings, chunk_size=args.chunk_size),
+                                                     progress)
             progress.close()
         motion = source_motion(video.frames)  # every reconstruction is judged against the clip's motion
         blocks = {m: inversion_metrics(video, r, engine, motion) for m, r in results.items()}

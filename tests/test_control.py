@@ -90,8 +90,8 @@ def test_cache_keeps_controlled_and_uncontrolled_apart_and_reuses_each(engine, v
 
 def test_lockstep_chunks_give_the_same_controlled_stem_inversion(tiny_parts, video, tmp_path):
     whole = Engine("tiny-random", cache=LatentCache(tmp_path / "a")).use_parts(tiny_parts).invert(video, CANNY)
-    chunked = Engine("tiny-random", cache=LatentCache(tmp_path / "b"), unet_chunk_size=1).use_parts(tiny_parts)
-    result = chunked.invert(video, CANNY)
+    chunked = Engine("tiny-random", cache=LatentCache(tmp_path / "b")).use_parts(tiny_parts)
+    result = chunked.invert(video, CANNY, chunked.plan(video, CANNY, chunk_size=1))
     torch.testing.assert_close(result.trajectory, whole.trajectory, rtol=1e-4, atol=1e-4)
 
 
@@ -178,7 +178,7 @@ def release_controlnet_inversion(parts, controlnet, frames, latents, prompt, num
 def test_canny_inversion_and_reconstruction_match_the_release_in_float64(video, tmp_path):
     parts64 = build_tiny(device="cpu", dtype=torch.float64)
     settings = dataclasses.replace(CANNY, method="ddim", num_steps=4)
-    engine = Engine("tiny-random", dtype=torch.float64, cache=LatentCache(tmp_path / "c"), unet_chunk_size=2).use_parts(parts64)
+    engine = Engine("tiny-random", dtype=torch.float64, cache=LatentCache(tmp_path / "c")).use_parts(parts64)
     captured = {}
     from stem import engine as engine_module
 
@@ -190,7 +190,7 @@ def test_canny_inversion_and_reconstruction_match_the_release_in_float64(video, 
 
     engine_module.ddim_sample = spy
     try:
-        result = engine.invert(video, settings)
+        result = engine.invert(video, settings, engine.plan(video, settings, chunk_size=2))
     finally:
         engine_module.ddim_sample = real_sample
     controlnet = build_tiny_controlnet(build_tiny(device="cpu").unet).double()

@@ -343,7 +343,7 @@ def test_an_unwritable_cache_warns_before_the_work_and_never_raises(engine, vide
     events = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = engine.invert(video, BASE, lambda phase, done, total: events.append((phase, len(caught))))
+        result = engine.invert(video, BASE, callback=lambda info: events.append((info["phase"], len(caught))))
     assert [str(w.message) for w in caught] == [result.cache_warning]
     assert "Permission denied" in result.cache_warning and "not cached" in result.cache_warning
     assert events and all(warned == 1 for _, warned in events)  # said before any work began

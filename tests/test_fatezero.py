@@ -204,7 +204,9 @@ def test_per_word_cross_replace_in_the_edit(tiny_parts):
     edit = fatezero("a dog", self_replace=0, cross_replace=0, cross_replace_words=(("dog", 1.0),)).validate()
     checked = []
 
-    def trace(event, name, step, tensors):
+    def trace(info):
+        event, name, step = info["phase"], info["layer"], info["step"]
+        tensors = {k: v for k, v in info.items() if torch.is_tensor(v)}
         if event != "cross":
             return
         q, k, v = (x.double().view(NUM_GROUPS, n, *x.shape[1:]) for x in (tensors["query"], tensors["key"], tensors["value"]))
@@ -353,7 +355,9 @@ def test_fusion_only_in_small_layers_and_in_the_configured_steps(tiny_parts, met
     seen = {"self": {True: 0, False: 0}, "cross": {True: 0, False: 0}}
     big_layers = set()
 
-    def trace(event, name, step, tensors):
+    def trace(info):
+        event, name, step = info["phase"], info["layer"], info["step"]
+        tensors = {k: v for k, v in info.items() if torch.is_tensor(v)}
         if event not in seen:
             return
         q, k, v = (x.double().view(NUM_GROUPS, n, *x.shape[1:]) for x in (tensors["query"], tensors["key"], tensors["value"]))
@@ -420,7 +424,7 @@ def test_an_empty_blend_mask_keeps_every_pixel_of_the_source(shared_engine, tiny
     with torch.inference_mode():
         latents, details = edit_latents(parts, trajectory, timesteps, alphas, text, edit,
                                         shared_engine.attention_state(settings, NUM_GROUPS),
-                                        trace=lambda event, _, step, t: blends.append((step, t)) if event == "blend" else None)
+                                        trace=lambda info: blends.append((info["step"], info)) if info["phase"] == "blend" else None)
     assert details["blended_steps"] == [3, 2] and [step for step, _ in blends] == [3, 2]
     for step, tensors in blends:
         assert not tensors["mask"].any() and torch.equal(tensors["latents"], trajectory[step])
@@ -442,7 +446,7 @@ def test_blend_words_confine_the_edit(tiny_parts):
     blends = []
     latents, details = edit_latents(parts, trajectory, timesteps, alphas, text, edit,
                                     AttentionState(method="stem", num_bases=8, num_iters=2, num_groups=NUM_GROUPS),
-                                    trace=lambda event, _, step, t: blends.append((step, t)) if event == "blend" else None)
+                                    trace=lambda info: blends.append((info["step"], info)) if info["phase"] == "blend" else None)
     assert details["blended_steps"] == [3, 2, 1] and len(blends) == 3
     for step, tensors in blends:
         mask, x = tensors["mask"].expand(-1, 4, -1, -1), tensors["latents"]
@@ -470,9 +474,10 @@ def test_chunked_unet_calls_give_the_same_edit(tiny_parts, tmp_path):
     """Lock-step chunks: STEM bases from every frame, blend masks per chunk in the call's FrameChunk."""
     video, settings = synthetic_video(3), inversion()
     whole = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "cache")).use_parts(tiny_parts)
-    chunked = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "cache"), unet_chunk_size=2).use_parts(tiny_parts)
+    chunked = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "cache")).use_parts(tiny_parts)
     edit = fatezero(blend_words="cat,dog", blend_start=0, blend_end=1)
-    a, b = edit_video(whole, video, settings, edit), edit_video(chunked, video, settings, edit)
+    a = edit_video(whole, video, settings, edit)
+    b = edit_video(chunked, video, settings, edit, chunked.plan(video, settings, edit, chunk_size=2))
     assert b.inversion_cache_hit
     assert np.abs(a.frames.astype(int) - b.frames.astype(int)).max() <= 2
 

@@ -70,8 +70,8 @@ def test_stem_inversion_does_not_depend_on_the_unet_chunk_size(tmp_path):
     settings = InversionSettings(model="tiny-random", method="stem", num_bases=8, num_iters=3, num_steps=4)
     results = []
     for chunk in (None, 2, 3):
-        engine = Engine("tiny-random", cache=LatentCache(tmp_path / f"c{chunk}"), unet_chunk_size=chunk)
-        results.append(engine.use_parts(parts).invert(video, settings))
+        engine = Engine("tiny-random", cache=LatentCache(tmp_path / f"c{chunk}")).use_parts(parts)
+        results.append(engine.invert(video, settings, engine.plan(video, settings, chunk_size=chunk)))
     for other in results[1:]:
         torch.testing.assert_close(other.trajectory, results[0].trajectory, rtol=0, atol=1e-9)
     tiny_parts = parts
