@@ -279,3 +279,37 @@ def test_memory_estimate_counts_the_controlnet(tiny_parts, video):
     assert guided.key() != plain.key()
     a, b = estimate(plain, facts), estimate(guided, facts)
     assert b["unet"] - a["unet"] > facts.control_bytes and b["vae"] - a["vae"] == facts.control_bytes
+
+
+# -- offload: the ControlNet takes its turn with the UNet ---------------------------------------------
+
+def test_offloaded_controlled_inversion_gives_the_unoffloaded_result(tiny_parts, video, tmp_path):
+    reference = Engine("tiny-random", cache=LatentCache(tmp_path / "r")).use_parts(tiny_parts).invert(video, CANNY)
+    parts = build_tiny(device="cpu")  # hooks go on a fresh copy, not the shared fixture
+    engine = Engine("tiny-random", cache=LatentCache(tmp_path / "o"), offload=True).use_parts(parts)
+    result = engine.invert(video, CANNY)
+    net = engine.control_for(video, CANNY).net
+    assert hasattr(net, "_hf_hook") and any(m is net for m in engine._offload.group)  # offloaded like the other parts
+    assert torch.equal(result.trajectory, reference.trajectory)
+    assert np.array_equal(result.reconstruction, reference.reconstruction)
+    engine._offload.remove()
+
+
+def test_the_controlnet_stays_beside_the_unet_and_leaves_for_the_vae(monkeypatch):
+    """The hooks' bookkeeping with moves recorded instead of made (no GPU here)."""
+    from types import SimpleNamespace
+
+    from stem import offload
+
+    te, vae, unet, net = (torch.nn.Linear(2, 2) for _ in range(4))
+    where = {}
+    for module in (te, vae, unet, net):
+        monkeypatch.setattr(module, "to", lambda device, m=module: where.__setitem__(m, torch.device(device).type) or m)
+    monkeypatch.setattr(offload, "_on_device", lambda module, device: where.get(module) == device.type)
+    hooks = offload.Offload(SimpleNamespace(text_encoder=te, vae=vae, unet=unet), "cuda")
+    hooks.add_beside_unet(net)
+    assert where[net] == "cpu"
+    for module, on_device in ((te, [te]), (net, [net]), (unet, [unet, net]), (net, [unet, net]), (vae, [vae]),
+                              (unet, [unet]), (net, [unet, net]), (te, [te])):
+        module._hf_hook.pre_forward(module)
+        assert [m for m in (te, vae, unet, net) if where[m] == "cuda"] == on_device, module
