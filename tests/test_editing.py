@@ -147,12 +147,12 @@ def test_second_edit_is_an_inversion_cache_hit_with_no_inversion_unet_call(engin
     editing_calls = steps * (1 + batches)  # per step: one keyframe pass, then one call per batch
     first_phases, second_phases = [], []
     with count_calls(parts.unet) as counter:
-        first = edit_video(engine, video, settings, edit, lambda phase, *_: first_phases.append(phase))
+        first = edit_video(engine, video, settings, edit, callback=lambda info: first_phases.append(info["phase"]))
     assert not first.inversion_cache_hit
     assert counter.calls == 2 * steps + editing_calls  # inversion + reconstruction + edit
     with count_calls(parts.unet) as counter:
         second = edit_video(engine, video, settings, EditSettings("a fox", batch_size=2),
-                            lambda phase, *_: second_phases.append(phase))
+                            callback=lambda info: second_phases.append(info["phase"]))
     assert second.inversion_cache_hit and second.inversion.cache_hit
     assert counter.calls == editing_calls
     assert {"inverting", "reconstructing", "editing", "decoding"} <= set(first_phases)

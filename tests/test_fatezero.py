@@ -12,6 +12,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from stem.attention import AttentionState, StemAttnProcessor
+from stem import em_reference
 from stem.cache import LatentCache
 from stem.cli import main
 from stem.editing import (
@@ -269,13 +270,9 @@ def test_token_grid_follows_the_unet_levels():
 # -- STEM-space fusion against a float64 re-derivation --------------------------------------------
 
 def reference_em(keys, init, num_iters, tau):
-    """Float64 EM of the paper: key bases and the last responsibilities normalised over tokens."""
-    mu = init.double()
-    for _ in range(num_iters):
-        unit = mu / (mu.norm(dim=-1, keepdim=True) + 1e-4)
-        z = torch.softmax(keys @ unit.transpose(-1, -2) / tau, dim=-1)   # (h, NL, K)
-        z = z / (z.sum(dim=1, keepdim=True) + 1e-4)
-        mu = z.transpose(-1, -2) @ keys                                  # (h, K, d)
+    """Float64 EM of the paper (`stem.em_reference`): key bases (h, K, d) and the last responsibilities
+    (h, NL, K) normalised over tokens."""
+    mu, _, z = em_reference.reference_em(keys, init, num_iters, tau)
     return mu, z
 
 
