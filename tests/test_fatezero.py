@@ -206,7 +206,7 @@ def test_per_word_cross_replace_in_the_edit(tiny_parts):
     checked = []
 
     def trace(info):
-        event, name, step = info["phase"], info["layer"], info["step"]
+        event, step = info["phase"], info["step"]
         tensors = {k: v for k, v in info.items() if torch.is_tensor(v)}
         if event != "cross":
             return
