@@ -194,7 +194,7 @@ class Stopped(Exception):
 
 
 class JobProgress:
-    """The engine's `progress(phase, done, total)` as one bar for the whole job; raises Stopped when asked to.
+    """The engine's `callback({"phase", "i", "total", ...})` as one bar for the whole job; raises Stopped when asked to.
 
     The bar is the share of the planned work done (see `job_phases`); its text names the phase, the
     step and the time left at the pace so far. Phases a job skips (an inversion found in the cache)
@@ -210,7 +210,8 @@ class JobProgress:
         self.start: tuple[float, float] | None = None  # (time, work done) at the first report
         self.fraction = 0.0  # the bar as last shown
 
-    def __call__(self, phase: str, done: int, total: int) -> None:
+    def __call__(self, info: dict) -> None:
+        phase, done, total = info["phase"], info["i"], info["total"]
         if self.stop is not None and self.stop.is_set():
             raise Stopped()
         self._follow(phase, done)
@@ -645,7 +646,7 @@ class Jobs:
         settings = self._settings(values)
         clip, note = self._clip(values["video"], settings)
         report = self._tracker(progress, job_phases("invert", clip.num_frames, settings.num_steps, settings.method))
-        result = self.engine.invert(clip, settings, report)
+        result = self.engine.invert(clip, settings, callback=report)
         metrics = inversion_metrics(clip, result, self.engine)
         path, sound = self._write(output_name(clip.source, "reconstruction", settings.method),
                                   result.reconstruction, clip, settings)
@@ -661,7 +662,7 @@ class Jobs:
         clip, note = self._clip(values["video"], settings)
         report = self._tracker(progress, job_phases("edit", clip.num_frames, settings.num_steps, settings.method,
                                                     getattr(edit, "batch_size", 8), edit.editor))
-        result = edit_video(self.engine, clip, settings, edit, report)
+        result = edit_video(self.engine, clip, settings, edit, callback=report)
         path, sound = self._write(output_name(clip.source, "edited", edit.prompt), result.frames, clip, settings)
         reconstruction, _ = self._write(output_name(clip.source, "reconstruction", settings.method),
                                         result.inversion.reconstruction, clip, settings)
@@ -683,8 +684,8 @@ class Jobs:
         jobs = {label: self._settings(values, method=label.lower()) for label in COMPARED}
         clip, note = self._clip(values["video"], jobs["DDIM"])
         report = self._tracker(progress, job_phases("compare", clip.num_frames, jobs["DDIM"].num_steps))
-        results = {label: self.engine.invert(clip, s, lambda phase, done, total, label=label:
-                                             report(f"{label} · {phase}", done, total))
+        results = {label: self.engine.invert(clip, s, callback=lambda info, label=label:
+                                             report({**info, "phase": f"{label} · {info['phase']}"}))
                    for label, s in jobs.items()}
         stem = jobs["STEM"]
         labels = {"DDIM": "DDIM", "STEM": f"STEM (K={stem.num_bases}, R={stem.num_iters})"}

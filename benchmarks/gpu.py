@@ -12,6 +12,8 @@ every row (and OUT/bench-gpu.md with them), the plot and a summary table at the 
                architecture with random weights (row bench "full"; goal: under 90 s on one H100)
     full-ddim  the same with per-frame DDIM
     full-edit  a 50-step TokenFlow edit of the same clip (the STEM inversion comes from the cache)
+    full-canny the full-stem job with canny structure guidance (a ControlNet of SD-1.5's shape, random
+               weights, in every UNet call; row bench "full", mode "stem-canny")
     fatezero   FateZero edits at 8/16/32/48 frames and 10/50 steps (peak memory against frames and steps)
 
 `--dry` runs the sections on the CPU with the tiny model at tiny sizes in seconds (the test suite's
@@ -47,7 +49,8 @@ from .report import (
 
 DEADLINE = 510        # seconds for the whole check: the goal is 8 minutes; the integrator runs it under a 9.8-minute limit
 RESERVE = 15          # seconds kept for the report at the end
-BUDGETS = {"sdpa": 45, "pytest": 90, "bench": 100, "full-stem": 150, "full-stem-fused": 90, "full-ddim": 90, "full-edit": 150, "fatezero": 200}
+BUDGETS = {"sdpa": 45, "pytest": 90, "bench": 100, "full-stem": 150, "full-stem-fused": 90, "full-ddim": 90, "full-edit": 150,
+           "full-canny": 200, "fatezero": 200}
 SECTIONS = tuple(BUDGETS)
 PROMPT, EDIT_PROMPT = "a test pattern sliding sideways", "a watercolor painting of a test pattern sliding sideways"
 
@@ -182,14 +185,15 @@ def build_parts(cfg: CheckConfig):
 
 
 class PhaseClock:
-    """progress(phase, done, total) -> the time at which each phase last reported; prints every tenth step."""
+    """callback({"phase", "i", "total"}) -> the time at which each phase last reported; prints every tenth step."""
 
     def __init__(self):
         self.start = time.perf_counter()
         self.last: dict[str, float] = {}
         self.where = "starting"
 
-    def __call__(self, phase: str, done: int, total: int) -> None:
+    def __call__(self, info: dict) -> None:
+        phase, done, total = info["phase"], info["i"], info["total"]
         now = time.perf_counter()
         self.last[phase] = now
         self.where = f"{phase} {done}/{total}"
@@ -240,14 +244,14 @@ class FiniteInputs:
         self.handle.remove()
 
 
-def job_estimate_mb(engine, video, settings, edit=None) -> float:
-    """stem.memory's estimate of the job as planned (on a CPU: for all frames at once)."""
+def job_estimate_mb(engine, plan, video, settings, edit=None) -> float:
+    """stem.memory's estimate of the job as planned (on a CPU: for the plan's chunk)."""
     from stem.memory import Job, ModelFacts, estimate
 
-    if engine.plan is not None:
-        return round(engine.plan.estimate_bytes / 2**20, 1)
+    if plan.planned:
+        return round(plan.estimate_bytes / 2**20, 1)
     job = Job.of(video, settings, edit)
-    return round(estimate(job, ModelFacts.of(engine.parts), engine.unet_chunk_size)["peak"] / 2**20, 1)
+    return round(estimate(job, ModelFacts.of(engine.parts), plan.chunk_size)["peak"] / 2**20, 1)
 
 
 def _peak_note(peak: "PeakGpu") -> str:
@@ -372,9 +376,9 @@ def section_bench(cfg: CheckConfig, rec: Recorder) -> str:
     return f"N = {', '.join(map(str, cfg.frames))}"
 
 
-def section_full(cfg: CheckConfig, rec: Recorder, method: str, em_kernel: str = "torch") -> str:
+def section_full(cfg: CheckConfig, rec: Recorder, method: str, em_kernel: str = "torch", control: str = "none") -> str:
     """One whole inversion + reconstruction through `Engine.invert` (row bench "full"; mode "stem-fused" for STEM
-    with the fused EM kernel)."""
+    with the fused EM kernel, "stem-canny" with canny structure guidance: a random ControlNet of the UNet's shape)."""
     from stem import em_fused
     from stem.cache import LatentCache
     from stem.engine import Engine, InversionSettings
@@ -385,17 +389,19 @@ def section_full(cfg: CheckConfig, rec: Recorder, method: str, em_kernel: str = 
     engine = Engine(parts.model_id, device=cfg.device, cache=LatentCache(cfg.cache_dir),
                     em_kernel=em_kernel).use_parts(parts)
     video = synthetic_video(cfg.full_frames, cfg.size)
-    settings = InversionSettings(model=parts.model_id, method=method, num_steps=cfg.steps, size=cfg.size, prompt=PROMPT)
-    plan = engine.plan_memory(video, settings)
-    if plan is not None:
-        print(f"  memory plan: {plan.describe()}", flush=True)
-    row = {"bench": "full", "mode": method + ("-fused" if em_kernel == "fused" else ""), "frames": cfg.full_frames, "size": cfg.size, "steps": cfg.steps,
-           "chunk_size": engine.unet_chunk_size, "estimate_mb": job_estimate_mb(engine, video, settings),
+    guidance = {} if control == "none" else dict(control=control, control_model="tiny-random")  # built from the UNet
+    settings = InversionSettings(model=parts.model_id, method=method, num_steps=cfg.steps, size=cfg.size, prompt=PROMPT,
+                                 **guidance)
+    plan = engine.plan(video, settings)
+    print(f"  memory plan: {plan.describe()}", flush=True)
+    mode = method + ("-fused" if em_kernel == "fused" else "") + ("" if control == "none" else f"-{control}")
+    row = {"bench": "full", "mode": mode, "frames": cfg.full_frames, "size": cfg.size, "steps": cfg.steps,
+           "chunk_size": plan.chunk_size, "estimate_mb": job_estimate_mb(engine, plan, video, settings),
            "memory": "cuda-max-allocated (absolute)" if cfg.device.type == "cuda" else "not measured on the CPU"}
     clock = PhaseClock()
     try:
         with PeakGpu(cfg.device) as peak:
-            result = engine.invert(video, settings, clock)
+            result = engine.invert(video, settings, plan, clock)
     except SectionTimeout:
         rec.row({**row, "seconds": time.perf_counter() - clock.start, "peak_mb": 0.0, "complete": False,
                  "note": f"timed out at {clock.where}"})
@@ -421,16 +427,15 @@ def run_edit(cfg: CheckConfig, rec: Recorder, editor: str, frames: int, steps: i
     settings = InversionSettings(model=parts.model_id, method="stem", num_steps=steps, size=cfg.size, prompt=PROMPT)
     edit = (TokenFlowSettings(prompt=EDIT_PROMPT) if editor == "tokenflow"
             else FateZeroSettings(prompt=EDIT_PROMPT, source_prompt=PROMPT))
-    plan = engine.plan_memory(video, settings, edit)
-    if plan is not None:
-        print(f"  memory plan: {plan.describe()}", flush=True)
+    plan = engine.plan(video, settings, edit)
+    print(f"  memory plan: {plan.describe()}", flush=True)
     row = {"bench": "full-edit", "mode": editor, "frames": frames, "size": cfg.size, "steps": steps,
-           "chunk_size": engine.unet_chunk_size, "estimate_mb": job_estimate_mb(engine, video, settings, edit),
+           "chunk_size": plan.chunk_size, "estimate_mb": job_estimate_mb(engine, plan, video, settings, edit),
            "memory": "cuda-max-allocated (absolute)" if cfg.device.type == "cuda" else "not measured on the CPU"}
     clock = PhaseClock()
     try:
         with PeakGpu(cfg.device) as peak, FiniteInputs(parts.vae.decoder) as latents:
-            result = edit_video(engine, video, settings, edit, clock)
+            result = edit_video(engine, video, settings, edit, plan, clock)
     except SectionTimeout:
         rec.row({**row, "seconds": time.perf_counter() - clock.start, "peak_mb": 0.0, "complete": False,
                  "note": f"timed out at {clock.where}"})
@@ -458,6 +463,7 @@ RUNNERS = {
     "full-stem-fused": lambda cfg, rec: section_full(cfg, rec, "stem", em_kernel="fused"),
     "full-ddim": lambda cfg, rec: section_full(cfg, rec, "ddim"),
     "full-edit": lambda cfg, rec: run_edit(cfg, rec, "tokenflow", cfg.full_frames, cfg.steps),
+    "full-canny": lambda cfg, rec: section_full(cfg, rec, "stem", control="canny"),
     "fatezero": section_fatezero,
 }
 

@@ -56,6 +56,11 @@ class FrameAttnProcessor:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        return self.attention_call(self.attend, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    @staticmethod
+    def attention_call(attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        """`AttnProcessor2_0`'s skeleton (norms, projections, heads, output, residual) around `attend(attn, q, k, v, mask)`."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -86,7 +91,7 @@ class FrameAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        hidden_states = self.attend(attn, query, key, value, attention_mask)  # (B, h, L, d)
+        hidden_states = attend(attn, query, key, value, attention_mask)  # (B, h, L, d)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)

@@ -90,7 +90,7 @@ def _json_default(obj: object) -> object:
         return obj.item()
     if isinstance(obj, (PurePath, torch.dtype, np.dtype)):
         return str(obj)
-    raise TypeError(f"cache_key settings must be JSON-serialisable; got a {type(obj).__name__}: {obj!r}")
+    raise TypeError(f"cache job values must be JSON-serialisable; got a {type(obj).__name__}: {obj!r}")
 
 
 def frames_digest(frames: np.ndarray) -> str:
@@ -118,22 +118,6 @@ def job_key(job: Mapping[str, object]) -> str:
             JSON-serialisable; dict order does not matter, list order does.
     """
     return hashlib.sha256(f"stem-cache v{FORMAT_VERSION}\n{_job_json(job)}".encode()).hexdigest()
-
-
-def cache_key(frames: np.ndarray, settings: Mapping[str, object]) -> str:
-    """Content hash identifying one inversion job: :func:`job_key` of the settings and the frames' digest.
-
-    Args:
-        frames: the input video, e.g. ``(N, H, W, 3)`` uint8; any shape and non-object dtype.
-        settings: everything else the result depends on (model, steps, prompt, ...), as a
-            mapping (or a dataclass instance); see :func:`job_key`.
-
-    Returns:
-        64-character sha256 hex digest.
-    """
-    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
-        settings = dataclasses.asdict(settings)
-    return job_key({"frames": frames_digest(frames), "settings": dict(settings)})
 
 
 def _job_difference(stored: str | None, expected: str) -> str:

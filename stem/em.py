@@ -53,12 +53,6 @@ def init_bases(keys: torch.Tensor, num_bases: int, generator: torch.Generator | 
     return mean + std * noise.to(keys.device)
 
 
-def responsibilities(keys: torch.Tensor, bases: torch.Tensor, tau: float = 0.01) -> torch.Tensor:
-    """ST-E: (B, L, C) keys, (B, K, C) bases -> (B, L, K) softmax over bases of keys . unit bases / tau."""
-    unit_bases = bases.float() / (bases.float().norm(dim=-1, keepdim=True) + EPS)
-    return torch.softmax(torch.bmm(keys.float(), unit_bases.transpose(1, 2)) / tau, dim=-1)
-
-
 def _token_chunk(batch: int, num_tokens: int, num_bases: int, chunk_elements: int, device: torch.device) -> int:
     """Tokens per chunk so that one (B, chunk, K) block holds at most `chunk_elements` values."""
     if device.type == "cpu":

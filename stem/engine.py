@@ -8,6 +8,7 @@ with the same settings before.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import warnings
@@ -21,9 +22,10 @@ from .attention import METHODS, AttentionState, attention_mode
 from .cache import CacheEntry, LatentCache, frames_digest, job_key, misfit
 from .errors import StemError
 from .inversion import (
-    NonFiniteLatents, call_unet, ddim_invert, ddim_sample, ddim_schedule, decode_latents, encode_frames, encode_prompt, to_epsilon,
+    Callback, NonFiniteLatents, call_unet, ddim_invert, ddim_sample, ddim_schedule, decode_latents, encode_frames,
+    encode_prompt, in_phase, to_epsilon,
 )
-from .memory import Job, MemoryPlan, ModelFacts, available_bytes, plan
+from .memory import Job, MemoryPlan, ModelFacts, available_bytes, plan, unplanned
 from .control import (
     CONTROL_KINDS, DEFAULT_CONTROL_MODELS, DEFAULT_DEPTH_MODEL, TINY_CONTROL, Control, canny_conditions, depth_conditions,
     load_controlnet, load_depth_estimator,
@@ -55,8 +57,8 @@ def _canny(s) -> bool:
 def _depth(s) -> bool:
     return s.control == "depth"
 
-# progress(phase, done, total); phases: "loading", "encoding", "inverting", "reconstructing", "decoding"
-Progress = Callable[[str, int, int], None]
+# A job's callback gets one dict per step (`stem.inversion.Callback`): {"phase": ..., "i": done, "total": ...}, phases
+# "loading", "encoding", "inverting", "reconstructing", "decoding" (and an edit's "editing"); sampling steps add "x".
 
 
 @dataclass(frozen=True)
@@ -161,52 +163,32 @@ class InversionResult:
 class Engine:
     """One model (loaded on first use) and one latent cache, shared across jobs.
 
+    The engine keeps nothing one job writes for the next: a job's memory plan is a value
+    (`plan = engine.plan(video, settings, edit)`) handed to `invert` and the editors, and what it
+    switches on shared parts (VAE tiling, a streamed UNet) is switched back when the job ends.
+
     Memory: `dtype` is a torch dtype or its name ("float16", "bfloat16", "float32"; default fp16 on
     GPUs, fp32 on the CPU). `offload` keeps the components on the CPU and moves each to the GPU in
-    turn (`stem.offload`). Before each job on a CUDA device (or whenever `memory_budget`, a function
-    returning the bytes a job may use, is given) the job's peak memory is estimated (`stem.memory`):
-    the UNet chunk (unless `unet_chunk_size` is given) and the VAE batch are chosen to fit, or the job
-    is refused with one sentence before any work.
+    turn (`stem.offload`). On a CUDA device (or whenever `memory_budget`, a function returning the
+    bytes a job may use, is given) `plan` estimates the job's peak memory (`stem.memory`) and chooses
+    the UNet chunk (unless one is asked for) and the VAE batch that fit, or refuses the job with one
+    sentence before any work.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, device=None, dtype=None, cache: LatentCache | None = None,
-                 unet_chunk_size: int | None = None, vae_batch_size: int = 4, offload: bool = False,
-                 memory_budget: Callable[[], int] | None = None, em_kernel: str = "auto"):
+                 offload: bool = False, memory_budget: Callable[[], int] | None = None, em_kernel: str = "auto"):
         self.model = model
         self.device = device
         self.dtype = dtype
         resolve_dtype(dtype, device if device is not None else default_device())  # a bad dtype fails now
         self.em_kernel = choose_em_kernel(em_kernel, device if device is not None else default_device())
         self.cache = cache if cache is not None else LatentCache()
-        self.unet_chunk_size = unet_chunk_size
-        self.vae_batch_size = vae_batch_size
         self.offload = offload
         self.memory_budget = memory_budget
-        self.plan: MemoryPlan | None = None  # the memory plan of the current job (None: no planning, e.g. on a CPU)
         self._offload = None
         self._parts: StableDiffusionParts | None = None
         self._controlnets: dict = {}   # ControlNet id -> module, loaded on first use
         self._conditions: dict = {}    # (frames digest, kind, thresholds / depth model) -> (N, 3, H, W) float32 CPU
-
-    @property
-    def unet_chunk_size(self) -> int | None:
-        """Frames per UNet call: the one asked for, else the memory plan's (None: all frames at once)."""
-        if self._unet_chunk_size is not None or self.plan is None:
-            return self._unet_chunk_size
-        return self.plan.chunk_size
-
-    @unet_chunk_size.setter
-    def unet_chunk_size(self, value: int | None) -> None:
-        self._unet_chunk_size = value
-
-    @property
-    def vae_batch_size(self) -> int:
-        """Frames per VAE call: at most the one asked for, fewer when the memory plan says so."""
-        return self._vae_batch_size if self.plan is None else min(self._vae_batch_size, self.plan.vae_batch_size)
-
-    @vae_batch_size.setter
-    def vae_batch_size(self, value: int) -> None:
-        self._vae_batch_size = value
 
     @property
     def parts(self) -> StableDiffusionParts:
@@ -226,12 +208,12 @@ class Engine:
         parts.device = torch.device(device)
         self._parts = parts
 
-    def load(self, progress: Progress | None = None) -> StableDiffusionParts:
+    def load(self, callback: Callback | None = None) -> StableDiffusionParts:
         """Load the model now (reporting a "loading" phase) unless it is loaded already."""
-        if self._parts is None and progress is not None:
-            progress("loading", 0, 1)
+        if self._parts is None and callback is not None:
+            callback({"phase": "loading", "i": 0, "total": 1})
             self.parts
-            progress("loading", 1, 1)
+            callback({"phase": "loading", "i": 1, "total": 1})
         return self.parts
 
     def use_parts(self, parts: StableDiffusionParts) -> "Engine":
@@ -241,43 +223,87 @@ class Engine:
             self._use_offload(parts, parts.device)
         return self
 
-    def plan_memory(self, video: Video, settings: InversionSettings, edit=None) -> MemoryPlan | None:
-        """Estimate the job's peak GPU memory and choose the UNet chunk and VAE batch that fit.
+    @classmethod
+    def from_pipe(cls, pipe, model: str | None = None, **options) -> "Engine":
+        """An engine over a loaded diffusers `StableDiffusionPipeline` (SD 1.x/2.x), sharing its modules.
+
+        Args:
+            pipe: the pipeline; its UNet, VAE, text encoder and tokenizer are used as they are (device, dtype),
+                its scheduler's config makes the DDIM scheduler (clip_sample off, as `load_models` does).
+            model: the name jobs give as `InversionSettings.model` (default: the pipeline's `name_or_path`).
+            options: more `Engine` arguments (cache, offload, memory_budget, em_kernel).
+
+        The cache keys hold a digest of the pipeline's configs and weights, so a changed pipeline (a fused
+        LoRA, other weights under the same name) never meets another's cached inversions.
+        """
+        from .models import parts_from_pipe
+
+        parts = parts_from_pipe(pipe, model)
+        engine = cls(parts.model_id, device=parts.device, dtype=parts.dtype, **options)
+        return engine.use_parts(parts)
+
+    def plan(self, video: Video, settings: InversionSettings, edit=None, chunk_size: int | None = None,
+             vae_batch_size: int = 4) -> MemoryPlan:
+        """The memory plan of a job: the UNet chunk, the VAE batch and tiling, whether the UNet streams.
 
         Args:
             video: the frames (their number and size).
             settings: the inversion job.
-            edit: optional edit settings (TokenFlow: its `batch_size`); the plan then covers the edit
-                too, and the inversion of the same job keeps it.
+            edit: optional edit settings (TokenFlow: its `batch_size`); the plan then covers the edit too,
+                and the edit's inversion runs under it.
+            chunk_size: frames per UNet call asked for (kept, or refused when it does not fit); None: the
+                plan chooses (all frames at once when they fit). The result does not depend on it.
+            vae_batch_size: the most frames per VAE call.
 
         Returns:
-            The plan (also `self.plan`), or None where nothing is planned (a CPU without `memory_budget`).
+            A frozen `stem.memory.MemoryPlan`. Where nothing is planned (a CPU without `memory_budget`)
+            it holds the chunk and VAE batch asked for, and no estimate.
 
         Raises:
             StemError: one sentence saying what to change when the job does not fit even one frame at a time.
         """
+        settings.validate()
         parts = self.parts
+        job = Job.of(video, settings, edit, self.em_kernel)
         if self.memory_budget is not None:
             budget = self.memory_budget()
         elif parts.device.type == "cuda":
             budget = available_bytes(parts.device, (parts.unet, parts.vae, parts.text_encoder))
         else:
-            self.plan = None
-            return None
-        self.plan = plan(Job.of(video, settings, edit, self.em_kernel), ModelFacts.of(parts), budget, self._unet_chunk_size,
-                         self._vae_batch_size, offload=self._offload is not None)
-        if self.plan.vae_tiling:
-            parts.vae.enable_tiling()
-        elif hasattr(parts.vae, "disable_tiling"):
-            parts.vae.disable_tiling()
-        if self._offload is not None:
-            self._offload.stream_unet(self.plan.stream_unet)
-        return self.plan
+            return unplanned(job, chunk_size, vae_batch_size)
+        return plan(job, ModelFacts.of(parts), budget, chunk_size, vae_batch_size, offload=self._offload is not None)
 
-    def _plan_job(self, video: Video, settings: InversionSettings) -> None:
-        """Plan the memory of an inversion unless a plan of the same job (e.g. made for its edit) exists."""
-        if self.plan is None or self.plan.job_key != Job.of(video, settings, em_kernel=self.em_kernel).key():
-            self.plan_memory(video, settings)
+    def _plan_for(self, video: Video, settings: InversionSettings, plan: MemoryPlan | None) -> MemoryPlan:
+        """`plan`, checked to be this job's, or the job's own plan when None."""
+        if plan is None:
+            return self.plan(video, settings)
+        if not isinstance(plan, MemoryPlan):
+            raise TypeError(f"plan must be a stem.memory.MemoryPlan (from Engine.plan), got {type(plan).__name__}; "
+                            "pass a progress function as callback=")
+        if plan.job_key != Job.of(video, settings, em_kernel=self.em_kernel).key():
+            raise StemError("This memory plan was made for another job (other frames, size, method, steps or "
+                            "structure guidance); make it with engine.plan(video, settings) for this job.")
+        return plan
+
+    @contextlib.contextmanager
+    def applied(self, plan: MemoryPlan):
+        """Run a job under `plan`: the VAE tiles and the UNet streams as it says, and both are as before afterwards
+        (an unplanned job leaves them as they are)."""
+        if not plan.planned:
+            yield plan
+            return
+        vae = self.parts.vae
+        tiled = bool(getattr(vae, "use_tiling", False))
+        streaming = self._offload.streaming if self._offload is not None else None
+        _set_tiling(vae, plan.vae_tiling)
+        if self._offload is not None:
+            self._offload.stream_unet(plan.stream_unet)
+        try:
+            yield plan
+        finally:
+            _set_tiling(vae, tiled)
+            if self._offload is not None:
+                self._offload.stream_unet(streaming)
 
     def _check_model(self, settings: InversionSettings) -> None:
         if settings.model != self.model:
@@ -299,9 +325,11 @@ class Engine:
         device = self.device if self.device is not None else default_device()
         return f"{fingerprint_for(self.model)} {resolve_dtype(self.dtype, device)}"
 
-    def job_for(self, video: Video, settings: InversionSettings) -> dict:
-        """The full key material of inverting these frames with these settings: stored in the entry, compared on load."""
-        tiled = {"vae_tiling": True} if self.plan is not None and self.plan.vae_tiling else {}  # tiles change the latents
+    def job_for(self, video: Video, settings: InversionSettings, plan: MemoryPlan | None = None) -> dict:
+        """The full key material of inverting these frames with these settings (under `plan`, default: the job's
+        own): stored in the entry, compared on load."""
+        plan = self._plan_for(video, settings, plan)
+        tiled = {"vae_tiling": True} if plan.vae_tiling else {}  # tiles change the latents
         control = {}
         if settings.control != "none":  # the condition frames themselves: a different condition is a different job
             cond = self.conditions(video, settings)
@@ -337,15 +365,18 @@ class Engine:
         parts = self.parts
         net_id, _ = settings.control_ids()
         device = execution_device(parts.unet)
-        if net_id not in self._controlnets:
-            self._controlnets = {net_id: load_controlnet(net_id, parts.unet, device, parts.dtype)}
+        if net_id not in self._controlnets:  # with offload it waits on the CPU and takes its turn with the UNet
+            net = load_controlnet(net_id, parts.unet, "cpu" if self._offload is not None else device, parts.dtype)
+            if self._offload is not None:
+                self._offload.add_beside_unet(net)
+            self._controlnets = {net_id: net}
         net = self._controlnets[net_id]
         cond = self.conditions(video, settings).to(device=device, dtype=parts.dtype)
         return Control(net, cond, float(settings.control_scale))
 
-    def key_for(self, video: Video, settings: InversionSettings) -> str:
+    def key_for(self, video: Video, settings: InversionSettings, plan: MemoryPlan | None = None) -> str:
         """The cache key of inverting these frames with these settings (with this model, in this dtype)."""
-        return job_key(self.job_for(video, settings))
+        return job_key(self.job_for(video, settings, plan))
 
     def entry_spec(self, video: Video, settings: InversionSettings, timesteps: torch.Tensor) -> dict:
         """What a cache entry of this job holds: tensor name -> (dtype, shape), as `stem.cache.misfit` takes."""
@@ -381,15 +412,16 @@ class Engine:
         return None
 
     def eps_fn(self, text: torch.Tensor, alphas: torch.Tensor, state: AttentionState | None = None,
-               num_groups: int = 1, control: Control | None = None):
-        """A noise predictor `eps_fn(x, t, step)` over all frames (float32 in and out); sets `state.step`."""
+               num_groups: int = 1, control: Control | None = None, chunk_size: int | None = None):
+        """A noise predictor `eps_fn(x, t, step)` over all frames (float32 in and out, `chunk_size` frames per
+        UNet call); sets `state.step`."""
         parts = self.parts
 
         def eps(x, t, step):
             if state is not None:
                 state.step = step
             out = call_unet(parts.unet, x.to(parts.dtype), t, text.expand(x.shape[0], -1, -1),
-                            self.unet_chunk_size, num_groups, control)
+                            chunk_size, num_groups, control)
             return to_epsilon(out.float(), x, alphas[step], parts.prediction_type)
 
         return eps
@@ -399,30 +431,31 @@ class Engine:
         return AttentionState(method=settings.method, num_bases=settings.num_bases, num_iters=settings.num_iters,
                               seed=settings.seed, num_groups=num_groups, em_kernel=self.em_kernel)
 
-    def invert(self, video: Video, settings: InversionSettings, progress: Progress | None = None) -> InversionResult:
+    def invert(self, video: Video, settings: InversionSettings, plan: MemoryPlan | None = None,
+               callback: Callback | None = None) -> InversionResult:
         """Invert `video` with `settings` (from the cache when possible) and reconstruct it.
 
         Args:
             video: the decoded, resized frames.
             settings: the job; `settings.model` must be this engine's model.
-            progress: optional `progress(phase, done, total)`.
+            plan: the job's memory plan (`Engine.plan`); None: the job's own.
+            callback: optional, one dict per step: `{"phase": ..., "i": done, "total": ...}` (see `Callback`).
 
         Returns:
             The trajectory, the reconstruction and the VAE round trip.
         """
         settings.validate()
         self._check_model(settings)
-        report = progress or (lambda *_: None)
-        self.load(report)
-        self._plan_job(video, settings)  # the memory plan (chunk, VAE batch) or a refusal, before any work
+        self.load(callback)
+        plan = self._plan_for(video, settings, plan)  # the memory plan (chunk, VAE batch) or a refusal, before any work
         control = self.control_for(video, settings)  # a ControlNet for another base model is refused before any work
-        job = self.job_for(video, settings)
+        job = self.job_for(video, settings, plan)
         key = job_key(job)
-        with self.cache.lock(key):  # one job per key: an identical job waits here, then reads this one's entry
-            return self._load_or_invert(video, settings, job, key, report, control)
+        with self.cache.lock(key), self.applied(plan):  # one job per key: an identical job waits, then reads this one's entry
+            return self._load_or_invert(video, settings, plan, job, key, callback, control)
 
-    def _load_or_invert(self, video: Video, settings: InversionSettings, job: dict, key: str,
-                        report: Progress, control: Control | None) -> InversionResult:
+    def _load_or_invert(self, video: Video, settings: InversionSettings, plan: MemoryPlan, job: dict, key: str,
+                        callback: Callback | None, control: Control | None) -> InversionResult:
         """The cached result of `job` if there is a fitting one, else invert and save it."""
         parts = self.parts
         start = time.perf_counter()
@@ -443,22 +476,20 @@ class Engine:
             unwritable = _cache_warning(_cache_trouble(self.cache, error))
         timesteps, alphas = ddim_schedule(parts.scheduler, settings.num_steps)
         with torch.inference_mode():
-            latents = encode_frames(parts.vae, video.frames, self.vae_batch_size,
-                                    lambda d, n: report("encoding", d, n)).float()
+            latents = encode_frames(parts.vae, video.frames, plan.vae_batch_size, in_phase(callback, "encoding")).float()
             text = encode_prompt(parts.tokenizer, parts.text_encoder, settings.prompt)
             state = self.attention_state(settings)
-            eps = self.eps_fn(text, alphas, state, control=control)
+            eps = self.eps_fn(text, alphas, state, control=control, chunk_size=plan.chunk_size)
             with attention_mode(parts.unet, state):
                 phase = "inversion"
                 try:
-                    trajectory = ddim_invert(eps, latents, timesteps, alphas, lambda i, n: report("inverting", i, n))
+                    trajectory = ddim_invert(eps, latents, timesteps, alphas, in_phase(callback, "inverting"))
                     phase = "reconstruction"
-                    clean = ddim_sample(eps, trajectory[-1], timesteps, alphas, lambda i, n: report("reconstructing", i, n))
+                    clean = ddim_sample(eps, trajectory[-1], timesteps, alphas, in_phase(callback, "reconstructing"))
                 except NonFiniteLatents as error:
                     raise StemError(f"The {phase} became NaN or infinite at step {error.step} of {error.total}, so "
                                     f"nothing was written or cached; {non_finite_advice(parts.dtype)}") from None
-            decode = lambda x: decode_latents(parts.vae, x, self.vae_batch_size,  # noqa: E731
-                                              lambda d, n: report("decoding", d, n))
+            decode = lambda x: decode_latents(parts.vae, x, plan.vae_batch_size, in_phase(callback, "decoding"))  # noqa: E731
             reconstruction = decode(clean)
             seconds = time.perf_counter() - start
             roundtrip = decode(latents)
@@ -494,6 +525,14 @@ def choose_em_kernel(name: str, device) -> str:
         raise SettingError("em_kernel", f"The fused EM kernel needs a CUDA GPU with Triton installed (this job runs on "
                            f"{device.type}); choose auto or torch.")
     return name
+
+
+def _set_tiling(vae, on: bool) -> None:
+    """Switch the VAE's tiled encode/decode on or off (diffusers' AutoencoderKL)."""
+    if on:
+        vae.enable_tiling()
+    elif hasattr(vae, "disable_tiling"):
+        vae.disable_tiling()
 
 
 def non_finite_advice(dtype: torch.dtype, causes: tuple[str, ...] = ()) -> str:

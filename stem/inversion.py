@@ -26,10 +26,17 @@ from .offload import execution_device
 
 # eps_fn(x, t, step) -> eps: the model at UNet timestep t; `step` is the level index i (1..T).
 EpsFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-# callback(step, total) after each step.
-Callback = Callable[[int, int], None]
-# after_step(x, step) -> x: a change to the latents of level step - 1 once the step is taken (e.g. a blend).
-AfterStep = Callable[[torch.Tensor, int], torch.Tensor]
+# callback(info): one dict per step, k-diffusion's shape: {"phase": ..., "i": steps done, "total": ..., ...}.
+# The loops here give "i", "total" and what the step made ("x", "step"); the job adds "phase" (`in_phase`).
+# A sampling callback may return latents to go on from instead of "x" (a per-step hook, e.g. a blend).
+Callback = Callable[[dict], "torch.Tensor | None"]
+
+
+def in_phase(callback: Callback | None, phase: str) -> Callback | None:
+    """`callback` with {"phase": phase} added to every dict it is given (None stays None)."""
+    if callback is None:
+        return None
+    return lambda info: callback({"phase": phase, **info})
 
 
 def ddim_schedule(scheduler, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +88,7 @@ def ddim_invert(eps_fn: EpsFn, latents: torch.Tensor, timesteps: torch.Tensor, a
         latents: (N, 4, h, w) clean latents x_0.
         timesteps: (T,) ascending UNet timesteps.
         alphas: (T + 1,) alpha-bars of levels 0..T.
-        callback: called as `callback(i, T)` after level i is reached.
+        callback: called as `callback({"i": i, "total": T, "step": i, "x": x_i})` after level i is reached.
 
     Returns:
         The trajectory (T + 1, N, 4, h, w): x_0 (the input) to x_T (the inverted noise).
@@ -98,21 +105,21 @@ def ddim_invert(eps_fn: EpsFn, latents: torch.Tensor, timesteps: torch.Tensor, a
         check_finite(x, i, total)
         trajectory.append(x)
         if callback is not None:
-            callback(i, total)
+            callback({"i": i, "total": total, "step": i, "x": x})
     return torch.stack(trajectory)
 
 
 @torch.no_grad()
 def ddim_sample(eps_fn: EpsFn, noise: torch.Tensor, timesteps: torch.Tensor, alphas: torch.Tensor,
-                callback: Callback | None = None, after_step: AfterStep | None = None) -> torch.Tensor:
+                callback: Callback | None = None) -> torch.Tensor:
     """DDIM sampling from level T down to clean latents.
 
     Args:
         eps_fn: the noise predictor, `eps_fn(x, t, step)`; step runs T, T-1, ..., 1.
         noise: (N, 4, h, w) latents x_T.
         timesteps, alphas: as for `ddim_invert`.
-        callback: called as `callback(k, T)` after the k-th step (k = 1..T).
-        after_step: `x = after_step(x, i)` after the step from level i, before the callback.
+        callback: called as `callback({"i": k, "total": T, "step": i, "x": x_{i-1}})` after the k-th step
+            (k = 1..T, from level i); latents it returns replace x_{i-1} (a per-step hook, e.g. a blend).
 
     Returns:
         (N, 4, h, w) the clean latents x_0.
@@ -125,11 +132,10 @@ def ddim_sample(eps_fn: EpsFn, noise: torch.Tensor, timesteps: torch.Tensor, alp
     for k, i in enumerate(range(total, 0, -1), start=1):
         eps = eps_fn(x, timesteps[i - 1], i)
         x = ddim_step(x, eps, alphas[i], alphas[i - 1])
-        if after_step is not None:
-            x = after_step(x, i)
-        check_finite(x, k, total)
         if callback is not None:
-            callback(k, total)
+            changed = callback({"i": k, "total": total, "step": i, "x": x})
+            x = changed if isinstance(changed, torch.Tensor) else x  # a progress callback's return value is ignored
+        check_finite(x, k, total)
     return x
 
 
@@ -207,7 +213,7 @@ def encode_frames(vae, frames: np.ndarray, batch_size: int = 4, callback: Callba
         # 1/tau amplifies) depend on the layout, and a lock-step chunk would lose channels-last after conv_in
         latents.append((mean * vae.config.scaling_factor).contiguous())
         if callback is not None:
-            callback(min(start + batch_size, len(frames)), len(frames))
+            callback({"i": min(start + batch_size, len(frames)), "total": len(frames)})
     return torch.cat(latents)
 
 
@@ -221,5 +227,5 @@ def decode_latents(vae, latents: torch.Tensor, batch_size: int = 4, callback: Ca
         images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         frames.append(images.permute(0, 2, 3, 1).cpu().numpy())
         if callback is not None:
-            callback(min(start + batch_size, len(latents)), len(latents))
+            callback({"i": min(start + batch_size, len(latents)), "total": len(latents)})
     return np.concatenate(frames)

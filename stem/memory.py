@@ -158,12 +158,20 @@ class MemoryPlan:
     vae_batch_size: int
     vae_tiling: bool
     stream_unet: bool          # the UNet's weights are offloaded module by module (slow; only when needed)
-    estimate_bytes: int        # the peak of the job's phases, margin and reserve included
-    available_bytes: int
+    estimate_bytes: int | None  # the peak of the job's phases, margin and reserve included (None: not planned)
+    available_bytes: int | None
     phases: dict = field(default_factory=dict, compare=False)  # phase -> estimated bytes
     job_key: tuple = ()
 
+    @property
+    def planned(self) -> bool:
+        """Whether the plan was fitted to a memory budget (else it holds what was asked for, unchecked)."""
+        return self.estimate_bytes is not None
+
     def describe(self) -> str:
+        if not self.planned:
+            chunk = "all frames" if self.chunk_size is None else f"{self.chunk_size} frames"
+            return f"not planned (no GPU budget): UNet on {chunk} per call, VAE on {self.vae_batch_size} frame(s)"
         chunk = "all frames" if self.chunk_size is None else f"{self.chunk_size} frames"
         extra = (", tiled VAE" if self.vae_tiling else "") + (", UNet streamed from the CPU" if self.stream_unet else "")
         return (f"about {self.estimate_bytes / GiB:.1f} GiB of {self.available_bytes / GiB:.1f} GiB: UNet on {chunk} "
@@ -270,11 +278,11 @@ def estimate(job: Job, facts: ModelFacts, chunk: int | None = None, vae_batch: i
     Returns:
         {"vae": bytes, "unet": bytes, "edit": bytes (with an editor), "peak": the largest}.
     """
-    control = facts.control_bytes if job.control else 0  # the ControlNet stays on the device (not offloaded)
+    control = facts.control_bytes if job.control else 0  # with offload, the ControlNet is on the device beside the UNet
     guided = 1 + CONTROL_ACTIVATIONS if job.control else 1
     all_weights = facts.unet_bytes + facts.vae_bytes + facts.text_bytes + control
     unet_weights = (facts.largest_unet_module_bytes if stream_unet else facts.unet_bytes) + control if offload else all_weights
-    vae_weights = facts.vae_bytes + control if offload else all_weights
+    vae_weights = facts.vae_bytes if offload else all_weights
 
     def total(weights, activations):
         return int(weights + MARGIN * activations + RESERVE)
@@ -335,6 +343,12 @@ def plan(job: Job, facts: ModelFacts, available: int, chunk: int | None = None, 
     return MemoryPlan(chunk_size=None if unet_chunk >= job.frames else unet_chunk, vae_batch_size=vae[0],
                       vae_tiling=vae[1], stream_unet=stream, estimate_bytes=phases["peak"], available_bytes=available,
                       phases=phases, job_key=job.key())
+
+
+def unplanned(job: Job, chunk: int | None = None, vae_batch: int = 4) -> MemoryPlan:
+    """The plan of a job run without a memory budget (a CPU): the UNet chunk and VAE batch asked for, no estimate."""
+    return MemoryPlan(chunk_size=None if chunk is None or chunk >= job.frames else chunk, vae_batch_size=vae_batch,
+                      vae_tiling=False, stream_unet=False, estimate_bytes=None, available_bytes=None, job_key=job.key())
 
 
 def _refusal(job: Job, facts: ModelFacts, available: int, chunk: int | None, offload: bool) -> SettingError:

@@ -237,8 +237,8 @@ def _folder_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def _built_fingerprint(unet, vae, text_encoder, tokenizer, scheduler) -> str:
-    """``tiny-random:<sha256>`` of models built in code: their configs, vocabulary and weights."""
+def _built_fingerprint(unet, vae, text_encoder, tokenizer, scheduler, prefix: str = TINY_MODEL) -> str:
+    """``<prefix>:<sha256>`` of models built in code (or handed in): their configs, vocabulary and weights."""
     h = hashlib.sha256()
     configs = {
         "unet": dict(unet.config), "vae": dict(vae.config), "scheduler": dict(scheduler.config),
@@ -252,7 +252,7 @@ def _built_fingerprint(unet, vae, text_encoder, tokenizer, scheduler) -> str:
         for key, tensor in module.state_dict().items():
             h.update(f"{name}.{key} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
             h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return f"{TINY_MODEL}:{h.hexdigest()}"
+    return f"{prefix}:{h.hexdigest()}"
 
 
 def _is_offline() -> bool:
@@ -331,6 +331,29 @@ def load_models(model_id: str = DEFAULT_MODEL, device=None, dtype=None) -> Stabl
     scheduler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)
     fingerprint = fingerprint or model_fingerprint(model_id)  # a hub id: the snapshot it resolved to
     return _finish(unet, vae, text_encoder, tokenizer, scheduler, model_id, device, dtype, fingerprint)
+
+
+def parts_from_pipe(pipe, model_id: str | None = None) -> StableDiffusionParts:
+    """The parts of a loaded diffusers `StableDiffusionPipeline` (SD 1.x/2.x), sharing its modules.
+
+    The scheduler is a DDIMScheduler from the pipeline scheduler's config with clip_sample off (as
+    `load_models`); the fingerprint is ``pipe:<sha256>`` of the configs and weights as they are now.
+    """
+    from diffusers import DDIMScheduler
+
+    missing = [n for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, n, None) is None]
+    if missing:
+        raise StemError(f"The pipeline has no {', '.join(missing)}; pass a Stable Diffusion 1.x/2.x pipeline "
+                        "(diffusers' StableDiffusionPipeline).")
+    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    weight = next(unet.parameters())
+    for module in (unet, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    fingerprint = _built_fingerprint(unet, vae, text_encoder, tokenizer, scheduler, prefix="pipe")
+    name = model_id or getattr(pipe, "name_or_path", None) or "pipeline"
+    return StableDiffusionParts(unet, vae, text_encoder, tokenizer, scheduler, name, weight.device, weight.dtype,
+                                fingerprint)
 
 
 def save_pretrained(parts: StableDiffusionParts, folder: str | Path) -> Path:

@@ -414,16 +414,16 @@ def test_one_bar_for_the_whole_job_with_the_step_and_the_time_left():
     bar, now = Bar(), [0.0]
     phases = [("encoding", 1.0), ("inverting", 4.0), ("decoding", 1.0), ("decoding", 1.0), ("editing", 8.0)]
     report = app.JobProgress(bar, phases, clock=lambda: now[0])
-    report("loading", 0, 1)
+    report({"phase": "loading", "i": 0, "total": 1})
     for done in (1, 2):
-        report("encoding", done, 2)
+        report({"phase": "encoding", "i": done, "total": 2})
     for done in range(1, 5):
         now[0] += 1.0
-        report("inverting", done, 4)
-    report("waiting for the cache", 0, 1)  # a phase the plan does not know: the bar stays where it is
-    report("decoding", 1, 1)
-    report("decoding", 1, 1)  # the second decoding (the round trip): a phase of its own
-    report("editing", 0, 8)
+        report({"phase": "inverting", "i": done, "total": 4})
+    report({"phase": "waiting for the cache", "i": 0, "total": 1})  # a phase the plan does not know: the bar stays where it is
+    report({"phase": "decoding", "i": 1, "total": 1})
+    report({"phase": "decoding", "i": 1, "total": 1})  # the second decoding (the round trip): a phase of its own
+    report({"phase": "editing", "i": 0, "total": 8})
     assert bar.shown[7] == (bar.shown[6][0], "Waiting for the cache…")
     fractions = [f for f, _ in bar.shown]
     assert fractions == sorted(fractions)  # never goes back to 0 at a new phase
@@ -438,12 +438,12 @@ def test_one_bar_for_the_whole_job_with_the_step_and_the_time_left():
 def test_a_cached_inversion_leaves_the_plan_and_stop_raises():
     bar, stop = Bar(), threading.Event()
     report = app.JobProgress(bar, app.job_phases("edit", frames=4, steps=2, batch_size=2), stop)
-    report("editing", 0, 2)  # the inversion came from the cache
-    report("editing", 1, 2)
+    report({"phase": "editing", "i": 0, "total": 2})  # the inversion came from the cache
+    report({"phase": "editing", "i": 1, "total": 2})
     assert bar.shown[-1][0] == pytest.approx(0.5 * 36 / (36 + 6))  # editing 3*(4+2)*2 = 36, decoding 1.5*4 = 6
     stop.set()
     with pytest.raises(app.Stopped):
-        report("editing", 2, 2)
+        report({"phase": "editing", "i": 2, "total": 2})
 
 
 def test_the_zerogpu_duration_grows_with_the_work():

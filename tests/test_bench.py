@@ -143,7 +143,7 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path):
     doc = json.loads((tmp_path / "bench-gpu.json").read_text())
     benches = {(r["bench"], r["mode"]) for r in doc["rows"]}
     assert {("attention", "stem"), ("inversion", "stem"), ("inversion", "inflated"), ("full", "stem"),
-            ("full", "ddim"), ("full-edit", "tokenflow"), ("full-edit", "fatezero")} <= benches
+            ("full", "ddim"), ("full", "stem-canny"), ("full-edit", "tokenflow"), ("full-edit", "fatezero")} <= benches
     full = next(r for r in doc["rows"] if r["bench"] == "full" and r["mode"] == "stem")
     assert full["finite"] and full["steps"] == 2 and full["seconds"] > 0 and full["estimate_mb"] > 0
     assert {s["status"] for s in doc["sections"].values()} <= {"ok", "skipped"} and "pytest" not in doc["sections"]

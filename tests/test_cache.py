@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 import stem.cache as cache_mod
-from stem.cache import FORMAT_VERSION, LatentCache, cache_key, default_cache_dir, default_max_bytes
+from stem.cache import FORMAT_VERSION, LatentCache, default_cache_dir, default_max_bytes, frames_digest, job_key
 from stem.cli import cli_message
 from stem.errors import StemError
 
@@ -107,6 +107,13 @@ def test_reserved_metadata_rejected(tmp_path):
 def test_bad_keys_rejected(tmp_path, bad):
     with pytest.raises(ValueError):
         LatentCache(tmp_path).path_for(bad)
+
+
+def cache_key(frames: np.ndarray, settings) -> str:
+    """The key of a job of these frames and settings (a mapping or a dataclass), as the engine composes one."""
+    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        settings = dataclasses.asdict(settings)
+    return job_key({"frames": frames_digest(frames), "settings": dict(settings)})
 
 
 def test_cache_key_deterministic_and_sensitive():

@@ -90,8 +90,8 @@ def test_cache_keeps_controlled_and_uncontrolled_apart_and_reuses_each(engine, v
 
 def test_lockstep_chunks_give_the_same_controlled_stem_inversion(tiny_parts, video, tmp_path):
     whole = Engine("tiny-random", cache=LatentCache(tmp_path / "a")).use_parts(tiny_parts).invert(video, CANNY)
-    chunked = Engine("tiny-random", cache=LatentCache(tmp_path / "b"), unet_chunk_size=1).use_parts(tiny_parts)
-    result = chunked.invert(video, CANNY)
+    chunked = Engine("tiny-random", cache=LatentCache(tmp_path / "b")).use_parts(tiny_parts)
+    result = chunked.invert(video, CANNY, chunked.plan(video, CANNY, chunk_size=1))
     torch.testing.assert_close(result.trajectory, whole.trajectory, rtol=1e-4, atol=1e-4)
 
 
@@ -178,7 +178,7 @@ def release_controlnet_inversion(parts, controlnet, frames, latents, prompt, num
 def test_canny_inversion_and_reconstruction_match_the_release_in_float64(video, tmp_path):
     parts64 = build_tiny(device="cpu", dtype=torch.float64)
     settings = dataclasses.replace(CANNY, method="ddim", num_steps=4)
-    engine = Engine("tiny-random", dtype=torch.float64, cache=LatentCache(tmp_path / "c"), unet_chunk_size=2).use_parts(parts64)
+    engine = Engine("tiny-random", dtype=torch.float64, cache=LatentCache(tmp_path / "c")).use_parts(parts64)
     captured = {}
     from stem import engine as engine_module
 
@@ -190,7 +190,7 @@ def test_canny_inversion_and_reconstruction_match_the_release_in_float64(video, 
 
     engine_module.ddim_sample = spy
     try:
-        result = engine.invert(video, settings)
+        result = engine.invert(video, settings, engine.plan(video, settings, chunk_size=2))
     finally:
         engine_module.ddim_sample = real_sample
     controlnet = build_tiny_controlnet(build_tiny(device="cpu").unet).double()
@@ -279,3 +279,37 @@ def test_memory_estimate_counts_the_controlnet(tiny_parts, video):
     assert guided.key() != plain.key()
     a, b = estimate(plain, facts), estimate(guided, facts)
     assert b["unet"] - a["unet"] > facts.control_bytes and b["vae"] - a["vae"] == facts.control_bytes
+
+
+# -- offload: the ControlNet takes its turn with the UNet ---------------------------------------------
+
+def test_offloaded_controlled_inversion_gives_the_unoffloaded_result(tiny_parts, video, tmp_path):
+    reference = Engine("tiny-random", cache=LatentCache(tmp_path / "r")).use_parts(tiny_parts).invert(video, CANNY)
+    parts = build_tiny(device="cpu")  # hooks go on a fresh copy, not the shared fixture
+    engine = Engine("tiny-random", cache=LatentCache(tmp_path / "o"), offload=True).use_parts(parts)
+    result = engine.invert(video, CANNY)
+    net = engine.control_for(video, CANNY).net
+    assert hasattr(net, "_hf_hook") and any(m is net for m in engine._offload.group)  # offloaded like the other parts
+    assert torch.equal(result.trajectory, reference.trajectory)
+    assert np.array_equal(result.reconstruction, reference.reconstruction)
+    engine._offload.remove()
+
+
+def test_the_controlnet_stays_beside_the_unet_and_leaves_for_the_vae(monkeypatch):
+    """The hooks' bookkeeping with moves recorded instead of made (no GPU here)."""
+    from types import SimpleNamespace
+
+    from stem import offload
+
+    te, vae, unet, net = (torch.nn.Linear(2, 2) for _ in range(4))
+    where = {}
+    for module in (te, vae, unet, net):
+        monkeypatch.setattr(module, "to", lambda device, m=module: where.__setitem__(m, torch.device(device).type) or m)
+    monkeypatch.setattr(offload, "_on_device", lambda module, device: where.get(module) == device.type)
+    hooks = offload.Offload(SimpleNamespace(text_encoder=te, vae=vae, unet=unet), "cuda")
+    hooks.add_beside_unet(net)
+    assert where[net] == "cpu"
+    for module, on_device in ((te, [te]), (net, [net]), (unet, [unet, net]), (net, [unet, net]), (vae, [vae]),
+                              (unet, [unet]), (net, [unet, net]), (te, [te])):
+        module._hf_hook.pre_forward(module)
+        assert [m for m in (te, vae, unet, net) if where[m] == "cuda"] == on_device, module

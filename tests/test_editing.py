@@ -148,12 +148,12 @@ def test_second_edit_is_an_inversion_cache_hit_with_no_inversion_unet_call(engin
     editing_calls = steps * (1 + batches)  # per step: one keyframe pass, then one call per batch
     first_phases, second_phases = [], []
     with count_calls(parts.unet) as counter:
-        first = edit_video(engine, video, settings, edit, lambda phase, *_: first_phases.append(phase))
+        first = edit_video(engine, video, settings, edit, callback=lambda info: first_phases.append(info["phase"]))
     assert not first.inversion_cache_hit
     assert counter.calls == 2 * steps + editing_calls  # inversion + reconstruction + edit
     with count_calls(parts.unet) as counter:
         second = edit_video(engine, video, settings, EditSettings("a fox", batch_size=2),
-                            lambda phase, *_: second_phases.append(phase))
+                            callback=lambda info: second_phases.append(info["phase"]))
     assert second.inversion_cache_hit and second.inversion.cache_hit
     assert counter.calls == editing_calls
     assert {"inverting", "reconstructing", "editing", "decoding"} <= set(first_phases)
@@ -197,7 +197,9 @@ def test_injected_queries_keys_and_conv_features_equal_the_source_groups(engine,
     seen: dict = {}
     current = {"step": None}
 
-    def trace(event, name, step, tensors):
+    def trace(info):
+        event, name, step = info["phase"], info["layer"], info["step"]
+        tensors = {k: v for k, v in info.items() if torch.is_tensor(v)}
         current["step"] = step
         if event == "qk" and name in (injected, first_decoder):
             for what, x in tensors.items():
@@ -281,10 +283,11 @@ def test_chunked_unet_calls_give_the_same_edit(parts, tmp_path):
     """Pass 1 runs in lock-step chunks (extended attention and STEM see all keyframes), pass 2 in smaller calls."""
     video, settings = synthetic_video(7), inversion()
     whole = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "cache")).use_parts(parts)
-    chunked = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "cache"), unet_chunk_size=2).use_parts(parts)
+    chunked = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "cache")).use_parts(parts)
     for attention in ("extended", "stem"):
         edit = EditSettings("a dog", batch_size=3, attention=attention)
-        a, b = edit_video(whole, video, settings, edit), edit_video(chunked, video, settings, edit)
+        a = edit_video(whole, video, settings, edit)
+        b = edit_video(chunked, video, settings, edit, chunked.plan(video, settings, edit, chunk_size=2))
         assert b.inversion_cache_hit and a.keyframes == b.keyframes
         assert np.abs(a.frames.astype(int) - b.frames.astype(int)).max() <= 2, attention
     assert not np.array_equal(a.frames, edit_video(whole, video, settings, EditSettings("a dog", batch_size=3)).frames)

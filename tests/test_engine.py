@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from conftest import make_frames
+from stem.cache import LatentCache
 from stem.engine import Engine, InversionSettings, inversion_metrics
+from stem.models import TINY_MODEL
 from stem.errors import StemError
 from stem.video import Video
 
@@ -344,7 +346,7 @@ def test_an_unwritable_cache_warns_before_the_work_and_never_raises(engine, vide
     events = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = engine.invert(video, BASE, lambda phase, done, total: events.append((phase, len(caught))))
+        result = engine.invert(video, BASE, callback=lambda info: events.append((info["phase"], len(caught))))
     assert [str(w.message) for w in caught] == [result.cache_warning]
     assert "Permission denied" in result.cache_warning and "not cached" in result.cache_warning
     assert events and all(warned == 1 for _, warned in events)  # said before any work began
@@ -387,3 +389,34 @@ def test_a_non_finite_result_is_not_written_to_the_cache(engine, video, monkeypa
     with pytest.warns(UserWarning, match="with NaN or infinite values, so it is not cached"):
         result = engine.invert(video, BASE)
     assert not engine.cache.path_for(result.key).exists()
+
+
+# -- a diffusers pipeline handed in ---------------------------------------------------------------
+
+def tiny_pipeline(parts):
+    """A diffusers StableDiffusionPipeline of the tiny-random parts (its own PNDM scheduler, as a loaded one has)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    scheduler = PNDMScheduler.from_config(parts.scheduler.config)
+    return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                   unet=parts.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def test_an_engine_from_a_pipeline_gives_the_plain_engines_result_bit_for_bit(tmp_path):
+    from stem.models import build_tiny
+
+    video = Video(make_frames(3), 12.0, "made")
+    plain = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "a"))
+    expected = plain.invert(video, BASE)
+    piped = Engine.from_pipe(tiny_pipeline(build_tiny(device="cpu")), model="my-pipeline",
+                             cache=LatentCache(tmp_path / "b"))
+    assert piped.parts.scheduler.__class__.__name__ == "DDIMScheduler" and not piped.parts.scheduler.config.clip_sample
+    result = piped.invert(video, dataclasses.replace(BASE, model="my-pipeline"))
+    assert torch.equal(result.trajectory, expected.trajectory) and torch.equal(result.timesteps, expected.timesteps)
+    assert np.array_equal(result.reconstruction, expected.reconstruction)
+    assert piped.model_fingerprint.startswith("pipe:") and result.key != expected.key  # its own cache keys
+    other = build_tiny(device="cpu", seed=1)
+    assert Engine.from_pipe(tiny_pipeline(other), model="my-pipeline").model_fingerprint != piped.model_fingerprint
+    with pytest.raises(StemError, match="holds the model 'my-pipeline'"):
+        piped.invert(video, BASE)

@@ -252,7 +252,9 @@ def test_propagation_matches_a_per_frame_reference(parts64, num_frames, propagat
     trajectory, timesteps, alphas, text = edit_inputs(parts64, num_frames, 2)
     stored, checked = {}, []
 
-    def trace(event, layer, step, tensors):
+    def trace(info):
+        event, layer, step = info["phase"], info["layer"], info["step"]
+        tensors = {k: v for k, v in info.items() if torch.is_tensor(v)}
         if event == "keyframes":
             stored[layer, step] = (tensors["features"].clone(), tensors["outputs"].clone())
         elif event == "propagate":
@@ -456,5 +458,5 @@ def test_freeu_runs_while_editing_only(engine, monkeypatch):
     monkeypatch.setattr(freeu, "fourier_filter", counted)
     settings = InversionSettings(model=TINY_MODEL, method="stem", num_bases=4, num_iters=1, num_steps=2, size=64, prompt=SOURCE_PROMPT)
     edit_video(engine, synthetic_video(3), settings, TokenFlowSettings(TARGET_PROMPT, batch_size=2),
-               lambda name, *_: phase.update(now=name))
+               callback=lambda info: phase.update(now=info["phase"]))
     assert set(calls) == {"editing"}  # the progress names the phase: loading ... inverting, reconstructing, editing

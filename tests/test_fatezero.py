@@ -12,6 +12,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from stem.attention import AttentionState, StemAttnProcessor
+from stem import em_reference
 from stem.cache import LatentCache
 from stem.cli import cli_message, main
 from stem.editing import (
@@ -205,7 +206,9 @@ def test_per_word_cross_replace_in_the_edit(tiny_parts):
     edit = fatezero("a dog", self_replace=0, cross_replace=0, cross_replace_words=(("dog", 1.0),)).validate()
     checked = []
 
-    def trace(event, name, step, tensors):
+    def trace(info):
+        event, step = info["phase"], info["step"]
+        tensors = {k: v for k, v in info.items() if torch.is_tensor(v)}
         if event != "cross":
             return
         q, k, v = (x.double().view(NUM_GROUPS, n, *x.shape[1:]) for x in (tensors["query"], tensors["key"], tensors["value"]))
@@ -268,13 +271,9 @@ def test_token_grid_follows_the_unet_levels():
 # -- STEM-space fusion against a float64 re-derivation --------------------------------------------
 
 def reference_em(keys, init, num_iters, tau):
-    """Float64 EM of the paper: key bases and the last responsibilities normalised over tokens."""
-    mu = init.double()
-    for _ in range(num_iters):
-        unit = mu / (mu.norm(dim=-1, keepdim=True) + 1e-4)
-        z = torch.softmax(keys @ unit.transpose(-1, -2) / tau, dim=-1)   # (h, NL, K)
-        z = z / (z.sum(dim=1, keepdim=True) + 1e-4)
-        mu = z.transpose(-1, -2) @ keys                                  # (h, K, d)
+    """Float64 EM of the paper (`stem.em_reference`): key bases (h, K, d) and the last responsibilities
+    (h, NL, K) normalised over tokens."""
+    mu, _, z = em_reference.reference_em(keys, init, num_iters, tau)
     return mu, z
 
 
@@ -354,7 +353,9 @@ def test_fusion_only_in_small_layers_and_in_the_configured_steps(tiny_parts, met
     seen = {"self": {True: 0, False: 0}, "cross": {True: 0, False: 0}}
     big_layers = set()
 
-    def trace(event, name, step, tensors):
+    def trace(info):
+        event, name, step = info["phase"], info["layer"], info["step"]
+        tensors = {k: v for k, v in info.items() if torch.is_tensor(v)}
         if event not in seen:
             return
         q, k, v = (x.double().view(NUM_GROUPS, n, *x.shape[1:]) for x in (tensors["query"], tensors["key"], tensors["value"]))
@@ -421,7 +422,7 @@ def test_an_empty_blend_mask_keeps_every_pixel_of_the_source(shared_engine, tiny
     with torch.inference_mode():
         latents, details = edit_latents(parts, trajectory, timesteps, alphas, text, edit,
                                         shared_engine.attention_state(settings, NUM_GROUPS),
-                                        trace=lambda event, _, step, t: blends.append((step, t)) if event == "blend" else None)
+                                        trace=lambda info: blends.append((info["step"], info)) if info["phase"] == "blend" else None)
     assert details["blended_steps"] == [3, 2] and [step for step, _ in blends] == [3, 2]
     for step, tensors in blends:
         assert not tensors["mask"].any() and torch.equal(tensors["latents"], trajectory[step])
@@ -443,7 +444,7 @@ def test_blend_words_confine_the_edit(tiny_parts):
     blends = []
     latents, details = edit_latents(parts, trajectory, timesteps, alphas, text, edit,
                                     AttentionState(method="stem", num_bases=8, num_iters=2, num_groups=NUM_GROUPS),
-                                    trace=lambda event, _, step, t: blends.append((step, t)) if event == "blend" else None)
+                                    trace=lambda info: blends.append((info["step"], info)) if info["phase"] == "blend" else None)
     assert details["blended_steps"] == [3, 2, 1] and len(blends) == 3
     for step, tensors in blends:
         mask, x = tensors["mask"].expand(-1, 4, -1, -1), tensors["latents"]
@@ -471,9 +472,10 @@ def test_chunked_unet_calls_give_the_same_edit(tiny_parts, tmp_path):
     """Lock-step chunks: STEM bases from every frame, blend masks per chunk in the call's FrameChunk."""
     video, settings = synthetic_video(3), inversion()
     whole = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "cache")).use_parts(tiny_parts)
-    chunked = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "cache"), unet_chunk_size=2).use_parts(tiny_parts)
+    chunked = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "cache")).use_parts(tiny_parts)
     edit = fatezero(blend_words="cat,dog", blend_start=0, blend_end=1)
-    a, b = edit_video(whole, video, settings, edit), edit_video(chunked, video, settings, edit)
+    a = edit_video(whole, video, settings, edit)
+    b = edit_video(chunked, video, settings, edit, chunked.plan(video, settings, edit, chunk_size=2))
     assert b.inversion_cache_hit
     assert np.abs(a.frames.astype(int) - b.frames.astype(int)).max() <= 2
 

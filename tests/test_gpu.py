@@ -128,12 +128,12 @@ def test_offload_on_cuda_gives_the_same_result_and_keeps_one_part_on_the_gpu(tmp
 
 def test_the_memory_plan_reads_the_free_gpu_memory(tmp_path):
     engine = Engine(TINY_MODEL, cache=LatentCache(tmp_path)).use_parts(build_tiny(device=CUDA))
-    plan = engine.plan_memory(clip(), SETTINGS)
+    plan = engine.plan(clip(), SETTINGS)
     free, total = torch.cuda.mem_get_info()
-    assert plan is not None and plan.chunk_size is None and free <= plan.available_bytes <= total
+    assert plan.planned and plan.chunk_size is None and free <= plan.available_bytes <= total
     engine.memory_budget = lambda: 2**20
     with pytest.raises(StemError, match="even one frame at a time"):
-        engine.plan_memory(clip(), SETTINGS)
+        engine.plan(clip(), SETTINGS)
 
 
 @pytest.fixture(scope="module")

@@ -66,8 +66,9 @@ def video() -> Video:
 
 
 def invert(parts, tmp_dir, chunk_size=None, **changes):
-    engine = Engine(TINY_MODEL, cache=LatentCache(tmp_dir), unet_chunk_size=chunk_size).use_parts(parts)
-    return engine.invert(video(), dataclasses.replace(SETTINGS, **changes))
+    engine = Engine(TINY_MODEL, cache=LatentCache(tmp_dir)).use_parts(parts)
+    settings = dataclasses.replace(SETTINGS, **changes)
+    return engine.invert(video(), settings, engine.plan(video(), settings, chunk_size=chunk_size))
 
 
 def inverted_noise(chunk_size=None, **changes):

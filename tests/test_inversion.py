@@ -70,8 +70,8 @@ def test_stem_inversion_does_not_depend_on_the_unet_chunk_size(tmp_path):
     settings = InversionSettings(model="tiny-random", method="stem", num_bases=8, num_iters=3, num_steps=4)
     results = []
     for chunk in (None, 2, 3):
-        engine = Engine("tiny-random", cache=LatentCache(tmp_path / f"c{chunk}"), unet_chunk_size=chunk)
-        results.append(engine.use_parts(parts).invert(video, settings))
+        engine = Engine("tiny-random", cache=LatentCache(tmp_path / f"c{chunk}")).use_parts(parts)
+        results.append(engine.invert(video, settings, engine.plan(video, settings, chunk_size=chunk)))
     for other in results[1:]:
         torch.testing.assert_close(other.trajectory, results[0].trajectory, rtol=0, atol=1e-9)
     tiny_parts = parts
@@ -96,3 +96,20 @@ def test_1000_steps_use_every_trained_timestep_once_and_invert_exactly(tiny_part
     trajectory = ddim_invert(eps, latents, timesteps, alphas)
     assert trajectory.shape == (1001, 2, 4, 8, 8) and torch.isfinite(trajectory).all()
     torch.testing.assert_close(ddim_sample(eps, trajectory[-1], timesteps, alphas), latents, rtol=0, atol=1e-9)
+
+
+def test_one_dict_per_step_and_a_sampling_callback_may_replace_the_latents(tiny_parts):
+    timesteps, alphas = ddim_schedule(tiny_parts.scheduler, 5)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    eps = lambda x, t, step: torch.sin(x + step)  # noqa: E731 - depends on the latents: steps do not undo each other
+    seen = []
+    trajectory = ddim_invert(eps, latents, timesteps, alphas, seen.append)
+    assert [(d["i"], d["total"], d["step"]) for d in seen] == [(i, 5, i) for i in range(1, 6)]
+    assert all(torch.equal(d["x"], trajectory[d["step"]]) for d in seen)
+    seen.clear()
+    plain = ddim_sample(eps, trajectory[-1], timesteps, alphas, lambda info: seen.append(info) or True)  # not a tensor
+    assert torch.equal(plain, ddim_sample(eps, trajectory[-1], timesteps, alphas))
+    assert [(d["i"], d["step"]) for d in seen] == [(k, 6 - k) for k in range(1, 6)] and torch.equal(seen[-1]["x"], plain)
+    # a hook that puts the latents back on the inversion's trajectory after every step ends at x_0 exactly
+    hooked = ddim_sample(eps, trajectory[-1], timesteps, alphas, lambda info: trajectory[info["step"] - 1])
+    assert torch.equal(hooked, latents) and not torch.equal(plain, latents)

@@ -204,9 +204,10 @@ def test_the_engine_chunks_the_unet_to_fit_the_injected_budget(tiny_parts, video
     budget = estimate(job, facts, chunk=2, vae_batch=1)["unet"]
     assert budget > estimate(job, facts, chunk=2, vae_batch=1)["vae"]  # so the UNet decides the chunk
     engine = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "a"), memory_budget=lambda: budget).use_parts(tiny_parts)
+    plan = engine.plan(video, SETTINGS)
+    assert plan.chunk_size == 2 and plan.vae_batch_size <= 4
     with count_calls(tiny_parts.unet) as counter:
-        chunked = engine.invert(video, SETTINGS)
-    assert engine.plan.chunk_size == engine.unet_chunk_size == 2 and engine.vae_batch_size <= 4
+        chunked = engine.invert(video, SETTINGS)  # planned again: the same plan, a value
     assert counter.calls == 2 * SETTINGS.num_steps * 3  # 5 frames in chunks of 2: three calls per step
     whole = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "b")).use_parts(tiny_parts).invert(video, SETTINGS)
     assert whole.key == chunked.key
@@ -221,15 +222,22 @@ def test_a_job_too_big_for_the_budget_is_refused_before_any_work(tiny_parts, vid
     assert unet.calls == 0 and vae.calls == 0 and not list(tmp_path.rglob("*.safetensors"))
 
 
-def test_a_plan_made_for_an_edit_is_kept_by_its_inversion(tiny_parts, video, tmp_path):
+def test_a_plan_made_for_an_edit_serves_its_inversion_and_another_jobs_plan_is_refused(tiny_parts, video, tmp_path,
+                                                                                       count_calls):
     facts = ModelFacts.of(tiny_parts)
     job = Job(video.num_frames, video.height, video.width, "stem", SETTINGS.num_steps)
     budget = estimate(dataclasses.replace(job, editor="tokenflow", edit_batch_size=2), facts, chunk=1, vae_batch=1)["peak"]
     engine = Engine(TINY_MODEL, cache=LatentCache(tmp_path), memory_budget=lambda: budget).use_parts(tiny_parts)
-    edit_plan = engine.plan_memory(video, SETTINGS, SimpleNamespace(batch_size=2))
+    edit_plan = engine.plan(video, SETTINGS, SimpleNamespace(batch_size=2))
     assert "edit" in edit_plan.phases and edit_plan.estimate_bytes <= budget
-    engine.invert(video, SETTINGS)
-    assert engine.plan is edit_plan
+    assert edit_plan == engine.plan(video, SETTINGS, SimpleNamespace(batch_size=2))  # a value: planning changes nothing
+    unbudgeted = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "u")).use_parts(tiny_parts)
+    asked = unbudgeted.plan(video, SETTINGS, SimpleNamespace(batch_size=2), chunk_size=2)
+    with count_calls(tiny_parts.unet) as counter:
+        unbudgeted.invert(video, SETTINGS, asked)
+    assert counter.calls == 2 * SETTINGS.num_steps * 3  # the plan handed in: 5 frames in chunks of 2
+    with pytest.raises(StemError, match="made for another job"):
+        engine.invert(Video(video.frames[:3], video.fps, "made"), SETTINGS, edit_plan)
 
 
 def test_an_edit_too_big_for_the_budget_is_refused_before_its_inversion(tiny_parts, video, tmp_path, count_calls):
@@ -265,12 +273,14 @@ def test_only_the_running_component_stays_on_the_device(monkeypatch):
 def test_offloaded_and_streamed_engines_give_the_same_result(video, tmp_path, tiny_parts):
     reference = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "r")).use_parts(tiny_parts).invert(video, SETTINGS)
     parts = build_tiny(device="cpu")  # hooks go on a fresh copy, not the shared fixture
-    engine = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "o"), offload=True, unet_chunk_size=2).use_parts(parts)
+    engine = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "o"), offload=True).use_parts(parts)
     assert offload.execution_device(parts.vae) == torch.device("cpu") and hasattr(parts.unet, "_hf_hook")
-    torch.testing.assert_close(engine.invert(video, SETTINGS).trajectory, reference.trajectory, rtol=1e-4, atol=1e-5)
+    result = engine.invert(video, SETTINGS, engine.plan(video, SETTINGS, chunk_size=2))
+    torch.testing.assert_close(result.trajectory, reference.trajectory, rtol=1e-4, atol=1e-5)
     engine._offload.stream_unet(True)
-    streamed = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "s"), unet_chunk_size=2).use_parts(parts)
-    torch.testing.assert_close(streamed.invert(video, SETTINGS).trajectory, reference.trajectory, rtol=1e-4, atol=1e-5)
+    streamed = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "s")).use_parts(parts)
+    result = streamed.invert(video, SETTINGS, streamed.plan(video, SETTINGS, chunk_size=2))
+    torch.testing.assert_close(result.trajectory, reference.trajectory, rtol=1e-4, atol=1e-5)
     engine._offload.remove()
     assert not any(hasattr(m, "_hf_hook") for m in (parts.unet, parts.vae, parts.text_encoder))
     assert all(p.device.type == "cpu" for p in parts.unet.parameters())

@@ -42,7 +42,7 @@ def make_engine(args):
     if args.chunk_size is not None and args.chunk_size < 1:
         raise StemError(f"--chunk-size must be 1 or more, got {args.chunk_size}.")  # an option of the command line
     return Engine(args.model, device=parse_device(args.device), dtype=args.dtype, cache=LatentCache(args.cache_dir),
-                  unet_chunk_size=args.chunk_size, offload=args.offload, em_kernel=args.em_kernel)
+                  offload=args.offload, em_kernel=args.em_kernel)
 
 
 def parse_device(name: str | None):
@@ -88,7 +88,7 @@ def write_json(path: Path, data: dict) -> None:
 
 
 class TqdmProgress:
-    """progress(phase, done, total) -> one tqdm bar per phase on stderr."""
+    """The engine's callback({"phase", "i", "total", ...}) -> one tqdm bar per phase on stderr."""
 
     shown: "weakref.WeakSet[TqdmProgress]" = weakref.WeakSet()  # closed by main() before it reports an error
 
@@ -96,9 +96,10 @@ class TqdmProgress:
         self.phase, self.bar = None, None
         TqdmProgress.shown.add(self)
 
-    def __call__(self, phase: str, done: int, total: int) -> None:
+    def __call__(self, info: dict) -> None:
         from tqdm.auto import tqdm
 
+        phase, done, total = info["phase"], info["i"], info["total"]
         if phase == "loading":
             if done == 0:
                 print("loading the model...", file=sys.stderr, flush=True)

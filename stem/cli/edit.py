@@ -54,7 +54,7 @@ def cmd_edit(args) -> dict:
         progress = TqdmProgress()
         results = []
         for edit in edits:
-            results.append(edit_video(engine, video, settings, edit, progress))
+            results.append(edit_video(engine, video, settings, edit, engine.plan(video, settings, edit, args.chunk_size), progress))
             progress.close()
         blocks = []
         with staged_outputs(out, names) as stage:  # all outputs move into `out` together, or none

@@ -33,7 +33,7 @@ def cmd_invert(args) -> dict:
         engine = make_engine(args)
         video = load_video(args, settings)
         progress = TqdmProgress()
-        result = engine.invert(video, settings, progress)
+        result = engine.invert(video, settings, engine.plan(video, settings, chunk_size=args.chunk_size), progress)
         progress.close()
         metrics = inversion_metrics(video, result, engine)
         with staged_outputs(out, names) as stage:
@@ -53,7 +53,7 @@ def cmd_compare(args) -> dict:
         progress = TqdmProgress()
         results = {}
         for settings in jobs:
-            results[settings.method] = engine.invert(video, settings, progress)
+            results[settings.method] = engine.invert(video, settings, engine.plan(video, settings, chunk_size=args.chunk_size), progress)
             progress.close()
         motion = source_motion(video.frames)  # every reconstruction is judged against the clip's motion
         blocks = {m: inversion_metrics(video, r, engine, motion) for m, r in results.items()}

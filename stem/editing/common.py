@@ -21,10 +21,13 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from ..engine import Engine, InversionResult, InversionSettings, Progress, non_finite_advice
+from ..engine import Engine, InversionResult, InversionSettings, non_finite_advice
 from ..errors import StemError
 from ..settings import SettingError, check, setting
-from ..inversion import NonFiniteLatents, call_unet, ddim_sample, ddim_schedule, decode_latents, encode_prompt, to_epsilon
+from ..inversion import (
+    Callback, NonFiniteLatents, call_unet, ddim_sample, ddim_schedule, decode_latents, encode_prompt, in_phase, to_epsilon,
+)
+from ..memory import MemoryPlan
 from ..video import Video
 
 SOURCE, UNCOND, COND = 0, 1, 2  # the groups of the UNet batch
@@ -155,10 +158,10 @@ def guided_noise(out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, guidan
 
 
 def sample_edit(eps_fn, trajectory: torch.Tensor, timesteps: torch.Tensor, alphas: torch.Tensor, device,
-                callback=None, after_step=None) -> torch.Tensor:
+                callback: Callback | None = None) -> torch.Tensor:
     """DDIM sampling of the edit from the source's inverted noise x_T (float32 on `device`); see `ddim_sample`."""
     noise = trajectory[-1].to(device=device, dtype=torch.float32)
-    return ddim_sample(eps_fn, noise, timesteps, alphas, callback, after_step)
+    return ddim_sample(eps_fn, noise, timesteps, alphas, callback)
 
 
 def source_latents(trajectory: torch.Tensor, step: int, device) -> torch.Tensor:
@@ -167,7 +170,7 @@ def source_latents(trajectory: torch.Tensor, step: int, device) -> torch.Tensor:
 
 
 def edit_video(engine: Engine, video: Video, inversion: InversionSettings, edit: EditSettingsBase,
-               progress: Progress | None = None) -> EditResult:
+               plan: MemoryPlan | None = None, callback: Callback | None = None) -> EditResult:
     """Edit `video` to match `edit.prompt`, reusing the cached inversion when there is one.
 
     Args:
@@ -175,8 +178,10 @@ def edit_video(engine: Engine, video: Video, inversion: InversionSettings, edit:
         video: the decoded, resized frames.
         inversion: the inversion job (its settings are the cache key).
         edit: the edit's settings; `edit.editor` picks the editor (see `EDITORS`).
-        progress: optional `progress(phase, done, total)`: "loading", "encoding", "inverting",
-            "reconstructing", "decoding" (inversion, skipped on a cache hit), then "editing", "decoding".
+        plan: the job's memory plan, `engine.plan(video, inversion, edit)`; None: that one.
+        callback: optional, one dict per step, `{"phase": ..., "i": done, "total": ...}`: phases "loading",
+            "encoding", "inverting", "reconstructing", "decoding" (inversion, skipped on a cache hit), then
+            "editing" (with the step's latents "x"), "decoding".
 
     Returns:
         The edited frames (N, H, W, 3) uint8, the inversion, timings and the editor's details.
@@ -184,13 +189,13 @@ def edit_video(engine: Engine, video: Video, inversion: InversionSettings, edit:
     inversion.validate()
     edit.validate()
     edit_latents = EDITORS[edit.editor]
-    report = progress or (lambda *_: None)
-    parts = engine.load(progress)
+    parts = engine.load(callback)
     check = EDITOR_CHECKS.get(edit.editor)
     if check is not None:  # what needs the tokenizer or the inversion's prompt, before any work
         check(edit, inversion, parts.tokenizer)
-    engine.plan_memory(video, inversion, edit)  # a plan that covers the edit too, or a refusal before any work
-    result = engine.invert(video, inversion, progress)
+    if plan is None:
+        plan = engine.plan(video, inversion, edit)  # a plan that covers the edit too, or a refusal before any work
+    result = engine.invert(video, inversion, plan, callback)
     start = time.perf_counter()
     control = engine.control_for(video, inversion)  # the source frames' conditions guide every group
     control = {} if control is None else {"control": control}
@@ -200,17 +205,18 @@ def edit_video(engine: Engine, video: Video, inversion: InversionSettings, edit:
     with torch.inference_mode():
         text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p)
                           for p in (inversion.prompt, edit.negative_prompt, edit.prompt)])
-        report("editing", 0, len(timesteps))
-        try:
-            latents, details = edit_latents(
-                parts, result.trajectory, timesteps, alphas, text, edit, engine.attention_state(inversion, NUM_GROUPS),
-                engine.unet_chunk_size, lambda k, n: report("editing", k, n),
-                **control,
-            )
-        except NonFiniteLatents as error:
-            raise StemError(f"The edit became NaN or infinite at step {error.step} of {error.total}, so nothing was "
-                            f"written; {non_finite_advice(parts.dtype, edit_causes(edit))}") from None
-        frames = decode_latents(parts.vae, latents, engine.vae_batch_size, lambda d, n: report("decoding", d, n))
+        if callback is not None:
+            callback({"phase": "editing", "i": 0, "total": len(timesteps)})
+        with engine.applied(plan):
+            try:
+                latents, details = edit_latents(
+                    parts, result.trajectory, timesteps, alphas, text, edit, engine.attention_state(inversion, NUM_GROUPS),
+                    plan.chunk_size, in_phase(callback, "editing"), **control,
+                )
+            except NonFiniteLatents as error:
+                raise StemError(f"The edit became NaN or infinite at step {error.step} of {error.total}, so nothing "
+                                f"was written; {non_finite_advice(parts.dtype, edit_causes(edit))}") from None
+            frames = decode_latents(parts.vae, latents, plan.vae_batch_size, in_phase(callback, "decoding"))
     return EditResult(frames, result, result.cache_hit, result.seconds, time.perf_counter() - start, edit, details)
 
 

@@ -62,6 +62,7 @@ from ..attention import (
     processors_installed, self_attention_layers,
 )
 from ..errors import StemError
+from ..inversion import Callback
 from ..lockstep import run_lockstep, whole_video
 from ..settings import SettingError, metrics, sentence_case, setting, spec
 from .common import (
@@ -77,10 +78,11 @@ BLEND_BLOCKS = ("down_blocks.2.", "up_blocks.1.")  # their cross-attentions make
 BLEND_POOL = 3  # max-pool window of the masks
 MASK_PASS, EDIT_PASS = 1, NUM_GROUPS  # groups in the UNet batch of each pass
 
-# trace(event, layer name, step, tensors): an observer for tests and debugging. Events: "self" and
-# "cross" (every attention call of the edit pass: query, key, value (B, heads, L, d) before fusion and
-# the output after it), "blend" (the latent mask (N, 1, h, w) and the latents after blending).
-Trace = Callable[[str, str, int, dict], None]
+# trace(info): an observer for tests and debugging, one dict per event in the callback shape
+# {"phase": event, "layer": name, "step": level i, **tensors}. Events: "self" and "cross" (every attention
+# call of the edit pass: query, key, value (B, heads, L, d) before fusion and the output after it), "blend"
+# (layer "latents": the latent mask (N, 1, h, w) and the latents after blending).
+Trace = Callable[[dict], None]
 
 
 # -- settings ---------------------------------------------------------------------------------------
@@ -384,21 +386,6 @@ class FrameChunk:
         return blend_mask(self.self_mask_maps, grid, threshold).view(-1, 1, num_tokens, 1)
 
 
-class _ChunkCall:
-    """A processor bound to the chunk of one call.
-
-    The lock-step chunks share the processors, so a call's chunk cannot live on the processor:
-    `FrameAttnProcessor.__call__` (projections, head reshapes, residual) runs with this as `self`, and its
-    `attend` reaches the processor with the chunk.
-    """
-
-    def __init__(self, processor, chunk: FrameChunk):
-        self.processor, self.chunk = processor, chunk
-
-    def attend(self, attn, query, key, value, attention_mask=None):
-        return self.processor.attend_chunk(attn, query, key, value, self.chunk, attention_mask)
-
-
 class FateZeroAttnProcessor(FrameAttnProcessor):
     """The skeleton of FrameAttnProcessor with the call's `FrameChunk` handed to `attend_chunk`."""
 
@@ -410,15 +397,18 @@ class FateZeroAttnProcessor(FrameAttnProcessor):
                  chunk: FrameChunk | None = None, **kwargs):
         if chunk is None:
             raise ValueError(f"{self.name}: FateZero processors run with cross_attention_kwargs={{'chunk': FrameChunk}}")
-        return FrameAttnProcessor.__call__(_ChunkCall(self, chunk), attn, hidden_states, encoder_hidden_states,
-                                           attention_mask, temb)
+        # the lock-step chunks share the processors, so a call's chunk travels with the call, not on `self`
+        def attend(attn, query, key, value, attention_mask=None):
+            return self.attend_chunk(attn, query, key, value, chunk, attention_mask)
+
+        return self.attention_call(attend, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
     def attend_chunk(self, attn, query, key, value, chunk: FrameChunk, attention_mask=None):
         raise NotImplementedError
 
     def observe(self, event: str, chunk: FrameChunk, tensors: dict) -> None:
         if self.edit.trace is not None and chunk.groups == EDIT_PASS:
-            self.edit.trace(event, self.name, self.edit.step, tensors)
+            self.edit.trace({"phase": event, "layer": self.name, "step": self.edit.step, **tensors})
 
 
 def _groups(x: torch.Tensor, groups: int) -> list[torch.Tensor]:
@@ -603,7 +593,7 @@ def edit_latents(
     edit: FateZeroSettings,
     attention: AttentionState,
     chunk_size: int | None = None,
-    callback: Callable[[int, int], None] | None = None,
+    callback: Callback | None = None,
     trace: Trace | None = None,
     control=None,
 ) -> tuple[torch.Tensor, dict]:
@@ -618,7 +608,8 @@ def edit_latents(
         edit: the edit's settings (validated; `edit.source_prompt` is the inversion's prompt).
         attention: the inversion's method and STEM settings; its num_groups must be 3.
         chunk_size: frames per UNet call (None: all at once); the result does not depend on it.
-        callback: `callback(k, T)` after the k-th denoising step.
+        callback: `callback({"i": k, "total": T, "step": i, "x": x_{i-1}})` after the k-th denoising step,
+            once the step's latents are blended.
         trace: optional observer, see `Trace`.
         control: optional `stem.control.Control` with the N source frames' conditions: ControlNet
             residuals for all three groups (this project's design; the release has none).
@@ -650,8 +641,6 @@ def edit_latents(
 
     def blend(x, i):
         nonlocal target_maps
-        if not (maps.blends and edit.blend_latents):
-            return x
         k = num_steps - i + 1
         step_maps = maps_of_step["target"]
         target_maps = step_maps if target_maps is None else target_maps + step_maps
@@ -661,11 +650,17 @@ def edit_latents(
             x = torch.where(mask, x, source_latents(trajectory, i if edit.blend_level == "input" else i - 1, device))
             blended.append(i)
             if trace is not None:
-                trace("blend", "latents", i, {"mask": mask, "latents": x})
+                trace({"phase": "blend", "layer": "latents", "step": i, "mask": mask, "latents": x})
+        return x
+
+    def after_step(info):  # the local blend, then the caller's callback with the blended latents
+        x = blend(info["x"], info["step"]) if maps.blends and edit.blend_latents else info["x"]
+        if callback is not None:
+            callback({**info, "x": x})
         return x
 
     with fatezero_processors(parts.unet, state), freeu_installed(parts.unet, edit.freeu):
-        x = sample_edit(eps_fn, trajectory, timesteps, alphas, device, callback, blend)
+        x = sample_edit(eps_fn, trajectory, timesteps, alphas, device, after_step)
     return x, {"word_map": maps.mode, "blended_steps": blended}
 
 

@@ -51,6 +51,7 @@ from ..attention import (
 )
 from ..errors import StemError
 from ..hooks import hooks_installed
+from ..inversion import Callback
 from ..lockstep import whole_video
 from ..settings import metrics, setting
 from .common import (
@@ -65,10 +66,11 @@ CONV_INJECTION_LAYER = "up_blocks.1.resnets.1"  # PnP's injected residual block 
 KEYFRAMES, PROPAGATE = "keyframes", "propagate"  # the two passes of a step
 DEFAULT_MATCH_CHUNK_ELEMENTS = 1 << 24  # float32 elements of one (frames x tokens x tokens) similarity block
 
-# trace(event, layer name, step, tensors): an observer for tests and debugging; events "qk" (pass 1's
-# queries and keys after injection), "keyframes" (a layer's stored keyframe outputs and source features),
-# "propagate" (a pass-2 call's frames, source features and propagated outputs) and "conv".
-Trace = Callable[[str, str, int, dict], None]
+# trace(info): an observer for tests and debugging, one dict per event in the callback shape
+# {"phase": event, "layer": name, "step": level i, **tensors}; events "qk" (pass 1's queries and keys after
+# injection), "keyframes" (a layer's stored keyframe outputs and source features), "propagate" (a pass-2
+# call's frames, source features and propagated outputs) and "conv".
+Trace = Callable[[dict], None]
 # keyframe_chooser(num_frames, batch_size, generator) -> (M,) one frame per batch; called once per step, step T first
 KeyframeChooser = Callable[[int, int, torch.Generator], torch.Tensor]
 
@@ -245,7 +247,7 @@ class TokenFlowAttnProcessor(FrameAttnProcessor):
         if self.injects_qk and state.inject_qk:
             query, key = from_source(query, state.num_groups), from_source(key, state.num_groups)
         if state.trace is not None:
-            state.trace("qk", self.name, state.step, {"query": query, "key": key})
+            state.trace({"phase": "qk", "layer": self.name, "step": state.step, "query": query, "key": key})
         n = query.shape[0] // state.num_groups
         masks = (None, None) if attention_mask is None else (attention_mask[:n], attention_mask[n:])
         source = super().attend(attn, query[:n], key[:n], value[:n], masks[0])  # (n, heads, L, d)
@@ -277,7 +279,8 @@ class TokenFlowAttnProcessor(FrameAttnProcessor):
             state.keyframe_outputs[self.name] = outputs
             state.keyframe_features[self.name] = unit_features(inputs[0]).to(inputs.dtype)
             if state.trace is not None:
-                state.trace("keyframes", self.name, state.step, {"features": inputs[0], "outputs": outputs})
+                state.trace({"phase": "keyframes", "layer": self.name, "step": state.step, "features": inputs[0],
+                             "outputs": outputs})
 
         whole_video(keep, core, source_inputs)
 
@@ -301,8 +304,8 @@ class TokenFlowAttnProcessor(FrameAttnProcessor):
             weight = own_weight.to(out.device, out.dtype).repeat_interleave(L).view(1, n * L, 1)
             out = torch.lerp(gather(other), out, weight)  # weight * own + (1 - weight) * other
         if state.trace is not None:
-            state.trace("propagate", self.name, state.step, {
-                "frames": state.frames, "features": hidden_states.reshape(G, n, L, C)[SOURCE], "outputs": out.view(G, n, L, C)})
+            state.trace({"phase": "propagate", "layer": self.name, "step": state.step, "frames": state.frames,
+                         "features": hidden_states.reshape(G, n, L, C)[SOURCE], "outputs": out.view(G, n, L, C)})
         out = out.reshape(B, L, C)
         if attn.residual_connection:
             out = out + hidden_states
@@ -345,7 +348,7 @@ def conv_injection(unet, state: EditState, layer: str = CONV_INJECTION_LAYER) ->
         if state.inject_conv:
             output = from_source(output, state.num_groups)
         if state.trace is not None:
-            state.trace("conv", layer, state.step, {"features": output})
+            state.trace({"phase": "conv", "layer": layer, "step": state.step, "features": output})
         return output
 
     with hooks_installed(unet, {conv: hook}):
@@ -363,7 +366,7 @@ def edit_latents(
     edit: TokenFlowSettings,
     attention: AttentionState,
     chunk_size: int | None = None,
-    callback: Callable[[int, int], None] | None = None,
+    callback: Callback | None = None,
     trace: Trace | None = None,
     keyframe_chooser: KeyframeChooser = choose_keyframes,
     control=None,
@@ -380,7 +383,7 @@ def edit_latents(
         attention: the STEM settings for `edit.attention == "stem"`; its num_groups must be 3.
         chunk_size: frames per UNet call (None: a whole pass-1 call, `batch_size` frames in pass 2);
             the output does not depend on it.
-        callback: `callback(k, T)` after the k-th denoising step.
+        callback: `callback({"i": k, "total": T, "step": i, "x": x_{i-1}})` after the k-th denoising step.
         trace: optional observer, see `Trace`.
         keyframe_chooser: picks each step's keyframes (default: one at random per batch, seeded by
             `edit.seed`); tests pass given keyframes.

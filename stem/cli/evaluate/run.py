@@ -56,7 +56,7 @@ def finished_row(out: Path, job: Job, clip_model: str | None, model: str) -> dic
 
 
 def run_group(group: Group, engine, scorer, out: Path, skip: set[str], process_index: int, progress, log,
-              debug: bool = False) -> list[dict]:
+              debug: bool = False, chunk_size: int | None = None) -> list[dict]:
     """Run the jobs of one group that are not in `skip`, writing each row and video as it finishes."""
     todo = [job for job in group.jobs if job.id not in skip]
     if not todo:
@@ -73,7 +73,7 @@ def run_group(group: Group, engine, scorer, out: Path, skip: set[str], process_i
     rows = []
     for job in todo:
         try:
-            rows.append(run_job(job, video, engine, scorer, out, process_index, progress, motion))
+            rows.append(run_job(job, video, engine, scorer, out, process_index, progress, motion, chunk_size))
         except Exception as error:  # noqa: BLE001 - as above
             if debug:
                 raise
@@ -83,19 +83,21 @@ def run_group(group: Group, engine, scorer, out: Path, skip: set[str], process_i
     return rows
 
 
-def run_job(job: Job, video, engine, scorer, out: Path, process_index: int, progress=None, motion=None) -> dict:
+def run_job(job: Job, video, engine, scorer, out: Path, process_index: int, progress=None, motion=None,
+            chunk_size: int | None = None) -> dict:
     """Run one job; its video and row are written before it returns (the row last, atomically).
 
     `motion`: `stem.metrics.source_motion(video.frames)`, shared by the jobs of a clip (else estimated here).
     """
     start = time.perf_counter()
     if job.kind == RECONSTRUCTION:
-        result = engine.invert(video, job.inversion, progress)
+        result = engine.invert(video, job.inversion, engine.plan(video, job.inversion, chunk_size=chunk_size), progress)
         frames, cache_hit, seconds = result.reconstruction, result.cache_hit, result.seconds
         block = inversion_metrics(video, result, motion=motion)
         metrics = {k: block[k] for k in RECONSTRUCTION_METRICS}
     else:
-        result = edit_video(engine, video, job.inversion, job.edit, progress)
+        result = edit_video(engine, video, job.inversion, job.edit,
+                            engine.plan(video, job.inversion, job.edit, chunk_size), progress)
         frames, cache_hit, seconds = result.frames, result.inversion_cache_hit, result.seconds_editing
         metrics = {"warp_error": warp_error(video.frames, frames, motion)}
         if scorer is not None:
@@ -162,7 +164,7 @@ def cmd_evaluate(args) -> dict:
         todo = sum(job.id not in done_ids for i in mine for job in plan.groups[i].jobs)
         log(f"{todo} jobs in {len(mine)} groups on {engine.parts.device}")
         for i in mine:
-            rows += run_group(plan.groups[i], engine, scorer, out, done_ids, index, progress, log, args.debug)
+            rows += run_group(plan.groups[i], engine, scorer, out, done_ids, index, progress, log, args.debug, args.chunk_size)
             if progress is not None:
                 progress.close()
     rows = gather_object(rows)
