@@ -12,17 +12,19 @@ partial per block was ~2 GB at 48 frames of 4096 tokens. torch then adds the P p
 (a sum over that dimension). There are no atomics and every program's order is fixed, so a run repeats
 bit for bit. The maths is that of `stem.em`: same init, tau, 1e-4 epsilons, normalisation after the sums.
 
-PROGRAMS = 4 x 132: four programs per SM of an H100/H200, enough to fill it although each program holds
-most of an SM's registers (below), and few enough that the partials stay small.
+PROGRAMS = 4 x 132: four waves over the 132 SMs of an H100/H200 at one resident program per SM (each
+holds most of an SM's registers, below), so uneven programs (a problem's last, ragged blocks) cost a
+fraction of a wave, and few enough that the partials stay a few MB. Smaller GPUs just run more waves.
 
 Registers. At K = 256 and C padded to 64 (SD's 40 channels per head) a program holds the unit bases
 (BLOCK_K x BLOCK_C, loaded once), the key sums (the same size) and, in the last iteration, the value
-sums: 3 x 16K float32 = 192 KB of an SM's 256 KB register file, plus a (BLOCK_L, BLOCK_K) = 8K-float
-logit tile. NUM_WARPS = 8 (256 threads) gives each thread ~190 of the 255 registers a thread may have
-for that state: one program per SM, no room to spare; 4 warps would spill for certain (~380 a thread),
-and 16 warps would cap a thread at 128 registers, which spills as well. The first GPU check
-(scripts/gpu_check.sh, `full-stem-fused`) tells whether 8 spills; BLOCK_L (the logit tile's height)
-and NUM_WARPS are the constants to tune then.
+sums: 3 x 16K float32 = 192 KB of an SM's 256 KB register file (2 x 16K in the other iterations), plus
+the (BLOCK_L, BLOCK_K) = 8K-float logit tile and its softmax. NUM_WARPS = 8 (256 threads, up to 255
+registers each, which is the whole register file) gives each thread ~190 registers of state: one
+program per SM, little room to spare. 4 warps would need ~380 a thread and spill for certain; 16 warps
+cap a thread at 128 registers (65,536 / 512), ~96 of them state, leaving too few for the logit tile,
+its softmax and the addresses. The first GPU check (scripts/gpu_check.sh, `full-stem-fused`) tells
+whether 8 spills; NUM_WARPS and BLOCK_L (the logit tile's height) are the constants to tune then.
 
 Precision: keys and values are read in their own dtype (fp16/bf16/fp32) and converted to float32 in
 registers. Every product, including the logit product that 1/tau = 100 amplifies, is a float32 dot with
