@@ -128,27 +128,51 @@ def _pow2(n: int) -> int:
     return max(16, 1 << (max(1, n) - 1).bit_length())  # tl.dot wants every dim >= 16
 
 
-def _e_step_m_step(keys, values, bases, tau, precision, programs):
+def _launch(keys, values, unit, programs, precision):
+    """One pass's kernel on (B, L, C) keys, (B, L, Cv) values or None and (B, K, C) unit bases / tau.
+
+    Returns the float32 partials: key sums (B, P, K, C), mass (B, P, K), value sums (B, P, K, Cv) or
+    None, and what the launch returned (the compiled kernel on CUDA).
+    """
     em_programs = _kernel()
     B, L, C = keys.shape
-    K = bases.shape[1]
+    K = unit.shape[1]
     Cv = values.shape[-1] if values is not None else 1
-    unit = (bases / (bases.norm(dim=-1, keepdim=True) + EPS) / tau).contiguous()  # (B, K, C) float32
-    nblocks = math.ceil(L / BLOCK_L)
     P = programs_per_problem(B, L, programs)
-    key_part = bases.new_empty(B, P, K, C)
-    mass_part = bases.new_empty(B, P, K)
-    value_part = bases.new_empty(B, P, K, Cv) if values is not None else key_part
+    key_part = unit.new_empty(B, P, K, C)
+    mass_part = unit.new_empty(B, P, K)
+    value_part = unit.new_empty(B, P, K, Cv) if values is not None else key_part
     v = values if values is not None else keys
-    em_programs[(P, B)](
-        keys, v, unit, key_part, mass_part, value_part, L, C, Cv, K, nblocks, P,
+    launched = em_programs[(P, B)](
+        keys, v, unit, key_part, mass_part, value_part, L, C, Cv, K, math.ceil(L / BLOCK_L), P,
         *keys.stride(), *v.stride(),
         WITH_VALUES=values is not None, PRECISION=precision,
         BLOCK_L=BLOCK_L, BLOCK_K=_pow2(K), BLOCK_C=_pow2(C), BLOCK_CV=_pow2(Cv), num_warps=NUM_WARPS,
     )
+    return key_part, mass_part, value_part if values is not None else None, launched
+
+
+def _e_step_m_step(keys, values, bases, tau, precision, programs):
+    unit = (bases / (bases.norm(dim=-1, keepdim=True) + EPS) / tau).contiguous()  # (B, K, C) float32
+    key_part, mass_part, value_part, _ = _launch(keys, values, unit, programs, precision)
     inv_mass = 1.0 / (mass_part.sum(dim=1).unsqueeze(-1) + EPS)  # (B, K, 1); fixed-order reductions over P
     key_bases = key_part.sum(dim=1) * inv_mass
-    return key_bases, None if values is None else value_part.sum(dim=1) * inv_mass
+    return key_bases, None if value_part is None else value_part.sum(dim=1) * inv_mass
+
+
+def compiled_registers(device, num_bases: int = 256, channels: int = 40, value_channels: int = 40,
+                       dtype: torch.dtype = torch.float16) -> dict | None:
+    """Registers and spilled registers (32-bit words in local memory) per thread of the kernel compiled for
+    these sizes with values (the last pass, the largest state; see the module docstring), as
+    {"registers", "spilled_registers"}; None where nothing is compiled (not CUDA)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not available(device):
+        return None
+    keys = torch.zeros(1, BLOCK_L, channels, device=device, dtype=dtype)
+    values = torch.zeros(1, BLOCK_L, value_channels, device=device, dtype=dtype)
+    unit = torch.ones(1, num_bases, channels, device=device)
+    launched = _launch(keys, values, unit, 1, "ieee")[-1]
+    return {"registers": int(launched.n_regs), "spilled_registers": int(launched.n_spills)}
 
 
 @torch.no_grad()

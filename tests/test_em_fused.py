@@ -150,10 +150,20 @@ def test_programs_per_problem(problems, tokens, programs, expected):
 
 
 def test_not_available_on_cpu_without_interpreter(monkeypatch):
-    from stem.em_fused import available
+    from stem.em_fused import available, compiled_registers
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not available("cpu")
+    assert compiled_registers("cpu") is None  # nothing compiled: the GPU check's row says so
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_kernel_reports_its_registers():
+    from stem.em_fused import compiled_registers
+
+    report = compiled_registers("cuda")  # SD's first level: K = 256, 40 channels per head
+    assert 0 < report["registers"] <= 255 and report["spilled_registers"] >= 0, report
 
 
 @pytest.mark.gpu
