@@ -407,12 +407,20 @@ def section_full(cfg: CheckConfig, rec: Recorder, method: str, em_kernel: str = 
                  "note": f"timed out at {clock.where}"})
         raise
     finite = bool(torch.isfinite(result.trajectory).all())
+    if em_kernel == "fused":  # whether NUM_WARPS leaves the kernel's accumulators in registers (stem/em_fused.py)
+        from stem.memory import ModelFacts
+
+        facts = ModelFacts.of(parts)
+        head_channels = round(320 * facts.width / facts.heads)
+        row["em_kernel"] = em_fused.compiled_registers(cfg.device, 256, head_channels, head_channels, cfg.dtype)
     rec.row({**row, "seconds": round(result.seconds, 3), "seconds_total": round(time.perf_counter() - clock.start, 3),
              "seconds_inverting": clock.between("encoding", "inverting"),
              "seconds_reconstructing": clock.between("inverting", "reconstructing"),
              "peak_mb": peak.allocated_mb or 0.0, "peak_reserved_mb": peak.reserved_mb, "finite": finite,
              "cache_hit": result.cache_hit, "note": _finite_note(finite, cfg.dtype)})
-    return f"{result.seconds:.1f} s{_peak_note(peak)}" + ("" if finite else ", NON-FINITE")
+    registers = row.get("em_kernel")
+    kernel = f", EM kernel {registers['registers']} registers, {registers['spilled_registers']} spilled" if registers else ""
+    return f"{result.seconds:.1f} s{_peak_note(peak)}{kernel}" + ("" if finite else ", NON-FINITE")
 
 
 def run_edit(cfg: CheckConfig, rec: Recorder, editor: str, frames: int, steps: int, parts=None) -> str:

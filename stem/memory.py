@@ -12,6 +12,9 @@ frame; w: the UNet's first block width / 320 (1 for SD 1.x and 2.x); C = 320 w; 
                                                 the float32 keys and values of one token chunk, the M-step's
                                                 partial sums (16 MiB), all keys and values regrouped per head,
                                                 and one head's keys in float32, N · L · C/heads · 4
+                                                (the fused kernel: no block nor chunk; its programs' partial
+                                                sums, 4 · B · P · K · (2 C/heads + 1), P = ⌈528 / B⌉ programs
+                                                per problem, B = groups · heads; `em_fused.partial_bytes`)
     + STEM or inflated, chunked                 all frames' keys and values gathered, 2 · N · C · L · b
     + inflated                                  the queries regrouped over frames, 2 · s · C · L · b
     + inversion                                 the trajectory, every level of every frame in float32
@@ -214,10 +217,11 @@ def stem_em_bytes(job: Job, facts: ModelFacts, groups: int = 1) -> float:
     """
     n, L, b, C = job.frames, job.tokens, facts.element_bytes, 320 * facts.width
     regrouped = 2 * n * L * C * b + n * L * (C / facts.heads) * 4
-    if job.em_kernel == "fused":  # no responsibilities; per-block partial sums of the keys and (last) the values
-        from .em_fused import BLOCK_L
+    if job.em_kernel == "fused":  # no responsibilities; one partial of the key sums, mass and value sums per program
+        from .em_fused import partial_bytes
 
-        return groups * (2 * math.ceil(n * L / BLOCK_L) * 256 * C * 4 + regrouped)  # K = 256, every head
+        problems, head_channels = groups * facts.heads, C / facts.heads
+        return groups * regrouped + partial_bytes(problems, n * L, 256, head_channels, head_channels)  # K = 256
     chunk_tokens = em._token_chunk(facts.heads, n * L, 256, em.DEFAULT_CHUNK_ELEMENTS, torch.device("cuda"))  # K = 256
     return groups * (EM_BLOCK_BYTES + SPLIT_SUMS_BYTES + 2 * chunk_tokens * C * 4 + regrouped)
 

@@ -14,17 +14,24 @@ from pathlib import Path
 import pytest
 import torch
 
+from stem.em_fused import BLOCK_L
+
 triton = pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parent.parent
-# (name, B, L, C, Cv, K, dtype): ragged last block (37 = 32 + 5), K not a power of two, one token.
+# (name, B, L, C, Cv, K, dtype, programs): a ragged last block (BLOCK_L + 5 tokens), K not a power of two, one
+# token; `programs` (over all B problems) None: the default, one block per program at these sizes; 2 over 2
+# problems: one program loops over all 6 blocks of 5 BLOCK_L + 5 tokens; 6 over 3: two programs per problem
+# walk blocks {0, 2, 4} and {1, 3, 5}.
 CASES = [
-    ("ragged", 2, 37, 8, 5, 7, "float32"),
-    ("k17", 3, 64, 8, 8, 17, "float32"),
-    ("one_token", 2, 1, 8, 4, 5, "float32"),
-    ("several_problems", 5, 40, 16, 16, 8, "float32"),
-    ("float16", 2, 45, 8, 8, 6, "float16"),
-    ("bfloat16", 2, 45, 8, 8, 6, "bfloat16"),
+    ("ragged", 2, BLOCK_L + 5, 8, 5, 7, "float32", None),
+    ("one_program_loops", 2, 5 * BLOCK_L + 5, 8, 5, 7, "float32", 2),
+    ("strided_programs", 3, 5 * BLOCK_L + 5, 8, 8, 17, "float32", 6),
+    ("k17", 3, 64, 8, 8, 17, "float32", None),
+    ("one_token", 2, 1, 8, 4, 5, "float32", None),
+    ("several_problems", 5, 40, 16, 16, 8, "float32", None),
+    ("float16", 2, 45, 8, 8, 6, "float16", 3),
+    ("bfloat16", 2, 45, 8, 8, 6, "bfloat16", None),
 ]
 ITERS = 3
 BOUND = 1e-3  # relative to the bases' size; float32 rounding of logits ~ |k|/tau gives ~1e-5
@@ -55,21 +62,25 @@ def rel(a, b):
 
 def measure(device="cpu"):
     from stem.em import estimate_bases
-    from stem.em_fused import estimate_bases_fused
+    from stem.em_fused import PROGRAMS, _e_step_m_step, estimate_bases_fused
 
     out = {}
-    for name, B, L, C, Cv, K, dtype in CASES:
+    for name, B, L, C, Cv, K, dtype, programs in CASES:
+        programs = programs or PROGRAMS
         keys, values, init = inputs(B, L, C, Cv, K, dtype, device)
         ref = reference(keys.cpu(), values.cpu(), init.cpu(), ITERS)
-        fused = estimate_bases_fused(keys, values, K, ITERS, init=init)
-        again = estimate_bases_fused(keys, values, K, ITERS, init=init)
+        fused = estimate_bases_fused(keys, values, K, ITERS, init=init, programs=programs)
+        again = estimate_bases_fused(keys, values, K, ITERS, init=init, programs=programs)
         torch_path = estimate_bases(keys, values, K, ITERS, init=init)
+        keys_only = _e_step_m_step(keys, None, init, 0.01, "ieee", programs)  # one pass without values
         out[name] = {
             "keys_vs_ref": rel(fused[0], ref[0]), "values_vs_ref": rel(fused[1], ref[1]),
             "vs_torch": max(rel(fused[0], torch_path[0]), rel(fused[1], torch_path[1])),
             "torch_vs_ref": rel(torch_path[0], ref[0]),
             "repeat": bool(torch.equal(fused[0], again[0]) and torch.equal(fused[1], again[1])),
             "shapes": [list(fused[0].shape), list(fused[1].shape)],
+            "keys_only_vs_ref": rel(keys_only[0], reference(keys.cpu(), values.cpu(), init.cpu(), 1)[0]),
+            "keys_only_values": keys_only[1] is None,
         }
     return out
 
@@ -83,11 +94,12 @@ def interpreted():
 
 
 def check(result, name):
-    _, B, L, C, Cv, K, _ = next(c for c in CASES if c[0] == name)
+    _, B, L, C, Cv, K, _, _ = next(c for c in CASES if c[0] == name)
     assert result["shapes"] == [[B, K, C], [B, K, Cv]]
     assert result["keys_vs_ref"] < BOUND and result["values_vs_ref"] < BOUND, result
     assert result["vs_torch"] < BOUND, result
     assert result["repeat"], "two runs of the fused kernel differ"
+    assert result["keys_only_vs_ref"] < BOUND and result["keys_only_values"], result
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
@@ -127,11 +139,33 @@ def test_em_kernel_choice_and_refusals(monkeypatch):
     assert choose_em_kernel("auto", "cuda") == "fused" and choose_em_kernel("auto", "cpu") == "torch"
 
 
+@pytest.mark.parametrize("problems, tokens, programs, expected", [
+    (8, 48 * 4096, 528, 66),  # SD's first level at 48 frames: ceil(528 / 8) of 6,144 blocks
+    (24, 48 * 4096, 528, 22),  # FateZero's three groups: ceil(528 / 24)
+    (8, 2 * BLOCK_L - 1, 528, 2),  # no more programs than blocks
+    (1000, 10_000, 528, 1),  # at least one
+])
+def test_programs_per_problem(problems, tokens, programs, expected):
+    from stem.em_fused import programs_per_problem
+
+    assert programs_per_problem(problems, tokens, programs) == expected
+
+
 def test_not_available_on_cpu_without_interpreter(monkeypatch):
-    from stem.em_fused import available
+    from stem.em_fused import available, compiled_registers
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not available("cpu")
+    assert compiled_registers("cpu") is None  # nothing compiled: the GPU check's row says so
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_kernel_reports_its_registers():
+    from stem.em_fused import compiled_registers
+
+    report = compiled_registers("cuda")  # SD's first level: K = 256, 40 channels per head
+    assert 0 < report["registers"] <= 255 and report["spilled_registers"] >= 0, report
 
 
 @pytest.mark.gpu

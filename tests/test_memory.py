@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,12 +10,12 @@ import pytest
 import torch
 
 from conftest import make_frames
-from stem import memory, offload
+from stem import em_fused, memory, offload
 from stem.cache import LatentCache
 from stem.cli import cli_message, main as cli_main
 from stem.engine import Engine, InversionSettings
 from stem.errors import StemError
-from stem.memory import GiB, Job, ModelFacts, balanced_chunks, estimate, plan
+from stem.memory import GiB, Job, MiB, ModelFacts, balanced_chunks, estimate, plan
 from stem.models import TINY_MODEL, build_tiny, resolve_dtype
 from stem.video import Video
 
@@ -92,6 +93,25 @@ def test_estimate_of_sd15_at_512_px_is_the_documented_arithmetic():
     weights = SD15.unet_bytes + SD15.vae_bytes + SD15.text_bytes
     assert estimate(JOB, SD15)["unet"] == pytest.approx(weights + 1.25 * activations + 512 * 2**20, abs=2)
     assert 5 * GiB < estimate(JOB, SD15)["peak"] < 8 * GiB
+
+
+def test_the_fused_kernels_em_term_is_its_programs_partial_sums():
+    """48 frames at 512 px: 8 heads of 40 channels, K = 256, P = ceil(PROGRAMS / 8) programs per head (of
+    6,144 token blocks), each writing its key sums, mass and value sums in float32: 8 P x 256 x 81 x 4 bytes,
+    beside the keys and values regrouped per head and the per-head statistics (no responsibility block).
+    """
+    fused = dataclasses.replace(JOB, em_kernel="fused")
+    L = 64 * 64
+    regrouped = 2 * 48 * L * 320 * 2 + 48 * L * 40 * 4
+    P = math.ceil(em_fused.PROGRAMS / 8)
+    assert P <= 48 * L / em_fused.BLOCK_L  # fewer programs than blocks: no clamp at this size
+    partials = 8 * P * 256 * (40 + 1 + 40) * 4
+    assert memory.stem_em_bytes(fused, SD15) == pytest.approx(regrouped + partials, abs=2)
+    assert partials < 64 * MiB  # where one partial per block of 32 tokens was ~4 GB
+    # FateZero's three groups run in one EM: 24 problems of ceil(PROGRAMS / 24) programs
+    P3 = math.ceil(em_fused.PROGRAMS / 24)
+    assert memory.stem_em_bytes(fused, SD15, groups=3) == pytest.approx(3 * regrouped + 24 * P3 * 256 * 81 * 4, abs=2)
+    assert estimate(fused, SD15)["unet"] < estimate(JOB, SD15)["unet"]  # the streamed path's 128 MiB block
 
 
 def test_offload_leaves_only_the_running_part_and_streaming_only_one_layer():
