@@ -109,6 +109,45 @@ PARAMETER_HELP = {
     "control": "structure guidance: none, canny (edges) or depth, a ControlNet in every UNet call",
     "control_scale": "structure strength (0: none; 1: the ControlNet's usual strength)",
 }
+# The one line under each control on the page: what it changes for the result.
+CONTROL_HELP = {
+    "method": "How frames see each other while inverting: STEM (K bases shared by all frames), DDIM (each frame "
+              "alone) or inflated DDIM (every frame's keys); a steadier inversion gives a steadier edit.",
+    "bases": "More bases: closer to full attention over all frames (steadier), slower. The paper uses 256.",
+    "iters": "EM iterations that fit the bases to the clip: more fit them better, each costs time. The paper uses 5.",
+    "steps": "Denoising steps of the inversion and the edit: more are more faithful and slower (cost grows linearly).",
+    "stride": "Keep every n-th frame: a longer stretch of the clip in the same frames; the result plays faster.",
+    "frames": "How many frames to invert and edit (0: all, up to the limit below); cost grows with the frames.",
+    "size": "The frames' long side in pixels: larger is sharper; cost grows with the square of the size.",
+    "seed": "Picks STEM's initial bases and TokenFlow's keyframes; the same seed gives the same result.",
+    "control": "A ControlNet keeps the clip's edges or depth through the edit (in the inversion, the "
+               "reconstruction and the edit).",
+    "control_scale": "How strongly the edges or depth hold the shape: 0 is no guidance, 1 the ControlNet's usual.",
+    "editor": "TokenFlow: global edits (style, appearance), as the STEM authors ran it. FateZero: attention "
+              "fusion; with blend words, local edits that keep the rest.",
+    "guidance": "How closely the edit follows the target prompt: higher follows it more, and strays further "
+                "from the clip.",
+    "negative_prompt": "What the edit should avoid (e.g. blur, artefacts).",
+    "batch_size": "Frames per keyframe: larger is faster; smaller follows fast motion better.",
+    "propagation": "Which keyframes' features the other frames take: the previous one (the authors') or the "
+                   "nearest on both sides (smoother between keyframes).",
+    "pnp_attn": "Fraction of the steps whose self-attention comes from the clip: higher keeps more of its "
+                "structure, lower lets the prompt change more.",
+    "pnp_conv": "Fraction of the steps whose residual features come from the clip: higher keeps more of its layout.",
+    "self_replace": "Fraction of the steps whose self-attention is the clip's: higher keeps more of its structure "
+                    "and motion.",
+    "cross_replace": "Fraction of the steps whose word-to-pixel attention is the clip's: higher keeps its layout.",
+    "blend_words": "SOURCE,TARGET words of the part to change, e.g. 'car,truck': only that part changes; "
+                   "empty: the whole frame.",
+    "blend_threshold": "How much attention a pixel needs to count as the blend word's: higher confines the edit "
+                       "to a smaller region.",
+    "reweight": "WORD=SCALE pairs that strengthen (or weaken) a target word, e.g. 'golden=2'.",
+    "freeu": "FreeU re-weights the UNet's backbone and skip features: often crisper detail, sometimes over-saturated.",
+    "freeu_b1": "Backbone factor of the first up block (> 1: stronger features, crisper detail).",
+    "freeu_b2": "Backbone factor of the second up block (> 1: stronger features, crisper detail).",
+    "freeu_s1": "Skip factor of the first up block (< 1: less high-frequency detail, fewer artefacts).",
+    "freeu_s2": "Skip factor of the second up block (< 1: less high-frequency detail, fewer artefacts).",
+}
 # The page's defaults, by endpoint parameter name; build_app(defaults=...) overrides them.
 DEFAULTS = dict(method="stem", bases=256, iters=5, steps=50, frames=16, stride=1, size=512, seed=0,
                 control=InversionSettings.control, control_scale=InversionSettings.control_scale,
@@ -125,6 +164,7 @@ LABELS = {"--bases": "Bases K", "--iters": "EM iterations R", "--steps": "Steps"
           "--freeu-b1": "FreeU b1", "--freeu-b2": "FreeU b2", "--freeu-s1": "FreeU s1", "--freeu-s2": "FreeU s2",
           "--control-scale": "Structure strength", "--control": "Structure guidance"}
 STOPPED = "**Stopped.** Press a button to start again."
+NOT_A_VIDEO = "'{name}' is not a video this app can read; upload an mp4, webm, mov or gif clip."
 SERVER_PROBLEM = ("This server cannot run jobs right now ({what}); please try again later or tell the person who "
                   "runs it (the server log says what to fix).")
 log = logging.getLogger("stem.app")
@@ -378,6 +418,8 @@ def _parse_number(text: str, whole: bool = False) -> int | float:
 def _number(name: str, value, whole: bool) -> int | float:
     """A page or API value as an int (`whole`) or a float; an emptied box, text or a list is one sentence naming
     the control (sliders and number boxes give floats such as 256.0, which are whole)."""
+    if isinstance(value, Refused):
+        raise _bad(value)
     label = LABELS.get("--" + name.replace("_", "-"), name)
     if value is None or (isinstance(value, str) and not value.strip()):
         raise _bad(f"The {label} box is empty; type a number in it.")
@@ -528,6 +570,7 @@ class Jobs:
         stop = threading.Event()
         self._running.setdefault(session, set()).add(stop)
         try:
+            self.check(kind, values)  # an API call's bad input: refused before the model or a GPU is asked for
             return await anyio.to_thread.run_sync(
                 functools.partial(self._in_worker, kind, values, progress, stop), abandon_on_cancel=True)
         except anyio.get_cancelled_exc_class():
@@ -542,10 +585,57 @@ class Jobs:
             if not self._running[session]:
                 del self._running[session]
 
+    def check(self, kind: str, values: dict) -> None:
+        """Refuse what the job `kind` would refuse, before any work: prompts, settings, the clip's file (its
+        container only). Cheap: the page runs it unqueued, so bad input is answered while other jobs run."""
+        try:
+            settings = self._settings(values, method=None if "method" in values else "stem")
+            if kind == "edit":
+                self._edit_settings(values)
+            self._check_file(values["video"], settings)
+        except StemError as error:
+            raise _for_the_page(error) from error
+
+    def starting(self, kind: str, names: dict) -> Callable:
+        """The page's unqueued step before a job: check its input, pick the seed, say it started, show the
+        result's player (for the progress bar) and disable the job buttons, enable Stop, until the job ends.
+
+        Its input is {component: value} (Gradio's set of inputs); `names` maps each component to its parameter
+        name, and the seed's 'randomise' checkbox to 'randomize'."""
+        what = {"invert": "Inverting and reconstructing", "edit": "Editing", "compare": "Comparing DDIM and STEM"}[kind]
+
+        def start(inputs: dict, request: gr.Request = None):
+            values, session = {names[component]: value for component, value in inputs.items()}, _session(request)
+            randomize = values.pop("randomize")
+            self._errors.pop(session, None)  # a job that ended without asking for its last words (e.g. stopped)
+            try:
+                self.check(kind, values)
+            except gr.Error as error:
+                self._remember(session, f"⚠️ {error.message}")
+                raise
+            editor = f" with {_editor_name(values['editor'])}" if kind == "edit" else ""
+            status = f"**{what}**{editor}… Press Stop to end it."
+            shown = (gr.update(visible=True),) * (2 if kind == "compare" else 1)
+            return pick_seed(values["seed"], randomize), status, *shown, *_buttons(running=True)
+        return start
+
     def stop(self, edited, reconstruction, comparison, table, request: gr.Request = None) -> tuple:
         """The Stop button: stop this page's jobs (the queue drops them at once); hide results left empty."""
         self.page_closed(request)
-        return (STOPPED, *(gr.update(visible=not _empty(r)) for r in (edited, reconstruction, comparison, table)))
+        self._remember(_session(request), STOPPED)  # for `failed`, which follows a job stopped in the queue
+        return (STOPPED, *(gr.update(visible=not _empty(r)) for r in (edited, reconstruction, comparison, table)),
+                *_buttons(running=False))
+
+    def uploaded(self, video) -> tuple:
+        """A new clip: no results of the previous one on screen, and at once the reason if the file is unusable."""
+        hidden = gr.update(value=None, visible=False)
+        status = "New clip: describe it in the source prompt, then **Invert** or **Edit**."
+        if video:
+            try:
+                self._check_file(video, None)
+            except gr.Error as error:
+                status = f"⚠️ {error.message}"
+        return status, hidden, hidden, hidden, hidden, None
 
     def page_closed(self, request: gr.Request = None) -> None:
         """A page was closed (or its Stop pressed): stop its jobs."""
@@ -560,8 +650,9 @@ class Jobs:
 
     def failed(self, player, table, request: gr.Request = None) -> tuple:
         """After a failed or stopped job: its sentence stays in the status line; what it revealed hides if empty."""
-        status = self._errors.pop(_session(request), "⚠️ The job did not run; see the message in the corner.")
-        return status, gr.update(visible=not _empty(player)), gr.update(visible=not _empty(table))
+        status = self._errors.pop(_session(request), "⚠️ The job did not run; press its button again.")
+        return (status, gr.update(visible=not _empty(player)), gr.update(visible=not _empty(table)),
+                *_buttons(running=False))
 
     def _remember(self, session: str, status: str) -> None:
         """Keep a job's last words for `failed`, which runs next on its page."""
@@ -665,7 +756,8 @@ class Jobs:
         path, sound = self._write(output_name(clip.source, "edited", edit.prompt), result.frames, clip, settings)
         reconstruction, _ = self._write(output_name(clip.source, "reconstruction", settings.method),
                                         result.inversion.reconstruction, clip, settings)
-        status = (f"**Edit** to “{edit.prompt}” ({_describe(settings, clip)}): inversion "
+        status = (f"**Edit** with {_editor_name(edit.editor)} to “{edit.prompt}” ({_describe(settings, clip)}): "
+                  "inversion "
                   f"{_how(result.inversion_cache_hit, result.seconds_inversion)}; "
                   f"editing took {result.seconds_editing:.1f} s.{note}{sound}")
         metrics = edit_metrics(clip, result)
@@ -743,27 +835,38 @@ class Jobs:
                                  for key in ("b1", "b2", "s1", "s2")})
         return cls(prompt=target, seed=_number("seed", values["seed"], whole=True), freeu=freeu, **edit).validate()
 
-    def _clip(self, video, settings: InversionSettings) -> tuple[Video, str]:
-        """Read the uploaded clip within the per-job limit; also a note when frames were left out."""
+    def _check_file(self, video, settings: InversionSettings | None) -> None:
+        """The cheap checks of a clip: there is one, within the per-job limit (given settings), not empty, a
+        container with a video stream (nothing decoded)."""
         if not video:
             raise _bad("Upload a video (or click one of the examples) first.")
-        path, size = Path(video), settings.size
-        cap = min(self.max_pixels // size**2, DEFAULT_MAX_FRAMES)
-        if cap < 1:
-            raise _bad(f"A size of {size} px is over this app's limit ({describe_limit(self.max_pixels)}) "
-                       "even for one frame; choose a smaller size.")
-        if settings.num_frames and settings.num_frames > cap:
-            raise _bad(f"{settings.num_frames} frames at {size} px is over this app's limit of {cap} frames at "
-                       "that size; choose fewer frames or a smaller size.")
+        path = Path(video)
+        if settings is not None:
+            size = settings.size
+            cap = min(self.max_pixels // size**2, DEFAULT_MAX_FRAMES)
+            if cap < 1:
+                raise _bad(f"A size of {size} px is over this app's limit ({describe_limit(self.max_pixels)}) "
+                           "even for one frame; choose a smaller size.")
+            if settings.num_frames and settings.num_frames > cap:
+                raise _bad(f"{settings.num_frames} frames at {size} px is over this app's limit of {cap} frames at "
+                           "that size; choose fewer frames or a smaller size.")
         if path.is_file() and path.stat().st_size == 0:
             raise _bad(f"'{path.name}' is empty (0 bytes); upload the complete video file again.")
+        if path.is_file() and probe_clip(path)[0] is None:
+            raise _bad(NOT_A_VIDEO.format(name=path.name))
+
+    def _clip(self, video, settings: InversionSettings) -> tuple[Video, str]:
+        """Read the uploaded clip within the per-job limit; also a note when frames were left out."""
+        self._check_file(video, settings)
+        path, size = Path(video), settings.size
+        cap = min(self.max_pixels // size**2, DEFAULT_MAX_FRAMES)
         wanted = settings.num_frames or cap + 1  # one past the limit tells whether it left frames out
         try:
             clip = read_video(path, num_frames=wanted, stride=settings.stride, size=size)
         except SourceTooLarge as error:
             raise _too_large(path, error) from error
         except StemError as error:
-            raise _bad(f"'{path.name}' is not a video this app can read; upload an mp4, webm, mov or gif clip.") from error
+            raise _bad(NOT_A_VIDEO.format(name=path.name)) from error
         if clip.num_frames < wanted:
             return clip, ""  # the clip ended first: every frame is used
         clip = Video(clip.frames[:cap], clip.fps, clip.source)
@@ -827,10 +930,17 @@ def examples_caching(on_spaces: bool, fn: Callable, outputs: list) -> dict:
 
 # -- the page --------------------------------------------------------------------------------------------
 
-# Hints and placeholders carry instructions: at least 4.5:1 contrast on their backgrounds (WCAG AA).
+_RED = gr.themes.colors.red
+# Hints, placeholders and the white words on the Edit and Stop buttons: at least 4.5:1 contrast on their
+# backgrounds (WCAG AA); the default theme's orange-500 and red-500 give 2.8:1 and 3.8:1.
 THEME = gr.themes.Default().set(
     body_text_color_subdued="*neutral_600", body_text_color_subdued_dark="*neutral_300",
     input_placeholder_color="*neutral_600", input_placeholder_color_dark="*neutral_300",
+    button_primary_background_fill="*primary_700", button_primary_background_fill_dark="*primary_700",
+    button_primary_background_fill_hover="*primary_800", button_primary_background_fill_hover_dark="*primary_800",
+    # the theme has no palette for its error hue: red as the default theme names it
+    button_cancel_background_fill=_RED.c700, button_cancel_background_fill_dark=_RED.c700,
+    button_cancel_background_fill_hover=_RED.c800, button_cancel_background_fill_hover_dark=_RED.c800,
 )
 CSS = f"""
 #status {{ min-height: 2.5em; }}
@@ -912,12 +1022,13 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                     invert_button = gr.Button("Invert & reconstruct", elem_id="invert-button", **button)
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button", **button)
                     compare_button = gr.Button("Compare DDIM vs STEM", elem_id="compare-button", **button)
-                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop-button", **button)
+                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop-button", interactive=False, **button)
                 with gr.Accordion("Advanced", open=False):
                     c.update(_inversion_controls(d, max_pixels))
-                    randomize = gr.Checkbox(False, label="Randomise the seed on each run "
-                                                         "(a new seed re-runs the STEM inversion)")
-                    c.update(_edit_controls(d))
+                    randomize = gr.Checkbox(False, label="Randomise the seed on each run",
+                                            info="A different result each run; a new seed re-runs the STEM inversion.")
+                    edit_controls, editor_groups = _edit_controls(d)
+                    c.update(edit_controls)
                 for control in c.values():
                     _check_numbers(control)
                 examples = load_examples()
@@ -943,28 +1054,37 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                    "compare": [comparison, table, status, details]}
         triggers = {"invert": [invert_button.click], "edit": [edit_button.click, c["target_prompt"].submit],
                     "compare": [compare_button.click]}
+        buttons = [invert_button, edit_button, compare_button, stop_button]
         job_events = []
         for kind, target in (("invert", reconstruction), ("edit", edited), ("compare", comparison)):
-            # the result's player (and the table) show as the job starts: the progress bar runs over it
+            # an unqueued first step checks the input (bad input is answered at once, even while other jobs
+            # run), disables the job buttons and shows the result's player (and the table): the bar runs over it
             shown = [target, table] if kind == "compare" else [target]
-            start = gr.on(triggers[kind], _starting(kind), [c["seed"], randomize], [c["seed"], status, *shown],
+            names = {**{c[name]: name for name in ENDPOINT_INPUTS[kind]}, randomize: "randomize"}
+            start = gr.on(triggers[kind], jobs.starting(kind, names), set(names),
+                          [c["seed"], status, *shown, *buttons], queue=False, api_visibility="private")
+            failed = dict(fn=jobs.failed, inputs=[target, table], outputs=[status, target, table, *buttons],
                           queue=False, api_visibility="private")
-            job = start.then(jobs.endpoint(kind), inputs[kind], outputs[kind], api_name=kind,
-                             show_progress_on=[target], **gpu)
-            job.failure(jobs.failed, [target, table], [status, target, table], queue=False, api_visibility="private")
+            start.failure(**failed)
+            job = start.success(jobs.endpoint(kind), inputs[kind], outputs[kind], api_name=kind,
+                                show_progress_on=[target], **gpu)
+            job.failure(**failed)
+            job.success(lambda: _buttons(running=False), None, buttons, queue=False, api_visibility="private")
             job_events.append(job)
             if kind == "edit":
                 job.success(_shown, edit_reconstruction, reconstruction, queue=False, api_visibility="private")
         views = [*players, table]
-        stop_button.click(jobs.stop, views, [status, *views], cancels=job_events, queue=False,
+        stop_button.click(jobs.stop, views, [status, *views, *buttons], cancels=job_events, queue=False,
                           api_visibility="private")
-        # a new clip: no results of the previous one on screen (a cached example brings its edit)
-        clear = dict(fn=_cleared, outputs=[status, *views, details], queue=False, api_visibility="private")
+        # a new clip: no results of the previous one on screen (a cached example brings its edit); an unusable
+        # file is said at once
+        clear = dict(fn=jobs.uploaded, inputs=c["video"], outputs=[status, *views, details], queue=False,
+                     api_visibility="private")
         c["video"].upload(**clear)
         c["video"].clear(**clear)
         # each editor's own negative prompt and FreeU default (the authors' for TokenFlow, FateZero's none)
-        c["editor"].change(lambda editor: DEFAULT_NEGATIVE_PROMPT if editor == "tokenflow" else "", c["editor"],
-                           c["negative_prompt"], queue=False, api_visibility="private")
+        c["editor"].change(_chose_editor, c["editor"], [c["negative_prompt"], *(editor_groups[n] for _, n in EDITORS)],
+                           queue=False, api_visibility="private")
         if examples and on_spaces:
             examples.load_input_event.then(lambda: gr.update(visible=True), None, edited, queue=False,
                                            api_visibility="private")
@@ -977,110 +1097,122 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
     return demo
 
 
+class Refused(str):
+    """A control's value that Gradio's own check refused, as the sentence to show: the handler raises it (see
+    `_number`), so the refusal reaches the status line of the page it came from, not only a fading toast."""
+
+
 def _check_numbers(control) -> None:
-    """Make a slider's or number box's bad values (text, a list, an emptied slider, out of range) one sentence that
-    names the control; Gradio's own words name a component index, or nothing at all. The page never sends these;
-    an API call may."""
+    """Make a slider's or number box's bad values (text, a list, an emptied box, out of range) one sentence that
+    names the control; Gradio's own words name a component index, or nothing at all."""
     if not isinstance(control, (gr.Slider, gr.Number)):
         return
     preprocess, label = control.preprocess, control.label
 
     def checked(payload):
-        if payload is None and isinstance(control, gr.Slider):
-            raise _bad(f"The {label} box is empty; type a number in it.")
+        if payload is None:
+            return Refused(f"The {label} box is empty; type a number in it.")
         if isinstance(payload, str):  # "7.5" from a script is a number
             try:
                 payload = _parse_number(payload, whole=True)
             except ValueError:
-                raise _bad(f"{label} must be a number, got {payload!r}.") from None
-        if payload is not None and (isinstance(payload, bool) or not isinstance(payload, (int, float))):
-            raise _bad(f"{label} must be a number, got {payload!r}.")
+                return Refused(f"{label} must be a number, got {payload!r}.")
+        if isinstance(payload, bool) or not isinstance(payload, (int, float)):
+            return Refused(f"{label} must be a number, got {payload!r}.")
         try:
             return preprocess(payload)
         except gr.Error as error:  # out of the control's range
-            raise _bad(f"{label}: {error.message}") from None
+            return Refused(f"{label}: {error.message}")
         except (TypeError, ValueError, OverflowError):  # nan, inf
-            raise _bad(f"{label} must be a finite number, got {payload!r}.") from None
+            return Refused(f"{label} must be a finite number, got {payload!r}.")
 
     control.preprocess = checked
 
 
 def _inversion_controls(d: dict, max_pixels: int) -> dict:
-    """The Advanced panel's inversion settings, by endpoint parameter name."""
+    """The Advanced panel's inversion settings, by endpoint parameter name; each says what it changes (info=)."""
     c = {}
+    info = lambda name: dict(info=CONTROL_HELP[name])  # noqa: E731
     gr.Markdown("**Inversion**")
-    c["method"] = gr.Radio(METHODS, value=d["method"], label="Inversion method")
+    c["method"] = gr.Radio(METHODS, value=d["method"], label="Inversion method", **info("method"))
     with gr.Row():
-        c["bases"] = gr.Slider(1, 1024, d["bases"], step=1, label="Bases K (STEM)")
-        c["iters"] = gr.Slider(1, 20, d["iters"], step=1, label="EM iterations R (STEM)")
+        c["bases"] = gr.Slider(1, 1024, d["bases"], step=1, label="Bases K (STEM)", **info("bases"))
+        c["iters"] = gr.Slider(1, 20, d["iters"], step=1, label="EM iterations R (STEM)", **info("iters"))
     with gr.Row():
-        c["steps"] = gr.Slider(1, 100, d["steps"], step=1, label="DDIM steps")
-        c["stride"] = gr.Slider(1, 8, d["stride"], step=1, label="Stride (every n-th frame)")
+        c["steps"] = gr.Slider(1, 100, d["steps"], step=1, label="DDIM steps", **info("steps"))
+        c["stride"] = gr.Slider(1, 8, d["stride"], step=1, label="Stride (every n-th frame)", **info("stride"))
     with gr.Row():
-        c["frames"] = gr.Slider(0, DEFAULT_MAX_FRAMES, d["frames"], step=1, label="Frames (0 = all)")
-        c["size"] = gr.Slider(64, 1024, d["size"], step=32, label="Size (long side, px)")
+        c["frames"] = gr.Slider(0, DEFAULT_MAX_FRAMES, d["frames"], step=1, label="Frames (0 = all)", **info("frames"))
+        c["size"] = gr.Slider(64, 1024, d["size"], step=32, label="Size (long side, px)", **info("size"))
     gr.Markdown(f"Limit per job: {describe_limit(max_pixels)}.")
-    c["seed"] = gr.Number(d["seed"], precision=0, label="Seed")
+    c["seed"] = gr.Number(d["seed"], precision=0, label="Seed", **info("seed"))
     with gr.Row():
-        c["control"] = gr.Radio(CONTROLS, value=d["control"], label="Structure guidance",
-                                info="A ControlNet keeps the clip's edges or depth through the edit "
-                                     "(in the inversion, the reconstruction and the edit)")
+        c["control"] = gr.Radio(CONTROLS, value=d["control"], label="Structure guidance", **info("control"))
         c["control_scale"] = gr.Slider(0, 2, d["control_scale"], step=0.05, label="Structure strength",
-                                       info="0 is no guidance; 1 is the ControlNet's usual strength")
+                                       **info("control_scale"))
     return c
 
 
-def _edit_controls(d: dict) -> dict:
-    """The Advanced panel's edit settings, by endpoint parameter name (EDIT_INPUTS)."""
-    c = {}
+def _edit_controls(d: dict) -> tuple[dict, dict]:
+    """The Advanced panel's edit settings, by endpoint parameter name (EDIT_INPUTS), and each editor's own group
+    of them (shown only while that editor is chosen)."""
+    c, groups = {}, {}
+    info = lambda name: dict(info=CONTROL_HELP[name])  # noqa: E731
     gr.Markdown("**Editing**")
-    c["editor"] = gr.Radio(EDITORS, value=d["editor"], label="Editor", elem_id="editor",
-                           info="TokenFlow: global edits (style, appearance), as the STEM authors ran it. "
-                                "FateZero: attention fusion; with blend words, local edits that keep the rest.")
+    c["editor"] = gr.Radio(EDITORS, value=d["editor"], label="Editor", elem_id="editor", **info("editor"))
     with gr.Row():
-        c["guidance"] = gr.Slider(1, 20, d["guidance"], step=0.5, label="Guidance scale")
-        c["negative_prompt"] = gr.Textbox(d["negative_prompt"], label="Negative prompt", max_lines=2)
-    gr.Markdown("TokenFlow")
-    with gr.Row():
-        c["batch_size"] = gr.Slider(1, 32, d["batch_size"], step=1, label="Batch size (frames per keyframe)")
-        c["propagation"] = gr.Radio([("Previous keyframe (the authors')", "previous"), ("Nearest keyframes", "nearest")],
-                                    value=d["propagation"], label="Propagation")
-    with gr.Row():
-        c["pnp_attn"] = gr.Slider(0, 1, d["pnp_attn"], step=0.05, label="PnP attention threshold")
-        c["pnp_conv"] = gr.Slider(0, 1, d["pnp_conv"], step=0.05, label="PnP convolution threshold")
-    gr.Markdown("FateZero")
-    with gr.Row():
-        c["self_replace"] = gr.Slider(0, 1, d["self_replace"], step=0.05, label="Self-attention fusion (fraction of steps)")
-        c["cross_replace"] = gr.Slider(0, 1, d["cross_replace"], step=0.05, label="Cross-attention fusion (fraction of steps)")
-    with gr.Row():
-        c["blend_words"] = gr.Textbox(d["blend_words"], label="Blend words", elem_id="blend-words", max_lines=1,
-                                      info="SOURCE,TARGET words of the part to change, e.g. 'car,truck'; empty: the whole frame.")
-        c["blend_threshold"] = gr.Slider(0.05, 1, d["blend_threshold"], step=0.05, label="Blend threshold")
-    c["reweight"] = gr.Textbox(d["reweight"], label="Reweight", max_lines=1,
-                               info="WORD=SCALE pairs that strengthen (or weaken) a target word, e.g. 'golden=2'.")
+        c["guidance"] = gr.Slider(1, 20, d["guidance"], step=0.5, label="Guidance scale", **info("guidance"))
+        c["negative_prompt"] = gr.Textbox(d["negative_prompt"], label="Negative prompt", max_lines=2,
+                                          **info("negative_prompt"))
+    with gr.Column(visible=d["editor"] == "tokenflow", elem_id="tokenflow-settings") as groups["tokenflow"]:
+        gr.Markdown("TokenFlow")
+        with gr.Row():
+            c["batch_size"] = gr.Slider(1, 32, d["batch_size"], step=1, label="Batch size (frames per keyframe)",
+                                        **info("batch_size"))
+            c["propagation"] = gr.Radio([("Previous keyframe (the authors')", "previous"),
+                                         ("Nearest keyframes", "nearest")],
+                                        value=d["propagation"], label="Propagation", **info("propagation"))
+        with gr.Row():
+            c["pnp_attn"] = gr.Slider(0, 1, d["pnp_attn"], step=0.05, label="PnP attention threshold",
+                                      **info("pnp_attn"))
+            c["pnp_conv"] = gr.Slider(0, 1, d["pnp_conv"], step=0.05, label="PnP convolution threshold",
+                                      **info("pnp_conv"))
+    with gr.Column(visible=d["editor"] == "fatezero", elem_id="fatezero-settings") as groups["fatezero"]:
+        gr.Markdown("FateZero")
+        with gr.Row():
+            c["self_replace"] = gr.Slider(0, 1, d["self_replace"], step=0.05,
+                                          label="Self-attention fusion (fraction of steps)", **info("self_replace"))
+            c["cross_replace"] = gr.Slider(0, 1, d["cross_replace"], step=0.05,
+                                           label="Cross-attention fusion (fraction of steps)", **info("cross_replace"))
+        with gr.Row():
+            c["blend_words"] = gr.Textbox(d["blend_words"], label="Blend words", elem_id="blend-words", max_lines=1,
+                                          **info("blend_words"))
+            c["blend_threshold"] = gr.Slider(0.05, 1, d["blend_threshold"], step=0.05, label="Blend threshold",
+                                             **info("blend_threshold"))
+        c["reweight"] = gr.Textbox(d["reweight"], label="Reweight", max_lines=1, **info("reweight"))
     gr.Markdown("FreeU in the editing UNet")
-    c["freeu"] = gr.Radio(FREEU_CHOICES, value=d["freeu"], label="FreeU")
+    c["freeu"] = gr.Radio(FREEU_CHOICES, value=d["freeu"], label="FreeU", **info("freeu"))
     with gr.Row():
         for key in ("b1", "b2", "s1", "s2"):
-            c[f"freeu_{key}"] = gr.Number(d[f"freeu_{key}"], label=f"FreeU {key}", minimum=0, step=0.1)
-    return c
+            c[f"freeu_{key}"] = gr.Number(d[f"freeu_{key}"], label=f"FreeU {key}", minimum=0, step=0.1,
+                                          **info(f"freeu_{key}"))
+    return c, groups
 
 
-def _starting(kind: str) -> Callable:
-    """The page step before a job: the seed, a status line, and the result's player shown for the progress bar."""
-    what = {"invert": "Inverting and reconstructing", "edit": "Editing", "compare": "Comparing DDIM and STEM"}[kind]
-
-    def start(seed, randomize):
-        shown = (gr.update(visible=True),) * (2 if kind == "compare" else 1)
-        return pick_seed(seed, randomize), f"**{what}…** Press Stop to end it.", *shown
-    return start
+def _chose_editor(editor: str) -> tuple:
+    """The editor's own negative prompt (the authors' for TokenFlow, FateZero's none) and only its settings shown."""
+    return (DEFAULT_NEGATIVE_PROMPT if editor == "tokenflow" else "",
+            *(gr.update(visible=editor == name) for _, name in EDITORS))
 
 
-def _cleared() -> tuple:
-    """A new clip: no results of the previous one on screen."""
-    hidden = gr.update(value=None, visible=False)
-    return ("New clip: describe it in the source prompt, then **Invert** or **Edit**.",
-            hidden, hidden, hidden, hidden, None)
+def _buttons(running: bool) -> tuple:
+    """The updates of the Invert, Edit, Compare and Stop buttons: the job buttons while nothing of this page runs,
+    Stop while something does."""
+    return (*(gr.update(interactive=not running),) * 3, gr.update(interactive=running))
+
+
+def _editor_name(editor: str) -> str:
+    return dict((value, label) for label, value in EDITORS).get(editor, str(editor))
 
 
 def launch(demo: gr.Blocks, **kwargs):

@@ -175,6 +175,7 @@ def test_fatezero_edits_through_the_same_endpoint_from_the_cached_inversion(serv
     (path, status, details), calls = unet.during(client.predict, video, SOURCE, target, editor="fatezero",
                                                  api_name="/edit")
     assert details["editor"] == "fatezero" and details["inversion_cache_hit"] is True
+    assert status.startswith("**Edit** with FateZero to")  # the status names the editor
     assert details["freeu"] is False  # FateZero's default: no FreeU
     assert calls == STEPS  # one UNet call per step on the source and both edit groups, no inversion
     assert num_frames(path) == FRAMES
@@ -694,3 +695,112 @@ def test_the_endpoints_are_mcp_tools_with_their_parameters_described(served):
 def test_stem_mcp_turns_the_mcp_server_on(monkeypatch):
     monkeypatch.setenv("STEM_MCP", "1")
     assert app.parse_args([]).mcp
+
+
+def _components(demo) -> dict:
+    return {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+
+
+def test_the_page_step_refuses_bad_input_at_once_and_the_status_keeps_the_sentence(served, clip, tmp_path):
+    """The unqueued step before a job checks its input (22.3): no queue, no model; its sentence stays for the status."""
+    import gradio as gr
+
+    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder(tmp_path))
+    request = SimpleNamespace(session_hash="page-1")
+    names = {name: name for name in app.ENDPOINT_INPUTS["edit"]} | {"randomize": "randomize"}
+    start = jobs.starting("edit", names)
+    good = {**app.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "target_prompt": "a golden ball",
+            "randomize": False}
+    with jobs._model_lock:  # another job holds the model: the answer does not wait for it
+        for bad, sentence in ((dict(target_prompt=""), "Type a target prompt"),
+                              (dict(source_prompt=" "), "Describe the input video in the source prompt"),
+                              (dict(freeu_b1=app.Refused("The FreeU b1 box is empty; type a number in it.")),
+                               "The FreeU b1 box is empty"),
+                              (dict(editor="fatezero", blend_words="car"), "blend word 'car' is not in the source"),
+                              (dict(video=None), "Upload a video")):
+            before = served.unet.count()
+            with pytest.raises(gr.Error, match=re.escape(sentence)):
+                start({**good, **bad}, request)
+            assert served.unet.count() == before
+            status, _, _, *buttons = jobs.failed(None, None, request)
+            assert sentence in status and [b["interactive"] for b in buttons] == [True, True, True, False]
+        seed, status, shown, *buttons = start(good, request)
+    assert seed == SMALL.get("seed", 0) and status.startswith("**Editing** with TokenFlow")
+    assert [b["interactive"] for b in buttons] == [False, False, False, True]  # Invert, Edit, Compare off; Stop on
+    assert [b["interactive"] for b in jobs.stop(None, None, None, None, request)[-4:]] == [True, True, True, False]
+    status = jobs.failed(None, None, request)[0]  # a job stopped while queued: its failure says so
+    assert "Stopped" in status and "corner" not in status
+    assert "corner" not in jobs.failed(None, None, request)[0]  # nothing to tell: no message to look for
+
+
+def test_an_upload_is_checked_when_it_arrives(served, clip, tmp_path):
+    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder(tmp_path))
+    (tmp_path / "notes.mp4").write_bytes(b"this is a text file, not a video\n")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    assert jobs.uploaded(str(tmp_path / "notes.mp4"))[0] == "⚠️ " + app.NOT_A_VIDEO.format(name="notes.mp4")
+    assert "'empty.mp4' is empty (0 bytes)" in jobs.uploaded(str(tmp_path / "empty.mp4"))[0]
+    assert jobs.uploaded(str(clip))[0].startswith("New clip")
+    assert jobs.uploaded(None)[0].startswith("New clip")  # the box was cleared
+
+
+def test_each_editors_settings_show_only_while_it_is_chosen(served):
+    demo = app.build_app(served.engine, defaults=SMALL, results=app.ResultFolder())
+    boxes = _components(demo)
+    assert boxes["tokenflow-settings"].visible and not boxes["fatezero-settings"].visible
+    inside = {kind: {getattr(child, "label", None) for child in _descendants(boxes[f"{kind}-settings"])}
+              for kind in ("tokenflow", "fatezero")}
+    assert {"PnP attention threshold", "Batch size (frames per keyframe)"} <= inside["tokenflow"]
+    assert {"Blend words", "Reweight", "Blend threshold"} <= inside["fatezero"]
+    negative, tokenflow, fatezero = app._chose_editor("fatezero")
+    assert negative == "" and not tokenflow["visible"] and fatezero["visible"]
+    negative, tokenflow, fatezero = app._chose_editor("tokenflow")
+    assert negative == app.DEFAULT_NEGATIVE_PROMPT and tokenflow["visible"] and not fatezero["visible"]
+
+
+def _descendants(block):
+    for child in getattr(block, "children", []):
+        yield child
+        yield from _descendants(child)
+
+
+def test_every_setting_says_what_it_changes(served):
+    demo = app.build_app(served.engine, defaults=SMALL, results=app.ResultFolder())
+    controls = [b for b in demo.blocks.values() if getattr(b, "interactive", None) is not False
+                and type(b).__name__ in ("Slider", "Number", "Radio", "Textbox", "Checkbox")]
+    assert len(controls) >= len(app.CONTROL_HELP)
+    for control in controls:
+        assert control.info and len(control.info) > 20, control.label
+        assert not getattr(control, "buttons", None), control.label  # no "Reset to default value" stops (22.14)
+    assert set(app.CONTROL_HELP) == {n for names in app.ENDPOINT_INPUTS.values() for n in names} - {
+        "video", "source_prompt", "target_prompt"}
+
+
+def _theme_colours(css: str, block: str) -> dict:
+    """The --name: value pairs of one block (':root' or '.dark') of the theme's CSS."""
+    body = css[css.index(block + " {") if block + " {" in css else css.index(block + "{"):]
+    body = body[body.index("{") + 1:body.index("}")]
+    return dict((k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in body.split(";") if ":" in line))
+
+
+def _luminance(hex_colour: str) -> float:
+    value = {"white": "#ffffff", "black": "#000000"}.get(hex_colour, hex_colour).lstrip("#")
+    channels = [int(value[i:i + 2], 16) / 255 for i in (0, 2, 4)]
+    linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def test_edit_and_stop_have_a_contrast_of_at_least_4_5_to_1_in_light_and_dark(served):
+    css = app.THEME._get_theme_css()
+    light = _theme_colours(css, ":root")
+    for block, names in ((":root", light), (".dark", {**light, **_theme_colours(css, ".dark")})):
+        def colour(name):
+            value = names[name]
+            while value.startswith("var("):
+                value = names[value[4:-1]]
+            return value
+        for variant in ("primary", "cancel"):
+            for state in ("", "-hover"):
+                text = _luminance(colour(f"--button-{variant}-text-color"))
+                fill = _luminance(colour(f"--button-{variant}-background-fill{state}"))
+                ratio = (max(text, fill) + 0.05) / (min(text, fill) + 0.05)
+                assert ratio >= 4.5, (block, variant, state, ratio)
