@@ -34,6 +34,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app  # conftest.py has set GRADIO_ANALYTICS_ENABLED=False and HF_HUB_OFFLINE=1 before this
+from stem import app_jobs
 from stem import Engine, LatentCache, StemError
 from stem.models import TINY_WARNING
 from stem.video import read_video, write_video
@@ -54,7 +55,7 @@ def free_port() -> int:
 
 def serve(engine_or_model, tmp_path, defaults=SMALL, **kwargs) -> tuple:
     """Launch the app on a free local port, its results under tmp_path; returns (demo, client)."""
-    demo = app.build_app(engine_or_model, defaults=defaults, results=app.ResultFolder(tmp_path), **kwargs)
+    demo = app.build_app(engine_or_model, defaults=defaults, results=app_jobs.ResultFolder(tmp_path), **kwargs)
     app.launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
     return demo, Client(demo.local_url, verbose=False)
 
@@ -110,7 +111,7 @@ def served(tmp_path_factory, tiny_parts):
     cache = tmp_path_factory.mktemp("cache")
     engine = Engine("tiny-random", cache=LatentCache(cache)).use_parts(tiny_parts)
     unet = UnetGate(engine.parts.unet)
-    demo, client = serve(engine, tmp_path_factory.mktemp("results"), max_pixels=app.parse_limit("16x256"))
+    demo, client = serve(engine, tmp_path_factory.mktemp("results"), max_pixels=app_jobs.parse_limit("16x256"))
     yield SimpleNamespace(engine=engine, unet=unet, client=client, cache=cache, url=demo.local_url)
     unet.open.set()
     demo.close()
@@ -217,8 +218,8 @@ def test_a_cancelled_job_stops_within_one_step_and_the_next_one_runs(served, cli
 
 
 def test_closing_the_page_stops_its_job(served, clip, tmp_path):
-    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder(tmp_path))
-    values = {**app.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "steps": 6}
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
+    values = {**app_jobs.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "steps": 6}
     page, outcome = SimpleNamespace(session_hash="page-1"), {}
 
     def job():
@@ -250,7 +251,7 @@ def test_the_readme_snippet_runs_as_written_against_a_cpu_server(tmp_path, tiny_
     assert 'Client("http://127.0.0.1:7860/")' in snippet
     engine = Engine("tiny-random", cache=LatentCache(tmp_path / "cache")).use_parts(tiny_parts)
     # `python app.py` on a CPU: the CPU limit and the page's defaults (16 frames at 256 px), only fewer steps
-    demo, _ = serve(engine, tmp_path, defaults=dict(steps=2, bases=8, iters=2), max_pixels=app.parse_limit(app.CPU_LIMIT))
+    demo, _ = serve(engine, tmp_path, defaults=dict(steps=2, bases=8, iters=2), max_pixels=app_jobs.parse_limit(app_jobs.CPU_LIMIT))
     monkeypatch.chdir(ROOT)
     scope: dict = {}
     try:
@@ -264,11 +265,11 @@ def test_the_readme_snippet_runs_as_written_against_a_cpu_server(tmp_path, tiny_
 
 def test_the_apis_defaults_are_the_pages(served):
     params = {p["parameter_name"]: p for p in served.client.view_api(return_format="dict")["named_endpoints"]["/edit"]["parameters"]}
-    assert list(params) == list(app.ENDPOINT_INPUTS["edit"])
+    assert list(params) == list(app_jobs.ENDPOINT_INPUTS["edit"])
     assert {name: params[name]["parameter_default"] for name in SMALL} == SMALL
-    cpu = app.build_app(served.engine, max_pixels=app.parse_limit(app.CPU_LIMIT), results=app.ResultFolder())
-    gpu = app.build_app(served.engine, max_pixels=app.parse_limit(app.GPU_LIMIT), results=app.ResultFolder())
-    tiny = app.build_app(served.engine, max_pixels=app.parse_limit("4x64"), results=app.ResultFolder())
+    cpu = app.build_app(served.engine, max_pixels=app_jobs.parse_limit(app_jobs.CPU_LIMIT), results=app_jobs.ResultFolder())
+    gpu = app.build_app(served.engine, max_pixels=app_jobs.parse_limit(app_jobs.GPU_LIMIT), results=app_jobs.ResultFolder())
+    tiny = app.build_app(served.engine, max_pixels=app_jobs.parse_limit("4x64"), results=app_jobs.ResultFolder())
     for demo, frames, size in ((cpu, 16, 256), (gpu, 16, 512), (tiny, 4, 64)):  # always within the limit
         info = {p["parameter_name"]: p["parameter_default"]
                 for p in demo.get_api_info()["named_endpoints"]["/edit"]["parameters"]}
@@ -310,7 +311,7 @@ def test_wrong_typed_api_values_are_one_sentence_naming_the_control_before_any_w
         served.client.predict(handle_file(str(clip)), **args, api_name=api)
     assert str(error.value).startswith(sentence) and "Traceback" not in str(error.value)
     assert served.unet.count() == before  # nothing inverted, nothing cached
-    assert app._number("steps", "3", whole=True) == 3 and app._number("guidance", 256.0, whole=False) == 256.0
+    assert app_jobs._number("steps", "3", whole=True) == 3 and app_jobs._number("guidance", 256.0, whole=False) == 256.0
 
 
 def test_edit_needs_a_target_prompt(served, clip):
@@ -329,11 +330,11 @@ def test_the_frames_x_size_limit_is_enforced(served, clip):
 
 
 def test_all_frames_means_all_up_to_the_limit_and_the_status_says_so(served, clip):
-    jobs = app.Jobs(served.engine, max_pixels=3 * 64**2, results=app.ResultFolder())
-    settings = jobs._settings({**app.DEFAULTS, **SMALL, "source_prompt": SOURCE, "frames": 0})  # 0: all of them
+    jobs = app_jobs.Jobs(served.engine, max_pixels=3 * 64**2, results=app_jobs.ResultFolder())
+    settings = jobs._settings({**app_jobs.DEFAULTS, **SMALL, "source_prompt": SOURCE, "frames": 0})  # 0: all of them
     video, note = jobs._clip(str(clip), settings)
     assert video.num_frames == 3 and note == " Used 3 of 6 frames (the limit at 64 px)."
-    everything = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder())
+    everything = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder())
     video, note = everything._clip(str(clip), settings)
     assert video.num_frames == 6 and note == ""
 
@@ -389,7 +390,7 @@ def test_a_gif_becomes_an_mp4_for_the_player(served, tmp_path):
     gif = tmp_path / "Wave (1).gif"
     images = [Image.fromarray(np.full((40, 60, 3), (30 * i, 90, 200 - 30 * i), np.uint8)) for i in range(5)]
     images[0].save(gif, save_all=True, append_images=images[1:], duration=100, loop=0)
-    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder(tmp_path))
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
     video = read_video(jobs.gif_to_video(str(gif)), size=64)
     assert Path(video.source).name == "wave-1.mp4"
     assert video.num_frames == 5 and video.fps == pytest.approx(10.0)
@@ -414,7 +415,7 @@ class Bar:
 def test_one_bar_for_the_whole_job_with_the_step_and_the_time_left():
     bar, now = Bar(), [0.0]
     phases = [("encoding", 1.0), ("inverting", 4.0), ("decoding", 1.0), ("decoding", 1.0), ("editing", 8.0)]
-    report = app.JobProgress(bar, phases, clock=lambda: now[0])
+    report = app_jobs.JobProgress(bar, phases, clock=lambda: now[0])
     report("loading", 0, 1)
     for done in (1, 2):
         report("encoding", done, 2)
@@ -438,17 +439,17 @@ def test_one_bar_for_the_whole_job_with_the_step_and_the_time_left():
 
 def test_a_cached_inversion_leaves_the_plan_and_stop_raises():
     bar, stop = Bar(), threading.Event()
-    report = app.JobProgress(bar, app.job_phases("edit", frames=4, steps=2, batch_size=2), stop)
+    report = app_jobs.JobProgress(bar, app_jobs.job_phases("edit", frames=4, steps=2, batch_size=2), stop)
     report("editing", 0, 2)  # the inversion came from the cache
     report("editing", 1, 2)
     assert bar.shown[-1][0] == pytest.approx(0.5 * 36 / (36 + 6))  # editing 3*(4+2)*2 = 36, decoding 1.5*4 = 6
     stop.set()
-    with pytest.raises(app.Stopped):
+    with pytest.raises(app_jobs.Stopped):
         report("editing", 2, 2)
 
 
 def test_the_zerogpu_duration_grows_with_the_work():
-    est = app.estimate_gpu_seconds
+    est = app_jobs.estimate_gpu_seconds
     # an independent count of the UNet frame-calls of a 16-frame, 50-step edit at 512 px, batch 8:
     # VAE encode 16 x 0.7, inversion + reconstruction 2 x 50 x 16 x 1.1 (STEM), two decodings 2 x 16 x 1.5,
     # editing 50 x 3 x (16 + 2 keyframes), a last decoding 16 x 1.5; 0.02 s each, plus 15 s
@@ -472,11 +473,11 @@ def test_jobs_run_under_spaces_gpu_with_a_duration_for_their_frames(served, clip
         return wrap
 
     monkeypatch.setitem(sys.modules, "spaces", SimpleNamespace(GPU=gpu))
-    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder(tmp_path))
-    values = {**app.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "frames": 0}
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
+    values = {**app_jobs.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "frames": 0}
     path, status, _ = anyio.run(jobs.run, "invert", values, lambda *a, **k: None, None)
     assert num_frames(path) == 6  # all of the clip's 6 frames
-    assert asked == [app.estimate_gpu_seconds("invert", 6, SIZE, STEPS, "stem", 2)]
+    assert asked == [app_jobs.estimate_gpu_seconds("invert", 6, SIZE, STEPS, "stem", 2)]
 
 
 @pytest.mark.parametrize("source, kind, detail, name", [
@@ -488,7 +489,7 @@ def test_jobs_run_under_spaces_gpu_with_a_duration_for_their_frames(served, clip
     ("/tmp/g/视频.mp4", "edited", "x" * 80, "clip-edited-" + "x" * 48 + ".mp4"),
 ])
 def test_output_names_say_which_clip_and_what_was_done(source, kind, detail, name):
-    assert app.output_name(source, kind, detail) == name
+    assert app_jobs.output_name(source, kind, detail) == name
 
 
 @pytest.mark.parametrize("used, available, stride, requested, cap, note", [
@@ -500,12 +501,12 @@ def test_output_names_say_which_clip_and_what_was_done(source, kind, detail, nam
     (16, None, 1, 0, 16, ""),  # unknown length: no claim
 ])
 def test_the_status_says_when_frames_were_left_out(used, available, stride, requested, cap, note):
-    assert app.frames_note(used, available, stride, requested, cap, 256) == note
+    assert app_jobs.frames_note(used, available, stride, requested, cap, 256) == note
 
 
 def test_the_seed_box():
-    assert app.pick_seed(5, False) == 5
-    seeds = {app.pick_seed(5, True) for _ in range(5)}
+    assert app_jobs.pick_seed(5, False) == 5
+    seeds = {app_jobs.pick_seed(5, True) for _ in range(5)}
     assert len(seeds) > 1 and all(0 <= s < 2**31 for s in seeds)
 
 
@@ -519,14 +520,14 @@ def test_examples_are_cached_lazily_on_spaces_only():
 
 def test_result_folders_of_ended_processes_are_swept_and_ours_goes_at_exit(tmp_path, monkeypatch):
     at_exit = []
-    monkeypatch.setattr(app.atexit, "register", at_exit.append)
+    monkeypatch.setattr(app_jobs.atexit, "register", at_exit.append)
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead, alive = tmp_path / f"stem-app-{ended.stdout.strip()}-x", tmp_path / f"stem-app-{os.getpid()}-y"
     old, fresh, other = tmp_path / "stem-app-old", tmp_path / "stem-app-new", tmp_path / "unrelated"
     for folder in (dead, alive, old, fresh, other):
         (folder / "r").mkdir(parents=True)
-    os.utime(old, (time.time() - 2 * app.OUTPUT_TTL_SECONDS,) * 2)
-    results = app.ResultFolder(tmp_path)
+    os.utime(old, (time.time() - 2 * app_jobs.OUTPUT_TTL_SECONDS,) * 2)
+    results = app_jobs.ResultFolder(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (alive, fresh, other))
     assert results.root is None  # made on first use only: a failed launch leaves nothing
     path = results.new_path("a.mp4")
@@ -562,11 +563,11 @@ def test_a_busy_port_is_one_sentence(capsys, monkeypatch, tmp_path):
 
 
 def test_limits_and_command_line(monkeypatch):
-    assert app.parse_limit("48x512") == 48 * 512 * 512
-    assert app.parse_limit("1000000") == 1_000_000
+    assert app_jobs.parse_limit("48x512") == 48 * 512 * 512
+    assert app_jobs.parse_limit("1000000") == 1_000_000
     for bad in ("48 by 512", "0x512", "-3", ""):
         with pytest.raises(StemError, match="FRAMESxSIZE"):
-            app.parse_limit(bad)
+            app_jobs.parse_limit(bad)
     monkeypatch.delenv("SPACE_ID", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     monkeypatch.setenv("STEM_MODEL", "tiny-random")
@@ -581,13 +582,13 @@ def test_limits_and_command_line(monkeypatch):
 
 
 def test_the_endpoints_take_one_list_of_inputs():
-    jobs = app.Jobs(Engine("tiny-random"), max_pixels=16 * 64**2, results=app.ResultFolder())
-    for kind, names in app.ENDPOINT_INPUTS.items():
+    jobs = app_jobs.Jobs(Engine("tiny-random"), max_pixels=16 * 64**2, results=app_jobs.ResultFolder())
+    for kind, names in app_jobs.ENDPOINT_INPUTS.items():
         params = list(inspect.signature(jobs.endpoint(kind)).parameters)
         assert params == [*names, "progress", "request"]
-    settings_fields = set().union(*(typing.get_type_hints(cls) for cls in app.EDIT_SETTINGS.values()))
-    assert set(app.EDIT_INPUTS) <= settings_fields | set(app.FREEU_INPUTS)
-    assert set(app.DEFAULTS) == set(app.INVERSION_INPUTS) | set(app.EDIT_INPUTS) | set(app.CONTROL_INPUTS)
+    settings_fields = set().union(*(typing.get_type_hints(cls) for cls in app_jobs.EDIT_SETTINGS.values()))
+    assert set(app_jobs.EDIT_INPUTS) <= settings_fields | set(app_jobs.FREEU_INPUTS)
+    assert set(app_jobs.DEFAULTS) == set(app_jobs.INVERSION_INPUTS) | set(app_jobs.EDIT_INPUTS) | set(app_jobs.CONTROL_INPUTS)
 
 
 # -- frames too large to decode: one sentence, before any pixel is decoded -------------------------
@@ -606,7 +607,7 @@ def test_a_20000_by_20000_upload_is_one_sentence_and_the_app_keeps_serving(serve
     with pytest.raises(AppError) as error:  # used to be Gradio's generic text over a DecompressionBombError
         served.client.predict(handle_file(str(huge)), SOURCE, api_name="/invert")
     assert "'huge.gif' has 400,000,000-pixel frames, too large for this app to read; scale it down" in str(error.value)
-    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder(tmp_path / "results"))
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path / "results"))
     with pytest.raises(Exception, match=r"'huge\.gif' has 400,000,000-pixel frames, too large for this app"):
         jobs.gif_to_video(str(huge))  # the GIF upload button
     path, _, _ = served.client.predict(handle_file(str(clip)), SOURCE, api_name="/invert")  # still serving
@@ -627,7 +628,7 @@ def test_a_cache_that_cannot_store_results_costs_reuse_not_the_result(tiny_parts
     blocker.write_text("not a folder")
     engine = Engine("tiny-random", cache=LatentCache(blocker / "cache")).use_parts(tiny_parts)
     (tmp_path / "results").mkdir()
-    demo, client = serve(engine, tmp_path / "results", max_pixels=app.parse_limit("16x256"))
+    demo, client = serve(engine, tmp_path / "results", max_pixels=app_jobs.parse_limit("16x256"))
     try:
         with caplog.at_level(logging.WARNING, logger="stem.app"):
             path, status, details = client.predict(handle_file(str(clip)), SOURCE, api_name="/invert")
@@ -648,10 +649,10 @@ def test_structure_guidance_through_the_api(served, clip):
 
 
 def test_empty_prompt_boxes_show_an_instruction_not_an_example_and_the_refusal_does_not_quote_it(served):
-    demo = app.build_app(served.engine, defaults=SMALL, results=app.ResultFolder())
+    demo = app.build_app(served.engine, defaults=SMALL, results=app_jobs.ResultFolder())
     boxes = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
-    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder())
-    values = {**app.DEFAULTS, **SMALL, "source_prompt": "", "target_prompt": ""}
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder())
+    values = {**app_jobs.DEFAULTS, **SMALL, "source_prompt": "", "target_prompt": ""}
     for elem_id, refuse in (("source-prompt", lambda: jobs._settings(values)),
                             ("target-prompt", lambda: jobs._edit_settings(values))):
         placeholder = boxes[elem_id].placeholder
@@ -662,7 +663,7 @@ def test_empty_prompt_boxes_show_an_instruction_not_an_example_and_the_refusal_d
 
 
 def test_the_api_names_every_output(served):
-    demo = app.build_app(served.engine, defaults=SMALL, results=app.ResultFolder())
+    demo = app.build_app(served.engine, defaults=SMALL, results=app_jobs.ResultFolder())
     endpoints = demo.get_api_info()["named_endpoints"]
     for kind in ("/invert", "/edit", "/compare"):
         labels = [r["label"] for r in endpoints[kind]["returns"]]
@@ -674,7 +675,7 @@ def test_the_endpoints_are_mcp_tools_with_their_parameters_described(served):
     import urllib.request
 
     pytest.importorskip("mcp")
-    demo = app.build_app(served.engine, defaults=SMALL, results=app.ResultFolder())
+    demo = app.build_app(served.engine, defaults=SMALL, results=app_jobs.ResultFolder())
     app.launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
                mcp_server=True)
     try:
@@ -685,9 +686,9 @@ def test_the_endpoints_are_mcp_tools_with_their_parameters_described(served):
     assert set(tools) == {"invert", "edit", "compare"}
     for name, tool in tools.items():
         properties = tool["inputSchema"]["properties"]
-        assert list(properties) == list(app.ENDPOINT_INPUTS[name])
+        assert list(properties) == list(app_jobs.ENDPOINT_INPUTS[name])
         for parameter, schema in properties.items():
-            assert schema["description"] == app.PARAMETER_HELP[parameter]
+            assert schema["description"] == app_jobs.PARAMETER_HELP[parameter]
     assert tools["edit"]["description"].startswith("Edit the clip towards the target prompt")
     assert app.parse_args(["--mcp"]).mcp and not app.parse_args([]).mcp
 
@@ -705,16 +706,16 @@ def test_the_page_step_refuses_bad_input_at_once_and_the_status_keeps_the_senten
     """The unqueued step before a job checks its input (22.3): no queue, no model; its sentence stays for the status."""
     import gradio as gr
 
-    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder(tmp_path))
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
     request = SimpleNamespace(session_hash="page-1")
-    names = {name: name for name in app.ENDPOINT_INPUTS["edit"]} | {"randomize": "randomize"}
+    names = {name: name for name in app_jobs.ENDPOINT_INPUTS["edit"]} | {"randomize": "randomize"}
     start = jobs.starting("edit", names)
-    good = {**app.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "target_prompt": "a golden ball",
+    good = {**app_jobs.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "target_prompt": "a golden ball",
             "randomize": False}
     with jobs._model_lock:  # another job holds the model: the answer does not wait for it
         for bad, sentence in ((dict(target_prompt=""), "Type a target prompt"),
                               (dict(source_prompt=" "), "Describe the input video in the source prompt"),
-                              (dict(freeu_b1=app.Refused("The FreeU b1 box is empty; type a number in it.")),
+                              (dict(freeu_b1=app_jobs.Refused("The FreeU b1 box is empty; type a number in it.")),
                                "The FreeU b1 box is empty"),
                               (dict(editor="fatezero", blend_words="car"), "blend word 'car' is not in the source"),
                               (dict(video=None), "Upload a video")):
@@ -734,17 +735,17 @@ def test_the_page_step_refuses_bad_input_at_once_and_the_status_keeps_the_senten
 
 
 def test_an_upload_is_checked_when_it_arrives(served, clip, tmp_path):
-    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder(tmp_path))
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
     (tmp_path / "notes.mp4").write_bytes(b"this is a text file, not a video\n")
     (tmp_path / "empty.mp4").write_bytes(b"")
-    assert jobs.uploaded(str(tmp_path / "notes.mp4"))[0] == "⚠️ " + app.NOT_A_VIDEO.format(name="notes.mp4")
+    assert jobs.uploaded(str(tmp_path / "notes.mp4"))[0] == "⚠️ " + app_jobs.NOT_A_VIDEO.format(name="notes.mp4")
     assert "'empty.mp4' is empty (0 bytes)" in jobs.uploaded(str(tmp_path / "empty.mp4"))[0]
     assert jobs.uploaded(str(clip))[0].startswith("New clip")
     assert jobs.uploaded(None)[0].startswith("New clip")  # the box was cleared
 
 
 def test_each_editors_settings_show_only_while_it_is_chosen(served):
-    demo = app.build_app(served.engine, defaults=SMALL, results=app.ResultFolder())
+    demo = app.build_app(served.engine, defaults=SMALL, results=app_jobs.ResultFolder())
     boxes = _components(demo)
     assert boxes["tokenflow-settings"].visible and not boxes["fatezero-settings"].visible
     inside = {kind: {getattr(child, "label", None) for child in _descendants(boxes[f"{kind}-settings"])}
@@ -764,14 +765,14 @@ def _descendants(block):
 
 
 def test_every_setting_says_what_it_changes(served):
-    demo = app.build_app(served.engine, defaults=SMALL, results=app.ResultFolder())
+    demo = app.build_app(served.engine, defaults=SMALL, results=app_jobs.ResultFolder())
     controls = [b for b in demo.blocks.values() if getattr(b, "interactive", None) is not False
                 and type(b).__name__ in ("Slider", "Number", "Radio", "Textbox", "Checkbox")]
-    assert len(controls) >= len(app.CONTROL_HELP)
+    assert len(controls) >= len(app_jobs.CONTROL_HELP)
     for control in controls:
         assert control.info and len(control.info) > 20, control.label
         assert not getattr(control, "buttons", None), control.label  # no "Reset to default value" stops (22.14)
-    assert set(app.CONTROL_HELP) == {n for names in app.ENDPOINT_INPUTS.values() for n in names} - {
+    assert set(app_jobs.CONTROL_HELP) == {n for names in app_jobs.ENDPOINT_INPUTS.values() for n in names} - {
         "video", "source_prompt", "target_prompt"}
 
 

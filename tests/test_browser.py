@@ -43,12 +43,13 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_parts):
     import app  # conftest.py has set GRADIO_ANALYTICS_ENABLED=False before this
+    from stem import app_jobs
     from stem import Engine, LatentCache
 
     engine = Engine("tiny-random", cache=LatentCache(tmp_path_factory.mktemp("cache"))).use_parts(tiny_parts)
     gate = UnetGate(engine.parts.unet)
     demo = app.build_app(engine, defaults=dict(bases=8, iters=2, steps=STEPS, frames=FRAMES, size=128, batch_size=3),
-                         results=app.ResultFolder(tmp_path_factory.mktemp("results")))
+                         results=app_jobs.ResultFolder(tmp_path_factory.mktemp("results")))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
