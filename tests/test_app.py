@@ -437,6 +437,34 @@ def test_one_bar_for_the_whole_job_with_the_step_and_the_time_left():
     assert texts[6] == "Inverting: step 4 of 4 · about 9 s left"
 
 
+def test_compares_time_left_times_the_stem_inversion_at_its_own_pace():
+    """22.5: DDIM at 1 s per unit of work, STEM at 3 (as on a CPU with the tiny model): half-way through STEM's
+    inversion the time left is STEM's own work left at its own pace, not at DDIM's."""
+    bar, now = Bar(), [0.0]
+    phases = app_jobs.job_phases("compare", frames=4, steps=10)
+    seconds_per_unit = {"DDIM": 1.0, "STEM": 3.0}
+    report = app_jobs.JobProgress(bar, phases, clock=lambda: now[0])
+    steps = 10
+    truth = None
+    for index, (name, work) in enumerate(phases):
+        group = name.split(" · ")[0]
+        for done in range(1, steps + 1):
+            now[0] += work / steps * seconds_per_unit[group]
+            report(name, done, steps)
+            if name == "STEM · inverting" and done == steps // 2:
+                left = sum(w for _, w in phases[index + 1:]) + work / 2
+                truth = left * seconds_per_unit["STEM"]
+                shown = bar.shown[-1][1]
+                break
+        if truth is not None:
+            break
+    minutes, seconds = re.search(r"about (?:(\d+) min )?(\d+) s left", shown).groups()
+    estimate = int(minutes or 0) * 60 + int(seconds)
+    assert estimate == pytest.approx(truth, rel=0.1), shown
+    overall = now[0] / sum(w for _, w in phases[:index] + [(None, work / 2)])  # the whole job's pace so far
+    assert overall * left < 0.75 * truth  # what one pace for the whole job would have said
+
+
 def test_a_cached_inversion_leaves_the_plan_and_stop_raises():
     bar, stop = Bar(), threading.Event()
     report = app_jobs.JobProgress(bar, app_jobs.job_phases("edit", frames=4, steps=2, batch_size=2), stop)
