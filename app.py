@@ -31,7 +31,8 @@ import torch
 
 from stem import Engine, LatentCache, StemError
 from stem.app_jobs import (
-    CONTROL_HELP, CPU_LIMIT, DEFAULTS, EDITORS, ENDPOINT_INPUTS, GPU_LIMIT, OUTPUT_TTL_SECONDS, Jobs, ResultFolder,
+    CONTROL_HELP, CPU_DEFAULTS, CPU_LIMIT, DEFAULTS, EDITORS, ENDPOINT_INPUTS, GPU_LIMIT, OUTPUT_TTL_SECONDS, Jobs,
+    ResultFolder,
     button_states, check_numbers, describe_limit, made_visible, parse_limit, stop_all_jobs,
 )
 from stem.editing import DEFAULT_NEGATIVE_PROMPT
@@ -108,12 +109,12 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
     """
     engine = engine_or_model if isinstance(engine_or_model, Engine) else Engine(
         engine_or_model, cache=LatentCache(cache_dir))
+    on_cpu = torch.device(engine.device or default_device()).type == "cpu"
     if max_pixels is None:
-        on_gpu_device = torch.device(engine.device or default_device()).type != "cpu"
-        max_pixels = parse_limit(GPU_LIMIT if on_gpu_device else CPU_LIMIT)
-    d = {**DEFAULTS, **(defaults or {})}
+        max_pixels = parse_limit(CPU_LIMIT if on_cpu else GPU_LIMIT)
+    d = {**DEFAULTS, **(CPU_DEFAULTS if on_cpu else {}), **(defaults or {})}
     if d["frames"] * d["size"] ** 2 > max_pixels and "size" not in (defaults or {}):
-        # start within the limit (on a CPU: 16 frames at 256 px), so the defaults always run
+        # start within the limit (on a CPU: 8 frames at 256 px), so the defaults always run
         d["size"] = max(64, math.isqrt(max_pixels // max(d["frames"], 1)) // 32 * 32)
         d["frames"] = max(1, min(d["frames"], max_pixels // d["size"] ** 2))
     scorer = None
@@ -143,6 +144,10 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                     "many prompts as you like: the inversion is cached and reused.")
         if engine.model == TINY_MODEL:
             gr.Markdown(f"⚠️ **{TINY_WARNING}**", elem_id="tiny-note")
+        elif on_cpu:
+            gr.Markdown(f"⏱ **This server runs on a CPU: a job takes minutes.** The page starts with {d['frames']} "
+                        f"frames and {d['steps']} steps; the status says how long a job will take as it starts.",
+                        elem_id="cpu-note")
         c: dict[str, gr.components.Component] = {}  # the endpoints' inputs, by parameter name
         with gr.Row():
             with gr.Column():

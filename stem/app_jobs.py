@@ -39,6 +39,7 @@ from stem.editing import (
     DEFAULT_NEGATIVE_PROMPT, FateZeroSettings, FreeUSettings, TokenFlowSettings, edit_metrics, edit_video, parse_reweight,
 )
 from stem.files import pid_alive
+from stem.models import TINY_MODEL, default_device
 from stem.video import DEFAULT_MAX_FRAMES, SourceTooLarge, Video, copy_audio, open_image, side_by_side
 
 GPU_LIMIT, CPU_LIMIT = "48x512", "16x256"  # per job: frames x size, i.e. frames * size**2 pixels at most
@@ -136,6 +137,8 @@ DEFAULTS = dict(method="stem", bases=256, iters=5, steps=50, frames=16, stride=1
                 editor="tokenflow", guidance=7.5, negative_prompt=DEFAULT_NEGATIVE_PROMPT, pnp_attn=0.5, pnp_conv=0.8,
                 batch_size=8, propagation="previous", self_replace=0.6, cross_replace=0.8, blend_words="",
                 blend_threshold=0.3, reweight="", freeu="default", freeu_b1=1.2, freeu_b2=1.4, freeu_s1=0.9, freeu_s2=0.2)
+# On a CPU the page starts with less work, so a visitor's first job ends in minutes (a GPU keeps DEFAULTS).
+CPU_DEFAULTS = dict(steps=10, frames=8, size=256)
 # Command-line flags named in the engine's messages -> the labels on this page.
 LABELS = {"--bases": "Bases K", "--iters": "EM iterations R", "--steps": "Steps", "--frames": "Frames",
           "--stride": "Stride", "--size": "Size", "--guidance": "Guidance scale", "--seed": "Seed",
@@ -164,6 +167,9 @@ EDITOR_STEP_COST = {"tokenflow": lambda n, m: 3 * (n + m),  # 3 groups (source, 
 # of about 2x over published throughput, plus a fixed part for text encoding, moving data and writing the
 # videos. On a whole H200 (assets/bench-gpu.md) a 48-frame STEM inversion estimated at 125 s took 40.7 s.
 GPU_SECONDS_PER_UNIT, GPU_FIXED_SECONDS = 0.02, 15
+# A CPU: seconds of one frame through the SD-1.5 UNet at 512 px with 2 threads (assets/bench-cpu.md: a DDIM
+# inversion step of 16 frames at 256 px took 11.8 s on 2 AMD EPYC cores, i.e. 0.74 s a frame at 256 px).
+CPU_SECONDS_PER_UNIT, CPU_THREADS_MEASURED = 2.9, 2
 PHASE_NAMES = {"loading": ("Loading the model", ""), "encoding": ("Encoding", "frame"),
                "inverting": ("Inverting", "step"), "reconstructing": ("Reconstructing", "step"),
                "decoding": ("Decoding", "frame"), "editing": ("Editing", "step")}
@@ -192,11 +198,22 @@ def job_phases(kind: str, frames: int, steps: int, method: str = "stem", batch_s
                                 ("decoding", VAE_DECODE_COST * frames)]
 
 
+def job_work(kind: str, frames: int, size: int, steps: int, method: str = "stem", batch_size: int = 8,
+             editor: str = "tokenflow") -> float:
+    """A job's work in UNet calls of one frame at 512 px: its phases' work scaled by the pixels per frame."""
+    return sum(w for _, w in job_phases(kind, frames, steps, method, batch_size, editor)) * (size / 512) ** 2
+
+
 def estimate_gpu_seconds(kind: str, frames: int, size: int, steps: int, method: str = "stem", batch_size: int = 8,
                          editor: str = "tokenflow") -> int:
     """Seconds of GPU a job may take on ZeroGPU (its `duration`): all its work, scaled by the pixels per frame."""
-    work = sum(w for _, w in job_phases(kind, frames, steps, method, batch_size, editor))
-    return math.ceil(GPU_FIXED_SECONDS + work * GPU_SECONDS_PER_UNIT * (size / 512) ** 2)
+    work = job_work(kind, frames, size, steps, method, batch_size, editor)
+    return math.ceil(GPU_FIXED_SECONDS + work * GPU_SECONDS_PER_UNIT)
+
+
+def estimate_cpu_seconds(work: float, threads: int) -> float:
+    """Seconds a job of `work` (see job_work) takes with SD 1.5 on `threads` CPU threads, about."""
+    return work * CPU_SECONDS_PER_UNIT * CPU_THREADS_MEASURED / max(threads, 1)
 
 
 def on_gpu(fn: Callable, duration: Callable[..., int]) -> Callable:
@@ -619,7 +636,7 @@ class Jobs:
                 self._remember(session, f"⚠️ {error.message}")
                 raise
             editor = f" with {_editor_name(values['editor'])}" if kind == "edit" else ""
-            status = f"**{what}**{editor}… Press Stop to end it."
+            status = f"**{what}**{editor}… Press Stop to end it.{self.slow_job_note(kind, values)}"
             shown = (gr.update(visible=True),) * (2 if kind == "compare" else 1)
             return pick_seed(values["seed"], randomize), status, *shown, *button_states(running=True)
         return start
@@ -708,15 +725,29 @@ class Jobs:
 
     def gpu_seconds(self, kind: str, values: dict, progress=None) -> int:
         """ZeroGPU's duration for `_compute(kind, values, progress)`: estimate_gpu_seconds for the frames it will use."""
+        return estimate_gpu_seconds(kind, *self._job_size(values))
+
+    def slow_job_note(self, kind: str, values: dict) -> str:
+        """On a CPU with a real model, the status's warning of a job that takes more than a minute, with the time."""
+        on_cpu = torch.device(self.engine.device or default_device()).type == "cpu"
+        if not on_cpu or self.engine.model == TINY_MODEL:
+            return ""
+        seconds = estimate_cpu_seconds(job_work(kind, *self._job_size(values)), torch.get_num_threads())
+        if seconds < 60:
+            return ""
+        return (f" On this CPU it takes about {_duration_text(seconds)} (less if the inversion is cached); fewer "
+                "frames or steps or a smaller size in Advanced go faster.")
+
+    def _job_size(self, values: dict) -> tuple:
+        """(frames it will use, size, steps, method, batch size, editor) of a job's checked values."""
         size, stride = int(values["size"]), max(1, int(values["stride"]))
         cap = min(self.max_pixels // size**2, DEFAULT_MAX_FRAMES)
         frames = int(values.get("frames") or 0) or cap
         available, _ = probe_clip(values["video"]) if values.get("video") else (None, False)
         if available:
             frames = min(frames, math.ceil(available / stride))
-        return estimate_gpu_seconds(kind, max(1, min(frames, cap)), size, int(values["steps"]),
-                                    values.get("method", "stem"), int(values.get("batch_size", 8)),
-                                    values.get("editor", "tokenflow"))
+        return (max(1, min(frames, cap)), size, int(values["steps"]), values.get("method", "stem"),
+                int(values.get("batch_size", 8)), values.get("editor", "tokenflow"))
 
     def _check_server(self, progress) -> None:
         """Load the model and check the cache folder; what the operator must fix goes to the log, not the page.

@@ -250,7 +250,7 @@ def test_the_readme_snippet_runs_as_written_against_a_cpu_server(tmp_path, tiny_
     snippet = re.search(r"```python\n(.*?)```", api, re.S).group(1)
     assert 'Client("http://127.0.0.1:7860/")' in snippet
     engine = Engine("tiny-random", cache=LatentCache(tmp_path / "cache")).use_parts(tiny_parts)
-    # `python app.py` on a CPU: the CPU limit and the page's defaults (16 frames at 256 px), only fewer steps
+    # `python app.py` on a CPU: the CPU limit and the page's CPU defaults (8 frames at 256 px), fewer steps still
     demo, _ = serve(engine, tmp_path, defaults=dict(steps=2, bases=8, iters=2), max_pixels=app_jobs.parse_limit(app_jobs.CPU_LIMIT))
     monkeypatch.chdir(ROOT)
     scope: dict = {}
@@ -258,8 +258,9 @@ def test_the_readme_snippet_runs_as_written_against_a_cpu_server(tmp_path, tiny_
         exec(snippet.replace("http://127.0.0.1:7860/", demo.local_url), scope)
     finally:
         demo.close()
-    assert read_video(scope["video"], size=256, max_frames=None).num_frames == 16
-    assert scope["status"].startswith("**Edit**") and "16 frames at 256×" in scope["status"]
+    frames = app_jobs.CPU_DEFAULTS["frames"]
+    assert read_video(scope["video"], size=256, max_frames=None).num_frames == frames
+    assert scope["status"].startswith("**Edit**") and f"{frames} frames at 256×" in scope["status"]
     assert scope["metrics"]["inversion_cache_hit"] is False
 
 
@@ -270,10 +271,14 @@ def test_the_apis_defaults_are_the_pages(served):
     cpu = app.build_app(served.engine, max_pixels=app_jobs.parse_limit(app_jobs.CPU_LIMIT), results=app_jobs.ResultFolder())
     gpu = app.build_app(served.engine, max_pixels=app_jobs.parse_limit(app_jobs.GPU_LIMIT), results=app_jobs.ResultFolder())
     tiny = app.build_app(served.engine, max_pixels=app_jobs.parse_limit("4x64"), results=app_jobs.ResultFolder())
-    for demo, frames, size in ((cpu, 16, 256), (gpu, 16, 512), (tiny, 4, 64)):  # always within the limit
+    # the engine runs on the CPU: its page starts with CPU_DEFAULTS, within each limit
+    steps, frames, size = (app_jobs.CPU_DEFAULTS[name] for name in ("steps", "frames", "size"))
+    cuda = app.build_app(Engine("tiny-random", device="cuda"), results=app_jobs.ResultFolder())  # not loaded
+    for demo, frames, size, steps in ((cpu, frames, size, steps), (gpu, frames, size, steps), (tiny, 4, 64, steps),
+                                      (cuda, 16, 512, 50)):  # a GPU keeps the full defaults
         info = {p["parameter_name"]: p["parameter_default"]
                 for p in demo.get_api_info()["named_endpoints"]["/edit"]["parameters"]}
-        assert (info["frames"], info["size"], info["steps"]) == (frames, size, 50)
+        assert (info["frames"], info["size"], info["steps"]) == (frames, size, steps)
 
 
 @pytest.mark.parametrize("name, content, args, sentence", [
@@ -833,3 +838,22 @@ def test_edit_and_stop_have_a_contrast_of_at_least_4_5_to_1_in_light_and_dark(se
                 fill = _luminance(colour(f"--button-{variant}-background-fill{state}"))
                 ratio = (max(text, fill) + 0.05) / (min(text, fill) + 0.05)
                 assert ratio >= 4.5, (block, variant, state, ratio)
+
+
+def test_on_a_cpu_a_slow_job_says_how_long_it_takes_as_it_starts(clip, tmp_path):
+    """22.12: a real model on a CPU: the start's status gives the time the cost model predicts; a GPU says nothing."""
+    import torch
+
+    values = {**app_jobs.DEFAULTS, **app_jobs.CPU_DEFAULTS, "video": str(clip), "size": 256, "frames": 0}
+    model = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # named, never loaded
+    jobs = app_jobs.Jobs(Engine(model, device="cpu"), max_pixels=16 * 256**2, results=app_jobs.ResultFolder(tmp_path))
+    note = jobs.slow_job_note("edit", values)
+    # the clip has 6 frames, so 6 are used (not the default's 8)
+    work = app_jobs.job_work("edit", 6, 256, values["steps"], "stem", values["batch_size"], "tokenflow")
+    seconds = app_jobs.estimate_cpu_seconds(work, torch.get_num_threads())
+    assert seconds > 60 and note.startswith(f" On this CPU it takes about {app_jobs._duration_text(seconds)}")
+    assert app_jobs.estimate_cpu_seconds(work, 4) == pytest.approx(app_jobs.estimate_cpu_seconds(work, 2) / 2)
+    on_gpu = app_jobs.Jobs(Engine(model, device="cuda"), max_pixels=16 * 256**2, results=app_jobs.ResultFolder(tmp_path))
+    tiny = app_jobs.Jobs(Engine("tiny-random", device="cpu"), max_pixels=16 * 256**2,
+                         results=app_jobs.ResultFolder(tmp_path))
+    assert on_gpu.slow_job_note("edit", values) == "" and tiny.slow_job_note("edit", values) == ""
