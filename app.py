@@ -32,8 +32,8 @@ import torch
 from stem import Engine, LatentCache, StemError
 from stem.app_jobs import (
     CONTROL_HELP, CPU_DEFAULTS, CPU_LIMIT, DEFAULTS, EDITORS, ENDPOINT_INPUTS, GPU_LIMIT, OUTPUT_TTL_SECONDS, Jobs,
-    ResultFolder,
-    button_states, check_numbers, describe_limit, made_visible, parse_limit, stop_all_jobs,
+    ResultFolder, add_to_history, button_states, check_numbers, describe_limit, made_visible, parse_limit,
+    stop_all_jobs,
 )
 from stem.editing import DEFAULT_NEGATIVE_PROMPT
 from stem.models import DEFAULT_MODEL, TINY_MODEL, TINY_WARNING, default_device
@@ -186,6 +186,10 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                 with gr.Accordion("Details (JSON)", open=False):
                     details.render()
                 edit_reconstruction = gr.State()  # the path of an edit's reconstruction, shown after the edit
+                history = gr.State([])  # this clip's edits, newest first: (video, caption)
+                history_gallery = gr.Gallery(label="This clip's edits (click one to replay it; download it from "
+                                                   "the preview)", elem_id="history", columns=3, height="auto",
+                                             visible=False, interactive=False)
 
         # -- events: a seed step on the page, then the job (one at a time, queued), then the status -------------
         players = [edited, reconstruction, comparison]
@@ -215,13 +219,15 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
             job_events.append(job)
             if kind == "edit":
                 job.success(made_visible, edit_reconstruction, reconstruction, queue=False, api_visibility="private")
+                job.success(add_to_history, [history, edited, details], [history, history_gallery], queue=False,
+                            api_visibility="private")
         views = [*players, table]
         stop_button.click(jobs.stop, views, [status, *views, *buttons], cancels=job_events, queue=False,
                           api_visibility="private")
         # a new clip: no results of the previous one on screen (a cached example brings its edit); an unusable
         # file is said at once
-        clear = dict(fn=jobs.uploaded, inputs=c["video"], outputs=[status, *views, details], queue=False,
-                     api_visibility="private")
+        clear = dict(fn=jobs.uploaded, inputs=c["video"], outputs=[status, *views, details, history, history_gallery],
+                     queue=False, api_visibility="private")
         c["video"].upload(**clear)
         c["video"].clear(**clear)
         # each editor's own negative prompt and FreeU default (the authors' for TokenFlow, FateZero's none)

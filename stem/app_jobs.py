@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import hashlib
 import inspect
 import logging
 import math
@@ -150,6 +151,8 @@ LABELS = {"--bases": "Bases K", "--iters": "EM iterations R", "--steps": "Steps"
           "--control-scale": "Structure strength", "--control": "Structure guidance"}
 STOPPED = "**Stopped.** Press a button to start again."
 NOT_A_VIDEO = "'{name}' is not a video this app can read; upload an mp4, webm, mov or gif clip."
+SAME_EDIT = ("♻️ **The same edit as before** (the same clip, inversion and edit settings), from the result cache: "
+             "nothing was recomputed.")
 SERVER_PROBLEM = ("This server cannot run jobs right now ({what}); please try again later or tell the person who "
                   "runs it (the server log says what to fix).")
 log = logging.getLogger("stem.app")
@@ -551,6 +554,7 @@ class Jobs:
         self._model_lock = threading.Lock()  # a stopped job may still finish its step while the next one starts
         self._running: dict[str, set[threading.Event]] = {}  # session -> stop flags of its jobs
         self._errors: dict[str, str] = {}  # session -> the status line of its last failed or stopped job
+        self._edits: dict[tuple, tuple] = {}  # (clip's sha256, inversion and edit settings) -> an edit's outputs
         self._local = threading.local()  # the worker thread's stop flag
         self._on_gpu = on_gpu(self._compute, duration=self.gpu_seconds)
         _LIVE_JOBS.add(self)
@@ -593,8 +597,17 @@ class Jobs:
         self._running.setdefault(session, set()).add(stop)
         try:
             self.check(kind, values)  # an API call's bad input: refused before the model or a GPU is asked for
-            return await anyio.to_thread.run_sync(
+            key = await anyio.to_thread.run_sync(self._edit_key, values) if kind == "edit" else None
+            if key is not None and key in self._edits and all(Path(p).is_file() for p in self._edits[key][::3]):
+                path, status, metrics, reconstruction = self._edits[key]
+                return (path, f"{SAME_EDIT} {status}", {**metrics, "result_cache_hit": True}, reconstruction)
+            result = await anyio.to_thread.run_sync(
                 functools.partial(self._in_worker, kind, values, progress, stop), abandon_on_cancel=True)
+            if key is not None:
+                self._edits[key] = result
+                while len(self._edits) > 256:  # the oldest first
+                    self._edits.pop(next(iter(self._edits)))
+            return result
         except anyio.get_cancelled_exc_class():
             stop.set()
             self._remember(session, STOPPED)
@@ -606,6 +619,14 @@ class Jobs:
             self._running[session].discard(stop)
             if not self._running[session]:
                 del self._running[session]
+
+    def _edit_key(self, values: dict) -> tuple:
+        """What makes two edits the same: the clip's bytes, the inversion settings and the edit settings."""
+        digest = hashlib.sha256()
+        with open(values["video"], "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest(), self._settings(values), self._edit_settings(values)
 
     def check(self, kind: str, values: dict) -> None:
         """Refuse what the job `kind` would refuse, before any work: prompts, settings, the clip's file (its
@@ -657,7 +678,7 @@ class Jobs:
                 self._check_file(video, None)
             except gr.Error as error:
                 status = f"⚠️ {error.message}"
-        return status, hidden, hidden, hidden, hidden, None
+        return status, hidden, hidden, hidden, hidden, None, [], gr.update(value=None, visible=False)
 
     def page_closed(self, request: gr.Request = None) -> None:
         """A page was closed (or its Stop pressed): stop its jobs."""
@@ -802,7 +823,7 @@ class Jobs:
             metrics.update(scores)
             status += (f" CLIP text alignment {scores['clip_text']:.3f}, Frame-Acc {scores['frame_acc']:.2f}, "
                        f"Tem-Con {scores['tem_con']:.3f} ({scores['clip_model']}).")
-        return path, status, _jsonable(metrics), reconstruction
+        return path, status, {**_jsonable(metrics), "result_cache_hit": False}, reconstruction
 
     def _compare(self, values: dict, progress) -> tuple:
         """Invert the clip with DDIM and with STEM; a side-by-side video and a table of metrics."""
@@ -977,6 +998,18 @@ def check_numbers(control) -> None:
             return Refused(f"{label} must be a finite number, got {payload!r}.")
 
     control.preprocess = checked
+
+
+def add_to_history(history: list, edited, details) -> tuple:
+    """An edit joins this clip's history (newest first, each with its prompt and settings): (history, gallery)."""
+    if not edited or not isinstance(details, dict) or any(path == edited for path, _ in history):
+        return history, gr.update(value=history, visible=bool(history))
+    d = details
+    caption = " · ".join(part for part in (
+        f"“{d.get('prompt', '')}”", _editor_name(d.get("editor", "")), f"{d.get('method', '')} inversion",
+        f"{d.get('num_steps', '?')} steps", f"seed {d.get('seed', '?')}", f"guidance {d.get('guidance', '?')}") if part)
+    history = [(edited, caption), *history]
+    return history, gr.update(value=history, visible=True)
 
 
 def button_states(running: bool) -> tuple:

@@ -857,3 +857,23 @@ def test_on_a_cpu_a_slow_job_says_how_long_it_takes_as_it_starts(clip, tmp_path)
     tiny = app_jobs.Jobs(Engine("tiny-random", device="cpu"), max_pixels=16 * 256**2,
                          results=app_jobs.ResultFolder(tmp_path))
     assert on_gpu.slow_job_note("edit", values) == "" and tiny.slow_job_note("edit", values) == ""
+
+
+def test_an_identical_edit_comes_from_the_result_cache_without_recomputing(served, clip, tmp_path):
+    """22.13: the same clip (by its bytes, not its path), inversion and edit settings: the stored video, no UNet call."""
+    import shutil
+
+    client, unet = served.client, served.unet
+    target = "a violet ball bouncing on a wooden floor"
+    (path, status, details), calls = unet.during(client.predict, handle_file(str(clip)), SOURCE, target, seed=3,
+                                                 api_name="/edit")
+    assert calls > 0 and details["result_cache_hit"] is False and not status.startswith(app_jobs.SAME_EDIT)
+    copy = tmp_path / "another-name.mp4"  # the same bytes uploaded again under another name
+    shutil.copy(clip, copy)
+    (again, status_again, details_again), calls_again = unet.during(client.predict, handle_file(str(copy)), SOURCE,
+                                                                    target, seed=3, api_name="/edit")
+    assert calls_again == 0 and details_again["result_cache_hit"] is True
+    assert status_again == f"{app_jobs.SAME_EDIT} {status}"
+    assert np.array_equal(read_video(again, size=SIZE).frames, read_video(path, size=SIZE).frames)
+    _, calls_other = unet.during(client.predict, handle_file(str(clip)), SOURCE, target, seed=4, api_name="/edit")
+    assert calls_other > 0  # another seed is another edit

@@ -248,4 +248,20 @@ def test_a_first_visit_bad_input_at_once_buttons_follow_the_job_and_settings_fol
     expect(busy.locator("#status")).to_contain_text("Edit with TokenFlow")  # 9: the status names the editor
     expect(busy.locator("#edit-button")).to_be_enabled()
     expect(busy.locator("#stop-button")).to_be_disabled()
+    # 13: every edit of this clip stays in its history with its prompt, the newest first; a new clip starts anew
+    history = busy.locator("#history")
+    expect(history).to_be_visible()
+    expect(history).to_contain_text("a golden ball")
+    busy.locator("#target-prompt textarea").fill("a silver ball")
+    busy.locator("#edit-button").click()
+    expect(busy.locator("#status")).to_contain_text("silver")
+    expect(busy.locator("#status")).to_contain_text("editing took")
+    expect(history.locator("video, img")).to_have_count(2)
+    expect(history).to_contain_text("a golden ball")
+    expect(history).to_contain_text("a silver ball")
+    busy.locator("#edit-button").click()  # the same edit again: from the result cache, and no second entry
+    expect(busy.locator("#status")).to_contain_text("The same edit as before")
+    expect(history.locator("video, img")).to_have_count(2)
+    busy.locator("#input-video").get_by_label("Clear").click()
+    expect(history).to_be_hidden()
     busy.close()
