@@ -151,7 +151,13 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
         c: dict[str, gr.components.Component] = {}  # the endpoints' inputs, by parameter name
         with gr.Row():
             with gr.Column():
-                c["video"] = gr.Video(label="Input video", sources=["upload"], elem_id="input-video")
+                with gr.Row():
+                    c["video"] = gr.Video(label="Input video", sources=["upload"], elem_id="input-video")
+                    # the structure guidance's condition frames (edges or depth) of the last job, beside the input
+                    condition = gr.Video(label="Structure the ControlNet follows (edges or depth)",
+                                         elem_id="condition", interactive=False, visible=False, loop=True,
+                                         elem_classes=["result-player"])
+                condition_path = gr.State()
                 gif = gr.UploadButton("Upload a GIF instead", file_types=[".gif"], size="sm", elem_id="gif-upload")
                 c["source_prompt"] = gr.Textbox(label="Source prompt", elem_id="source-prompt", max_lines=3,
                                                 info="Describes the input video; it conditions the inversion.",
@@ -195,9 +201,9 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
         players = [edited, reconstruction, comparison]
         inputs = {kind: [c[name] for name in names] for kind, names in ENDPOINT_INPUTS.items()}
         gpu = dict(concurrency_limit=1, concurrency_id="gpu")
-        outputs = {"invert": [reconstruction, status, details],
-                   "edit": [edited, status, details, edit_reconstruction],
-                   "compare": [comparison, table, status, details]}
+        outputs = {"invert": [reconstruction, status, details, condition_path],
+                   "edit": [edited, status, details, edit_reconstruction, condition_path],
+                   "compare": [comparison, table, status, details, condition_path]}
         triggers = {"invert": [invert_button.click], "edit": [edit_button.click, c["target_prompt"].submit],
                     "compare": [compare_button.click]}
         buttons = [invert_button, edit_button, compare_button, stop_button]
@@ -216,6 +222,8 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                                 show_progress_on=[target], **gpu)
             job.failure(**failed)
             job.success(lambda: button_states(running=False), None, buttons, queue=False, api_visibility="private")
+            job.success(lambda path: gr.update(value=path, visible=bool(path)), condition_path, condition, queue=False,
+                        api_visibility="private")
             job_events.append(job)
             if kind == "edit":
                 job.success(made_visible, edit_reconstruction, reconstruction, queue=False, api_visibility="private")
@@ -226,7 +234,7 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                           api_visibility="private")
         # a new clip: no results of the previous one on screen (a cached example brings its edit); an unusable
         # file is said at once
-        clear = dict(fn=jobs.uploaded, inputs=c["video"], outputs=[status, *views, details, history, history_gallery],
+        clear = dict(fn=jobs.uploaded, inputs=c["video"], outputs=[status, *views, details, history, history_gallery, condition],
                      queue=False, api_visibility="private")
         c["video"].upload(**clear)
         c["video"].clear(**clear)

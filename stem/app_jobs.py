@@ -599,8 +599,8 @@ class Jobs:
             self.check(kind, values)  # an API call's bad input: refused before the model or a GPU is asked for
             key = await anyio.to_thread.run_sync(self._edit_key, values) if kind == "edit" else None
             if key is not None and key in self._edits and all(Path(p).is_file() for p in self._edits[key][::3]):
-                path, status, metrics, reconstruction = self._edits[key]
-                return (path, f"{SAME_EDIT} {status}", {**metrics, "result_cache_hit": True}, reconstruction)
+                path, status, metrics, *rest = self._edits[key]
+                return (path, f"{SAME_EDIT} {status}", {**metrics, "result_cache_hit": True}, *rest)
             result = await anyio.to_thread.run_sync(
                 functools.partial(self._in_worker, kind, values, progress, stop), abandon_on_cancel=True)
             if key is not None:
@@ -678,7 +678,7 @@ class Jobs:
                 self._check_file(video, None)
             except gr.Error as error:
                 status = f"⚠️ {error.message}"
-        return status, hidden, hidden, hidden, hidden, None, [], gr.update(value=None, visible=False)
+        return status, hidden, hidden, hidden, hidden, None, [], hidden, hidden
 
     def page_closed(self, request: gr.Request = None) -> None:
         """A page was closed (or its Stop pressed): stop its jobs."""
@@ -800,7 +800,8 @@ class Jobs:
         status = (f"**Inversion** ({_describe(settings, clip)}): {_how(result.cache_hit, result.seconds)}. "
                   f"Reconstruction PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}, "
                   f"warp error {metrics['warp_error']:.4f}.{note}{sound}")
-        return path, status, _jsonable({"inversion_cache_hit": result.cache_hit, **metrics})
+        return (path, status, _jsonable({"inversion_cache_hit": result.cache_hit, **metrics}),
+                self._condition_video(clip, settings))
 
     def _edit(self, values: dict, progress) -> tuple:
         """Edit the clip towards the target prompt, inverting it first unless its inversion is cached."""
@@ -823,7 +824,8 @@ class Jobs:
             metrics.update(scores)
             status += (f" CLIP text alignment {scores['clip_text']:.3f}, Frame-Acc {scores['frame_acc']:.2f}, "
                        f"Tem-Con {scores['tem_con']:.3f} ({scores['clip_model']}).")
-        return path, status, {**_jsonable(metrics), "result_cache_hit": False}, reconstruction
+        return (path, status, {**_jsonable(metrics), "result_cache_hit": False}, reconstruction,
+                self._condition_video(clip, settings))
 
     def _compare(self, values: dict, progress) -> tuple:
         """Invert the clip with DDIM and with STEM; a side-by-side video and a table of metrics."""
@@ -851,7 +853,8 @@ class Jobs:
                   + ". Higher PSNR/SSIM is a more faithful reconstruction; lower warp error is steadier. "
                     "“VAE only” is the VAE's own reconstruction (encode → decode), the reference for latent "
                     f"methods, not a ceiling: a method can score above it in pixel space.{note}{sound}")
-        return path, table, status, {label: _jsonable(m) for label, m in metrics.items()}
+        return (path, table, status, {label: _jsonable(m) for label, m in metrics.items()},
+                self._condition_video(clip, stem))
 
     # - page values -> settings, clip, files -
 
@@ -929,6 +932,15 @@ class Jobs:
         clip = Video(clip.frames[:cap], clip.fps, clip.source)
         available, _ = probe_clip(path)
         return clip, frames_note(clip.num_frames, available, settings.stride, settings.num_frames or 0, cap, size)
+
+    def _condition_video(self, clip: Video, settings: InversionSettings) -> str | None:
+        """The job's condition frames (edges or depth, as the ControlNet saw them) as a video; None without guidance."""
+        if settings.control == "none":
+            return None
+        cond = self.engine.conditions(clip, settings)  # (N, 3, H, W) in [0, 1], computed once per clip by the job
+        path = self.results.new_path(output_name(clip.source, "control", settings.control))
+        write_video(path, (cond * 255).round().byte().permute(0, 2, 3, 1).numpy(), clip.fps)
+        return str(path)
 
     def _write(self, name: str, frames, clip: Video, settings: InversionSettings) -> tuple[str, str]:
         """Write a result video at the source fps with the source's sound where it fits; (path, status note)."""

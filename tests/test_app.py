@@ -508,7 +508,7 @@ def test_jobs_run_under_spaces_gpu_with_a_duration_for_their_frames(served, clip
     monkeypatch.setitem(sys.modules, "spaces", SimpleNamespace(GPU=gpu))
     jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
     values = {**app_jobs.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "frames": 0}
-    path, status, _ = anyio.run(jobs.run, "invert", values, lambda *a, **k: None, None)
+    path, status, _, _condition = anyio.run(jobs.run, "invert", values, lambda *a, **k: None, None)
     assert num_frames(path) == 6  # all of the clip's 6 frames
     assert asked == [app_jobs.estimate_gpu_seconds("invert", 6, SIZE, STEPS, "stem", 2)]
 
@@ -672,11 +672,20 @@ def test_a_cache_that_cannot_store_results_costs_reuse_not_the_result(tiny_parts
     assert blocker.read_text() == "not a folder"
 
 
-def test_structure_guidance_through_the_api(served, clip):
+def test_structure_guidance_through_the_api(served, clip, tmp_path):
     plain, _, plain_details = served.client.predict(handle_file(str(clip)), SOURCE, api_name="/invert")
     guided, status, details = served.client.predict(handle_file(str(clip)), SOURCE, control="canny", api_name="/invert")
     assert num_frames(guided) == FRAMES and details["control"] == "canny" and "control" not in plain_details
     assert not np.array_equal(read_video(guided, size=SIZE).frames, read_video(plain, size=SIZE).frames)
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
+    values = {**app_jobs.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "control": "canny"}
+    *_, condition = jobs._invert(values, lambda *a, **k: None)  # the page shows the edges beside the input
+    settings = jobs._settings(values)
+    edges = served.engine.conditions(jobs._clip(str(clip), settings)[0], settings)[:, 0].numpy()
+    shown = read_video(condition, size=SIZE).frames[..., 0] / 255.0
+    assert Path(condition).name == "square-control-canny.mp4" and shown.shape == edges.shape
+    assert np.abs(shown - edges).mean() < 0.1  # the same edges, through a lossy video codec
+    assert jobs._condition_video(jobs._clip(str(clip), settings)[0], jobs._settings({**values, "control": "none"})) is None
     with pytest.raises(AppError, match="Structure strength"):  # the engine's sentence, with the page's label
         served.client.predict(handle_file(str(clip)), SOURCE, control="canny", control_scale=-1, api_name="/invert")
 
