@@ -36,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save as serialise
 
 from .errors import StemError
+from .settings import SettingError
 from .files import left_by_dead_writer, owner_tag
 
 FORMAT_VERSION = 1
@@ -586,10 +587,8 @@ class LatentCache:
         try:
             path.rmdir()
         except OSError as e:
-            raise StemError(
-                f"The cache entry {path} is a folder, so the result is not cached; move that folder away or pass "
-                "another --cache-dir."
-            ) from e
+            raise SettingError("", f"The cache entry {path} is a folder, so the result is not cached; move that folder "
+                               "away or pass another {cache_dir}.", mentions={"cache_dir": "cache folder"}) from e
 
     def _fsync_dir(self) -> None:
         """Make the rename durable (POSIX only; best effort)."""
@@ -609,7 +608,6 @@ class LatentCache:
     def _unwritable(self, e: OSError) -> StemError:
         """The user-facing error for a cache folder that cannot be created or written."""
         reason = e.strerror or str(e)
-        return StemError(
-            f"Cannot write to the cache folder {self.root} ({reason}), so the result is not cached; pass "
-            f"--cache-dir or set STEM_CACHE_DIR to a writable folder with free space."
-        )
+        return SettingError("", f"Cannot write to the cache folder {self.root} ({reason}), so the result is not "
+                            "cached; pass {cache_dir} or set STEM_CACHE_DIR to a writable folder with free space.",
+                            mentions={"cache_dir": "another cache folder"})

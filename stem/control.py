@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import StemError
+from .settings import SettingError
 
 CONTROL_KINDS = ("none", "canny", "depth")
 DEFAULT_CONTROL_MODELS = {"canny": "lllyasviel/control_v11p_sd15_canny", "depth": "lllyasviel/control_v11f1p_sd15_depth"}
@@ -36,16 +36,6 @@ class Control:
     def frames(self, index) -> "Control":
         """The same ControlNet with the conditions of the frames `index` (a slice or index tensor)."""
         return Control(self.net, self.cond[index], self.scale)
-
-
-def validate_control(kind: str, scale: float, low: int, high: int) -> None:
-    """Raise StemError with one sentence for the first control setting out of range."""
-    if kind not in CONTROL_KINDS:
-        raise StemError(f"Unknown --control {kind!r}; choose one of: {', '.join(CONTROL_KINDS)}.")
-    if not (isinstance(scale, (int, float)) and np.isfinite(scale) and scale >= 0):
-        raise StemError(f"--control-scale must be a number of 0 or more (1.0 is the release's), got {scale}.")
-    if not 0 <= low <= high <= 255 * 4:
-        raise StemError(f"--canny-low and --canny-high must satisfy 0 <= low <= high (100 and 200 are the release's), got {low} and {high}.")
 
 
 def canny_conditions(frames: np.ndarray, low: int = 100, high: int = 200) -> torch.Tensor:
@@ -82,8 +72,9 @@ def check_controlnet(controlnet, unet, name: str) -> None:
     """Refuse a ControlNet made for another base model (its cross-attention width differs from the UNet's)."""
     have, want = controlnet.config.cross_attention_dim, unet.config.cross_attention_dim
     if have != want:
-        raise StemError(f"The ControlNet {name!r} has cross-attention width {have} but the model's UNet has {want}; "
-                        "pass a ControlNet made for this base model with --control-model.")
+        raise SettingError("", f"The ControlNet {name!r} has cross-attention width {have} but the model's UNet has "
+                           f"{want}; pass a ControlNet made for this base model as {{control_model}}.",
+                           mentions={"control_model": "the ControlNet model"})
 
 
 def build_tiny_controlnet(unet, seed: int = 0):
@@ -123,8 +114,9 @@ def load_controlnet(model_id: str, unet, device, dtype, seed: int = 0):
         try:
             net = ControlNetModel.from_pretrained(model_id, torch_dtype=dtype)
         except Exception as error:  # hub, network and format errors all mean "cannot load this ControlNet"
-            raise StemError(f"Could not load the ControlNet {model_id!r} ({type(error).__name__}); pass a local "
-                            "ControlNet folder or hub id with --control-model.") from error
+            raise SettingError("", f"Could not load the ControlNet {model_id!r} ({type(error).__name__}); pass a "
+                               "local ControlNet folder or hub id as {control_model}.",
+                               mentions={"control_model": "the ControlNet model"}) from error
     check_controlnet(net, unet, model_id)
     if next(net.parameters()).dtype != dtype:  # diffusers warns on any dtype cast, even a no-op
         net.to(dtype=dtype)
@@ -142,8 +134,9 @@ def load_depth_estimator(model_id: str, device, seed: int = 0):
             model = AutoModelForDepthEstimation.from_pretrained(model_id)
             processor = AutoImageProcessor.from_pretrained(model_id)
         except Exception as error:
-            raise StemError(f"Could not load the depth model {model_id!r} ({type(error).__name__}); pass a local "
-                            "depth-estimation model folder or hub id with --depth-model.") from error
+            raise SettingError("", f"Could not load the depth model {model_id!r} ({type(error).__name__}); pass a "
+                               "local depth-estimation model folder or hub id as {depth_model}.",
+                               mentions={"depth_model": "the depth model"}) from error
     return model.to(device).eval().requires_grad_(False), processor
 
 

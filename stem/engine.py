@@ -25,17 +25,35 @@ from .inversion import (
 )
 from .memory import Job, MemoryPlan, ModelFacts, available_bytes, plan
 from .control import (
-    DEFAULT_CONTROL_MODELS, DEFAULT_DEPTH_MODEL, TINY_CONTROL, Control, canny_conditions, depth_conditions, load_controlnet,
-    load_depth_estimator, validate_control,
+    CONTROL_KINDS, DEFAULT_CONTROL_MODELS, DEFAULT_DEPTH_MODEL, TINY_CONTROL, Control, canny_conditions, depth_conditions,
+    load_controlnet, load_depth_estimator,
 )
 from .models import (
     DEFAULT_MODEL, TINY_MODEL, StableDiffusionParts, default_device, fingerprint_for, load_models, resolve_dtype,
 )
+from .settings import SettingError, check, metrics, setting
 from .video import DEFAULT_MAX_FRAMES, Video
 
 MAX_STEPS = 1000
 MAX_BASES = 4096
 MAX_ITERS = 100
+MAX_CANNY = 255 * 4  # cv2.Canny's gradient magnitudes (L1 of two 3x3 Sobels) stay below this
+
+
+def _stem(s) -> bool:
+    return s.method == "stem"  # K, R and the seed only matter for STEM
+
+
+def _controlled(s) -> bool:
+    return s.control != "none"
+
+
+def _canny(s) -> bool:
+    return s.control == "canny"
+
+
+def _depth(s) -> bool:
+    return s.control == "depth"
 
 # progress(phase, done, total); phases: "loading", "encoding", "inverting", "reconstructing", "decoding"
 Progress = Callable[[str, int, int], None]
@@ -45,48 +63,58 @@ Progress = Callable[[str, int, int], None]
 class InversionSettings:
     """Everything that defines one inversion job; frozen and hashable (it is the cache key)."""
 
-    model: str = DEFAULT_MODEL
-    method: str = "stem"       # "stem" | "ddim" | "inflated"
-    num_bases: int = 256       # K, STEM bases per layer per step
-    num_iters: int = 5         # R, EM iterations
-    num_steps: int = 50        # DDIM steps T
-    num_frames: int | None = None  # None: all frames, up to max_frames
-    stride: int = 1            # keep every stride-th frame
-    size: int = 512            # pixels on the long side
-    prompt: str = ""           # source prompt (conditions inversion, guidance 1)
-    seed: int = 0              # EM initialisation
-    max_frames: int = DEFAULT_MAX_FRAMES
-    control: str = "none"      # structure guidance: "none" | "canny" | "depth" (a ControlNet in every UNet call)
-    control_model: str = ""    # ControlNet id or folder; "" = the default for the kind (tiny-random's own for tiny-random)
-    control_scale: float = 1.0  # ControlNet conditioning_scale (the release's 1)
-    canny_low: int = 100       # cv2.Canny thresholds (the release's 100 / 200)
-    canny_high: int = 200
-    depth_model: str = ""      # transformers depth-estimation id or folder; "" = the default
+    model: str = setting(DEFAULT_MODEL, label="Model", words="the model", faces={"cli", "metrics"},
+                         help="diffusers SD 1.x/2.x hub id or local folder, or tiny-random")
+    method: str = setting("stem", label="Inversion method", words="the inversion method", choices=METHODS,
+                          help="self-attention during inversion: stem, ddim or inflated")
+    num_bases: int = setting(256, label="Bases K", words="the number of bases K", flag="--bases", minimum=1,
+                             maximum=MAX_BASES, step=1, note="the paper uses 256", when=_stem,
+                             help="STEM: K bases per layer (more: closer to full attention, slower)")
+    num_iters: int = setting(5, label="EM iterations R", words="the number of EM iterations R", flag="--iters",
+                             minimum=1, maximum=MAX_ITERS, step=1, note="the paper uses 5", when=_stem,
+                             help="STEM: R EM iterations that estimate the bases")
+    num_steps: int = setting(50, label="DDIM steps", words="the number of DDIM steps", flag="--steps", minimum=1,
+                             maximum=MAX_STEPS, step=1, note="50 is usual", help="DDIM steps T (more: slower, more faithful)")
+    num_frames: int | None = setting(None, label="Frames", words="the number of frames", flag="--frames", minimum=1,
+                                     step=1, faces={"cli", "app", "api"},  # metrics.json records the video's count
+                                     help="number of frames to use (None: all, up to the frame limit)")
+    stride: int = setting(1, label="Stride", words="the stride", minimum=1, step=1, help="use every n-th frame")
+    size: int = setting(512, label="Size", words="the size", minimum=64, maximum=2048, step=32,
+                        note="pixels on the long side", help="pixels on the long side, rounded to multiples of 8")
+    prompt: str = setting("", label="Source prompt", words="the source prompt", flag="--source-prompt",
+                          help="text describing the video; conditions the inversion (guidance 1)")
+    seed: int = setting(0, label="Seed", words="the seed", minimum=0, maximum=2**63 - 1, when=_stem,  # torch's bound
+                        help="seed of the EM initialisation")
+    max_frames: int = setting(DEFAULT_MAX_FRAMES, label="Frame limit", words="the frame limit", minimum=1, faces=(),
+                              help="the most frames a job may use")
+    control: str = setting("none", label="Structure guidance", words="the structure guidance", choices=CONTROL_KINDS,
+                           when=_controlled,
+                           help="structure guidance: none, canny or depth, a ControlNet in every UNet call")
+    control_model: str = setting("", label="ControlNet", words="the ControlNet model", faces={"cli", "metrics"},
+                                 when=_controlled, help="ControlNet hub id or folder (default: lllyasviel's SD 1.5 v1.1 canny "
+                                 "/ depth ControlNet; tiny-random's own for the tiny-random model)")
+    control_scale: float = setting(1.0, label="Structure strength", words="the structure strength", minimum=0,
+                                   step=0.05, note="1.0 is the release's", when=_controlled,
+                                   help="ControlNet conditioning scale (0: no structure guidance)")
+    canny_low: int = setting(100, label="Canny low threshold", words="the lower canny threshold", minimum=0,
+                             maximum=MAX_CANNY, faces={"cli", "metrics"}, when=_canny,
+                             help="canny: lower cv2.Canny threshold")
+    canny_high: int = setting(200, label="Canny high threshold", words="the upper canny threshold", minimum=0,
+                              maximum=MAX_CANNY, faces={"cli", "metrics"}, when=_canny,
+                              help="canny: upper cv2.Canny threshold")
+    depth_model: str = setting("", label="Depth model", words="the depth model", faces={"cli", "metrics"},
+                               when=_depth, help="depth: transformers depth-estimation hub id or folder (default: "
+                               "depth-anything/Depth-Anything-V2-Small-hf; tiny-random's own for the tiny-random model)")
 
     def validate(self) -> "InversionSettings":
-        """Raise StemError with one sentence for the first setting out of range."""
-        for flag, value in (("--bases", self.num_bases), ("--iters", self.num_iters), ("--steps", self.num_steps),
-                            ("--frames", self.num_frames), ("--stride", self.stride), ("--size", self.size),
-                            ("--seed", self.seed), ("max_frames", self.max_frames)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):  # 1.5 is not silently 1
-                raise StemError(f"{flag} must be a whole number (an int), got {value!r}.")
-        if self.method not in METHODS:
-            raise StemError(f"Unknown method {self.method!r}; choose one of: {', '.join(METHODS)}.")
-        if not 1 <= self.num_bases <= MAX_BASES:
-            raise StemError(f"--bases must be between 1 and {MAX_BASES} (the paper uses 256), got {self.num_bases}.")
-        if not 1 <= self.num_iters <= MAX_ITERS:
-            raise StemError(f"--iters must be between 1 and {MAX_ITERS} (the paper uses 5), got {self.num_iters}.")
-        if not 1 <= self.num_steps <= MAX_STEPS:
-            raise StemError(f"--steps must be between 1 and {MAX_STEPS} (50 is usual), got {self.num_steps}.")
-        if self.num_frames is not None and not 1 <= self.num_frames <= self.max_frames:
-            raise StemError(f"--frames must be between 1 and {self.max_frames}, got {self.num_frames}.")
-        if not 0 <= self.seed < 2**63:  # what torch's generators take (the editors' bound too)
-            raise StemError(f"--seed must be a whole number from 0 to 2**63 - 1, got {self.seed}.")
-        if self.stride < 1:
-            raise StemError(f"--stride must be 1 or more, got {self.stride}.")
-        if not 64 <= self.size <= 2048:
-            raise StemError(f"--size must be between 64 and 2048 pixels, got {self.size}.")
-        validate_control(self.control, self.control_scale, self.canny_low, self.canny_high)
+        """Raise SettingError with one sentence (in words) for the first setting out of range."""
+        check(self)
+        if self.num_frames is not None and self.num_frames > self.max_frames:
+            raise SettingError("num_frames", f"The number of frames must be between 1 and {self.max_frames}, "
+                               f"got {self.num_frames}.", InversionSettings)
+        if self.canny_low > self.canny_high:
+            raise SettingError("canny_low", f"The lower canny threshold must not be above the upper one (100 and 200 "
+                               f"are the release's), got {self.canny_low} and {self.canny_high}.", InversionSettings)
         return self
 
     def control_ids(self) -> tuple[str, str]:
@@ -463,8 +491,8 @@ def choose_em_kernel(name: str, device) -> str:
         chosen = FUSED_BY_DEFAULT and device.type == "cuda" and em_fused.available(device)
         return "fused" if chosen else "torch"
     if name == "fused" and not em_fused.available(device):
-        raise StemError(f"--em-kernel fused needs a CUDA GPU with Triton installed (this job runs on {device.type}); "
-                        "pass --em-kernel auto or torch.")
+        raise SettingError("em_kernel", f"The fused EM kernel needs a CUDA GPU with Triton installed (this job runs on "
+                           f"{device.type}); choose auto or torch.")
     return name
 
 
@@ -483,7 +511,7 @@ def _cache_trouble(cache: LatentCache, error: Exception) -> str:
     if isinstance(error, StemError):
         return str(error)
     return (f"Could not save the result in the cache folder {cache.root} ({type(error).__name__}: {error}), so it is "
-            "not cached; pass --cache-dir or set STEM_CACHE_DIR to a writable folder with free space.")
+            "not cached; pass another cache folder or set STEM_CACHE_DIR to a writable folder with free space.")
 
 
 def _cache_warning(message: str) -> str:
@@ -498,15 +526,9 @@ def inversion_metrics(video: Video, result: InversionResult, engine: Engine | No
     from .metrics import reconstruction_metrics
 
     s = result.settings
-    block = {
-        "method": s.method, "model": s.model, "num_frames": video.num_frames, "width": video.width,
-        "height": video.height, "fps": video.fps, "num_steps": s.num_steps, "prompt": s.prompt,
-        "stride": s.stride, "size": s.size,
-    }
-    if s.method == "stem":
-        block.update(num_bases=s.num_bases, num_iters=s.num_iters, seed=s.seed)
-    if s.control != "none":
-        block.update({k: v for k, v in s.result_fields().items() if k.startswith(("control", "canny", "depth"))})
+    block = {"num_frames": video.num_frames, "width": video.width, "height": video.height, "fps": video.fps,
+             **metrics(s)}
+    block.update({k: v for k, v in s.result_fields().items() if k in block})  # the values used ("" defaults resolved)
     block.update(reconstruction_metrics(video.frames, result.reconstruction, result.vae_roundtrip, motion))
     block.update(cache_hit=result.cache_hit, seconds=round(result.seconds, 3))
     if engine is not None and engine._parts is not None:

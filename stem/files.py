@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import StemError
+from .settings import SettingError
 
 STALE_SECONDS = 3600.0  # a temporary name this old, from another host, belongs to a writer that died
 _OWNER_RE = re.compile(r"~(\d+)~([0-9A-Za-z._-]*)~")
@@ -187,7 +187,8 @@ def output_lock(out: str | os.PathLike) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise StemError(f"Another run is writing into --out {out}; wait for it to finish or pass another --out.") from None
+        raise SettingError("out", f"Another run is writing into the output folder {out}; wait for it to finish or "
+                           "pass another one.") from None
     try:
         yield
     finally:
@@ -201,23 +202,26 @@ def check_output_folder(out: Path, names: Iterable[str]) -> None:
     is made and removed where the outputs will go), and hold no folder under an output's name.
     """
     if out.exists() and not out.is_dir():
-        raise StemError(f"--out {out} is a file; pass a folder for the outputs (it is created if missing).")
+        raise SettingError("out", f"The output folder {out} is a file; pass a folder for the outputs (it is created "
+                           "if missing).")
     for name in names:
         if (out / name).is_dir():
-            raise StemError(f"{out / name} is a folder, so the output {name} cannot be written there; "
-                            "move it away or pass another --out.")
+            raise SettingError("out", f"{out / name} is a folder, so the output {name} cannot be written there; "
+                               "move it away or pass another output folder.")
     existing = out
     while not existing.exists():  # the nearest folder that exists: the outputs' folders are made in it
         if existing.is_symlink() or existing.parent == existing:  # a dangling link; the root
             break
         existing = existing.parent
     if not existing.is_dir():
-        raise StemError(f"--out {out} cannot be created because {existing} is not a folder; pass another --out.")
+        raise SettingError("out", f"The output folder {out} cannot be created because {existing} is not a folder; "
+                           "pass another one.")
     try:
         probe = tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{owner_tag()}", dir=existing)
         os.rmdir(probe)
     except OSError as error:
-        raise StemError(f"--out {out} is not writable ({error.strerror or error}); pass a folder you can write to.") from error
+        raise SettingError("out", f"The output folder {out} is not writable ({error.strerror or error}); pass a "
+                           "folder you can write to.") from error
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import em
-from .errors import StemError
+from .settings import SettingError
 
 MiB = 2**20
 GiB = 2**30
@@ -324,34 +324,36 @@ def plan(job: Job, facts: ModelFacts, available: int, chunk: int | None = None, 
         if chosen is not None:
             break
     if chosen is None:
-        raise StemError(_refusal(job, facts, available, chunk, offload))
+        raise _refusal(job, facts, available, chunk, offload)
     unet_chunk, stream = chosen
     vae_options = [(v, False) for v in range(max(1, vae_batch), 0, -1)] + [(1, True)]
     vae = next(((v, t) for v, t in vae_options
                 if estimate(job, facts, unet_chunk, v, t, offload, stream)["vae"] <= available), None)
     if vae is None:
-        raise StemError(_refusal(job, facts, available, chunk, offload))
+        raise _refusal(job, facts, available, chunk, offload)
     phases = estimate(job, facts, unet_chunk, vae[0], vae[1], offload, stream)
     return MemoryPlan(chunk_size=None if unet_chunk >= job.frames else unet_chunk, vae_batch_size=vae[0],
                       vae_tiling=vae[1], stream_unet=stream, estimate_bytes=phases["peak"], available_bytes=available,
                       phases=phases, job_key=job.key())
 
 
-def _refusal(job: Job, facts: ModelFacts, available: int, chunk: int | None, offload: bool) -> str:
+def _refusal(job: Job, facts: ModelFacts, available: int, chunk: int | None, offload: bool) -> SettingError:
     """One sentence: how much the job needs at its smallest, what is available, what to change."""
     what = f"{job.frames} frames at {job.width}x{job.height} ({job.method}{', ' + job.editor if job.editor else ''})"
+    mentions = {"offload": "offloading", "num_frames": "frames", "size": "size"}
     if chunk is not None and chunk > 1:
         need = estimate(job, facts, chunk, 1, True, offload, offload)["peak"]
-        return (f"This job ({what}) needs about {need / GiB:.1f} GiB of GPU memory with --chunk-size {chunk} but "
-                f"{available / GiB:.1f} GiB are available; lower --chunk-size or leave it out to choose one that fits.")
+        return SettingError("chunk_size", f"This job ({what}) needs about {need / GiB:.1f} GiB of GPU memory with "
+                            f"{{chunk_size}} {chunk} but {available / GiB:.1f} GiB are available; lower {{chunk_size}} "
+                            "or leave it out to choose one that fits.", mentions={"chunk_size": "the chunk size"})
     smallest = estimate(job, facts, 1, 1, True, offload, offload)["peak"]
     with_offload = estimate(job, facts, 1, 1, True, True, True)["peak"]
     if not offload and with_offload <= available:
-        change = "add --offload, or use fewer --frames or a smaller --size"
+        change = "add {offload}, or use fewer {num_frames} or a smaller {size}"
     else:
-        change = "use fewer --frames or a smaller --size" + ("" if offload else " (--offload is not enough)")
-    return (f"This job ({what}) needs about {smallest / GiB:.1f} GiB of GPU memory even one frame at a time but "
-            f"{available / GiB:.1f} GiB are available; {change}.")
+        change = "use fewer {num_frames} or a smaller {size}" + ("" if offload else " ({offload} is not enough)")
+    return SettingError("", f"This job ({what}) needs about {smallest / GiB:.1f} GiB of GPU memory even one frame at "
+                        f"a time but {available / GiB:.1f} GiB are available; {change}.", mentions=mentions)
 
 
 def available_bytes(device, modules=()) -> int:

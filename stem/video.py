@@ -29,6 +29,7 @@ from PIL import Image, ImageOps, ImageSequence
 
 from .errors import StemError
 from .files import atomic_output
+from .settings import SettingError
 
 try:
     import av
@@ -185,13 +186,13 @@ def read_video(
     return Video(frames=np.stack(frames), fps=float(as_rate(chosen)), source=str(path))
 
 
-def check_fps(fps: float | None, flag: str = "--fps") -> None:
+def check_fps(fps: float | None) -> None:
     """Refuse in one sentence a frame rate an mp4 cannot be written at (None: the source's rate)."""
     if fps is None:
         return
     if not isinstance(fps, numbers.Real) or isinstance(fps, bool) or not MIN_FPS <= fps <= MAX_FPS:  # NaN too
-        raise StemError(f"{flag} must be a positive number of frames per second between {MIN_FPS:g} and {MAX_FPS:g} "
-                        f"(got {fps}).")
+        raise SettingError("fps", f"The frame rate must be a positive number of frames per second between "
+                           f"{MIN_FPS:g} and {MAX_FPS:g} (got {fps}).")
 
 
 def _check_exists(path: Path) -> None:
@@ -214,11 +215,11 @@ def _check_exists(path: Path) -> None:
 def _check_options(num_frames: int | None, stride: int, size: int, fps: float | None) -> None:
     """Reject out-of-range reading options with a sentence naming the option."""
     if num_frames is not None and num_frames < 1:
-        raise StemError(f"--frames must be at least 1 (got {num_frames}).")
+        raise SettingError("num_frames", f"The number of frames must be at least 1 (got {num_frames}).")
     if stride < 1:
-        raise StemError(f"--stride must be at least 1 (got {stride}).")
+        raise SettingError("stride", f"The stride must be at least 1 (got {stride}).")
     if not MIN_SIZE <= size <= MAX_SIZE:
-        raise StemError(f"--size must be between {MIN_SIZE} and {MAX_SIZE} pixels (got {size}).")
+        raise SettingError("size", f"The size must be between {MIN_SIZE} and {MAX_SIZE} pixels (got {size}).")
     check_fps(fps)
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 import stem.cache as cache_mod
 from stem.cache import FORMAT_VERSION, LatentCache, cache_key, default_cache_dir, default_max_bytes
+from stem.cli import cli_message
 from stem.errors import StemError
 
 KEY = "ab" * 32
@@ -406,8 +407,9 @@ def test_unwritable_root_raises_stem_error(tmp_path):
     blocker.write_text("not a folder")
     for root in (blocker / "cache", blocker):
         cache = LatentCache(root)
-        with pytest.raises(StemError, match="--cache-dir or set STEM_CACHE_DIR"):
+        with pytest.raises(StemError, match="pass another cache folder or set STEM_CACHE_DIR") as error:
             cache.save(KEY, make_tensors())
+        assert "pass --cache-dir or set STEM_CACHE_DIR" in cli_message(error.value)
         with pytest.raises(StemError, match="STEM_CACHE_DIR"):
             cache.ensure_writable()
         assert cache.load(KEY) is None  # reading a bad root is just a miss
@@ -419,7 +421,7 @@ def test_permission_denied_in_root_raises_stem_error(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(cache_mod.tempfile, "mkstemp", denied)  # what a read-only folder does, even for root
-    with pytest.raises(StemError, match="Permission denied.*--cache-dir or set STEM_CACHE_DIR"):
+    with pytest.raises(StemError, match="Permission denied.*another cache folder or set STEM_CACHE_DIR"):
         LatentCache(tmp_path).save(KEY, make_tensors())
     assert list(tmp_path.iterdir()) == []
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import make_frames
-import stem.cli
+import stem.cli.edit
+import stem.cli.invert
 import stem.engine
 import stem.files
 import stem.video
@@ -180,7 +181,7 @@ def _fail_second_write(monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(stem.cli, "write_json", disk_full)
+    monkeypatch.setattr(stem.cli.invert, "write_json", disk_full)
 
 
 @pytest.mark.parametrize("command, video_name", [("invert", "reconstruction.mp4"), ("compare", "comparison.mp4")])
@@ -220,7 +221,7 @@ def test_edit_with_several_prompts_writes_all_videos_or_none(clip, tmp_path, cap
             raise OSError(28, "No space left on device")
         real_write(path, frames, fps)
 
-    monkeypatch.setattr(stem.video, "write_video", second_fails)
+    monkeypatch.setattr(stem.cli.edit, "write_video", second_fails)
     code, _, err = run(args, capsys)
     assert code == 1 and len(writes) == 2
     assert list(out.iterdir()) == []  # not edited-1-*.mp4 without the rest
@@ -229,12 +230,12 @@ def test_edit_with_several_prompts_writes_all_videos_or_none(clip, tmp_path, cap
 
 KILLED_RUN = """
 import os, signal, sys
-import stem.cli
+import stem.cli.invert
 
 def killed(path, data):  # the video is in the staging folder; die before the metrics, as kill -9 would
     os.kill(os.getpid(), signal.SIGKILL)
 
-stem.cli.write_json = killed
+stem.cli.invert.write_json = killed
 stem.cli.main(sys.argv[1:])
 """
 
@@ -279,7 +280,7 @@ def move(*args):
     return real_move(*args)
 
 os.replace, stem.files._move_into = replace, move
-import stem.cli
+import stem.cli.invert
 stem.cli.main(sys.argv[2:])
 """
 
@@ -300,7 +301,7 @@ def test_a_run_killed_during_the_final_move_leaves_one_complete_set_that_the_nex
     def refuse(*args, **kwargs):  # the next run fails after it has looked at the folder
         raise stem.cli.StemError("the next run failed")
 
-    monkeypatch.setattr(stem.cli, "make_engine", refuse)
+    monkeypatch.setattr(stem.cli.invert, "make_engine", refuse)
     code, _, err = run(args, capsys)
     assert code == 2 and "the next run failed" in err
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "reconstruction.mp4"]  # no stage, no backups left
@@ -343,7 +344,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused_before_any_work(clip, tmp_
     extra = ["--prompt", "a red square"] if command == "edit" else []
     with output_lock(out):  # what another run holds while it works
         code, stdout, err = run([command, clip, *FAST, *extra, "--out", out, "--cache-dir", tmp_path / "cache"], capsys)
-    assert code == 2 and "Another run is writing into --out" in err and stdout == ""
+    assert code == 2 and "--out: another run is writing into the output folder" in err and stdout == ""
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
     assert not out.exists()
 
@@ -427,7 +428,7 @@ def test_an_fps_an_mp4_cannot_hold_is_refused_before_the_model_loads(clip, tmp_p
     code, stdout, err = run(["invert", clip, *FAST, "--fps", "1e-9", "--out", out, "--cache-dir", tmp_path / "c"], capsys)
     assert code == 2 and stdout == "", err
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "--fps must be a positive number of frames per second between 0.01 and 1000" in lines[0]
+    assert len(lines) == 1 and "--fps: the frame rate must be a positive number of frames per second between 0.01 and 1000" in lines[0]
     assert not out.exists() and not (tmp_path / "c").exists()
 
 

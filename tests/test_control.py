@@ -96,8 +96,8 @@ def test_lockstep_chunks_give_the_same_controlled_stem_inversion(tiny_parts, vid
 
 
 @pytest.mark.parametrize("bad, word", [
-    ({"control": "pose"}, "--control"), ({"control_scale": -1.0}, "--control-scale"),
-    ({"control_scale": float("nan")}, "--control-scale"), ({"canny_low": 300}, "--canny-low"),
+    ({"control": "pose"}, "structure guidance"), ({"control_scale": -1.0}, "structure strength"),
+    ({"control_scale": float("nan")}, "structure strength"), ({"canny_low": 300}, "lower canny threshold"),
 ])
 def test_bad_control_settings_are_one_sentence(bad, word):
     with pytest.raises(StemError, match=word) as error:

@@ -105,15 +105,17 @@ def test_the_engine_and_fatezero_run_the_fused_kernel_when_asked_and_key_it_apar
 
 
 def test_em_kernel_choice_and_refusals(monkeypatch):
+    from stem.cli import cli_message
     from stem.engine import Engine, choose_em_kernel
     from stem.errors import StemError
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert choose_em_kernel("auto", "cpu") == "torch" and choose_em_kernel("torch", "cpu") == "torch"
     assert Engine("tiny-random", device="cpu").em_kernel == "torch"
-    with pytest.raises(StemError, match=r"^--em-kernel fused needs a CUDA GPU with Triton installed \(this job runs "
-                                        r"on cpu\); pass --em-kernel auto or torch\.$"):
+    with pytest.raises(StemError, match=r"^The fused EM kernel needs a CUDA GPU with Triton installed \(this job "
+                                        r"runs on cpu\); choose auto or torch\.$") as error:
         Engine("tiny-random", device="cpu", em_kernel="fused")
+    assert cli_message(error.value).startswith("--em-kernel: the fused EM kernel needs")
     with pytest.raises(StemError, match=r"Unknown EM kernel 'magic'; choose one of: auto, fused, torch\."):
         choose_em_kernel("magic", "cpu")
     import stem.em_fused

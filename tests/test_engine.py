@@ -90,9 +90,9 @@ def test_result_shapes_and_metrics(engine, video):
 
 
 @pytest.mark.parametrize("bad,word", [
-    ({"num_bases": 0}, "--bases"), ({"num_iters": 0}, "--iters"), ({"num_steps": 0}, "--steps"),
-    ({"num_frames": 0}, "--frames"), ({"stride": 0}, "--stride"), ({"size": 10}, "--size"),
-    ({"method": "magic"}, "method"),
+    ({"num_bases": 0}, "number of bases K"), ({"num_iters": 0}, "number of EM iterations R"),
+    ({"num_steps": 0}, "number of DDIM steps"), ({"num_frames": 0}, "number of frames"), ({"stride": 0}, "stride"),
+    ({"size": 10}, "size"), ({"method": "magic"}, "method"),
 ])
 def test_bad_settings_are_refused_with_one_sentence(bad, word):
     with pytest.raises(StemError, match=word) as error:
@@ -100,9 +100,10 @@ def test_bad_settings_are_refused_with_one_sentence(bad, word):
     assert str(error.value).count("\n") == 0
 
 
-@pytest.mark.parametrize("field, flag", [("num_steps", "--steps"), ("num_bases", "--bases"), ("num_iters", "--iters"),
-                                         ("num_frames", "--frames"), ("stride", "--stride"), ("size", "--size"),
-                                         ("seed", "--seed")])
+@pytest.mark.parametrize("field, flag", [("num_steps", "The number of DDIM steps"), ("num_bases", "The number of bases K"),
+                                         ("num_iters", "The number of EM iterations R"),
+                                         ("num_frames", "The number of frames"), ("stride", "The stride"),
+                                         ("size", "The size"), ("seed", "The seed")])
 @pytest.mark.parametrize("value", [1.5, 2.0, True])
 def test_counts_that_are_not_ints_are_refused_not_truncated(field, flag, value):
     # steps=1.5 used to pass as 1 <= 1.5 <= 1000 and run one step; 2.0 would split the cache key from 2
@@ -324,7 +325,7 @@ def test_a_full_disk_under_the_cache_is_a_warning_and_the_result_is_returned(eng
     messages = [str(w.message) for w in record]
     assert len(messages) == 1 and result.cache_warning == messages[0]
     assert messages[0].startswith(f"Cannot write to the cache folder {engine.cache.root} (No space left on device), "
-                                  "so the result is not cached; pass --cache-dir")
+                                  "so the result is not cached; pass another cache folder")
     assert messages[0].count(". ") == 0 and messages[0].endswith(".")  # one sentence
     assert not result.cache_hit and result.reconstruction.shape == video.frames.shape
     assert _cache_files(engine) == []  # no partial entry, no temp file
@@ -363,7 +364,7 @@ def test_a_folder_at_the_entry_name_does_not_fail_the_job(engine, video, full):
     assert not result.cache_hit and result.reconstruction.shape == video.frames.shape
     if full:  # a folder with contents is left alone, and said so
         assert result.cache_warning == (f"The cache entry {path} is a folder, so the result is not cached; "
-                                        "move that folder away or pass another --cache-dir.")
+                                        "move that folder away or pass another cache folder.")
         assert [str(w.message) for w in caught if "cache" in str(w.message)] == [result.cache_warning]
         assert (path / "keep.txt").read_text() == "someone's file"
         assert not engine.invert(video, BASE).cache_hit  # every run still works

@@ -14,7 +14,7 @@ import torch
 
 from conftest import make_frames
 from stem.cli import build_parser, main
-from stem.evaluate import make_plan, markdown_table, read_manifest
+from stem.cli.evaluate import make_plan, markdown_table, read_manifest
 from stem.metrics import (
     build_tiny_clip, clip_text_alignment, frame_accuracy, load_clip, temporal_consistency,
 )
@@ -164,8 +164,9 @@ def test_manifest_per_clip_settings_and_yaml(clips, tmp_path):
         f"  frames: 2\n  size: 128\n  name: first\n"
         f"- video: {clips / 'b.mp4'}\n  target_prompts: [a gradient]\n")
     first, second = read_manifest(tmp_path / "m.yaml", default_source_prompt="a video")
-    assert (first.name, first.frames, first.size, first.target_prompts) == ("first", 2, 128, ("a red square", "a blue square"))
-    assert (second.name, second.source_prompt, second.frames) == ("b", "a video", None)
+    assert (first.name, first.settings, first.target_prompts) == (
+        "first", (("num_frames", 2), ("size", 128)), ("a red square", "a blue square"))
+    assert (second.name, second.source_prompt, second.settings) == ("b", "a video", ())
     args = build_parser().parse_args(["evaluate", str(tmp_path / "m.yaml"), "--model", "tiny-random", "--frames", "3",
                                       "--methods", "stem,inflated", "--guidance", "5",
                                       "--source-prompt", "a video"])
@@ -175,6 +176,47 @@ def test_manifest_per_clip_settings_and_yaml(clips, tmp_path):
     assert (settings["first", "stem"].num_frames, settings["first", "stem"].size) == (2, 128)
     assert (settings["b", "inflated"].num_frames, settings["b", "inflated"].size, settings["b", "inflated"].prompt) == (3, 512, "a video")
     assert {j.edit.guidance for j in plan.jobs if j.edit is not None} == {5.0}
+
+
+def test_manifest_per_clip_structure_guidance_is_the_command_lines(clips, tmp_path, capsys):
+    # issue 20: an entry sets control, control_scale and the canny thresholds for its clip as --control ... would
+    edges = {"control": "canny", "control_scale": 0.5, "canny_low": 50, "canny_high": 150}
+    manifest = [{"video": str(clips / "a.mp4"), "name": "plain"}, {"video": str(clips / "a.mp4"), "name": "edges", **edges}]
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+    args = [tmp_path / "m.json", *FAST, "--methods", "ddim", "--editors", "none"]
+    plan = make_plan(build_parser().parse_args(["evaluate", *map(str, args)]))
+    inversions = {job.clip.name: job.inversion for job in plan.jobs}
+    assert inversions["plain"].control == "none" and len(plan.groups) == 2
+    assert {k: getattr(inversions["edges"], k) for k in edges} == edges
+
+    code, _, err = run(["evaluate", *args, "--out", tmp_path / "eval", "--cache-dir", tmp_path / "cache"], capsys)
+    assert code == 0, err
+    rows = {row["clip"]: row for row in json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]}
+    flags = ["--control", "canny", "--control-scale", "0.5", "--canny-low", "50", "--canny-high", "150"]
+    for name, extra in (("plain", []), ("edges", flags)):
+        code, _, err = run(["invert", clips / "a.mp4", *FAST[:-2], "--method", "ddim", *extra,
+                            "--out", tmp_path / name, "--cache-dir", tmp_path / f"cache-{name}"], capsys)
+        assert code == 0, err
+        alone = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert rows[name]["psnr"] == alone["psnr"] and not alone["cache_hit"]
+        assert (alone.get("control"), alone.get("canny_low")) == ((None, None) if name == "plain" else ("canny", 50))
+    assert rows["plain"]["psnr"] != rows["edges"]["psnr"]  # the ControlNet changed the reconstruction
+
+
+@pytest.mark.parametrize("entry, words", [
+    ({"control": "pose"}, "field 'control': the structure guidance must be one of: none, canny, depth, got 'pose'."),
+    ({"control_scale": -1}, "field 'control_scale': the structure strength must be 0 or more"),
+    ({"control_scale": "strong"}, "field 'control_scale' must be a number, got 'strong'."),
+    ({"canny_low": 1.5}, "field 'canny_low' must be a whole number, got 1.5."),
+])
+def test_bad_per_clip_structure_guidance_names_the_entry_and_field(clips, tmp_path, entry, words):
+    from stem.errors import StemError
+
+    (tmp_path / "m.json").write_text(json.dumps([{"video": str(clips / "a.mp4"), **entry}]))
+    with pytest.raises(StemError) as error:
+        make_plan(build_parser().parse_args(["evaluate", str(tmp_path / "m.json"), "--model", "tiny-random",
+                                             "--editors", "none"]))
+    assert words in str(error.value) and "m.json line 1 (entry 1)" in str(error.value) and "\n" not in str(error.value)
 
 
 def test_one_video_listed_twice_is_inverted_by_one_group(clips, tmp_path):
@@ -192,7 +234,7 @@ BAD_MANIFESTS = [
     ('[{"video": "a.mp4", "target_prompts": ["x"]},\n {"video": "gone.mp4",\n  "target_prompts": ["x"]}]', "line 2 (entry 2): the video 'gone.mp4' does not exist"),
     ('[{"video": "a.mp4",\n  "target_prompts": "a red square"}]', "line 2 (entry 1): field 'target_prompts'"),
     ('[{"video": "a.mp4", "target_prompts": ["x"],\n  "frames": 0}]', "line 2 (entry 1): field 'frames'"),
-    ('[{"video": "a.mp4", "target_prompts": ["x"], "size": 10}]', "--size"),
+    ('[{"video": "a.mp4", "target_prompts": ["x"], "size": 10}]', "line 1 (entry 1): field 'size': the size must be between 64 and 2048"),
     ('[{"video": "a.mp4", "target_prompts": ["x"]},\n {"video": "b.mp4", "target_prompts": ["x"], "name": "a"}]', "the name 'a' is taken"),
     ('[{"video": "a.mp4", "target_prompts": ["x"]},\n {"video": "b.mp4"}]', "entry 2) (b.mp4) has no 'target_prompts'"),
     ("[]", "lists no clips"),

@@ -13,7 +13,7 @@ from diffusers.models.attention_processor import Attention
 
 from stem.attention import AttentionState, StemAttnProcessor
 from stem.cache import LatentCache
-from stem.cli import main
+from stem.cli import cli_message, main
 from stem.editing import (
     COND, NUM_GROUPS, SOURCE, UNCOND, FateZeroSettings, EditSettings, align_tokens, edit_metrics, edit_video,
     parse_reweight, word_map,
@@ -56,21 +56,22 @@ def shared_engine(tiny_parts, tmp_path_factory):
     (dict(blend_threshold=0), "--blend-threshold"), (dict(blend_threshold=1.5), "--blend-threshold"),
     (dict(blend_threshold=-0.3), "--blend-threshold"), (dict(word_map="swap"), "word map"),
     (dict(blend_words="horse"), "source prompt"), (dict(blend_words="cat,horse"), "target prompt"),
-    (dict(blend_words="cat"), "--blend-words cat,TARGET_WORD"), (dict(blend_words="cat,dog,fox"), "--blend-words"),
+    (dict(blend_words="cat"), "--blend-words: the blend word 'cat' is not in the target prompt 'a dog'; name the target's word too: cat,TARGET_WORD"), (dict(blend_words="cat,dog,fox"), "--blend-words"),
     (dict(blend_words=" ,dog"), "--blend-words"), (dict(reweight=(("horse", 2.0),)), "reweighted word"),
     (dict(reweight=(("dog", float("inf")),)), "--reweight"), (dict(reweight=(("a dog", 2.0),)), "one word"),
     (dict(blend_start=0.9), "blend start"), (dict(source_prompt=None), "--source-prompt"),
     (dict(source_maps="x_i"), "--source-maps"), (dict(blend_level="previous"), "--blend-level"),
-    (dict(cross_replace_words=(("dog", 1.5),)), "--cross-replace-word dog="),
+    (dict(cross_replace_words=(("dog", 1.5),)), "--cross-replace-word: the cross-attention fusion of 'dog'"),
     (dict(cross_replace_words=(("horse", 0.4),)), "cross-replace word"),
     (dict(cross_replace_words=(("a dog", 0.4),)), "one word"), (dict(cross_replace_words=("dog",)), "WORD=FRACTION"),
     (dict(blend_latents=1), "--blend-latents"), (dict(blend_self_attention="yes"), "--blend-self-attention"),
-    (dict(blend_words="cat,dog", blend_latents=False, blend_self_attention=False), "--blend-words does nothing"),
+    (dict(blend_words="cat,dog", blend_latents=False, blend_self_attention=False), "--blend-words: the blend words do nothing"),
 ])
 def test_bad_settings_are_refused_with_one_sentence(overrides, words):
     with pytest.raises(StemError) as err:
         fatezero(**overrides).validate()
-    message = str(err.value)
+    assert "--" not in str(err.value)  # the core names settings in words; the CLI puts the flag first
+    message = cli_message(err.value)
     assert words in message and "\n" not in message and message.endswith("."), message
 
 
@@ -79,7 +80,7 @@ def test_replace_with_different_word_counts_is_refused(tokenizer):
     with pytest.raises(StemError) as err:
         EditMaps.build(edit, tokenizer)
     message = str(err.value)
-    assert "--word-map replace" in message and "words" in message and "2" in message and "3" in message and "\n" not in message
+    assert "The word map replace" in message and "--word-map replace" in cli_message(err.value) and "words" in message and "2" in message and "3" in message and "\n" not in message
 
 
 def test_good_settings_pass_and_are_hashable():
@@ -480,7 +481,7 @@ def test_chunked_unet_calls_give_the_same_edit(tiny_parts, tmp_path):
 def test_check_before_inversion(engine, tiny_parts, count_calls):
     video, settings = synthetic_video(3), inversion()
     with count_calls(tiny_parts.unet) as counter:
-        with pytest.raises(StemError, match="--word-map replace"):
+        with pytest.raises(StemError, match="The word map replace"):
             edit_video(engine, video, settings, fatezero("a big dog", word_map="replace"))
         with pytest.raises(StemError, match="source prompt"):
             edit_video(engine, video, settings, FateZeroSettings("a dog", source_prompt="a fox"))
@@ -521,8 +522,8 @@ def test_cli_fatezero_end_to_end(clip_file, tmp_path, capsys):
     (["--blend-threshold", "0"], "--blend-threshold"), (["--blend-words", "horse"], "horse"),
     (["--reweight", "dog"], "WORD=SCALE"), (["--reweight", "fox=2"], "fox"), (["--word-map", "swap"], "swap"),
     (["--source-maps", "stored"], "--source-maps"), (["--blend-level", "x_i"], "--blend-level"),
-    (["--cross-replace-word", "dog"], "WORD=FRACTION"), (["--cross-replace-word", "dog=2"], "--cross-replace-word dog="),
-    (["--blend-words", "cat,dog", "--no-blend-latents", "--no-blend-self-attention"], "--blend-words does nothing"),
+    (["--cross-replace-word", "dog"], "WORD=FRACTION"), (["--cross-replace-word", "dog=2"], "--cross-replace-word: the cross-attention fusion of 'dog'"),
+    (["--blend-words", "cat,dog", "--no-blend-latents", "--no-blend-self-attention"], "--blend-words: the blend words do nothing"),
 ])
 def test_cli_refuses_bad_fatezero_options_before_any_work(clip_file, tmp_path, capsys, monkeypatch, extra, words):
     def no_model(*_, **__):

@@ -11,7 +11,7 @@ import torch
 from conftest import make_frames
 from stem import memory, offload
 from stem.cache import LatentCache
-from stem.cli import main as cli_main
+from stem.cli import cli_message, main as cli_main
 from stem.engine import Engine, InversionSettings
 from stem.errors import StemError
 from stem.memory import GiB, Job, ModelFacts, balanced_chunks, estimate, plan
@@ -161,13 +161,16 @@ def test_a_job_that_does_not_fit_one_frame_at_a_time_is_refused_with_what_to_cha
     offloaded = estimate(JOB, SD15, chunk=1, vae_batch=1, vae_tiling=True, offload=True, stream_unet=True)["peak"]
     with pytest.raises(StemError) as error:
         plan(JOB, SD15, available=smallest - 1)
-    message = str(error.value)
-    assert "--offload" in message and "48 frames" in message and "\n" not in message and message.endswith(".")
-    with pytest.raises(StemError, match="fewer --frames or a smaller --size") as error:
+    message = str(error.value)  # in words; the CLI names its flags (stem.cli.options.cli_message)
+    assert "add offloading, or use fewer frames or a smaller size." in message and "--" not in message
+    assert "add --offload, or use fewer --frames or a smaller --size." in cli_message(error.value)
+    assert "48 frames" in message and "\n" not in message and message.endswith(".")
+    with pytest.raises(StemError, match="fewer frames or a smaller size") as error:
         plan(JOB, SD15, available=offloaded - 1, offload=True)
-    assert "--offload" not in str(error.value)
-    with pytest.raises(StemError, match="--chunk-size 24"):
+    assert "offload" not in str(error.value) and "fewer --frames or a smaller --size" in cli_message(error.value)
+    with pytest.raises(StemError, match="the chunk size 24") as error:
         plan(JOB, SD15, available=estimate(JOB, SD15, chunk=24)["unet"] - 1, chunk=24)
+    assert "with --chunk-size 24" in cli_message(error.value) and "lower --chunk-size" in cli_message(error.value)
 
 
 def test_with_offload_the_unet_streams_only_when_its_weights_do_not_fit():

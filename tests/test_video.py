@@ -242,11 +242,11 @@ def test_truncated_mp4_gives_fewer_frames_or_stem_error(tmp_path, faststart, fra
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(size=10), r"--size must be between 64 and 2048 pixels \(got 10\)"),
-        (dict(size=4096), r"--size must be between 64 and 2048"),
-        (dict(stride=0), r"--stride must be at least 1 \(got 0\)"),
-        (dict(num_frames=0), r"--frames must be at least 1 \(got 0\)"),
-        (dict(fps=0), r"--fps must be a positive number"),
+        (dict(size=10), r"^The size must be between 64 and 2048 pixels \(got 10\)"),
+        (dict(size=4096), r"^The size must be between 64 and 2048"),
+        (dict(stride=0), r"^The stride must be at least 1 \(got 0\)"),
+        (dict(num_frames=0), r"^The number of frames must be at least 1 \(got 0\)"),
+        (dict(fps=0), r"^The frame rate must be a positive number"),
     ],
 )
 def test_bad_options(clip_path, kwargs, match):
@@ -516,7 +516,7 @@ def test_a_constant_rate_file_with_a_coarse_time_base_keeps_its_exact_rate(tmp_p
 
 @pytest.mark.parametrize("fps", [1e-9, 1e-5, 0.001, 1500.0, float("inf"), float("nan")])
 def test_a_rate_an_mp4_cannot_hold_is_refused_before_reading_or_writing(clip_path, tmp_path, fps):
-    with pytest.raises(StemError, match=r"--fps must be a positive number of frames per second between 0.01 and 1000"):
+    with pytest.raises(StemError, match=r"^The frame rate must be a positive number of frames per second between 0.01 and 1000"):
         read_video(clip_path, size=64, fps=fps)
     with pytest.raises(StemError, match=r"Cannot write '.*never\.mp4' at .* fps; the fps must be between 0.01 and 1000"):
         write_video(tmp_path / "never.mp4", make_clip(2), fps)

@@ -23,6 +23,7 @@ import torch
 
 from ..engine import Engine, InversionResult, InversionSettings, Progress, non_finite_advice
 from ..errors import StemError
+from ..settings import SettingError, check, setting
 from ..inversion import NonFiniteLatents, call_unet, ddim_sample, ddim_schedule, decode_latents, encode_prompt, to_epsilon
 from ..video import Video
 
@@ -85,22 +86,33 @@ def leading_steps(fraction: float, num_steps: int) -> int:
     return min(num_steps, math.floor(fraction * num_steps + 1e-6))
 
 
-def check_fraction(flag: str, value) -> None:
-    """Refuse a fraction of the steps outside [0, 1] in one sentence."""
-    if not is_number(value) or not 0 <= value <= 1:
-        raise StemError(f"{flag} must be a fraction of the steps between 0 and 1, got {value}.")
+def fraction_setting(default: float, *, label: str, words: str, help: str, **more):
+    """A fraction of the denoising steps, in [0, 1], as a setting."""
+    return setting(default, label=label, words=words, help=help, minimum=0, maximum=1, step=0.05, **more)
+
+
+def target_prompt_setting():
+    """The target prompt every editor takes (required; the CLI's repeatable --prompt)."""
+    return setting(label="Target prompt", words="the target prompt", flag="--prompt",
+                   help="what the edited video should show")
+
+
+def negative_prompt_setting(default: str):
+    return setting(default, label="Negative prompt", words="the negative prompt",
+                   help="unconditional text of the guidance: what the edit should avoid")
+
+
+def guidance_setting():
+    return setting(7.5, label="Guidance scale", words="the guidance scale", minimum=1, maximum=MAX_GUIDANCE, step=0.5,
+                   note="7.5 is usual", help="classifier-free guidance scale (higher: closer to the prompt)")
 
 
 def validate_common(edit: EditSettingsBase) -> None:
-    """Check what every editor's settings have: the prompts, the guidance scale and the seed."""
-    if not isinstance(edit.prompt, str) or not edit.prompt.strip():
-        raise StemError("The target prompt is empty; give --prompt a text that describes the edited video.")
-    if not isinstance(edit.negative_prompt, str):
-        raise StemError(f"--negative-prompt must be text, got {edit.negative_prompt!r}.")
-    if not is_number(edit.guidance) or not 1 <= edit.guidance <= MAX_GUIDANCE:
-        raise StemError(f"--guidance must be a number between 1 and {MAX_GUIDANCE} (7.5 is usual), got {edit.guidance}.")
-    if not isinstance(edit.seed, int) or isinstance(edit.seed, bool) or not 0 <= edit.seed < 2**63:
-        raise StemError(f"--seed must be a whole number from 0 to 2**63 - 1, got {edit.seed}.")
+    """Check every setting's type and range, and that the target prompt says something."""
+    check(edit)
+    if not edit.prompt.strip():
+        raise SettingError("prompt", "The target prompt is empty; give a text that describes the edited video.",
+                           type(edit))
 
 
 def wide_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -63,9 +63,11 @@ from ..attention import (
 )
 from ..errors import StemError
 from ..lockstep import run_lockstep, whole_video
+from ..settings import SettingError, metrics, sentence_case, setting, spec
 from .common import (
-    COND, EDITOR_CHECKS, EDITORS, NUM_GROUPS, SOURCE, UNCOND, check_fraction, guided_noise, is_number, leading_steps,
-    sample_edit, source_latents, validate_common,
+    COND, EDITOR_CHECKS, EDITORS, NUM_GROUPS, SOURCE, UNCOND, fraction_setting, guidance_setting, guided_noise,
+    is_number, leading_steps, negative_prompt_setting, sample_edit, source_latents, target_prompt_setting,
+    validate_common,
 )
 from .freeu import FreeUSettings, freeu_installed
 from .wordmap import WORD_MAPS, contains_word, reweight_scales, word_map, word_mask
@@ -100,27 +102,56 @@ class FateZeroSettings:
 
     editor: ClassVar[str] = "fatezero"
 
-    prompt: str                  # target prompt
-    source_prompt: str = ""      # the inversion's prompt (the word maps need both)
-    negative_prompt: str = ""    # the unconditional text of classifier-free guidance
-    guidance: float = 7.5        # classifier-free guidance scale, >= 1
-    self_replace: float = 0.6    # fraction of steps with self-attention fusion, in [0, 1]
-    cross_replace: float = 0.8   # fraction of steps with cross-attention fusion, in [0, 1]
-    cross_replace_words: tuple[tuple[str, float], ...] = ()  # (target word, fraction): that word's own cross_replace
-    word_map: str = "auto"       # "auto" (FateZero's: replace with equal word counts, else refine), "replace", "refine", "tokens"
-    reweight: tuple[tuple[str, float], ...] = ()  # (target word, scale) pairs: scale that word's maps
-    blend_words: str = ""        # "SRC" or "SRC,TGT" (each side one or more words): local editing
-    blend_threshold: float = 0.3  # mask threshold on the per-frame normalised maps, in (0, 1]
-    blend_self_attention: bool = True  # with blend words: keep the edit's own self-attention inside the source mask
+    prompt: str = target_prompt_setting()
+    source_prompt: str = setting("", label="Source prompt", words="the source prompt", faces=(),
+                                 help="the inversion's prompt (the word maps need both)")  # the CLI's inversion's
+    negative_prompt: str = negative_prompt_setting("")  # FateZero's: none
+    guidance: float = guidance_setting()
+    self_replace: float = fraction_setting(0.6, label="Self-attention fusion", words="the self-attention fusion",
+                                           help="fraction of steps whose self-attention (layers of <= 32x32 tokens) "
+                                                "is the source's")
+    cross_replace: float = fraction_setting(0.8, label="Cross-attention fusion", words="the cross-attention fusion",
+                                            help="fraction of steps whose cross-attention maps come from the source's")
+    # (target word, fraction): that word's own cross_replace (FateZero's cross_replace_steps {word: fraction})
+    cross_replace_words: tuple[tuple[str, float], ...] = setting(
+        (), label="Cross-attention fusion per word", words="the per-word cross-attention fusion",
+        flag="--cross-replace-word", faces={"cli", "metrics"}, help="a target word's own cross-attention fusion, "
+        "WORD=FRACTION (FateZero's cross_replace_steps {word: fraction})")
+    word_map: str = setting("auto", label="Word map", words="the word map", choices=WORD_MAPS, faces={"cli", "metrics"},
+                            help="how target tokens take the source's maps: auto (FateZero's: replace when the prompts "
+                                 "have as many space-separated words, else refine), replace, refine or tokens (replace "
+                                 "token by token when they have as many tokens, else refine)")
+    reweight: tuple[tuple[str, float], ...] = setting(
+        (), label="Reweight", words="the reweighting", help="WORD=SCALE pairs that scale the cross-attention of target "
+        "words while the maps are fused")
+    blend_words: str = setting("", label="Blend words", words="the blend words",
+                               help="local edit: SRC[,TGT], the source (and target) words whose attention masks where "
+                                    "the edit may change the video")
+    blend_threshold: float = setting(0.3, label="Blend threshold", words="the blend threshold", minimum=0, maximum=1,
+                                     step=0.05, help="mask threshold on the per-frame normalised word maps, in (0, 1]")
+    blend_self_attention: bool = setting(True, label="Blend self-attention", words="the self-attention blend",
+                                         faces={"cli", "metrics"}, help="with blend words: keep the edit's own "
+                                         "self-attention inside the source words' mask (FateZero's blend_self_attention)")
     # with blend words: blend the latents with the source's outside the masks; off as in FateZero's configs (only
     # its jeep_posche_local_latent_blend.yaml turns it on; the others leave it out: "performance not so good")
-    blend_latents: bool = False
-    blend_start: float = 0.2     # latents are blended after the steps k with blend_start*T < k <= blend_end*T
-    blend_end: float = 0.8
-    source_maps: str = "inversion"  # "inversion": the source's maps from x_{i-1} at t_i (FateZero's); "editing": x_i at t_i
-    blend_level: str = "input"   # the source latents the blend keeps: "input" x_i (FateZero's), "output" x_{i-1}
-    seed: int = 0                # unused: FateZero draws nothing at random (the EM seed is the inversion's)
-    freeu: FreeUSettings = FreeUSettings(enabled=False)  # off: FateZero's release has no FreeU
+    blend_latents: bool = setting(False, label="Blend latents", words="the latent blend", faces={"cli", "metrics"},
+                                  help="with blend words: blend the latents with the source's outside the masks "
+                                       "(FateZero's blend_latents; off, as FateZero's configs)")
+    # latents are blended after the steps k with blend_start*T < k <= blend_end*T
+    blend_start: float = fraction_setting(0.2, label="Blend start", words="the blend start", faces={"metrics"},
+                                          help="latents are blended after the steps k with blend_start*T < k")
+    blend_end: float = fraction_setting(0.8, label="Blend end", words="the blend end", faces={"metrics"},
+                                        help="latents are blended after the steps k <= blend_end*T")
+    source_maps: str = setting("inversion", label="Source maps", words="the source maps", choices=SOURCE_MAPS,
+                               faces={"cli", "metrics"}, help="the source's attention maps at step i: inversion "
+                               "(FateZero's: x_(i-1) at t_i, as its inversion stores them) or editing (x_i at t_i)")
+    blend_level: str = setting("input", label="Blend level", words="the blend level", choices=BLEND_LEVELS,
+                               faces={"cli", "metrics"}, help="the source latents the blend keeps outside the mask "
+                               "after step i: input (FateZero's LocalBlend: x_i) or output (x_(i-1), the edit's level)")
+    seed: int = setting(0, label="Seed", words="the seed", minimum=0, maximum=2**63 - 1, faces=(),
+                        help="unused: FateZero draws nothing at random (the EM seed is the inversion's)")
+    freeu: FreeUSettings = setting(FreeUSettings(enabled=False), label="FreeU settings", words="the FreeU settings",
+                                   help="FreeU in the editing UNet; off: FateZero's release has no FreeU")
 
     def blend_word_lists(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(source words, target words) of `blend_words`; the target's are the source's when no TGT is given."""
@@ -130,69 +161,60 @@ class FateZeroSettings:
         return sides[0], sides[-1]
 
     def validate(self) -> "FateZeroSettings":
-        """Raise StemError with one sentence for the first setting out of range."""
+        """Raise SettingError with one sentence (in words) for the first setting out of range."""
         validate_common(self)
-        if not isinstance(self.source_prompt, str):
-            raise StemError(f"--source-prompt must be text, got {self.source_prompt!r}.")
-        check_fraction("--self-replace", self.self_replace)
-        check_fraction("--cross-replace", self.cross_replace)
-        if self.word_map not in WORD_MAPS:
-            raise StemError(f"Unknown word map {self.word_map!r}; choose one of: {', '.join(WORD_MAPS)}.")
-        if not is_number(self.blend_threshold) or not 0 < self.blend_threshold <= 1:
-            raise StemError(f"--blend-threshold must be above 0 and at most 1 (0.3 is usual), got {self.blend_threshold}.")
-        check_fraction("The blend start", self.blend_start)
-        check_fraction("The blend end", self.blend_end)
-        if self.source_maps not in SOURCE_MAPS:
-            raise StemError(f"--source-maps must be one of {', '.join(SOURCE_MAPS)}, got {self.source_maps!r}.")
-        if self.blend_level not in BLEND_LEVELS:
-            raise StemError(f"--blend-level must be one of {', '.join(BLEND_LEVELS)}, got {self.blend_level!r}.")
+        if self.blend_threshold == 0:
+            raise self._error("blend_threshold", "The blend threshold must be above 0 and at most 1 (0.3 is usual), "
+                              f"got {self.blend_threshold}.")
         if self.blend_start > self.blend_end:
-            raise StemError(f"The blend start ({self.blend_start}) must not come after the blend end ({self.blend_end}).")
-        if not isinstance(self.freeu, FreeUSettings):
-            raise StemError(f"The FreeU settings must be a FreeUSettings, got {self.freeu!r}.")
-        self.freeu.validate()
-        for word, scale in self._checked_word_pairs(self.reweight, "--reweight", "SCALE", "reweighted"):
+            raise self._error("blend_start", f"The blend start ({self.blend_start}) must not come after the blend end "
+                              f"({self.blend_end}).")
+        for word, scale in self._checked_word_pairs("reweight", "SCALE", "reweighted"):
             if not is_number(scale) or not -MAX_REWEIGHT <= scale <= MAX_REWEIGHT:
-                raise StemError(f"--reweight {word}= needs a scale between -{MAX_REWEIGHT} and {MAX_REWEIGHT}, got {scale!r}.")
-        for word, fraction in self._checked_word_pairs(self.cross_replace_words, "--cross-replace-word", "FRACTION",
-                                                      "cross-replace"):
-            check_fraction(f"--cross-replace-word {word}=", fraction)
+                raise self._error("reweight", f"The reweighting of {word!r} needs a scale between -{MAX_REWEIGHT} and "
+                                  f"{MAX_REWEIGHT}, got {scale!r}.")
+        for word, fraction in self._checked_word_pairs("cross_replace_words", "FRACTION", "cross-replace"):
+            if not is_number(fraction) or not 0 <= fraction <= 1:
+                raise self._error("cross_replace_words", f"The cross-attention fusion of {word!r} must be a fraction "
+                                  f"of the steps between 0 and 1, got {fraction}.")
         self._validate_blend_words()
         return self
 
-    def _checked_word_pairs(self, pairs, flag: str, value: str, what: str) -> tuple[tuple[str, float], ...]:
-        """`pairs` if it is a tuple of (one word of the target prompt, value) pairs; else one sentence."""
+    @staticmethod
+    def _error(name: str, message: str) -> SettingError:
+        return SettingError(name, message, FateZeroSettings)
+
+    def _checked_word_pairs(self, name: str, value: str, what: str) -> tuple[tuple[str, float], ...]:
+        """The setting `name` if it is a tuple of (one word of the target prompt, value) pairs; else one sentence."""
+        pairs, words = getattr(self, name), sentence_case(spec(FateZeroSettings, name).words)
         if not isinstance(pairs, tuple):
-            raise StemError(f"{flag} must be a tuple of (word, {value.lower()}) pairs, got {pairs!r}.")
+            raise self._error(name, f"{words} must be a tuple of (word, {value.lower()}) pairs, got {pairs!r}.")
         for pair in pairs:
             if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
-                raise StemError(f"{flag} takes WORD={value}, got {pair!r}.")
+                raise self._error(name, f"{words} takes WORD={value}, got {pair!r}.")
             if len(pair[0].split()) != 1:
-                raise StemError(f"{flag} takes one word per WORD={value}, got {pair[0]!r}.")
+                raise self._error(name, f"{words} takes one word per WORD={value}, got {pair[0]!r}.")
             if not contains_word(self.prompt, pair[0]):
-                raise StemError(f"The {what} word {pair[0]!r} is not in the target prompt {self.prompt!r}.")
+                raise self._error(name, f"The {what} word {pair[0]!r} is not in the target prompt {self.prompt!r}.")
         return pairs
 
     def _validate_blend_words(self) -> None:
-        if not isinstance(self.blend_words, str):
-            raise StemError(f"--blend-words must be text (SRC or SRC,TGT), got {self.blend_words!r}.")
-        for flag, on in (("--blend-self-attention", self.blend_self_attention), ("--blend-latents", self.blend_latents)):
-            if not isinstance(on, bool):
-                raise StemError(f"{flag} is a switch (True or False), got {on!r}.")
         if not self.blend_words.strip():
             return
         if not (self.blend_self_attention or self.blend_latents):
-            raise StemError("--blend-words does nothing with both --no-blend-self-attention and --no-blend-latents; "
-                            "turn one of them back on or leave --blend-words out.")
+            raise self._error("blend_words", "The blend words do nothing with both the self-attention blend and the "
+                              "latent blend off; turn one of them back on or give no blend words.")
         sides = self.blend_words.split(",")
         if len(sides) > 2 or not all(side.split() for side in sides):
-            raise StemError(f"--blend-words takes SRC or SRC,TGT (e.g. car or car,truck), got {self.blend_words!r}.")
+            raise self._error("blend_words", "The blend words take SRC or SRC,TGT (e.g. car or car,truck), got "
+                              f"{self.blend_words!r}.")
         source_words, target_words = self.blend_word_lists()
         for words, prompt, which in ((source_words, self.source_prompt, "source"), (target_words, self.prompt, "target")):
             for word in words:
                 if not contains_word(prompt, word):
-                    hint = "" if which == "source" or len(sides) == 2 else f"; name the target's word too: --blend-words {word},TARGET_WORD"
-                    raise StemError(f"The blend word {word!r} is not in the {which} prompt {prompt!r}{hint}.")
+                    hint = "" if which == "source" or len(sides) == 2 else f"; name the target's word too: {word},TARGET_WORD"
+                    raise self._error("blend_words", f"The blend word {word!r} is not in the {which} prompt "
+                                      f"{prompt!r}{hint}.")
 
     def num_fused_steps(self, num_steps: int) -> tuple[int, int]:
         """(self-attention steps, cross-attention steps): the first so many of `num_steps` steps fuse
@@ -201,14 +223,7 @@ class FateZeroSettings:
 
     def metrics(self) -> dict:
         """The settings as recorded in metrics.json."""
-        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "guidance": self.guidance,
-                "self_replace": self.self_replace, "cross_replace": self.cross_replace, "word_map": self.word_map,
-                "reweight": {word: scale for word, scale in self.reweight}, "blend_words": self.blend_words,
-                "blend_threshold": self.blend_threshold, "blend_start": self.blend_start, "blend_end": self.blend_end,
-                "source_maps": self.source_maps, "blend_level": self.blend_level,
-                "cross_replace_words": {word: fraction for word, fraction in self.cross_replace_words},
-                "blend_self_attention": self.blend_self_attention, "blend_latents": self.blend_latents,
-                **self.freeu.metrics()}
+        return metrics(self)
 
 
 def cross_replace_steps(fraction: float, num_steps: int) -> int:
@@ -227,16 +242,17 @@ def self_replace_steps(fraction: float, num_steps: int) -> int:
 
 def parse_reweight(items: str | Iterable[str] | None) -> tuple[tuple[str, float], ...]:
     """"WORD=SCALE" strings (or one comma-separated string) -> ((word, scale), ...); one sentence if malformed."""
-    return parse_word_values(items, "--reweight", "WORD=SCALE (e.g. watercolor=2)")
+    return parse_word_values(items, "reweight", "WORD=SCALE (e.g. watercolor=2)")
 
 
 def parse_cross_replace_words(items: str | Iterable[str] | None) -> tuple[tuple[str, float], ...]:
     """"WORD=FRACTION" strings (FateZero's `cross_replace_steps: {word: fraction}`) -> ((word, fraction), ...)."""
-    return parse_word_values(items, "--cross-replace-word", "WORD=FRACTION (e.g. tiger=0.4)")
+    return parse_word_values(items, "cross_replace_words", "WORD=FRACTION (e.g. tiger=0.4)")
 
 
-def parse_word_values(items: str | Iterable[str] | None, flag: str, form: str) -> tuple[tuple[str, float], ...]:
-    """"WORD=NUMBER" strings (or one comma-separated string) -> ((word, number), ...); one sentence if malformed."""
+def parse_word_values(items: str | Iterable[str] | None, name: str, form: str) -> tuple[tuple[str, float], ...]:
+    """"WORD=NUMBER" strings (or one comma-separated string) -> ((word, number), ...) for the FateZero setting
+    `name`; one sentence if malformed."""
     if items is None:
         return ()
     if isinstance(items, str):
@@ -249,7 +265,8 @@ def parse_word_values(items: str | Iterable[str] | None, flag: str, form: str) -
         except ValueError:
             value = None
         if value is None or not word.strip():
-            raise StemError(f"{flag} takes {form}, got {item!r}.")
+            words = sentence_case(spec(FateZeroSettings, name).words)
+            raise SettingError(name, f"{words} takes {form}, got {item!r}.", FateZeroSettings)
         pairs.append((word.strip(), value))
     return tuple(pairs)
 

@@ -32,36 +32,43 @@ from typing import Iterator
 
 import torch
 
-from ..errors import StemError
 from ..hooks import hooks_installed
-from .common import is_number, wide_dtype
+from ..settings import check, flattened, metrics, setting
+from .common import wide_dtype
 
 MAX_SCALE = 10  # FreeU scales beyond this blow the features up to inf/nan
 THRESHOLD = 1  # half the side of the scaled block of lowest frequencies (FreeU's and the authors' value)
+
+
+def _constant(default: float, key: str, what: str):
+    """One of FreeU's four constants as a setting (flag --freeu-KEY, in metrics.json as freeu_KEY)."""
+    return setting(default, label=f"FreeU {key}", words=f"FreeU's {key}", flag=f"--freeu-{key}", minimum=0,
+                   maximum=MAX_SCALE, step=0.1, note="FreeU's are 1.2, 1.4, 0.9, 0.2", help=f"FreeU {what}")
 
 
 @dataclass(frozen=True)
 class FreeUSettings:
     """FreeU in the editing UNet; the defaults are the constants the STEM authors edit with."""
 
-    enabled: bool = True
-    b1: float = 1.2  # backbone scale where the arriving hidden states have the UNet's widest width
-    b2: float = 1.4  # backbone scale where they have the second width (block_out_channels[1])
-    s1: float = 0.9  # scale of the skip features' lowest frequencies at the widest width
-    s2: float = 0.2  # the same at the second width
+    enabled: bool = setting(True, label="FreeU", words="the FreeU switch", flag="--freeu",
+                            help="FreeU in the editing UNet (default: the editor's; on for tokenflow, as the STEM "
+                                 "authors ran it)")
+    # backbone scale where the arriving hidden states have the UNet's widest width
+    b1: float = _constant(1.2, "b1", "backbone scale at the widest up-block width")
+    # backbone scale where they have the second width (block_out_channels[1])
+    b2: float = _constant(1.4, "b2", "backbone scale at the second width")
+    # scale of the skip features' lowest frequencies at the widest width
+    s1: float = _constant(0.9, "s1", "skip low-frequency scale at the widest width")
+    s2: float = _constant(0.2, "s2", "skip low-frequency scale at the second width")  # the same at the second width
 
     def validate(self) -> "FreeUSettings":
-        """Raise StemError with one sentence for the first constant out of range."""
-        if not isinstance(self.enabled, bool):
-            raise StemError(f"--freeu must be on or off, got {self.enabled!r}.")
-        for flag, value in (("--freeu-b1", self.b1), ("--freeu-b2", self.b2), ("--freeu-s1", self.s1), ("--freeu-s2", self.s2)):
-            if not is_number(value) or not 0 <= value <= MAX_SCALE:
-                raise StemError(f"{flag} must be a number between 0 and {MAX_SCALE} (FreeU's are 1.2, 1.4, 0.9, 0.2), got {value}.")
+        """Raise SettingError with one sentence (in words) for the first constant out of range."""
+        check(self)
         return self
 
     def metrics(self) -> dict:
-        """The settings as recorded in metrics.json."""
-        return {"freeu": self.enabled, "freeu_b1": self.b1, "freeu_b2": self.b2, "freeu_s1": self.s1, "freeu_s2": self.s2}
+        """The settings as recorded in metrics.json (nested in an editor's: freeu, freeu_b1, ...)."""
+        return flattened("freeu", metrics(self))
 
 
 def fourier_filter(x: torch.Tensor, scale: float, threshold: int = THRESHOLD) -> torch.Tensor:

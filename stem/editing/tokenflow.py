@@ -52,9 +52,10 @@ from ..attention import (
 from ..errors import StemError
 from ..hooks import hooks_installed
 from ..lockstep import whole_video
+from ..settings import metrics, setting
 from .common import (
-    DEFAULT_NEGATIVE_PROMPT, EDITORS, NUM_GROUPS, SOURCE, check_fraction, from_source, guided_noise, sample_edit,
-    source_latents, unet_groups, validate_common, wide_dtype,
+    DEFAULT_NEGATIVE_PROMPT, EDITORS, NUM_GROUPS, SOURCE, fraction_setting, from_source, guidance_setting, guided_noise,
+    negative_prompt_setting, sample_edit, source_latents, target_prompt_setting, unet_groups, validate_common, wide_dtype,
 )
 from .freeu import FreeUSettings, freeu_installed
 
@@ -78,31 +79,29 @@ class TokenFlowSettings:
 
     editor: ClassVar[str] = "tokenflow"
 
-    prompt: str                  # target prompt
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT  # the unconditional text of classifier-free guidance
-    guidance: float = 7.5        # classifier-free guidance scale, >= 1
-    pnp_attn: float = 0.5        # fraction of steps with self-attention Q/K injection, in [0, 1]
-    pnp_conv: float = 0.8        # fraction of steps with conv (residual) feature injection, in [0, 1]
-    batch_size: int = 8          # frames per TokenFlow batch (one keyframe each), >= 1
-    attention: str = "extended"  # the edit groups' keyframe attention: "extended" (TokenFlow) or "stem" (STEM bases)
-    propagation: str = "previous"  # pass 2: "previous" (the release's) or "nearest", see the module docstring
-    freeu: FreeUSettings = FreeUSettings()  # FreeU in the editing UNet, on as in the release
-    seed: int = 0                # keyframe choice
+    prompt: str = target_prompt_setting()
+    negative_prompt: str = negative_prompt_setting(DEFAULT_NEGATIVE_PROMPT)  # the STEM authors'
+    guidance: float = guidance_setting()
+    pnp_attn: float = fraction_setting(0.5, label="PnP attention threshold", words="the PnP attention fraction",
+                                       help="fraction of steps that inject the source's self-attention queries/keys")
+    pnp_conv: float = fraction_setting(0.8, label="PnP convolution threshold", words="the PnP convolution fraction",
+                                       help="fraction of steps that inject the source's conv (residual) features")
+    batch_size: int = setting(8, label="Batch size", words="the batch size", minimum=1, step=1,
+                              help="frames per TokenFlow batch, one keyframe each")
+    attention: str = setting("extended", label="Edit attention", words="the edit attention", flag="--edit-attention",
+                             choices=EDIT_ATTENTION, faces={"cli", "metrics"},
+                             help="the edit groups' keyframe attention: extended (TokenFlow's) or stem (STEM bases)")
+    propagation: str = setting("previous", label="Propagation", words="the propagation", choices=PROPAGATION,
+                               help="which two keyframes each frame's attention comes from: previous (its batch's and "
+                                    "the previous batch's, as the STEM authors ran it) or nearest (the two nearest)")
+    freeu: FreeUSettings = setting(FreeUSettings(), label="FreeU settings", words="the FreeU settings",
+                                   help="FreeU in the editing UNet, on as in the release")
+    seed: int = setting(0, label="Seed", words="the seed", minimum=0, maximum=2**63 - 1,
+                        help="seed of the keyframe choice")
 
     def validate(self) -> "TokenFlowSettings":
-        """Raise StemError with one sentence for the first setting out of range."""
+        """Raise SettingError with one sentence (in words) for the first setting out of range."""
         validate_common(self)
-        for flag, value in (("--pnp-attn", self.pnp_attn), ("--pnp-conv", self.pnp_conv)):
-            check_fraction(flag, value)
-        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise StemError(f"--batch-size must be 1 or more frames, got {self.batch_size}.")
-        if self.attention not in EDIT_ATTENTION:
-            raise StemError(f"Unknown edit attention {self.attention!r}; choose one of: {', '.join(EDIT_ATTENTION)}.")
-        if self.propagation not in PROPAGATION:
-            raise StemError(f"Unknown --propagation {self.propagation!r}; choose one of: {', '.join(PROPAGATION)}.")
-        if not isinstance(self.freeu, FreeUSettings):
-            raise StemError(f"The FreeU settings must be a FreeUSettings, got {self.freeu!r}.")
-        self.freeu.validate()
         return self
 
     def num_injected_steps(self, num_steps: int) -> tuple[int, int]:
@@ -111,9 +110,7 @@ class TokenFlowSettings:
 
     def metrics(self) -> dict:
         """The settings as recorded in metrics.json."""
-        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "guidance": self.guidance,
-                "pnp_attn": self.pnp_attn, "pnp_conv": self.pnp_conv, "batch_size": self.batch_size,
-                "attention": self.attention, "propagation": self.propagation, **self.freeu.metrics(), "seed": self.seed}
+        return metrics(self)
 
 
 EditSettings = TokenFlowSettings  # the default editor's settings under their historical name

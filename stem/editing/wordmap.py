@@ -42,6 +42,9 @@ from typing import Sequence
 import torch
 
 from ..errors import StemError
+from ..settings import SettingError
+
+WORD_MAP = {"word_map": "the word map"}  # how the errors name the setting (the CLI: --word-map)
 
 WORD_MAPS = ("auto", "replace", "refine", "tokens")
 WORD_END = "</w>"  # CLIP's BPE marks the last token of every word
@@ -161,9 +164,9 @@ def fatezero_replace_columns(tokenizer, source_prompt: str, target_prompt: str, 
     target_inds = [fatezero_word_tokens(tokenizer, target_prompt, k) for k in swapped]
     for k, s, t in zip(swapped, source_inds, target_inds):
         if not s or not t or max(s + t) >= length:
-            raise StemError(
-                f"--word-map replace cannot map the swapped word {source_words[k]!r} -> {target_words[k]!r} "
-                f"(no tokens, or past the encoder's {length} tokens); use --word-map refine.")
+            raise SettingError(
+                "", f"{{word_map}} replace cannot map the swapped word {source_words[k]!r} -> {target_words[k]!r} "
+                f"(no tokens, or past the encoder's {length} tokens); use {{word_map}} refine.", mentions=WORD_MAP)
     columns: list[dict[int, float]] = [{} for _ in range(length)]
     i = j = current = 0
     while i < length and j < length:
@@ -207,9 +210,10 @@ def word_map(tokenizer, source_prompt: str, target_prompt: str, mode: str = "aut
     source, target = prompt_tokens(tokenizer, source_prompt), prompt_tokens(tokenizer, target_prompt)
     same_words = word_count(source_prompt) == word_count(target_prompt)
     if mode == "replace" and not same_words:
-        raise StemError(
-            f"--word-map replace needs prompts of the same number of words, but the source prompt has "
-            f"{word_count(source_prompt)} and the target prompt {word_count(target_prompt)}; use --word-map refine or auto.")
+        raise SettingError(
+            "", f"{{word_map}} replace needs prompts of the same number of words, but the source prompt has "
+            f"{word_count(source_prompt)} and the target prompt {word_count(target_prompt)}; use {{word_map}} refine "
+            "or auto.", mentions=WORD_MAP)
     if mode == "replace" or (mode == "auto" and same_words):
         return WordMap("replace", fatezero_replace_columns(tokenizer, source_prompt, target_prompt, length), (1.0,) * length)
     if mode == "tokens" and len(source) == len(target):
