@@ -40,6 +40,7 @@ from stem.editing import (
     DEFAULT_NEGATIVE_PROMPT, FateZeroSettings, FreeUSettings, TokenFlowSettings, edit_metrics, edit_video, parse_reweight,
 )
 from stem.files import pid_alive
+from stem.settings import SettingError, for_face, spec
 from stem.models import TINY_MODEL, default_device
 from stem.video import DEFAULT_MAX_FRAMES, SourceTooLarge, Video, copy_audio, open_image, side_by_side
 
@@ -132,12 +133,28 @@ CONTROL_HELP = {
     "freeu_s1": "Skip factor of the first up block (< 1: less high-frequency detail, fewer artefacts).",
     "freeu_s2": "Skip factor of the second up block (< 1: less high-frequency detail, fewer artefacts).",
 }
-# The page's defaults, by endpoint parameter name; build_app(defaults=...) overrides them.
-DEFAULTS = dict(method="stem", bases=256, iters=5, steps=50, frames=16, stride=1, size=512, seed=0,
-                control=InversionSettings.control, control_scale=InversionSettings.control_scale,
-                editor="tokenflow", guidance=7.5, negative_prompt=DEFAULT_NEGATIVE_PROMPT, pnp_attn=0.5, pnp_conv=0.8,
-                batch_size=8, propagation="previous", self_replace=0.6, cross_replace=0.8, blend_words="",
-                blend_threshold=0.3, reweight="", freeu="default", freeu_b1=1.2, freeu_b2=1.4, freeu_s1=0.9, freeu_s2=0.2)
+# An endpoint parameter's settings field where the names differ (the API keeps its short names).
+FIELD_NAMES = {"bases": "num_bases", "iters": "num_iters", "steps": "num_steps", "frames": "num_frames"}
+
+
+def _spec_default(name: str):
+    """The settings dataclasses' default of an endpoint parameter (FreeU's b1 for freeu_b1; TokenFlow's first)."""
+    if name.startswith("freeu_"):
+        return spec(FreeUSettings, name.removeprefix("freeu_")).default
+    for cls in (InversionSettings, TokenFlowSettings, FateZeroSettings):
+        try:
+            return spec(cls, FIELD_NAMES.get(name, name)).default
+        except KeyError:
+            continue
+    raise KeyError(name)
+
+
+# The page's defaults, by endpoint parameter name: the settings' own, but for the page's choices (16 frames
+# rather than all; the editor; FreeU as the editor's default; reweight as text); build_app(defaults=...)
+# overrides them.
+PAGE_CHOICES = dict(frames=16, editor="tokenflow", freeu="default", reweight="")
+DEFAULTS = {name: PAGE_CHOICES[name] if name in PAGE_CHOICES else _spec_default(name)
+            for name in dict.fromkeys((*INVERSION_INPUTS, *CONTROL_INPUTS, *EDIT_INPUTS))}
 # On a CPU the page starts with less work, so a visitor's first job ends in minutes (a GPU keeps DEFAULTS).
 CPU_DEFAULTS = dict(steps=10, frames=8, size=256)
 # Command-line flags named in the engine's messages -> the labels on this page.
@@ -392,6 +409,8 @@ def _for_the_page(error: Exception) -> gr.Error:
         return error
     if isinstance(error, Stopped):
         return _bad("The job was stopped.")
+    if isinstance(error, SettingError):  # the core's words after this page's label: "Seed: the seed must be ..."
+        return _bad(for_face(error, _app_label(error.setting, error.owner), _app_label))
     if isinstance(error, StemError):
         message = str(error)
         for flag, label in LABELS.items():
@@ -402,6 +421,16 @@ def _for_the_page(error: Exception) -> gr.Error:
     log.error("job failed", exc_info=error)  # a bug or the environment
     return _bad(f"The job failed unexpectedly ({type(error).__name__}); try fewer frames or a smaller size, "
                 "or tell the person who runs this app (the server log has the details).")
+
+
+def _app_label(name: str, owner: type | None = None) -> str | None:
+    """The app's label of the setting `name` (of `owner`, else of any settings class the app uses); None if none."""
+    for cls in ([owner] if owner is not None else []) + [InversionSettings, *EDIT_SETTINGS.values(), FreeUSettings]:
+        try:
+            return spec(cls, name).label
+        except (KeyError, TypeError):
+            continue
+    return None
 
 
 def _how(cache_hit: bool, seconds: float) -> str:

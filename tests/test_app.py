@@ -305,8 +305,8 @@ def test_bad_input_is_a_sentence_and_the_app_keeps_serving(served, clip, tmp_pat
     ("/edit", dict(freeu_b1=None), "The FreeU b1 box is empty; type a number in it."),  # an emptied number box
     ("/edit", dict(guidance="x"), "Guidance scale must be a number, got 'x'."),
     ("/edit", dict(steps=1.5), "Steps must be a whole number, got 1.5."),
-    ("/invert", dict(seed=2**70), "Seed must be a whole number from 0 to 2**63 - 1"),  # refused before inverting
-    ("/edit", dict(seed=2**70), "Seed must be a whole number from 0 to 2**63 - 1"),
+    ("/invert", dict(seed=2**70), "Seed: the seed must be between 0 and 2**63 - 1"),  # refused before inverting
+    ("/edit", dict(seed=2**70), "Seed: the seed must be between 0 and 2**63 - 1"),
 ])
 def test_wrong_typed_api_values_are_one_sentence_naming_the_control_before_any_work(served, clip, api, values,
                                                                                   sentence):
@@ -330,7 +330,7 @@ def test_the_frames_x_size_limit_is_enforced(served, clip):
         served.client.predict(handle_file(str(clip)), SOURCE, frames=8, size=512, api_name="/compare")
     with pytest.raises(AppError, match=r"Value 0 is less than minimum value 1"):  # Gradio checks the sliders' ranges
         served.client.predict(handle_file(str(clip)), SOURCE, steps=0, api_name="/invert")
-    with pytest.raises(AppError, match=r"^Seed must be a whole number from 0 to 2\*\*63 - 1"):  # the engine's, with page labels
+    with pytest.raises(AppError, match=r"^Seed: the seed must be between 0 and 2\*\*63 - 1"):  # the engine's, with page labels
         served.client.predict(handle_file(str(clip)), SOURCE, "a golden ball", seed=-1, api_name="/edit")
 
 
@@ -886,3 +886,13 @@ def test_an_identical_edit_comes_from_the_result_cache_without_recomputing(serve
     assert np.array_equal(read_video(again, size=SIZE).frames, read_video(path, size=SIZE).frames)
     _, calls_other = unet.during(client.predict, handle_file(str(clip)), SOURCE, target, seed=4, api_name="/edit")
     assert calls_other > 0  # another seed is another edit
+
+
+def test_the_pages_defaults_are_the_settings_own_but_for_the_pages_choices():
+    from stem import InversionSettings
+    from stem.editing import FreeUSettings, TokenFlowSettings
+
+    assert app_jobs.DEFAULTS["bases"] == InversionSettings().num_bases and app_jobs.DEFAULTS["steps"] == 50
+    assert app_jobs.DEFAULTS["pnp_attn"] == TokenFlowSettings(prompt="x").pnp_attn
+    assert app_jobs.DEFAULTS["freeu_b1"] == FreeUSettings().b1
+    assert app_jobs.DEFAULTS["frames"] == 16 and InversionSettings().num_frames is None  # a page choice
