@@ -179,6 +179,8 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                     c.update(edit_controls)
                 for control in c.values():
                     check_numbers(control)
+                    if isinstance(control, gr.Slider):  # no "Reset to default value" stop: Gradio 6.31 shows it
+                        control.buttons = []  # unless told, whatever its docstring says (None means ["reset"])
                 examples = load_examples()
                 if examples:
                     examples = gr.Examples(
@@ -194,7 +196,7 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                 edit_reconstruction = gr.State()  # the path of an edit's reconstruction, shown after the edit
                 history = gr.State([])  # this clip's edits, newest first: (video, caption)
                 history_gallery = gr.Gallery(label="This clip's edits (click one to replay it; download it from "
-                                                   "the preview)", elem_id="history", columns=3, height="auto",
+                                                   "the preview)", elem_id="history", columns=3, height=260,
                                              visible=False, interactive=False)
 
         # -- events: a seed step on the page, then the job (one at a time, queued), then the status -------------

@@ -813,7 +813,8 @@ def test_every_setting_says_what_it_changes(served):
     assert len(controls) >= len(app_jobs.CONTROL_HELP)
     for control in controls:
         assert control.info and len(control.info) > 20, control.label
-        assert not getattr(control, "buttons", None), control.label  # no "Reset to default value" stops (22.14)
+        if type(control).__name__ == "Slider":  # no "Reset to default value" stops (22.14); None would show one
+            assert control.buttons == [], control.label
     assert set(app_jobs.CONTROL_HELP) == {n for names in app_jobs.ENDPOINT_INPUTS.values() for n in names} - {
         "video", "source_prompt", "target_prompt"}
 

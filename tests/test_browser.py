@@ -225,6 +225,7 @@ def test_a_first_visit_bad_input_at_once_buttons_follow_the_job_and_settings_fol
         # 9: each editor's settings only while it is chosen
         page.get_by_text("Advanced").click()
         expect(page.locator("#tokenflow-settings")).to_be_visible()
+        expect(page.get_by_label("Reset to default value")).to_have_count(0)  # 14: no reset stops
         expect(page.locator("#fatezero-settings")).to_be_hidden()
         page.locator("#editor").get_by_test_id("FateZero-radio-label").click()
         expect(page.locator("#fatezero-settings")).to_be_visible()
