@@ -7,806 +7,46 @@ One `Engine` per process: the model loads on the first job (at start-up on ZeroG
 inversion goes to the on-disk latent cache, so a second edit of the same clip with the same
 inversion settings does no inversion (across edits, users and restarts). The named endpoints
 /invert, /edit and /compare take a video file plus scalar settings (ENDPOINT_INPUTS) and are
-scriptable with gradio_client. A job runs in a worker thread that checks, at every denoising step,
-whether it was stopped (the Stop button, a cancelled client call, a closed page).
+scriptable with gradio_client. This file is the page: its layout, then its events; the jobs behind
+them (workers, sessions, progress, result files, ZeroGPU's duration) are `stem.app_jobs`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import atexit
-import functools
-import inspect
 import json
 import logging
 import math
 import os
-import random
-import re
-import shutil
 import signal
 import socket
 import sys
-import tempfile
-import threading
-import time
 import typing
-import unicodedata
-import uuid
-import weakref
 from pathlib import Path
 from typing import Callable
 
-import anyio
-import av
 import gradio as gr
 import torch
-from PIL import Image
 
-from stem import Engine, InversionSettings, LatentCache, StemError, inversion_metrics, read_video, write_video
-from stem.editing import (
-    DEFAULT_NEGATIVE_PROMPT, FateZeroSettings, FreeUSettings, TokenFlowSettings, edit_metrics, edit_video, parse_reweight,
+from stem import Engine, LatentCache, StemError
+from stem.app_jobs import (
+    CONTROL_HELP, CPU_DEFAULTS, CPU_LIMIT, DEFAULTS, EDITORS, ENDPOINT_INPUTS, GPU_LIMIT, OUTPUT_TTL_SECONDS, Jobs,
+    ResultFolder, add_to_history, button_states, check_numbers, describe_limit, made_visible, parse_limit,
+    stop_all_jobs,
 )
-from stem.files import pid_alive
+from stem.editing import DEFAULT_NEGATIVE_PROMPT
 from stem.models import DEFAULT_MODEL, TINY_MODEL, TINY_WARNING, default_device
-from stem.video import DEFAULT_MAX_FRAMES, SourceTooLarge, Video, copy_audio, open_image, side_by_side
+from stem.video import DEFAULT_MAX_FRAMES
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
-GPU_LIMIT, CPU_LIMIT = "48x512", "16x256"  # per job: frames x size, i.e. frames * size**2 pixels at most
 MAX_UPLOAD = "200mb"
-OUTPUT_TTL_SECONDS = 3600  # result files older than this are deleted
-RESULTS_PREFIX = "stem-app-"  # the per-process result folder in the temp folder: stem-app-<pid>-<random>
 PLAYER_HEIGHT = 360  # px: a portrait clip never pushes the prompts and buttons off a phone's screen
 METHODS = [("STEM", "stem"), ("DDIM", "ddim"), ("Inflated DDIM", "inflated")]
 TABLE_HEADERS = ["Method", "PSNR dB ↑", "SSIM ↑", "Warp error ↓", "Cached", "Seconds"]
-
-# The endpoints' parameters, in order; the API names them so. A new setting is a name here, a control
-# of the same name in build_app, a DEFAULTS entry and, for an edit setting, a field of the same name in
-# an editor's settings (the page's value is converted to that field's type; editors without it ignore it).
-INVERSION_INPUTS = ("method", "bases", "iters", "steps", "frames", "stride", "size", "seed")
-EDITORS = [("TokenFlow", "tokenflow"), ("FateZero", "fatezero")]
-EDIT_SETTINGS = {"tokenflow": TokenFlowSettings, "fatezero": FateZeroSettings}
-FREEU_INPUTS = ("freeu", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2")  # -> the editor's FreeUSettings
-FREEU_CHOICES = [("The editor's default (on for TokenFlow, off for FateZero)", "default"), ("On", "on"), ("Off", "off")]
-EDIT_INPUTS = ("editor", "guidance", "negative_prompt", "pnp_attn", "pnp_conv", "batch_size", "propagation",
-               "self_replace", "cross_replace", "blend_words", "blend_threshold", "reweight", *FREEU_INPUTS)
-CONTROL_INPUTS = ("control", "control_scale")  # structure guidance, last so that positional API calls keep working
 CONTROLS = [("None", "none"), ("Canny edges", "canny"), ("Depth", "depth")]
-ENDPOINT_INPUTS = {
-    "invert": ("video", "source_prompt", *INVERSION_INPUTS, *CONTROL_INPUTS),
-    "edit": ("video", "source_prompt", "target_prompt", *INVERSION_INPUTS, *EDIT_INPUTS, *CONTROL_INPUTS),
-    "compare": ("video", "source_prompt", *(name for name in INVERSION_INPUTS if name != "method"), *CONTROL_INPUTS),
-}
-# What each endpoint parameter changes: the API's and the MCP tools' parameter descriptions.
-PARAMETER_HELP = {
-    "video": "the input video file (mp4, webm, mov or gif)",
-    "source_prompt": "what the input video shows; it conditions the inversion",
-    "target_prompt": "what the edited video should show",
-    "method": "inversion attention: stem (K bases from all frames), ddim (per frame) or inflated (all frames' keys)",
-    "bases": "STEM: K, the bases per layer (more: closer to full attention, slower)",
-    "iters": "STEM: R, the EM iterations that estimate the bases",
-    "steps": "DDIM steps T (more: slower, more faithful)",
-    "frames": "frames to use (0: all, up to the server's limit)",
-    "stride": "keep every n-th frame",
-    "size": "pixels on the frames' long side",
-    "seed": "seed of STEM's initial bases and TokenFlow's keyframe choice",
-    "editor": "tokenflow (whole-video edits) or fatezero (attention fusion, local edits)",
-    "guidance": "classifier-free guidance scale (higher: closer to the prompt)",
-    "negative_prompt": "what the edit should avoid",
-    "pnp_attn": "TokenFlow: fraction of steps whose self-attention comes from the source (keeps structure)",
-    "pnp_conv": "TokenFlow: fraction of steps whose residual features come from the source",
-    "batch_size": "TokenFlow: frames per keyframe",
-    "propagation": "TokenFlow: how keyframe features reach the other frames",
-    "self_replace": "FateZero: fraction of steps whose self-attention is the source's (keeps structure)",
-    "cross_replace": "FateZero: fraction of steps whose cross-attention maps are the source's (keeps layout)",
-    "blend_words": "FateZero: 'SRC,TGT' words whose attention masks confine a local edit",
-    "blend_threshold": "FateZero: mask threshold of the blend words' attention",
-    "reweight": "FateZero: 'word=scale' pairs that strengthen or weaken target words",
-    "freeu": "FreeU: the editor's default, on or off",
-    "freeu_b1": "FreeU backbone factor b1", "freeu_b2": "FreeU backbone factor b2",
-    "freeu_s1": "FreeU skip factor s1", "freeu_s2": "FreeU skip factor s2",
-    "control": "structure guidance: none, canny (edges) or depth, a ControlNet in every UNet call",
-    "control_scale": "structure strength (0: none; 1: the ControlNet's usual strength)",
-}
-# The page's defaults, by endpoint parameter name; build_app(defaults=...) overrides them.
-DEFAULTS = dict(method="stem", bases=256, iters=5, steps=50, frames=16, stride=1, size=512, seed=0,
-                control=InversionSettings.control, control_scale=InversionSettings.control_scale,
-                editor="tokenflow", guidance=7.5, negative_prompt=DEFAULT_NEGATIVE_PROMPT, pnp_attn=0.5, pnp_conv=0.8,
-                batch_size=8, propagation="previous", self_replace=0.6, cross_replace=0.8, blend_words="",
-                blend_threshold=0.3, reweight="", freeu="default", freeu_b1=1.2, freeu_b2=1.4, freeu_s1=0.9, freeu_s2=0.2)
-# Command-line flags named in the engine's messages -> the labels on this page.
-LABELS = {"--bases": "Bases K", "--iters": "EM iterations R", "--steps": "Steps", "--frames": "Frames",
-          "--stride": "Stride", "--size": "Size", "--guidance": "Guidance scale", "--seed": "Seed",
-          "--pnp-attn": "PnP attention threshold", "--pnp-conv": "PnP convolution threshold",
-          "--batch-size": "Batch size", "--negative-prompt": "Negative prompt", "--propagation": "Propagation",
-          "--self-replace": "Self-attention fusion", "--cross-replace": "Cross-attention fusion",
-          "--blend-words": "Blend words", "--blend-threshold": "Blend threshold", "--reweight": "Reweight",
-          "--freeu-b1": "FreeU b1", "--freeu-b2": "FreeU b2", "--freeu-s1": "FreeU s1", "--freeu-s2": "FreeU s2",
-          "--control-scale": "Structure strength", "--control": "Structure guidance"}
-STOPPED = "**Stopped.** Press a button to start again."
-SERVER_PROBLEM = ("This server cannot run jobs right now ({what}); please try again later or tell the person who "
-                  "runs it (the server log says what to fix).")
+FREEU_CHOICES = [("The editor's default (on for TokenFlow, off for FateZero)", "default"), ("On", "on"), ("Off", "off")]
 log = logging.getLogger("stem.app")
-
-
-# -- the work of a job: one model of its cost drives the progress bar and ZeroGPU's duration ------------
-
-# One frame through the VAE, in UNet calls of one frame at the same size (from SD 1.5's multiply-adds).
-VAE_ENCODE_COST, VAE_DECODE_COST = 0.7, 1.5
-METHOD_COST = {"ddim": 1.0, "stem": 1.1, "inflated": 1.5}  # inversion UNet calls, relative to per-frame attention
-# UNet frame-calls per denoising step of an edit of n frames with m keyframes.
-EDITOR_STEP_COST = {"tokenflow": lambda n, m: 3 * (n + m),  # 3 groups (source, negative, target) x (keyframes + all)
-                    "fatezero": lambda n, m: 3 * n}  # 3 groups x all frames, once
-# ZeroGPU: seconds of one frame through the SD-1.5 UNet at 512 px on its H200 slice in fp16, with a margin
-# of about 2x over published throughput, plus a fixed part for text encoding, moving data and writing the
-# videos. On a whole H200 (assets/bench-gpu.md) a 48-frame STEM inversion estimated at 125 s took 40.7 s.
-GPU_SECONDS_PER_UNIT, GPU_FIXED_SECONDS = 0.02, 15
-PHASE_NAMES = {"loading": ("Loading the model", ""), "encoding": ("Encoding", "frame"),
-               "inverting": ("Inverting", "step"), "reconstructing": ("Reconstructing", "step"),
-               "decoding": ("Decoding", "frame"), "editing": ("Editing", "step")}
-COMPARED = ("DDIM", "STEM")  # the inversions of /compare, in order
-
-
-def job_phases(kind: str, frames: int, steps: int, method: str = "stem", batch_size: int = 8,
-               editor: str = "tokenflow") -> list[tuple[str, float]]:
-    """The phases a job reports, in order, each with its work in UNet calls of one frame.
-
-    An inversion encodes, inverts, reconstructs and decodes twice (the reconstruction and the VAE
-    round trip); an edit adds the editing steps and one decoding; /compare inverts with DDIM, then STEM.
-    """
-    def inversion(method: str) -> list[tuple[str, float]]:
-        unet = steps * frames * METHOD_COST[method]
-        return [("encoding", VAE_ENCODE_COST * frames), ("inverting", unet), ("reconstructing", unet),
-                ("decoding", VAE_DECODE_COST * frames), ("decoding", VAE_DECODE_COST * frames)]
-
-    if kind == "invert":
-        return inversion(method)
-    if kind == "compare":
-        return [(f"{label} · {phase}", work) for label in COMPARED for phase, work in inversion(label.lower())]
-    keyframes = math.ceil(frames / max(batch_size, 1))
-    step_cost = EDITOR_STEP_COST.get(editor, EDITOR_STEP_COST["tokenflow"])
-    return inversion(method) + [("editing", steps * step_cost(frames, keyframes)),
-                                ("decoding", VAE_DECODE_COST * frames)]
-
-
-def estimate_gpu_seconds(kind: str, frames: int, size: int, steps: int, method: str = "stem", batch_size: int = 8,
-                         editor: str = "tokenflow") -> int:
-    """Seconds of GPU a job may take on ZeroGPU (its `duration`): all its work, scaled by the pixels per frame."""
-    work = sum(w for _, w in job_phases(kind, frames, steps, method, batch_size, editor))
-    return math.ceil(GPU_FIXED_SECONDS + work * GPU_SECONDS_PER_UNIT * (size / 512) ** 2)
-
-
-def on_gpu(fn: Callable, duration: Callable[..., int]) -> Callable:
-    """`fn` under ZeroGPU's `spaces.GPU`, which holds a GPU only while it runs, for `duration(*args)` seconds.
-
-    Without the `spaces` package (anywhere but Hugging Face Spaces) `fn` runs as it is.
-    """
-    try:
-        import spaces
-    except ImportError:
-        return fn
-    return spaces.GPU(duration=duration)(fn)
-
-
-class Stopped(Exception):
-    """The job was stopped: its Stop button was pressed, its client cancelled it, or its page was closed."""
-
-
-class JobProgress:
-    """The engine's `callback({"phase", "i", "total", ...})` as one bar for the whole job; raises Stopped when asked to.
-
-    The bar is the share of the planned work done (see `job_phases`); its text names the phase, the
-    step and the time left at the pace so far. Phases a job skips (an inversion found in the cache)
-    leave the plan when a later phase starts.
-    """
-
-    def __init__(self, bar: Callable, phases: list[tuple[str, float]], stop: threading.Event | None = None,
-                 clock: Callable[[], float] = time.monotonic):
-        self.bar, self.stop, self.clock = bar, stop, clock
-        self.names = [name for name, _ in phases]
-        self.work = [float(w) for _, w in phases]
-        self.current, self.last = -1, (0, 0)  # the phase being run; its last (done, total)
-        self.start: tuple[float, float] | None = None  # (time, work done) at the first report
-        self.fraction = 0.0  # the bar as last shown
-
-    def __call__(self, info: dict) -> None:
-        phase, done, total = info["phase"], info["i"], info["total"]
-        if self.stop is not None and self.stop.is_set():
-            raise Stopped()
-        self._follow(phase, done)
-        self.last = (done, total)
-        name, unit = _phase_name(phase)
-        if self.current < 0 or phase != self.names[self.current]:  # not in the plan (e.g. loading)
-            self.bar(self.fraction, desc=f"{name}…")
-            return
-        work_done = sum(self.work[:self.current]) + self.work[self.current] * done / max(total, 1)
-        now = self.clock()
-        if self.start is None:
-            self.start = (now, work_done)
-        desc = f"{name}: {unit} {done} of {total}" if unit else name
-        left = self._seconds_left(now, work_done)
-        self.fraction = min(1.0, work_done / max(sum(self.work), 1e-9))
-        self.bar(self.fraction, desc=desc + (f" · about {_duration_text(left)} left" if left else ""))
-
-    def _follow(self, phase: str, done: int) -> None:
-        """Move to the phase being reported: the current one, or the next planned one of that name."""
-        if self.current >= 0 and phase == self.names[self.current]:
-            last_done, last_total = self.last
-            if done >= last_done and last_done < last_total:
-                return  # the same phase, going on
-        later = [i for i in range(self.current + 1, len(self.names)) if self.names[i] == phase]
-        if not later:
-            return
-        for skipped in range(self.current + 1, later[0]):
-            self.work[skipped] = 0.0  # not run (e.g. the inversion came from the cache)
-        self.current = later[0]
-
-    def _seconds_left(self, now: float, work_done: float) -> float | None:
-        """At the pace since the first report; None until there is a pace to go by."""
-        start_time, start_work = self.start
-        if now - start_time < 1.0 or work_done <= start_work:
-            return None
-        return (now - start_time) / (work_done - start_work) * (sum(self.work) - work_done)
-
-
-def _phase_name(phase: str) -> tuple[str, str]:
-    """'DDIM · inverting' -> ('DDIM · Inverting', 'step')."""
-    prefix, _, base = phase.rpartition(" · ")
-    name, unit = PHASE_NAMES.get(base, (base.capitalize(), "step"))
-    return (f"{prefix} · {name}" if prefix else name), unit
-
-
-def _duration_text(seconds: float) -> str:
-    """42.3 -> '42 s', 125 -> '2 min 5 s'."""
-    seconds = max(1, round(seconds))
-    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
-
-
-# -- what the page says ------------------------------------------------------------------------------
-
-def parse_limit(text: str) -> int:
-    """'48x512' (frames x size) or a plain pixel count -> the most frames * size**2 pixels per job."""
-    try:
-        parts = [int(p) for p in str(text).lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) not in (1, 2) or min(parts) < 1:
-        raise StemError(f"The frames x size limit {text!r} is not valid; write it as FRAMESxSIZE, e.g. 48x512.")
-    return parts[0] * parts[1] ** 2 if len(parts) == 2 else parts[0]
-
-
-def describe_limit(max_pixels: int) -> str:
-    """E.g. 'frames × size² ≤ 12,582,912: 48 frames at 512 px, 192 at 256 px'."""
-    return (f"frames × size² ≤ {max_pixels:,}: {max_pixels // 512**2} frames at 512 px, "
-            f"{max_pixels // 256**2} at 256 px")
-
-
-def frames_note(used: int, available: int | None, stride: int, requested: int, cap: int, size: int) -> str:
-    """The status's note when frames were left out, e.g. ' Used 16 of 50 frames (the limit at 256 px).'"""
-    if available is None:
-        return ""
-    usable = math.ceil(available / stride)
-    if used >= usable:
-        return ""
-    of = f"{usable} frames (every {_ordinal(stride)} of {available})" if stride > 1 else f"{available} frames"
-    reason = f"the limit at {size} px" if used == cap else f"Frames is set to {requested}; 0 uses all, up to the limit"
-    return f" Used {used} of {of} ({reason})."
-
-
-def _ordinal(n: int) -> str:
-    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
-
-
-def output_name(source: str | os.PathLike, kind: str, detail: str = "") -> str:
-    """A result's file name after its clip and what was done, e.g. 'city-edited-golden-skyscrapers.mp4'."""
-    def slug(text: str, limit: int) -> str:  # ASCII words joined by '-': 'Café au lait!' -> 'cafe-au-lait'
-        ascii_text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode()
-        words = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
-        if len(words) > limit:  # cut at a word's end where there is one
-            words = words[:limit + 1].rsplit("-", 1)[0] if "-" in words[:limit + 1] else words[:limit]
-        return words
-
-    parts = [slug(Path(source).stem, 40) or "clip", kind, slug(detail, 48)]
-    return "-".join(p for p in parts if p) + ".mp4"
-
-
-def _too_large(path: Path, error: SourceTooLarge) -> gr.Error:
-    """The sentence for an upload whose frames are too large to decode."""
-    return _bad(f"'{path.name}' has {error.frame_size} frames, too large for this app to read; scale it down "
-                "(to 2048 pixels on the long side at most) and upload it again.")
-
-
-def _bad(message: str) -> gr.Error:
-    """An error for the page: the sentence in a toast (and the status line), no traceback in the server log."""
-    return gr.Error(message, print_exception=False)
-
-
-def _for_the_page(error: Exception) -> gr.Error:
-    """An exception as a sentence a person at the page can act on; the rest goes to the server log."""
-    if isinstance(error, gr.Error):
-        return error
-    if isinstance(error, Stopped):
-        return _bad("The job was stopped.")
-    if isinstance(error, StemError):
-        message = str(error)
-        for flag, label in LABELS.items():
-            message = message.replace(flag, label)
-        return _bad(message)
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return _bad("The GPU ran out of memory; choose fewer frames, a smaller size or a smaller batch size.")
-    log.error("job failed", exc_info=error)  # a bug or the environment
-    return _bad(f"The job failed unexpectedly ({type(error).__name__}); try fewer frames or a smaller size, "
-                "or tell the person who runs this app (the server log has the details).")
-
-
-def _how(cache_hit: bool, seconds: float) -> str:
-    return (f"reused from the cache ({seconds:.1f} s, no inversion)" if cache_hit
-            else f"computed in {seconds:.1f} s (now cached)")
-
-
-def _jsonable(metrics: dict) -> dict:
-    """inf/nan (e.g. the PSNR of identical frames) -> None, so the JSON output stays valid."""
-    fix = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
-    return {k: [fix(x) for x in v] if isinstance(v, list) else fix(v) for k, v in metrics.items()}
-
-
-def _describe(settings: InversionSettings, clip: Video, with_method: bool = True) -> str:
-    """E.g. 'STEM, K=256, R=5, 50 steps, 16 frames at 512×344'."""
-    method = {"stem": f"STEM, K={settings.num_bases}, R={settings.num_iters}, ", "ddim": "DDIM, ",
-              "inflated": "inflated DDIM, "}[settings.method] if with_method else ""
-    return f"{method}{settings.num_steps} steps, {clip.num_frames} frames at {clip.width}×{clip.height}"
-
-
-def _shown(value) -> dict:
-    """A result component's new value, made visible (results stay hidden until a job makes them)."""
-    return gr.update(value=value, visible=True)
-
-
-def _typed(cls, values: dict) -> dict:
-    """The page's values converted to the types of `cls`'s fields of the same names (sliders give floats)."""
-    hints = typing.get_type_hints(cls)
-    convert = {int: lambda name, v: _number(name, v, whole=True), float: lambda name, v: _number(name, v, whole=False),
-               bool: lambda name, v: bool(v), str: lambda name, v: str(v or "").strip()}
-    return {name: convert.get(hints[name], lambda name, v: v)(name, value) for name, value in values.items()}
-
-
-def _parse_number(text: str, whole: bool = False) -> int | float:
-    """A number typed as text ("7.5", "256"); digits alone stay an exact int. ValueError if it is not one."""
-    return int(text) if whole and text.strip().lstrip("+-").isdigit() else float(text)
-
-
-def _number(name: str, value, whole: bool) -> int | float:
-    """A page or API value as an int (`whole`) or a float; an emptied box, text or a list is one sentence naming
-    the control (sliders and number boxes give floats such as 256.0, which are whole)."""
-    label = LABELS.get("--" + name.replace("_", "-"), name)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise _bad(f"The {label} box is empty; type a number in it.")
-    wrong = _bad(f"{label} must be {'a whole number' if whole else 'a number'}, got {value!r}.")
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise wrong
-    if isinstance(value, int):  # exact, however large (the settings say which range is allowed)
-        return value if whole else float(value)
-    try:
-        number = _parse_number(value, whole) if isinstance(value, str) else value
-    except ValueError:
-        raise wrong from None
-    if not whole:
-        return float(number)
-    if isinstance(number, float) and not number.is_integer():
-        raise wrong
-    return int(number)
-
-
-# -- media at the edges ---------------------------------------------------------------------------------
-
-def has_audio(path: str | os.PathLike) -> bool:
-    """Whether the file has a sound stream (the container's streams only; nothing is decoded or counted)."""
-    try:
-        with av.open(str(path)) as container:
-            return bool(container.streams.audio)
-    except (av.error.FFmpegError, OSError):
-        return False
-
-
-def probe_clip(path: str | os.PathLike) -> tuple[int | None, bool]:
-    """(frames in the file's first video stream, whether it has sound), from its container; (None, False) if unreadable."""
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            frames = stream.frames or sum(1 for p in container.demux(stream) if p.size)
-            return frames, bool(container.streams.audio)
-    except (av.error.FFmpegError, IndexError, OSError):
-        return None, False
-
-
-class ResultFolder:
-    """This process's result files: `stem-app-<pid>-*` in the temp folder, made on first use, removed at exit.
-
-    Files older than OUTPUT_TTL_SECONDS are deleted as new ones come; folders left by processes that
-    are gone (a crash, a kill) are swept when the next app starts.
-    """
-
-    def __init__(self, parent: str | os.PathLike | None = None):
-        self.parent = Path(parent or tempfile.gettempdir())
-        self.root: Path | None = None
-        sweep_result_folders(self.parent)
-
-    def new_path(self, name: str) -> Path:
-        """A fresh path `<folder>/<random>/name` for a result file."""
-        if self.root is None:
-            self.root = Path(tempfile.mkdtemp(prefix=f"{RESULTS_PREFIX}{os.getpid()}-", dir=self.parent))
-            atexit.register(self.close)
-        now = time.time()
-        for old in self.root.iterdir():
-            if now - old.stat().st_mtime > OUTPUT_TTL_SECONDS:
-                shutil.rmtree(old, ignore_errors=True)
-        return self.root / uuid.uuid4().hex / name
-
-    def close(self) -> None:
-        """Remove the folder and everything in it."""
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
-            self.root = None
-
-
-def sweep_result_folders(parent: Path) -> list[Path]:
-    """Remove this user's result folders whose process has ended (older unnamed ones after the TTL)."""
-    removed = []
-    for folder in parent.glob(f"{RESULTS_PREFIX}*"):
-        try:
-            if not folder.is_dir() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
-                continue
-            owner = re.match(rf"{RESULTS_PREFIX}(\d+)-", folder.name)
-            stale = (not pid_alive(int(owner.group(1))) if owner
-                     else time.time() - folder.stat().st_mtime > OUTPUT_TTL_SECONDS)
-        except OSError:
-            continue
-        if stale:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
-
-
-# -- the jobs behind the buttons and endpoints ----------------------------------------------------------
-
-class Jobs:
-    """The handlers behind the buttons and endpoints: page values in, the stem API, files and a status out.
-
-    `endpoint(kind)` is the Gradio function of /invert, /edit or /compare. It runs the job in a worker
-    thread, one job on the model at a time; the job's progress callback raises Stopped at the next
-    step once the job is cancelled (Stop, a client's cancel, a closed page), so the thread ends within
-    one denoising step and the next job starts.
-    """
-
-    def __init__(self, engine: Engine, max_pixels: int, defaults: dict | None = None, results: ResultFolder | None = None,
-                 clip_scorer=None):
-        self.engine, self.max_pixels = engine, max_pixels
-        self.clip_scorer = clip_scorer  # a stem.metrics.ClipScorer: edits also get CLIP metrics
-        self.defaults = {**DEFAULTS, **(defaults or {})}
-        self.results = results or ResultFolder()
-        self._model_lock = threading.Lock()  # a stopped job may still finish its step while the next one starts
-        self._running: dict[str, set[threading.Event]] = {}  # session -> stop flags of its jobs
-        self._errors: dict[str, str] = {}  # session -> the status line of its last failed or stopped job
-        self._local = threading.local()  # the worker thread's stop flag
-        self._on_gpu = on_gpu(self._compute, duration=self.gpu_seconds)
-        _LIVE_JOBS.add(self)
-
-    # - the Gradio-facing functions -
-
-    def endpoint(self, kind: str) -> Callable:
-        """The Gradio function of `kind`: parameters ENDPOINT_INPUTS[kind] (the API's names), then progress and request."""
-        names = ENDPOINT_INPUTS[kind]
-        plain = inspect.Parameter.POSITIONAL_OR_KEYWORD
-        signature = inspect.Signature(
-            [inspect.Parameter(name, plain) for name in names]
-            + [inspect.Parameter("progress", plain, default=gr.Progress()),
-               inspect.Parameter("request", plain, default=None, annotation=gr.Request)])
-
-        async def handler(*args, **kwargs):
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            values = dict(bound.arguments)
-            progress, request = values.pop("progress"), values.pop("request")
-            return await self.run(kind, values, progress, request)
-
-        handler.__signature__ = signature
-        handler.__annotations__ = {"request": gr.Request}
-        handler.__name__ = handler.__qualname__ = kind
-        summary = getattr(self, f"_{kind}").__doc__.strip().splitlines()[0]
-        handler.__doc__ = summary + "\n\nArgs:\n" + "".join(f"    {name}: {PARAMETER_HELP[name]}\n" for name in names)
-        return handler
-
-    async def example(self, video, source_prompt, target_prompt, progress=gr.Progress(), request: gr.Request = None):
-        """An edit of an example with the page's default settings (cached lazily on Spaces)."""
-        values = {**{n: self.defaults[n] for n in ENDPOINT_INPUTS["edit"] if n in self.defaults},
-                  "video": video, "source_prompt": source_prompt, "target_prompt": target_prompt}
-        return (await self.run("edit", values, progress, request))[:3]
-
-    async def run(self, kind: str, values: dict, progress, request) -> tuple:
-        """Run a job in a worker thread; if this call is cancelled, stop the thread at its next step."""
-        session = _session(request)
-        stop = threading.Event()
-        self._running.setdefault(session, set()).add(stop)
-        try:
-            return await anyio.to_thread.run_sync(
-                functools.partial(self._in_worker, kind, values, progress, stop), abandon_on_cancel=True)
-        except anyio.get_cancelled_exc_class():
-            stop.set()
-            self._remember(session, STOPPED)
-            raise
-        except gr.Error as error:
-            self._remember(session, f"⚠️ {error.message}")
-            raise
-        finally:
-            self._running[session].discard(stop)
-            if not self._running[session]:
-                del self._running[session]
-
-    def stop(self, edited, reconstruction, comparison, table, request: gr.Request = None) -> tuple:
-        """The Stop button: stop this page's jobs (the queue drops them at once); hide results left empty."""
-        self.page_closed(request)
-        return (STOPPED, *(gr.update(visible=not _empty(r)) for r in (edited, reconstruction, comparison, table)))
-
-    def page_closed(self, request: gr.Request = None) -> None:
-        """A page was closed (or its Stop pressed): stop its jobs."""
-        for flag in list(self._running.get(_session(request), ())):  # a copy: jobs end on another thread
-            flag.set()
-
-    def stop_all(self) -> None:
-        """Stop every running job (the server is shutting down)."""
-        for flags in list(self._running.values()):
-            for flag in list(flags):
-                flag.set()
-
-    def failed(self, player, table, request: gr.Request = None) -> tuple:
-        """After a failed or stopped job: its sentence stays in the status line; what it revealed hides if empty."""
-        status = self._errors.pop(_session(request), "⚠️ The job did not run; see the message in the corner.")
-        return status, gr.update(visible=not _empty(player)), gr.update(visible=not _empty(table))
-
-    def _remember(self, session: str, status: str) -> None:
-        """Keep a job's last words for `failed`, which runs next on its page."""
-        self._errors[session] = status
-        while len(self._errors) > 1000:  # sessions that never ask (API clients)
-            self._errors.pop(next(iter(self._errors)))
-
-    def gif_to_video(self, upload) -> str:
-        """A GIF from the upload button as an mp4 for the player (the page's video box takes videos only)."""
-        if not upload:
-            raise _bad("Choose a GIF file to upload.")
-        path = Path(upload)
-        try:
-            with open_image(path) as image:  # a 20000x20000 GIF is refused from its header
-                long_side = max(image.size)
-            clip = read_video(path, size=min(1024, max(64, long_side)), max_frames=DEFAULT_MAX_FRAMES * 8)
-        except SourceTooLarge as error:
-            raise _too_large(path, error) from error
-        except (OSError, StemError) as error:
-            raise _bad(f"'{path.name}' is not a GIF this app can read; upload another GIF or a video.") from error
-        target = self.results.new_path(output_name(path, ""))
-        write_video(target, clip.frames, clip.fps)
-        return str(target)
-
-    # - in the worker thread -
-
-    def _in_worker(self, kind: str, values: dict, progress, stop: threading.Event) -> tuple:
-        """Wait for the model (a stopped job may be ending its step), then run the job; errors become sentences."""
-        try:
-            if not self._model_lock.acquire(blocking=False):
-                progress(0.0, desc="Waiting for the previous job to end its step…")
-                while not self._model_lock.acquire(timeout=0.1):
-                    if stop.is_set():
-                        raise Stopped()
-            try:
-                self._local.stop = stop
-                return self._on_gpu(kind, values, progress)
-            finally:
-                self._local.stop = None
-                self._model_lock.release()
-        except Exception as error:  # noqa: BLE001 - every failure reaches the page as one sentence
-            raise _for_the_page(error) from error
-
-    def _compute(self, kind: str, values: dict, progress) -> tuple:
-        """The job itself (on the GPU under ZeroGPU): check the server, then invert, edit or compare."""
-        self._check_server(progress)
-        return getattr(self, f"_{kind}")(values, progress)
-
-    def gpu_seconds(self, kind: str, values: dict, progress=None) -> int:
-        """ZeroGPU's duration for `_compute(kind, values, progress)`: estimate_gpu_seconds for the frames it will use."""
-        size, stride = int(values["size"]), max(1, int(values["stride"]))
-        cap = min(self.max_pixels // size**2, DEFAULT_MAX_FRAMES)
-        frames = int(values.get("frames") or 0) or cap
-        available, _ = probe_clip(values["video"]) if values.get("video") else (None, False)
-        if available:
-            frames = min(frames, math.ceil(available / stride))
-        return estimate_gpu_seconds(kind, max(1, min(frames, cap)), size, int(values["steps"]),
-                                    values.get("method", "stem"), int(values.get("batch_size", 8)),
-                                    values.get("editor", "tokenflow"))
-
-    def _check_server(self, progress) -> None:
-        """Load the model and check the cache folder; what the operator must fix goes to the log, not the page.
-
-        A cache that cannot store results costs reuse, never the result: that is a warning, and the job runs.
-        """
-        try:
-            self.engine.load(lambda *_: progress(0.0, desc="Loading the model (the first job only)…"))
-        except StemError as error:
-            log.error("cannot load the model: %s", error)
-            raise _bad(SERVER_PROBLEM.format(what="its model could not be loaded")) from error
-        try:
-            self.engine.cache.ensure_writable()
-        except (StemError, OSError) as error:
-            log.warning("%s", error)  # the engine warns too, and runs the job
-
-    def _tracker(self, progress, phases) -> JobProgress:
-        return JobProgress(progress, phases, getattr(self._local, "stop", None))
-
-    def _invert(self, values: dict, progress) -> tuple:
-        """Invert the clip (or reuse its cached inversion) and reconstruct it."""
-        settings = self._settings(values)
-        clip, note = self._clip(values["video"], settings)
-        report = self._tracker(progress, job_phases("invert", clip.num_frames, settings.num_steps, settings.method))
-        result = self.engine.invert(clip, settings, callback=report)
-        metrics = inversion_metrics(clip, result, self.engine)
-        path, sound = self._write(output_name(clip.source, "reconstruction", settings.method),
-                                  result.reconstruction, clip, settings)
-        status = (f"**Inversion** ({_describe(settings, clip)}): {_how(result.cache_hit, result.seconds)}. "
-                  f"Reconstruction PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}, "
-                  f"warp error {metrics['warp_error']:.4f}.{note}{sound}")
-        return path, status, _jsonable({"inversion_cache_hit": result.cache_hit, **metrics})
-
-    def _edit(self, values: dict, progress) -> tuple:
-        """Edit the clip towards the target prompt, inverting it first unless its inversion is cached."""
-        settings = self._settings(values)
-        edit = self._edit_settings(values)
-        clip, note = self._clip(values["video"], settings)
-        report = self._tracker(progress, job_phases("edit", clip.num_frames, settings.num_steps, settings.method,
-                                                    getattr(edit, "batch_size", 8), edit.editor))
-        result = edit_video(self.engine, clip, settings, edit, callback=report)
-        path, sound = self._write(output_name(clip.source, "edited", edit.prompt), result.frames, clip, settings)
-        reconstruction, _ = self._write(output_name(clip.source, "reconstruction", settings.method),
-                                        result.inversion.reconstruction, clip, settings)
-        status = (f"**Edit** to “{edit.prompt}” ({_describe(settings, clip)}): inversion "
-                  f"{_how(result.inversion_cache_hit, result.seconds_inversion)}; "
-                  f"editing took {result.seconds_editing:.1f} s.{note}{sound}")
-        metrics = edit_metrics(clip, result)
-        if self.clip_scorer is not None:
-            scores = self.clip_scorer.edit_metrics(result.frames, settings.prompt, edit.prompt)
-            metrics.update(scores)
-            status += (f" CLIP text alignment {scores['clip_text']:.3f}, Frame-Acc {scores['frame_acc']:.2f}, "
-                       f"Tem-Con {scores['tem_con']:.3f} ({scores['clip_model']}).")
-        return path, status, _jsonable(metrics), reconstruction
-
-    def _compare(self, values: dict, progress) -> tuple:
-        """Invert the clip with DDIM and with STEM; a side-by-side video and a table of metrics."""
-        from stem.metrics import source_motion
-
-        jobs = {label: self._settings(values, method=label.lower()) for label in COMPARED}
-        clip, note = self._clip(values["video"], jobs["DDIM"])
-        report = self._tracker(progress, job_phases("compare", clip.num_frames, jobs["DDIM"].num_steps))
-        results = {label: self.engine.invert(clip, s, callback=lambda info, label=label:
-                                             report({**info, "phase": f"{label} · {info['phase']}"}))
-                   for label, s in jobs.items()}
-        stem = jobs["STEM"]
-        labels = {"DDIM": "DDIM", "STEM": f"STEM (K={stem.num_bases}, R={stem.num_iters})"}
-        motion = source_motion(clip.frames)  # both reconstructions are judged against the clip's motion
-        metrics = {labels[k]: inversion_metrics(clip, r, self.engine, motion) for k, r in results.items()}
-        panel = side_by_side([clip.frames, *(r.reconstruction for r in results.values())], ["Input", *metrics])
-        path, sound = self._write(output_name(clip.source, "ddim-vs-stem"), panel, clip, stem)
-        first = next(iter(metrics.values()))
-        table = [[label, f"{m['psnr']:.2f}", f"{m['ssim']:.4f}", f"{m['warp_error']:.5f}",
-                  "yes" if m["cache_hit"] else "no", f"{m['seconds']:.1f}"] for label, m in metrics.items()]
-        table += [["VAE only (reference)", f"{first['psnr_vae']:.2f}", f"{first['ssim_vae']:.4f}", "", "", ""],
-                  ["Input video (warp floor)", "", "", f"{first['warp_error_source']:.5f}", "", ""]]
-        status = (f"**Compare** ({_describe(stem, clip, with_method=False)}): "
-                  + "; ".join(f"{labels[k]} {_how(r.cache_hit, r.seconds)}" for k, r in results.items())
-                  + ". Higher PSNR/SSIM is a more faithful reconstruction; lower warp error is steadier. "
-                    "“VAE only” is the VAE's own reconstruction (encode → decode), the reference for latent "
-                    f"methods, not a ceiling: a method can score above it in pixel space.{note}{sound}")
-        return path, table, status, {label: _jsonable(m) for label, m in metrics.items()}
-
-    # - page values -> settings, clip, files -
-
-    def _settings(self, values: dict, method: str | None = None) -> InversionSettings:
-        """The page's values as validated InversionSettings (the cache key)."""
-        prompt = (values["source_prompt"] or "").strip()
-        if not prompt:
-            raise _bad("Describe the input video in the source prompt, e.g. 'a red ball bouncing on a "
-                       "wooden floor'; it conditions the inversion.")
-        v = {name: _number(name, values[name], whole=True) for name in INVERSION_INPUTS if name != "method"}
-        return InversionSettings(
-            model=self.engine.model, method=method or values["method"], num_bases=v["bases"],
-            num_iters=v["iters"], num_steps=v["steps"], num_frames=v["frames"] or None,
-            stride=v["stride"], size=v["size"], prompt=prompt, seed=v["seed"],
-            control=values.get("control") or "none",
-            control_scale=_number("control_scale", values.get("control_scale", 1.0), whole=False),
-        ).validate()
-
-    def _edit_settings(self, values: dict) -> TokenFlowSettings | FateZeroSettings:
-        """The page's EDIT_INPUTS and prompts as the chosen editor's validated settings."""
-        target = (values["target_prompt"] or "").strip()
-        if not target:
-            raise _bad("Type a target prompt that describes the edited video, "
-                       "e.g. 'a shiny golden ball bouncing on a marble floor'.")
-        editor = values.get("editor") or "tokenflow"
-        if editor not in EDIT_SETTINGS:
-            raise _bad(f"Unknown editor {editor!r}; choose one of: {', '.join(EDIT_SETTINGS)}.")
-        cls = EDIT_SETTINGS[editor]
-        fields = set(typing.get_type_hints(cls)) - {"editor", "freeu", "reweight"}
-        edit = _typed(cls, {name: values[name] for name in EDIT_INPUTS if name in fields})
-        if editor == "fatezero":
-            edit.update(source_prompt=(values["source_prompt"] or "").strip(), reweight=parse_reweight(
-                [item for item in (values.get("reweight") or "").replace(",", " ").split() if item]))
-        default = cls.__dataclass_fields__["freeu"].default
-        choice = values.get("freeu") or "default"
-        freeu = FreeUSettings(enabled=default.enabled if choice == "default" else choice in ("on", True),
-                              **{key: _number(f"freeu_{key}", values[f"freeu_{key}"], whole=False)
-                                 for key in ("b1", "b2", "s1", "s2")})
-        return cls(prompt=target, seed=_number("seed", values["seed"], whole=True), freeu=freeu, **edit).validate()
-
-    def _clip(self, video, settings: InversionSettings) -> tuple[Video, str]:
-        """Read the uploaded clip within the per-job limit; also a note when frames were left out."""
-        if not video:
-            raise _bad("Upload a video (or click one of the examples) first.")
-        path, size = Path(video), settings.size
-        cap = min(self.max_pixels // size**2, DEFAULT_MAX_FRAMES)
-        if cap < 1:
-            raise _bad(f"A size of {size} px is over this app's limit ({describe_limit(self.max_pixels)}) "
-                       "even for one frame; choose a smaller size.")
-        if settings.num_frames and settings.num_frames > cap:
-            raise _bad(f"{settings.num_frames} frames at {size} px is over this app's limit of {cap} frames at "
-                       "that size; choose fewer frames or a smaller size.")
-        if path.is_file() and path.stat().st_size == 0:
-            raise _bad(f"'{path.name}' is empty (0 bytes); upload the complete video file again.")
-        wanted = settings.num_frames or cap + 1  # one past the limit tells whether it left frames out
-        try:
-            clip = read_video(path, num_frames=wanted, stride=settings.stride, size=size)
-        except SourceTooLarge as error:
-            raise _too_large(path, error) from error
-        except StemError as error:
-            raise _bad(f"'{path.name}' is not a video this app can read; upload an mp4, webm, mov or gif clip.") from error
-        if clip.num_frames < wanted:
-            return clip, ""  # the clip ended first: every frame is used
-        clip = Video(clip.frames[:cap], clip.fps, clip.source)
-        available, _ = probe_clip(path)
-        return clip, frames_note(clip.num_frames, available, settings.stride, settings.num_frames or 0, cap, size)
-
-    def _write(self, name: str, frames, clip: Video, settings: InversionSettings) -> tuple[str, str]:
-        """Write a result video at the source fps with the source's sound where it fits; (path, status note)."""
-        path = self.results.new_path(name)
-        write_video(path, frames, clip.fps)
-        return str(path), self._sound(clip, path, settings.stride)
-
-    @staticmethod
-    def _sound(clip: Video, path: Path, stride: int) -> str:
-        """Copy the source's sound into the result when the frames keep its timing; the status's note."""
-        if stride > 1:
-            return (f" No sound: at stride {stride} the result plays {stride}× faster than the source."
-                    if has_audio(clip.source) else "")
-        try:
-            if not copy_audio(clip.source, path):
-                return ""
-        except StemError as error:
-            log.warning("%s", error)
-            return " No sound: the source's sound could not be copied."
-        return f" With the source's sound ({clip.num_frames / clip.fps:.1f} s)."
-
-
-_LIVE_JOBS: weakref.WeakSet[Jobs] = weakref.WeakSet()  # for stopping every job at shutdown
-
-
-def _empty(value) -> bool:
-    """A result component's value holds nothing (no video; a table without rows)."""
-    return value is None or (hasattr(value, "__len__") and len(value) == 0)
-
-
-def _session(request) -> str:
-    return getattr(request, "session_hash", None) or "local"
-
-
-def pick_seed(seed, randomize: bool) -> int:
-    """A fresh random seed when the box is ticked, else the seed as typed."""
-    return random.randint(0, 2**31 - 1) if randomize else int(seed or 0)
 
 
 def load_examples() -> list[dict]:
@@ -828,10 +68,17 @@ def examples_caching(on_spaces: bool, fn: Callable, outputs: list) -> dict:
 
 # -- the page --------------------------------------------------------------------------------------------
 
-# Hints and placeholders carry instructions: at least 4.5:1 contrast on their backgrounds (WCAG AA).
+_RED = gr.themes.colors.red
+# Hints, placeholders and the white words on the Edit and Stop buttons: at least 4.5:1 contrast on their
+# backgrounds (WCAG AA); the default theme's orange-500 and red-500 give 2.8:1 and 3.8:1.
 THEME = gr.themes.Default().set(
     body_text_color_subdued="*neutral_600", body_text_color_subdued_dark="*neutral_300",
     input_placeholder_color="*neutral_600", input_placeholder_color_dark="*neutral_300",
+    button_primary_background_fill="*primary_700", button_primary_background_fill_dark="*primary_700",
+    button_primary_background_fill_hover="*primary_800", button_primary_background_fill_hover_dark="*primary_800",
+    # the theme has no palette for its error hue: red as the default theme names it
+    button_cancel_background_fill=_RED.c700, button_cancel_background_fill_dark=_RED.c700,
+    button_cancel_background_fill_hover=_RED.c800, button_cancel_background_fill_hover_dark=_RED.c800,
 )
 CSS = f"""
 #status {{ min-height: 2.5em; }}
@@ -862,12 +109,12 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
     """
     engine = engine_or_model if isinstance(engine_or_model, Engine) else Engine(
         engine_or_model, cache=LatentCache(cache_dir))
+    on_cpu = torch.device(engine.device or default_device()).type == "cpu"
     if max_pixels is None:
-        on_gpu_device = torch.device(engine.device or default_device()).type != "cpu"
-        max_pixels = parse_limit(GPU_LIMIT if on_gpu_device else CPU_LIMIT)
-    d = {**DEFAULTS, **(defaults or {})}
+        max_pixels = parse_limit(CPU_LIMIT if on_cpu else GPU_LIMIT)
+    d = {**DEFAULTS, **(CPU_DEFAULTS if on_cpu else {}), **(defaults or {})}
     if d["frames"] * d["size"] ** 2 > max_pixels and "size" not in (defaults or {}):
-        # start within the limit (on a CPU: 16 frames at 256 px), so the defaults always run
+        # start within the limit (on a CPU: 8 frames at 256 px), so the defaults always run
         d["size"] = max(64, math.isqrt(max_pixels // max(d["frames"], 1)) // 32 * 32)
         d["frames"] = max(1, min(d["frames"], max_pixels // d["size"] ** 2))
     scorer = None
@@ -897,10 +144,20 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                     "many prompts as you like: the inversion is cached and reused.")
         if engine.model == TINY_MODEL:
             gr.Markdown(f"⚠️ **{TINY_WARNING}**", elem_id="tiny-note")
+        elif on_cpu:
+            gr.Markdown(f"⏱ **This server runs on a CPU: a job takes minutes.** The page starts with {d['frames']} "
+                        f"frames and {d['steps']} steps; the status says how long a job will take as it starts.",
+                        elem_id="cpu-note")
         c: dict[str, gr.components.Component] = {}  # the endpoints' inputs, by parameter name
         with gr.Row():
             with gr.Column():
-                c["video"] = gr.Video(label="Input video", sources=["upload"], elem_id="input-video")
+                with gr.Row():
+                    c["video"] = gr.Video(label="Input video", sources=["upload"], elem_id="input-video")
+                    # the structure guidance's condition frames (edges or depth) of the last job, beside the input
+                    condition = gr.Video(label="Structure the ControlNet follows (edges or depth)",
+                                         elem_id="condition", interactive=False, visible=False, loop=True,
+                                         elem_classes=["result-player"])
+                condition_path = gr.State()
                 gif = gr.UploadButton("Upload a GIF instead", file_types=[".gif"], size="sm", elem_id="gif-upload")
                 c["source_prompt"] = gr.Textbox(label="Source prompt", elem_id="source-prompt", max_lines=3,
                                                 info="Describes the input video; it conditions the inversion.",
@@ -913,14 +170,17 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                     invert_button = gr.Button("Invert & reconstruct", elem_id="invert-button", **button)
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button", **button)
                     compare_button = gr.Button("Compare DDIM vs STEM", elem_id="compare-button", **button)
-                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop-button", **button)
+                    stop_button = gr.Button("Stop", variant="stop", elem_id="stop-button", interactive=False, **button)
                 with gr.Accordion("Advanced", open=False):
                     c.update(_inversion_controls(d, max_pixels))
-                    randomize = gr.Checkbox(False, label="Randomise the seed on each run "
-                                                         "(a new seed re-runs the STEM inversion)")
-                    c.update(_edit_controls(d))
+                    randomize = gr.Checkbox(False, label="Randomise the seed on each run",
+                                            info="A different result each run; a new seed re-runs the STEM inversion.")
+                    edit_controls, editor_groups = _edit_controls(d)
+                    c.update(edit_controls)
                 for control in c.values():
-                    _check_numbers(control)
+                    check_numbers(control)
+                    if isinstance(control, gr.Slider):  # no "Reset to default value" stop: Gradio 6.31 shows it
+                        control.buttons = []  # unless told, whatever its docstring says (None means ["reset"])
                 examples = load_examples()
                 if examples:
                     examples = gr.Examples(
@@ -934,38 +194,55 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                 with gr.Accordion("Details (JSON)", open=False):
                     details.render()
                 edit_reconstruction = gr.State()  # the path of an edit's reconstruction, shown after the edit
+                history = gr.State([])  # this clip's edits, newest first: (video, caption)
+                history_gallery = gr.Gallery(label="This clip's edits (click one to replay it; download it from "
+                                                   "the preview)", elem_id="history", columns=3, height=260,
+                                             visible=False, interactive=False)
 
         # -- events: a seed step on the page, then the job (one at a time, queued), then the status -------------
         players = [edited, reconstruction, comparison]
         inputs = {kind: [c[name] for name in names] for kind, names in ENDPOINT_INPUTS.items()}
         gpu = dict(concurrency_limit=1, concurrency_id="gpu")
-        outputs = {"invert": [reconstruction, status, details],
-                   "edit": [edited, status, details, edit_reconstruction],
-                   "compare": [comparison, table, status, details]}
+        outputs = {"invert": [reconstruction, status, details, condition_path],
+                   "edit": [edited, status, details, edit_reconstruction, condition_path],
+                   "compare": [comparison, table, status, details, condition_path]}
         triggers = {"invert": [invert_button.click], "edit": [edit_button.click, c["target_prompt"].submit],
                     "compare": [compare_button.click]}
+        buttons = [invert_button, edit_button, compare_button, stop_button]
         job_events = []
         for kind, target in (("invert", reconstruction), ("edit", edited), ("compare", comparison)):
-            # the result's player (and the table) show as the job starts: the progress bar runs over it
+            # an unqueued first step checks the input (bad input is answered at once, even while other jobs
+            # run), disables the job buttons and shows the result's player (and the table): the bar runs over it
             shown = [target, table] if kind == "compare" else [target]
-            start = gr.on(triggers[kind], _starting(kind), [c["seed"], randomize], [c["seed"], status, *shown],
+            names = {**{c[name]: name for name in ENDPOINT_INPUTS[kind]}, randomize: "randomize"}
+            start = gr.on(triggers[kind], jobs.starting(kind, names), set(names),
+                          [c["seed"], status, *shown, *buttons], queue=False, api_visibility="private")
+            failed = dict(fn=jobs.failed, inputs=[target, table], outputs=[status, target, table, *buttons],
                           queue=False, api_visibility="private")
-            job = start.then(jobs.endpoint(kind), inputs[kind], outputs[kind], api_name=kind,
-                             show_progress_on=[target], **gpu)
-            job.failure(jobs.failed, [target, table], [status, target, table], queue=False, api_visibility="private")
+            start.failure(**failed)
+            job = start.success(jobs.endpoint(kind), inputs[kind], outputs[kind], api_name=kind,
+                                show_progress_on=[target], **gpu)
+            job.failure(**failed)
+            job.success(lambda: button_states(running=False), None, buttons, queue=False, api_visibility="private")
+            job.success(lambda path: gr.update(value=path, visible=bool(path)), condition_path, condition, queue=False,
+                        api_visibility="private")
             job_events.append(job)
             if kind == "edit":
-                job.success(_shown, edit_reconstruction, reconstruction, queue=False, api_visibility="private")
+                job.success(made_visible, edit_reconstruction, reconstruction, queue=False, api_visibility="private")
+                job.success(add_to_history, [history, edited, details], [history, history_gallery], queue=False,
+                            api_visibility="private")
         views = [*players, table]
-        stop_button.click(jobs.stop, views, [status, *views], cancels=job_events, queue=False,
+        stop_button.click(jobs.stop, views, [status, *views, *buttons], cancels=job_events, queue=False,
                           api_visibility="private")
-        # a new clip: no results of the previous one on screen (a cached example brings its edit)
-        clear = dict(fn=_cleared, outputs=[status, *views, details], queue=False, api_visibility="private")
+        # a new clip: no results of the previous one on screen (a cached example brings its edit); an unusable
+        # file is said at once
+        clear = dict(fn=jobs.uploaded, inputs=c["video"], outputs=[status, *views, details, history, history_gallery, condition],
+                     queue=False, api_visibility="private")
         c["video"].upload(**clear)
         c["video"].clear(**clear)
         # each editor's own negative prompt and FreeU default (the authors' for TokenFlow, FateZero's none)
-        c["editor"].change(lambda editor: DEFAULT_NEGATIVE_PROMPT if editor == "tokenflow" else "", c["editor"],
-                           c["negative_prompt"], queue=False, api_visibility="private")
+        c["editor"].change(_chose_editor, c["editor"], [c["negative_prompt"], *(editor_groups[n] for _, n in EDITORS)],
+                           queue=False, api_visibility="private")
         if examples and on_spaces:
             examples.load_input_event.then(lambda: gr.update(visible=True), None, edited, queue=False,
                                            api_visibility="private")
@@ -978,110 +255,80 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
     return demo
 
 
-def _check_numbers(control) -> None:
-    """Make a slider's or number box's bad values (text, a list, an emptied slider, out of range) one sentence that
-    names the control; Gradio's own words name a component index, or nothing at all. The page never sends these;
-    an API call may."""
-    if not isinstance(control, (gr.Slider, gr.Number)):
-        return
-    preprocess, label = control.preprocess, control.label
-
-    def checked(payload):
-        if payload is None and isinstance(control, gr.Slider):
-            raise _bad(f"The {label} box is empty; type a number in it.")
-        if isinstance(payload, str):  # "7.5" from a script is a number
-            try:
-                payload = _parse_number(payload, whole=True)
-            except ValueError:
-                raise _bad(f"{label} must be a number, got {payload!r}.") from None
-        if payload is not None and (isinstance(payload, bool) or not isinstance(payload, (int, float))):
-            raise _bad(f"{label} must be a number, got {payload!r}.")
-        try:
-            return preprocess(payload)
-        except gr.Error as error:  # out of the control's range
-            raise _bad(f"{label}: {error.message}") from None
-        except (TypeError, ValueError, OverflowError):  # nan, inf
-            raise _bad(f"{label} must be a finite number, got {payload!r}.") from None
-
-    control.preprocess = checked
-
-
 def _inversion_controls(d: dict, max_pixels: int) -> dict:
-    """The Advanced panel's inversion settings, by endpoint parameter name."""
+    """The Advanced panel's inversion settings, by endpoint parameter name; each says what it changes (info=)."""
     c = {}
+    info = lambda name: dict(info=CONTROL_HELP[name])  # noqa: E731
     gr.Markdown("**Inversion**")
-    c["method"] = gr.Radio(METHODS, value=d["method"], label="Inversion method")
+    c["method"] = gr.Radio(METHODS, value=d["method"], label="Inversion method", **info("method"))
     with gr.Row():
-        c["bases"] = gr.Slider(1, 1024, d["bases"], step=1, label="Bases K (STEM)")
-        c["iters"] = gr.Slider(1, 20, d["iters"], step=1, label="EM iterations R (STEM)")
+        c["bases"] = gr.Slider(1, 1024, d["bases"], step=1, label="Bases K (STEM)", **info("bases"))
+        c["iters"] = gr.Slider(1, 20, d["iters"], step=1, label="EM iterations R (STEM)", **info("iters"))
     with gr.Row():
-        c["steps"] = gr.Slider(1, 100, d["steps"], step=1, label="DDIM steps")
-        c["stride"] = gr.Slider(1, 8, d["stride"], step=1, label="Stride (every n-th frame)")
+        c["steps"] = gr.Slider(1, 100, d["steps"], step=1, label="DDIM steps", **info("steps"))
+        c["stride"] = gr.Slider(1, 8, d["stride"], step=1, label="Stride (every n-th frame)", **info("stride"))
     with gr.Row():
-        c["frames"] = gr.Slider(0, DEFAULT_MAX_FRAMES, d["frames"], step=1, label="Frames (0 = all)")
-        c["size"] = gr.Slider(64, 1024, d["size"], step=32, label="Size (long side, px)")
+        c["frames"] = gr.Slider(0, DEFAULT_MAX_FRAMES, d["frames"], step=1, label="Frames (0 = all)", **info("frames"))
+        c["size"] = gr.Slider(64, 1024, d["size"], step=32, label="Size (long side, px)", **info("size"))
     gr.Markdown(f"Limit per job: {describe_limit(max_pixels)}.")
-    c["seed"] = gr.Number(d["seed"], precision=0, label="Seed")
+    c["seed"] = gr.Number(d["seed"], precision=0, label="Seed", **info("seed"))
     with gr.Row():
-        c["control"] = gr.Radio(CONTROLS, value=d["control"], label="Structure guidance",
-                                info="A ControlNet keeps the clip's edges or depth through the edit "
-                                     "(in the inversion, the reconstruction and the edit)")
+        c["control"] = gr.Radio(CONTROLS, value=d["control"], label="Structure guidance", **info("control"))
         c["control_scale"] = gr.Slider(0, 2, d["control_scale"], step=0.05, label="Structure strength",
-                                       info="0 is no guidance; 1 is the ControlNet's usual strength")
+                                       **info("control_scale"))
     return c
 
 
-def _edit_controls(d: dict) -> dict:
-    """The Advanced panel's edit settings, by endpoint parameter name (EDIT_INPUTS)."""
-    c = {}
+def _edit_controls(d: dict) -> tuple[dict, dict]:
+    """The Advanced panel's edit settings, by endpoint parameter name (EDIT_INPUTS), and each editor's own group
+    of them (shown only while that editor is chosen)."""
+    c, groups = {}, {}
+    info = lambda name: dict(info=CONTROL_HELP[name])  # noqa: E731
     gr.Markdown("**Editing**")
-    c["editor"] = gr.Radio(EDITORS, value=d["editor"], label="Editor", elem_id="editor",
-                           info="TokenFlow: global edits (style, appearance), as the STEM authors ran it. "
-                                "FateZero: attention fusion; with blend words, local edits that keep the rest.")
+    c["editor"] = gr.Radio(EDITORS, value=d["editor"], label="Editor", elem_id="editor", **info("editor"))
     with gr.Row():
-        c["guidance"] = gr.Slider(1, 20, d["guidance"], step=0.5, label="Guidance scale")
-        c["negative_prompt"] = gr.Textbox(d["negative_prompt"], label="Negative prompt", max_lines=2)
-    gr.Markdown("TokenFlow")
-    with gr.Row():
-        c["batch_size"] = gr.Slider(1, 32, d["batch_size"], step=1, label="Batch size (frames per keyframe)")
-        c["propagation"] = gr.Radio([("Previous keyframe (the authors')", "previous"), ("Nearest keyframes", "nearest")],
-                                    value=d["propagation"], label="Propagation")
-    with gr.Row():
-        c["pnp_attn"] = gr.Slider(0, 1, d["pnp_attn"], step=0.05, label="PnP attention threshold")
-        c["pnp_conv"] = gr.Slider(0, 1, d["pnp_conv"], step=0.05, label="PnP convolution threshold")
-    gr.Markdown("FateZero")
-    with gr.Row():
-        c["self_replace"] = gr.Slider(0, 1, d["self_replace"], step=0.05, label="Self-attention fusion (fraction of steps)")
-        c["cross_replace"] = gr.Slider(0, 1, d["cross_replace"], step=0.05, label="Cross-attention fusion (fraction of steps)")
-    with gr.Row():
-        c["blend_words"] = gr.Textbox(d["blend_words"], label="Blend words", elem_id="blend-words", max_lines=1,
-                                      info="SOURCE,TARGET words of the part to change, e.g. 'car,truck'; empty: the whole frame.")
-        c["blend_threshold"] = gr.Slider(0.05, 1, d["blend_threshold"], step=0.05, label="Blend threshold")
-    c["reweight"] = gr.Textbox(d["reweight"], label="Reweight", max_lines=1,
-                               info="WORD=SCALE pairs that strengthen (or weaken) a target word, e.g. 'golden=2'.")
+        c["guidance"] = gr.Slider(1, 20, d["guidance"], step=0.5, label="Guidance scale", **info("guidance"))
+        c["negative_prompt"] = gr.Textbox(d["negative_prompt"], label="Negative prompt", max_lines=2,
+                                          **info("negative_prompt"))
+    with gr.Column(visible=d["editor"] == "tokenflow", elem_id="tokenflow-settings") as groups["tokenflow"]:
+        gr.Markdown("TokenFlow")
+        with gr.Row():
+            c["batch_size"] = gr.Slider(1, 32, d["batch_size"], step=1, label="Batch size (frames per keyframe)",
+                                        **info("batch_size"))
+            c["propagation"] = gr.Radio([("Previous keyframe (the authors')", "previous"),
+                                         ("Nearest keyframes", "nearest")],
+                                        value=d["propagation"], label="Propagation", **info("propagation"))
+        with gr.Row():
+            c["pnp_attn"] = gr.Slider(0, 1, d["pnp_attn"], step=0.05, label="PnP attention threshold",
+                                      **info("pnp_attn"))
+            c["pnp_conv"] = gr.Slider(0, 1, d["pnp_conv"], step=0.05, label="PnP convolution threshold",
+                                      **info("pnp_conv"))
+    with gr.Column(visible=d["editor"] == "fatezero", elem_id="fatezero-settings") as groups["fatezero"]:
+        gr.Markdown("FateZero")
+        with gr.Row():
+            c["self_replace"] = gr.Slider(0, 1, d["self_replace"], step=0.05,
+                                          label="Self-attention fusion (fraction of steps)", **info("self_replace"))
+            c["cross_replace"] = gr.Slider(0, 1, d["cross_replace"], step=0.05,
+                                           label="Cross-attention fusion (fraction of steps)", **info("cross_replace"))
+        with gr.Row():
+            c["blend_words"] = gr.Textbox(d["blend_words"], label="Blend words", elem_id="blend-words", max_lines=1,
+                                          **info("blend_words"))
+            c["blend_threshold"] = gr.Slider(0.05, 1, d["blend_threshold"], step=0.05, label="Blend threshold",
+                                             **info("blend_threshold"))
+        c["reweight"] = gr.Textbox(d["reweight"], label="Reweight", max_lines=1, **info("reweight"))
     gr.Markdown("FreeU in the editing UNet")
-    c["freeu"] = gr.Radio(FREEU_CHOICES, value=d["freeu"], label="FreeU")
+    c["freeu"] = gr.Radio(FREEU_CHOICES, value=d["freeu"], label="FreeU", **info("freeu"))
     with gr.Row():
         for key in ("b1", "b2", "s1", "s2"):
-            c[f"freeu_{key}"] = gr.Number(d[f"freeu_{key}"], label=f"FreeU {key}", minimum=0, step=0.1)
-    return c
+            c[f"freeu_{key}"] = gr.Number(d[f"freeu_{key}"], label=f"FreeU {key}", minimum=0, step=0.1,
+                                          **info(f"freeu_{key}"))
+    return c, groups
 
 
-def _starting(kind: str) -> Callable:
-    """The page step before a job: the seed, a status line, and the result's player shown for the progress bar."""
-    what = {"invert": "Inverting and reconstructing", "edit": "Editing", "compare": "Comparing DDIM and STEM"}[kind]
-
-    def start(seed, randomize):
-        shown = (gr.update(visible=True),) * (2 if kind == "compare" else 1)
-        return pick_seed(seed, randomize), f"**{what}…** Press Stop to end it.", *shown
-    return start
-
-
-def _cleared() -> tuple:
-    """A new clip: no results of the previous one on screen."""
-    hidden = gr.update(value=None, visible=False)
-    return ("New clip: describe it in the source prompt, then **Invert** or **Edit**.",
-            hidden, hidden, hidden, hidden, None)
+def _chose_editor(editor: str) -> tuple:
+    """The editor's own negative prompt (the authors' for TokenFlow, FateZero's none) and only its settings shown."""
+    return (DEFAULT_NEGATIVE_PROMPT if editor == "tokenflow" else "",
+            *(gr.update(visible=editor == name) for _, name in EDITORS))
 
 
 def launch(demo: gr.Blocks, **kwargs):
@@ -1161,8 +408,7 @@ def main(argv=None) -> None:
             raise
         results.close()
         _port_busy(args.port)  # taken between the check and the launch
-    for jobs in list(_LIVE_JOBS):  # the server has closed: end running jobs at their next step, then exit
-        jobs.stop_all()
+    stop_all_jobs()  # the server has closed: end running jobs at their next step, then exit
 
 
 def _port_busy(port: int) -> typing.NoReturn:

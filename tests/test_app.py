@@ -34,6 +34,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app  # conftest.py has set GRADIO_ANALYTICS_ENABLED=False and HF_HUB_OFFLINE=1 before this
+from stem import app_jobs
 from stem import Engine, LatentCache, StemError
 from stem.models import TINY_WARNING
 from stem.video import read_video, write_video
@@ -54,7 +55,7 @@ def free_port() -> int:
 
 def serve(engine_or_model, tmp_path, defaults=SMALL, **kwargs) -> tuple:
     """Launch the app on a free local port, its results under tmp_path; returns (demo, client)."""
-    demo = app.build_app(engine_or_model, defaults=defaults, results=app.ResultFolder(tmp_path), **kwargs)
+    demo = app.build_app(engine_or_model, defaults=defaults, results=app_jobs.ResultFolder(tmp_path), **kwargs)
     app.launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
     return demo, Client(demo.local_url, verbose=False)
 
@@ -110,7 +111,7 @@ def served(tmp_path_factory, tiny_parts):
     cache = tmp_path_factory.mktemp("cache")
     engine = Engine("tiny-random", cache=LatentCache(cache)).use_parts(tiny_parts)
     unet = UnetGate(engine.parts.unet)
-    demo, client = serve(engine, tmp_path_factory.mktemp("results"), max_pixels=app.parse_limit("16x256"))
+    demo, client = serve(engine, tmp_path_factory.mktemp("results"), max_pixels=app_jobs.parse_limit("16x256"))
     yield SimpleNamespace(engine=engine, unet=unet, client=client, cache=cache, url=demo.local_url)
     unet.open.set()
     demo.close()
@@ -175,6 +176,7 @@ def test_fatezero_edits_through_the_same_endpoint_from_the_cached_inversion(serv
     (path, status, details), calls = unet.during(client.predict, video, SOURCE, target, editor="fatezero",
                                                  api_name="/edit")
     assert details["editor"] == "fatezero" and details["inversion_cache_hit"] is True
+    assert status.startswith("**Edit** with FateZero to")  # the status names the editor
     assert details["freeu"] is False  # FateZero's default: no FreeU
     assert calls == STEPS  # one UNet call per step on the source and both edit groups, no inversion
     assert num_frames(path) == FRAMES
@@ -216,8 +218,8 @@ def test_a_cancelled_job_stops_within_one_step_and_the_next_one_runs(served, cli
 
 
 def test_closing_the_page_stops_its_job(served, clip, tmp_path):
-    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder(tmp_path))
-    values = {**app.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "steps": 6}
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
+    values = {**app_jobs.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "steps": 6}
     page, outcome = SimpleNamespace(session_hash="page-1"), {}
 
     def job():
@@ -248,30 +250,35 @@ def test_the_readme_snippet_runs_as_written_against_a_cpu_server(tmp_path, tiny_
     snippet = re.search(r"```python\n(.*?)```", api, re.S).group(1)
     assert 'Client("http://127.0.0.1:7860/")' in snippet
     engine = Engine("tiny-random", cache=LatentCache(tmp_path / "cache")).use_parts(tiny_parts)
-    # `python app.py` on a CPU: the CPU limit and the page's defaults (16 frames at 256 px), only fewer steps
-    demo, _ = serve(engine, tmp_path, defaults=dict(steps=2, bases=8, iters=2), max_pixels=app.parse_limit(app.CPU_LIMIT))
+    # `python app.py` on a CPU: the CPU limit and the page's CPU defaults (8 frames at 256 px), fewer steps still
+    demo, _ = serve(engine, tmp_path, defaults=dict(steps=2, bases=8, iters=2), max_pixels=app_jobs.parse_limit(app_jobs.CPU_LIMIT))
     monkeypatch.chdir(ROOT)
     scope: dict = {}
     try:
         exec(snippet.replace("http://127.0.0.1:7860/", demo.local_url), scope)
     finally:
         demo.close()
-    assert read_video(scope["video"], size=256, max_frames=None).num_frames == 16
-    assert scope["status"].startswith("**Edit**") and "16 frames at 256×" in scope["status"]
+    frames = app_jobs.CPU_DEFAULTS["frames"]
+    assert read_video(scope["video"], size=256, max_frames=None).num_frames == frames
+    assert scope["status"].startswith("**Edit**") and f"{frames} frames at 256×" in scope["status"]
     assert scope["metrics"]["inversion_cache_hit"] is False
 
 
 def test_the_apis_defaults_are_the_pages(served):
     params = {p["parameter_name"]: p for p in served.client.view_api(return_format="dict")["named_endpoints"]["/edit"]["parameters"]}
-    assert list(params) == list(app.ENDPOINT_INPUTS["edit"])
+    assert list(params) == list(app_jobs.ENDPOINT_INPUTS["edit"])
     assert {name: params[name]["parameter_default"] for name in SMALL} == SMALL
-    cpu = app.build_app(served.engine, max_pixels=app.parse_limit(app.CPU_LIMIT), results=app.ResultFolder())
-    gpu = app.build_app(served.engine, max_pixels=app.parse_limit(app.GPU_LIMIT), results=app.ResultFolder())
-    tiny = app.build_app(served.engine, max_pixels=app.parse_limit("4x64"), results=app.ResultFolder())
-    for demo, frames, size in ((cpu, 16, 256), (gpu, 16, 512), (tiny, 4, 64)):  # always within the limit
+    cpu = app.build_app(served.engine, max_pixels=app_jobs.parse_limit(app_jobs.CPU_LIMIT), results=app_jobs.ResultFolder())
+    gpu = app.build_app(served.engine, max_pixels=app_jobs.parse_limit(app_jobs.GPU_LIMIT), results=app_jobs.ResultFolder())
+    tiny = app.build_app(served.engine, max_pixels=app_jobs.parse_limit("4x64"), results=app_jobs.ResultFolder())
+    # the engine runs on the CPU: its page starts with CPU_DEFAULTS, within each limit
+    steps, frames, size = (app_jobs.CPU_DEFAULTS[name] for name in ("steps", "frames", "size"))
+    cuda = app.build_app(Engine("tiny-random", device="cuda"), results=app_jobs.ResultFolder())  # not loaded
+    for demo, frames, size, steps in ((cpu, frames, size, steps), (gpu, frames, size, steps), (tiny, 4, 64, steps),
+                                      (cuda, 16, 512, 50)):  # a GPU keeps the full defaults
         info = {p["parameter_name"]: p["parameter_default"]
                 for p in demo.get_api_info()["named_endpoints"]["/edit"]["parameters"]}
-        assert (info["frames"], info["size"], info["steps"]) == (frames, size, 50)
+        assert (info["frames"], info["size"], info["steps"]) == (frames, size, steps)
 
 
 @pytest.mark.parametrize("name, content, args, sentence", [
@@ -298,8 +305,8 @@ def test_bad_input_is_a_sentence_and_the_app_keeps_serving(served, clip, tmp_pat
     ("/edit", dict(freeu_b1=None), "The FreeU b1 box is empty; type a number in it."),  # an emptied number box
     ("/edit", dict(guidance="x"), "Guidance scale must be a number, got 'x'."),
     ("/edit", dict(steps=1.5), "Steps must be a whole number, got 1.5."),
-    ("/invert", dict(seed=2**70), "Seed must be a whole number from 0 to 2**63 - 1"),  # refused before inverting
-    ("/edit", dict(seed=2**70), "Seed must be a whole number from 0 to 2**63 - 1"),
+    ("/invert", dict(seed=2**70), "Seed: the seed must be between 0 and 2**63 - 1"),  # refused before inverting
+    ("/edit", dict(seed=2**70), "Seed: the seed must be between 0 and 2**63 - 1"),
 ])
 def test_wrong_typed_api_values_are_one_sentence_naming_the_control_before_any_work(served, clip, api, values,
                                                                                   sentence):
@@ -309,7 +316,7 @@ def test_wrong_typed_api_values_are_one_sentence_naming_the_control_before_any_w
         served.client.predict(handle_file(str(clip)), **args, api_name=api)
     assert str(error.value).startswith(sentence) and "Traceback" not in str(error.value)
     assert served.unet.count() == before  # nothing inverted, nothing cached
-    assert app._number("steps", "3", whole=True) == 3 and app._number("guidance", 256.0, whole=False) == 256.0
+    assert app_jobs._number("steps", "3", whole=True) == 3 and app_jobs._number("guidance", 256.0, whole=False) == 256.0
 
 
 def test_edit_needs_a_target_prompt(served, clip):
@@ -323,16 +330,16 @@ def test_the_frames_x_size_limit_is_enforced(served, clip):
         served.client.predict(handle_file(str(clip)), SOURCE, frames=8, size=512, api_name="/compare")
     with pytest.raises(AppError, match=r"Value 0 is less than minimum value 1"):  # Gradio checks the sliders' ranges
         served.client.predict(handle_file(str(clip)), SOURCE, steps=0, api_name="/invert")
-    with pytest.raises(AppError, match=r"^Seed must be a whole number from 0 to 2\*\*63 - 1"):  # the engine's, with page labels
+    with pytest.raises(AppError, match=r"^Seed: the seed must be between 0 and 2\*\*63 - 1"):  # the engine's, with page labels
         served.client.predict(handle_file(str(clip)), SOURCE, "a golden ball", seed=-1, api_name="/edit")
 
 
 def test_all_frames_means_all_up_to_the_limit_and_the_status_says_so(served, clip):
-    jobs = app.Jobs(served.engine, max_pixels=3 * 64**2, results=app.ResultFolder())
-    settings = jobs._settings({**app.DEFAULTS, **SMALL, "source_prompt": SOURCE, "frames": 0})  # 0: all of them
+    jobs = app_jobs.Jobs(served.engine, max_pixels=3 * 64**2, results=app_jobs.ResultFolder())
+    settings = jobs._settings({**app_jobs.DEFAULTS, **SMALL, "source_prompt": SOURCE, "frames": 0})  # 0: all of them
     video, note = jobs._clip(str(clip), settings)
     assert video.num_frames == 3 and note == " Used 3 of 6 frames (the limit at 64 px)."
-    everything = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder())
+    everything = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder())
     video, note = everything._clip(str(clip), settings)
     assert video.num_frames == 6 and note == ""
 
@@ -388,7 +395,7 @@ def test_a_gif_becomes_an_mp4_for_the_player(served, tmp_path):
     gif = tmp_path / "Wave (1).gif"
     images = [Image.fromarray(np.full((40, 60, 3), (30 * i, 90, 200 - 30 * i), np.uint8)) for i in range(5)]
     images[0].save(gif, save_all=True, append_images=images[1:], duration=100, loop=0)
-    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder(tmp_path))
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
     video = read_video(jobs.gif_to_video(str(gif)), size=64)
     assert Path(video.source).name == "wave-1.mp4"
     assert video.num_frames == 5 and video.fps == pytest.approx(10.0)
@@ -413,7 +420,7 @@ class Bar:
 def test_one_bar_for_the_whole_job_with_the_step_and_the_time_left():
     bar, now = Bar(), [0.0]
     phases = [("encoding", 1.0), ("inverting", 4.0), ("decoding", 1.0), ("decoding", 1.0), ("editing", 8.0)]
-    report = app.JobProgress(bar, phases, clock=lambda: now[0])
+    report = app_jobs.JobProgress(bar, phases, clock=lambda: now[0])
     report({"phase": "loading", "i": 0, "total": 1})
     for done in (1, 2):
         report({"phase": "encoding", "i": done, "total": 2})
@@ -435,19 +442,47 @@ def test_one_bar_for_the_whole_job_with_the_step_and_the_time_left():
     assert texts[6] == "Inverting: step 4 of 4 · about 9 s left"
 
 
+def test_compares_time_left_times_the_stem_inversion_at_its_own_pace():
+    """22.5: DDIM at 1 s per unit of work, STEM at 3 (as on a CPU with the tiny model): half-way through STEM's
+    inversion the time left is STEM's own work left at its own pace, not at DDIM's."""
+    bar, now = Bar(), [0.0]
+    phases = app_jobs.job_phases("compare", frames=4, steps=10)
+    seconds_per_unit = {"DDIM": 1.0, "STEM": 3.0}
+    report = app_jobs.JobProgress(bar, phases, clock=lambda: now[0])
+    steps = 10
+    truth = None
+    for index, (name, work) in enumerate(phases):
+        group = name.split(" · ")[0]
+        for done in range(1, steps + 1):
+            now[0] += work / steps * seconds_per_unit[group]
+            report({"phase": name, "i": done, "total": steps})
+            if name == "STEM · inverting" and done == steps // 2:
+                left = sum(w for _, w in phases[index + 1:]) + work / 2
+                truth = left * seconds_per_unit["STEM"]
+                shown = bar.shown[-1][1]
+                break
+        if truth is not None:
+            break
+    minutes, seconds = re.search(r"about (?:(\d+) min )?(\d+) s left", shown).groups()
+    estimate = int(minutes or 0) * 60 + int(seconds)
+    assert estimate == pytest.approx(truth, rel=0.1), shown
+    overall = now[0] / sum(w for _, w in phases[:index] + [(None, work / 2)])  # the whole job's pace so far
+    assert overall * left < 0.75 * truth  # what one pace for the whole job would have said
+
+
 def test_a_cached_inversion_leaves_the_plan_and_stop_raises():
     bar, stop = Bar(), threading.Event()
-    report = app.JobProgress(bar, app.job_phases("edit", frames=4, steps=2, batch_size=2), stop)
+    report = app_jobs.JobProgress(bar, app_jobs.job_phases("edit", frames=4, steps=2, batch_size=2), stop)
     report({"phase": "editing", "i": 0, "total": 2})  # the inversion came from the cache
     report({"phase": "editing", "i": 1, "total": 2})
     assert bar.shown[-1][0] == pytest.approx(0.5 * 36 / (36 + 6))  # editing 3*(4+2)*2 = 36, decoding 1.5*4 = 6
     stop.set()
-    with pytest.raises(app.Stopped):
+    with pytest.raises(app_jobs.Stopped):
         report({"phase": "editing", "i": 2, "total": 2})
 
 
 def test_the_zerogpu_duration_grows_with_the_work():
-    est = app.estimate_gpu_seconds
+    est = app_jobs.estimate_gpu_seconds
     # an independent count of the UNet frame-calls of a 16-frame, 50-step edit at 512 px, batch 8:
     # VAE encode 16 x 0.7, inversion + reconstruction 2 x 50 x 16 x 1.1 (STEM), two decodings 2 x 16 x 1.5,
     # editing 50 x 3 x (16 + 2 keyframes), a last decoding 16 x 1.5; 0.02 s each, plus 15 s
@@ -471,11 +506,11 @@ def test_jobs_run_under_spaces_gpu_with_a_duration_for_their_frames(served, clip
         return wrap
 
     monkeypatch.setitem(sys.modules, "spaces", SimpleNamespace(GPU=gpu))
-    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder(tmp_path))
-    values = {**app.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "frames": 0}
-    path, status, _ = anyio.run(jobs.run, "invert", values, lambda *a, **k: None, None)
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
+    values = {**app_jobs.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "frames": 0}
+    path, status, _, _condition = anyio.run(jobs.run, "invert", values, lambda *a, **k: None, None)
     assert num_frames(path) == 6  # all of the clip's 6 frames
-    assert asked == [app.estimate_gpu_seconds("invert", 6, SIZE, STEPS, "stem", 2)]
+    assert asked == [app_jobs.estimate_gpu_seconds("invert", 6, SIZE, STEPS, "stem", 2)]
 
 
 @pytest.mark.parametrize("source, kind, detail, name", [
@@ -487,7 +522,7 @@ def test_jobs_run_under_spaces_gpu_with_a_duration_for_their_frames(served, clip
     ("/tmp/g/视频.mp4", "edited", "x" * 80, "clip-edited-" + "x" * 48 + ".mp4"),
 ])
 def test_output_names_say_which_clip_and_what_was_done(source, kind, detail, name):
-    assert app.output_name(source, kind, detail) == name
+    assert app_jobs.output_name(source, kind, detail) == name
 
 
 @pytest.mark.parametrize("used, available, stride, requested, cap, note", [
@@ -499,12 +534,12 @@ def test_output_names_say_which_clip_and_what_was_done(source, kind, detail, nam
     (16, None, 1, 0, 16, ""),  # unknown length: no claim
 ])
 def test_the_status_says_when_frames_were_left_out(used, available, stride, requested, cap, note):
-    assert app.frames_note(used, available, stride, requested, cap, 256) == note
+    assert app_jobs.frames_note(used, available, stride, requested, cap, 256) == note
 
 
 def test_the_seed_box():
-    assert app.pick_seed(5, False) == 5
-    seeds = {app.pick_seed(5, True) for _ in range(5)}
+    assert app_jobs.pick_seed(5, False) == 5
+    seeds = {app_jobs.pick_seed(5, True) for _ in range(5)}
     assert len(seeds) > 1 and all(0 <= s < 2**31 for s in seeds)
 
 
@@ -518,14 +553,14 @@ def test_examples_are_cached_lazily_on_spaces_only():
 
 def test_result_folders_of_ended_processes_are_swept_and_ours_goes_at_exit(tmp_path, monkeypatch):
     at_exit = []
-    monkeypatch.setattr(app.atexit, "register", at_exit.append)
+    monkeypatch.setattr(app_jobs.atexit, "register", at_exit.append)
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead, alive = tmp_path / f"stem-app-{ended.stdout.strip()}-x", tmp_path / f"stem-app-{os.getpid()}-y"
     old, fresh, other = tmp_path / "stem-app-old", tmp_path / "stem-app-new", tmp_path / "unrelated"
     for folder in (dead, alive, old, fresh, other):
         (folder / "r").mkdir(parents=True)
-    os.utime(old, (time.time() - 2 * app.OUTPUT_TTL_SECONDS,) * 2)
-    results = app.ResultFolder(tmp_path)
+    os.utime(old, (time.time() - 2 * app_jobs.OUTPUT_TTL_SECONDS,) * 2)
+    results = app_jobs.ResultFolder(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (alive, fresh, other))
     assert results.root is None  # made on first use only: a failed launch leaves nothing
     path = results.new_path("a.mp4")
@@ -561,11 +596,11 @@ def test_a_busy_port_is_one_sentence(capsys, monkeypatch, tmp_path):
 
 
 def test_limits_and_command_line(monkeypatch):
-    assert app.parse_limit("48x512") == 48 * 512 * 512
-    assert app.parse_limit("1000000") == 1_000_000
+    assert app_jobs.parse_limit("48x512") == 48 * 512 * 512
+    assert app_jobs.parse_limit("1000000") == 1_000_000
     for bad in ("48 by 512", "0x512", "-3", ""):
         with pytest.raises(StemError, match="FRAMESxSIZE"):
-            app.parse_limit(bad)
+            app_jobs.parse_limit(bad)
     monkeypatch.delenv("SPACE_ID", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     monkeypatch.setenv("STEM_MODEL", "tiny-random")
@@ -580,13 +615,13 @@ def test_limits_and_command_line(monkeypatch):
 
 
 def test_the_endpoints_take_one_list_of_inputs():
-    jobs = app.Jobs(Engine("tiny-random"), max_pixels=16 * 64**2, results=app.ResultFolder())
-    for kind, names in app.ENDPOINT_INPUTS.items():
+    jobs = app_jobs.Jobs(Engine("tiny-random"), max_pixels=16 * 64**2, results=app_jobs.ResultFolder())
+    for kind, names in app_jobs.ENDPOINT_INPUTS.items():
         params = list(inspect.signature(jobs.endpoint(kind)).parameters)
         assert params == [*names, "progress", "request"]
-    settings_fields = set().union(*(typing.get_type_hints(cls) for cls in app.EDIT_SETTINGS.values()))
-    assert set(app.EDIT_INPUTS) <= settings_fields | set(app.FREEU_INPUTS)
-    assert set(app.DEFAULTS) == set(app.INVERSION_INPUTS) | set(app.EDIT_INPUTS) | set(app.CONTROL_INPUTS)
+    settings_fields = set().union(*(typing.get_type_hints(cls) for cls in app_jobs.EDIT_SETTINGS.values()))
+    assert set(app_jobs.EDIT_INPUTS) <= settings_fields | set(app_jobs.FREEU_INPUTS)
+    assert set(app_jobs.DEFAULTS) == set(app_jobs.INVERSION_INPUTS) | set(app_jobs.EDIT_INPUTS) | set(app_jobs.CONTROL_INPUTS)
 
 
 # -- frames too large to decode: one sentence, before any pixel is decoded -------------------------
@@ -605,7 +640,7 @@ def test_a_20000_by_20000_upload_is_one_sentence_and_the_app_keeps_serving(serve
     with pytest.raises(AppError) as error:  # used to be Gradio's generic text over a DecompressionBombError
         served.client.predict(handle_file(str(huge)), SOURCE, api_name="/invert")
     assert "'huge.gif' has 400,000,000-pixel frames, too large for this app to read; scale it down" in str(error.value)
-    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder(tmp_path / "results"))
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path / "results"))
     with pytest.raises(Exception, match=r"'huge\.gif' has 400,000,000-pixel frames, too large for this app"):
         jobs.gif_to_video(str(huge))  # the GIF upload button
     path, _, _ = served.client.predict(handle_file(str(clip)), SOURCE, api_name="/invert")  # still serving
@@ -626,7 +661,7 @@ def test_a_cache_that_cannot_store_results_costs_reuse_not_the_result(tiny_parts
     blocker.write_text("not a folder")
     engine = Engine("tiny-random", cache=LatentCache(blocker / "cache")).use_parts(tiny_parts)
     (tmp_path / "results").mkdir()
-    demo, client = serve(engine, tmp_path / "results", max_pixels=app.parse_limit("16x256"))
+    demo, client = serve(engine, tmp_path / "results", max_pixels=app_jobs.parse_limit("16x256"))
     try:
         with caplog.at_level(logging.WARNING, logger="stem.app"):
             path, status, details = client.predict(handle_file(str(clip)), SOURCE, api_name="/invert")
@@ -637,20 +672,29 @@ def test_a_cache_that_cannot_store_results_costs_reuse_not_the_result(tiny_parts
     assert blocker.read_text() == "not a folder"
 
 
-def test_structure_guidance_through_the_api(served, clip):
+def test_structure_guidance_through_the_api(served, clip, tmp_path):
     plain, _, plain_details = served.client.predict(handle_file(str(clip)), SOURCE, api_name="/invert")
     guided, status, details = served.client.predict(handle_file(str(clip)), SOURCE, control="canny", api_name="/invert")
     assert num_frames(guided) == FRAMES and details["control"] == "canny" and "control" not in plain_details
     assert not np.array_equal(read_video(guided, size=SIZE).frames, read_video(plain, size=SIZE).frames)
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
+    values = {**app_jobs.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "control": "canny"}
+    *_, condition = jobs._invert(values, lambda *a, **k: None)  # the page shows the edges beside the input
+    settings = jobs._settings(values)
+    edges = served.engine.conditions(jobs._clip(str(clip), settings)[0], settings)[:, 0].numpy()
+    shown = read_video(condition, size=SIZE).frames[..., 0] / 255.0
+    assert Path(condition).name == "square-control-canny.mp4" and shown.shape == edges.shape
+    assert np.abs(shown - edges).mean() < 0.1  # the same edges, through a lossy video codec
+    assert jobs._condition_video(jobs._clip(str(clip), settings)[0], jobs._settings({**values, "control": "none"})) is None
     with pytest.raises(AppError, match="Structure strength"):  # the engine's sentence, with the page's label
         served.client.predict(handle_file(str(clip)), SOURCE, control="canny", control_scale=-1, api_name="/invert")
 
 
 def test_empty_prompt_boxes_show_an_instruction_not_an_example_and_the_refusal_does_not_quote_it(served):
-    demo = app.build_app(served.engine, defaults=SMALL, results=app.ResultFolder())
+    demo = app.build_app(served.engine, defaults=SMALL, results=app_jobs.ResultFolder())
     boxes = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
-    jobs = app.Jobs(served.engine, max_pixels=16 * 64**2, results=app.ResultFolder())
-    values = {**app.DEFAULTS, **SMALL, "source_prompt": "", "target_prompt": ""}
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder())
+    values = {**app_jobs.DEFAULTS, **SMALL, "source_prompt": "", "target_prompt": ""}
     for elem_id, refuse in (("source-prompt", lambda: jobs._settings(values)),
                             ("target-prompt", lambda: jobs._edit_settings(values))):
         placeholder = boxes[elem_id].placeholder
@@ -661,7 +705,7 @@ def test_empty_prompt_boxes_show_an_instruction_not_an_example_and_the_refusal_d
 
 
 def test_the_api_names_every_output(served):
-    demo = app.build_app(served.engine, defaults=SMALL, results=app.ResultFolder())
+    demo = app.build_app(served.engine, defaults=SMALL, results=app_jobs.ResultFolder())
     endpoints = demo.get_api_info()["named_endpoints"]
     for kind in ("/invert", "/edit", "/compare"):
         labels = [r["label"] for r in endpoints[kind]["returns"]]
@@ -673,7 +717,7 @@ def test_the_endpoints_are_mcp_tools_with_their_parameters_described(served):
     import urllib.request
 
     pytest.importorskip("mcp")
-    demo = app.build_app(served.engine, defaults=SMALL, results=app.ResultFolder())
+    demo = app.build_app(served.engine, defaults=SMALL, results=app_jobs.ResultFolder())
     app.launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
                mcp_server=True)
     try:
@@ -684,9 +728,9 @@ def test_the_endpoints_are_mcp_tools_with_their_parameters_described(served):
     assert set(tools) == {"invert", "edit", "compare"}
     for name, tool in tools.items():
         properties = tool["inputSchema"]["properties"]
-        assert list(properties) == list(app.ENDPOINT_INPUTS[name])
+        assert list(properties) == list(app_jobs.ENDPOINT_INPUTS[name])
         for parameter, schema in properties.items():
-            assert schema["description"] == app.PARAMETER_HELP[parameter]
+            assert schema["description"] == app_jobs.PARAMETER_HELP[parameter]
     assert tools["edit"]["description"].startswith("Edit the clip towards the target prompt")
     assert app.parse_args(["--mcp"]).mcp and not app.parse_args([]).mcp
 
@@ -694,3 +738,162 @@ def test_the_endpoints_are_mcp_tools_with_their_parameters_described(served):
 def test_stem_mcp_turns_the_mcp_server_on(monkeypatch):
     monkeypatch.setenv("STEM_MCP", "1")
     assert app.parse_args([]).mcp
+
+
+def _components(demo) -> dict:
+    return {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+
+
+def test_the_page_step_refuses_bad_input_at_once_and_the_status_keeps_the_sentence(served, clip, tmp_path):
+    """The unqueued step before a job checks its input (22.3): no queue, no model; its sentence stays for the status."""
+    import gradio as gr
+
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
+    request = SimpleNamespace(session_hash="page-1")
+    names = {name: name for name in app_jobs.ENDPOINT_INPUTS["edit"]} | {"randomize": "randomize"}
+    start = jobs.starting("edit", names)
+    good = {**app_jobs.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "target_prompt": "a golden ball",
+            "randomize": False}
+    with jobs._model_lock:  # another job holds the model: the answer does not wait for it
+        for bad, sentence in ((dict(target_prompt=""), "Type a target prompt"),
+                              (dict(source_prompt=" "), "Describe the input video in the source prompt"),
+                              (dict(freeu_b1=app_jobs.Refused("The FreeU b1 box is empty; type a number in it.")),
+                               "The FreeU b1 box is empty"),
+                              (dict(editor="fatezero", blend_words="car"), "blend word 'car' is not in the source"),
+                              (dict(video=None), "Upload a video")):
+            before = served.unet.count()
+            with pytest.raises(gr.Error, match=re.escape(sentence)):
+                start({**good, **bad}, request)
+            assert served.unet.count() == before
+            status, _, _, *buttons = jobs.failed(None, None, request)
+            assert sentence in status and [b["interactive"] for b in buttons] == [True, True, True, False]
+        seed, status, shown, *buttons = start(good, request)
+    assert seed == SMALL.get("seed", 0) and status.startswith("**Editing** with TokenFlow")
+    assert [b["interactive"] for b in buttons] == [False, False, False, True]  # Invert, Edit, Compare off; Stop on
+    assert [b["interactive"] for b in jobs.stop(None, None, None, None, request)[-4:]] == [True, True, True, False]
+    status = jobs.failed(None, None, request)[0]  # a job stopped while queued: its failure says so
+    assert "Stopped" in status and "corner" not in status
+    assert "corner" not in jobs.failed(None, None, request)[0]  # nothing to tell: no message to look for
+
+
+def test_an_upload_is_checked_when_it_arrives(served, clip, tmp_path):
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
+    (tmp_path / "notes.mp4").write_bytes(b"this is a text file, not a video\n")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    assert jobs.uploaded(str(tmp_path / "notes.mp4"))[0] == "⚠️ " + app_jobs.NOT_A_VIDEO.format(name="notes.mp4")
+    assert "'empty.mp4' is empty (0 bytes)" in jobs.uploaded(str(tmp_path / "empty.mp4"))[0]
+    assert jobs.uploaded(str(clip))[0].startswith("New clip")
+    assert jobs.uploaded(None)[0].startswith("New clip")  # the box was cleared
+
+
+def test_each_editors_settings_show_only_while_it_is_chosen(served):
+    demo = app.build_app(served.engine, defaults=SMALL, results=app_jobs.ResultFolder())
+    boxes = _components(demo)
+    assert boxes["tokenflow-settings"].visible and not boxes["fatezero-settings"].visible
+    inside = {kind: {getattr(child, "label", None) for child in _descendants(boxes[f"{kind}-settings"])}
+              for kind in ("tokenflow", "fatezero")}
+    assert {"PnP attention threshold", "Batch size (frames per keyframe)"} <= inside["tokenflow"]
+    assert {"Blend words", "Reweight", "Blend threshold"} <= inside["fatezero"]
+    negative, tokenflow, fatezero = app._chose_editor("fatezero")
+    assert negative == "" and not tokenflow["visible"] and fatezero["visible"]
+    negative, tokenflow, fatezero = app._chose_editor("tokenflow")
+    assert negative == app.DEFAULT_NEGATIVE_PROMPT and tokenflow["visible"] and not fatezero["visible"]
+
+
+def _descendants(block):
+    for child in getattr(block, "children", []):
+        yield child
+        yield from _descendants(child)
+
+
+def test_every_setting_says_what_it_changes(served):
+    demo = app.build_app(served.engine, defaults=SMALL, results=app_jobs.ResultFolder())
+    controls = [b for b in demo.blocks.values() if getattr(b, "interactive", None) is not False
+                and type(b).__name__ in ("Slider", "Number", "Radio", "Textbox", "Checkbox")]
+    assert len(controls) >= len(app_jobs.CONTROL_HELP)
+    for control in controls:
+        assert control.info and len(control.info) > 20, control.label
+        if type(control).__name__ == "Slider":  # no "Reset to default value" stops (22.14); None would show one
+            assert control.buttons == [], control.label
+    assert set(app_jobs.CONTROL_HELP) == {n for names in app_jobs.ENDPOINT_INPUTS.values() for n in names} - {
+        "video", "source_prompt", "target_prompt"}
+
+
+def _theme_colours(css: str, block: str) -> dict:
+    """The --name: value pairs of one block (':root' or '.dark') of the theme's CSS."""
+    body = css[css.index(block + " {") if block + " {" in css else css.index(block + "{"):]
+    body = body[body.index("{") + 1:body.index("}")]
+    return dict((k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in body.split(";") if ":" in line))
+
+
+def _luminance(hex_colour: str) -> float:
+    value = {"white": "#ffffff", "black": "#000000"}.get(hex_colour, hex_colour).lstrip("#")
+    channels = [int(value[i:i + 2], 16) / 255 for i in (0, 2, 4)]
+    linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+
+def test_edit_and_stop_have_a_contrast_of_at_least_4_5_to_1_in_light_and_dark(served):
+    css = app.THEME._get_theme_css()
+    light = _theme_colours(css, ":root")
+    for block, names in ((":root", light), (".dark", {**light, **_theme_colours(css, ".dark")})):
+        def colour(name):
+            value = names[name]
+            while value.startswith("var("):
+                value = names[value[4:-1]]
+            return value
+        for variant in ("primary", "cancel"):
+            for state in ("", "-hover"):
+                text = _luminance(colour(f"--button-{variant}-text-color"))
+                fill = _luminance(colour(f"--button-{variant}-background-fill{state}"))
+                ratio = (max(text, fill) + 0.05) / (min(text, fill) + 0.05)
+                assert ratio >= 4.5, (block, variant, state, ratio)
+
+
+def test_on_a_cpu_a_slow_job_says_how_long_it_takes_as_it_starts(clip, tmp_path):
+    """22.12: a real model on a CPU: the start's status gives the time the cost model predicts; a GPU says nothing."""
+    import torch
+
+    values = {**app_jobs.DEFAULTS, **app_jobs.CPU_DEFAULTS, "video": str(clip), "size": 256, "frames": 0}
+    model = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # named, never loaded
+    jobs = app_jobs.Jobs(Engine(model, device="cpu"), max_pixels=16 * 256**2, results=app_jobs.ResultFolder(tmp_path))
+    note = jobs.slow_job_note("edit", values)
+    # the clip has 6 frames, so 6 are used (not the default's 8)
+    work = app_jobs.job_work("edit", 6, 256, values["steps"], "stem", values["batch_size"], "tokenflow")
+    seconds = app_jobs.estimate_cpu_seconds(work, torch.get_num_threads())
+    assert seconds > 60 and note.startswith(f" On this CPU it takes about {app_jobs._duration_text(seconds)}")
+    assert app_jobs.estimate_cpu_seconds(work, 4) == pytest.approx(app_jobs.estimate_cpu_seconds(work, 2) / 2)
+    on_gpu = app_jobs.Jobs(Engine(model, device="cuda"), max_pixels=16 * 256**2, results=app_jobs.ResultFolder(tmp_path))
+    tiny = app_jobs.Jobs(Engine("tiny-random", device="cpu"), max_pixels=16 * 256**2,
+                         results=app_jobs.ResultFolder(tmp_path))
+    assert on_gpu.slow_job_note("edit", values) == "" and tiny.slow_job_note("edit", values) == ""
+
+
+def test_an_identical_edit_comes_from_the_result_cache_without_recomputing(served, clip, tmp_path):
+    """22.13: the same clip (by its bytes, not its path), inversion and edit settings: the stored video, no UNet call."""
+    import shutil
+
+    client, unet = served.client, served.unet
+    target = "a violet ball bouncing on a wooden floor"
+    (path, status, details), calls = unet.during(client.predict, handle_file(str(clip)), SOURCE, target, seed=3,
+                                                 api_name="/edit")
+    assert calls > 0 and details["result_cache_hit"] is False and not status.startswith(app_jobs.SAME_EDIT)
+    copy = tmp_path / "another-name.mp4"  # the same bytes uploaded again under another name
+    shutil.copy(clip, copy)
+    (again, status_again, details_again), calls_again = unet.during(client.predict, handle_file(str(copy)), SOURCE,
+                                                                    target, seed=3, api_name="/edit")
+    assert calls_again == 0 and details_again["result_cache_hit"] is True
+    assert status_again == f"{app_jobs.SAME_EDIT} {status}"
+    assert np.array_equal(read_video(again, size=SIZE).frames, read_video(path, size=SIZE).frames)
+    _, calls_other = unet.during(client.predict, handle_file(str(clip)), SOURCE, target, seed=4, api_name="/edit")
+    assert calls_other > 0  # another seed is another edit
+
+
+def test_the_pages_defaults_are_the_settings_own_but_for_the_pages_choices():
+    from stem import InversionSettings
+    from stem.editing import FreeUSettings, TokenFlowSettings
+
+    assert app_jobs.DEFAULTS["bases"] == InversionSettings().num_bases and app_jobs.DEFAULTS["steps"] == 50
+    assert app_jobs.DEFAULTS["pnp_attn"] == TokenFlowSettings(prompt="x").pnp_attn
+    assert app_jobs.DEFAULTS["freeu_b1"] == FreeUSettings().b1
+    assert app_jobs.DEFAULTS["frames"] == 16 and InversionSettings().num_frames is None  # a page choice

@@ -43,12 +43,13 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_parts):
     import app  # conftest.py has set GRADIO_ANALYTICS_ENABLED=False before this
+    from stem import app_jobs
     from stem import Engine, LatentCache
 
     engine = Engine("tiny-random", cache=LatentCache(tmp_path_factory.mktemp("cache"))).use_parts(tiny_parts)
     gate = UnetGate(engine.parts.unet)
     demo = app.build_app(engine, defaults=dict(bases=8, iters=2, steps=STEPS, frames=FRAMES, size=128, batch_size=3),
-                         results=app.ResultFolder(tmp_path_factory.mktemp("results")))
+                         results=app_jobs.ResultFolder(tmp_path_factory.mktemp("results")))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -181,3 +182,87 @@ def test_retake_the_screenshots(server, browser):
         with Image.open(ASSETS / name) as shot:  # 256 colours: a third of the size, the same to the eye
             shot.convert("RGB").quantize(256, dither=Image.Dither.FLOYDSTEINBERG).save(ASSETS / name, optimize=True)
         assert (ASSETS / name).stat().st_size > 10_000
+
+
+def test_a_first_visit_bad_input_at_once_buttons_follow_the_job_and_settings_follow_the_editor(server, browser,
+                                                                                                tmp_path):
+    """Issue 22's items 1-3, 6, 7 and 9 as a visitor meets them, while another page's job holds the model."""
+    from playwright.sync_api import expect
+
+    url, gate = server
+    clip = str(ROOT / "examples" / "ball.mp4")
+    busy = browser.new_page()  # another visitor, whose edit is inside a UNet call
+    busy.goto(url)
+    expect(busy.locator("#stop-button")).to_be_disabled()  # nothing runs: Stop is not offered
+    busy.locator("#input-video input[type=file]").set_input_files(clip)
+    expect(busy.locator("#status")).to_contain_text("New clip")
+    busy.locator("#source-prompt textarea").fill("a ball")
+    busy.locator("#target-prompt textarea").fill("a golden ball")
+    gate.close()
+    busy.locator("#edit-button").click()
+    try:
+        assert gate.entered.wait(60)
+        for button in ("#invert-button", "#edit-button", "#compare-button"):  # one job per page at a time
+            expect(busy.locator(button)).to_be_disabled()
+        expect(busy.locator("#stop-button")).to_be_enabled()
+        assert contrast(busy, "#stop-button") >= 4.5  # 11: white on the theme's red, enabled
+
+        page = browser.new_page()
+        page.goto(url)
+        status = page.locator("#status")
+        expect(page.locator("#edit-button")).to_be_enabled()
+        assert contrast(page, "#edit-button") >= 4.5 and contrast(page, "#invert-button") >= 4.5
+        page.locator("#input-video input[type=file]").set_input_files(clip)
+        expect(status).to_contain_text("New clip")
+        # 1 and 3: the empty prompt boxes are refused at once (their placeholder is no example), although the
+        # model is busy with the other page's job
+        for box, sentence in (("#source-prompt", "Describe the input video in the source prompt"),
+                              ("#target-prompt", "Type a target prompt")):
+            page.locator("#edit-button").click()
+            expect(status).to_contain_text(sentence, timeout=10_000)
+            expect(page.locator("#edit-button")).to_be_enabled()
+            page.locator(f"{box} textarea").fill("a ball" if box == "#source-prompt" else "a golden ball")
+        # 9: each editor's settings only while it is chosen
+        page.get_by_text("Advanced").click()
+        expect(page.locator("#tokenflow-settings")).to_be_visible()
+        expect(page.get_by_label("Reset to default value")).to_have_count(0)  # 14: no reset stops
+        expect(page.locator("#fatezero-settings")).to_be_hidden()
+        page.locator("#editor").get_by_test_id("FateZero-radio-label").click()
+        expect(page.locator("#fatezero-settings")).to_be_visible()
+        expect(page.locator("#tokenflow-settings")).to_be_hidden()
+        # 2: an emptied number box is one sentence that names it, at once
+        page.get_by_label("FreeU b1").fill("")
+        page.locator("#edit-button").click()
+        expect(status).to_contain_text("The FreeU b1 box is empty; type a number in it.", timeout=10_000)
+        # 7: an unusable upload says why when it arrives
+        for name, content, sentence in (("notes.mp4", b"this is a text file\n", "is not a video this app can read"),
+                                        ("empty.mp4", b"", "is empty (0 bytes)")):
+            (tmp_path / name).write_bytes(content)
+            page.locator("#input-video").get_by_label("Clear").click()
+            page.locator("#input-video input[type=file]").set_input_files(str(tmp_path / name))
+            expect(status).to_contain_text(sentence, timeout=10_000)
+        assert "corner" not in status.inner_text()
+        page.close()
+    finally:
+        gate.open.set()
+    expect(busy.locator("#edited video")).to_have_attribute("src", re.compile(r"\.mp4$"))
+    expect(busy.locator("#status")).to_contain_text("Edit with TokenFlow")  # 9: the status names the editor
+    expect(busy.locator("#edit-button")).to_be_enabled()
+    expect(busy.locator("#stop-button")).to_be_disabled()
+    # 13: every edit of this clip stays in its history with its prompt, the newest first; a new clip starts anew
+    history = busy.locator("#history")
+    expect(history).to_be_visible()
+    expect(history).to_contain_text("a golden ball")
+    busy.locator("#target-prompt textarea").fill("a silver ball")
+    busy.locator("#edit-button").click()
+    expect(busy.locator("#status")).to_contain_text("silver")
+    expect(busy.locator("#status")).to_contain_text("editing took")
+    expect(history.locator("video, img")).to_have_count(2)
+    expect(history).to_contain_text("a golden ball")
+    expect(history).to_contain_text("a silver ball")
+    busy.locator("#edit-button").click()  # the same edit again: from the result cache, and no second entry
+    expect(busy.locator("#status")).to_contain_text("The same edit as before")
+    expect(history.locator("video, img")).to_have_count(2)
+    busy.locator("#input-video").get_by_label("Clear").click()
+    expect(history).to_be_hidden()
+    busy.close()
