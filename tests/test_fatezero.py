@@ -466,13 +466,7 @@ def test_an_empty_blend_mask_keeps_every_pixel_of_the_source(shared_engine, tiny
     edit = fatezero(blend_words="cat,dog", blend_threshold=1.0, blend_latents=True)
     with torch.inference_mode():
         latents, details = edit_latents(
-            parts,
-            trajectory,
-            timesteps,
-            alphas,
-            text,
-            edit,
-            shared_engine.attention_state(settings, NUM_GROUPS),
+            parts, trajectory, timesteps, alphas, text, edit, shared_engine.attention_state(settings, NUM_GROUPS),
             trace=lambda info: blends.append((info["step"], info)) if info["phase"] == "blend" else None,
         )
     assert details["blended_steps"] == [3, 2] and [step for step, _ in blends] == [3, 2]
@@ -500,12 +494,7 @@ def test_blend_words_confine_the_edit(tiny_parts):
     )
     blends = []
     latents, details = edit_latents(
-        parts,
-        trajectory,
-        timesteps,
-        alphas,
-        text,
-        edit,
+        parts, trajectory, timesteps, alphas, text, edit,
         AttentionState(method="stem", num_bases=8, num_iters=2, num_groups=NUM_GROUPS),
         trace=lambda info: blends.append((info["step"], info)) if info["phase"] == "blend" else None,
     )

@@ -358,13 +358,7 @@ def run_edit(tiny_parts, edit, steps=3, n=2, side=16):
     try:
         with torch.no_grad():
             latents, _ = edit_latents(
-                parts,
-                trajectory,
-                timesteps,
-                alphas,
-                text,
-                edit,
-                AttentionState(method="ddim", num_groups=NUM_GROUPS),
+                parts, trajectory, timesteps, alphas, text, edit, AttentionState(method="ddim", num_groups=NUM_GROUPS),
                 trace=lambda info: blends.append((info["step"], info)) if info["phase"] == "blend" else None,
             )
     finally:
