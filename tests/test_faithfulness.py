@@ -169,7 +169,8 @@ def test_freeu_off_leaves_the_unet_exactly_as_it_was(tiny_parts):
 def test_bad_freeu_constants_are_refused(field, value):
     with pytest.raises(StemError) as err:
         TokenFlowSettings("a dog", freeu=FreeUSettings(**{field: value})).validate()
-    assert f"--freeu-{field}" in str(err.value) and str(err.value).endswith(".")
+    # the library words it (the CLI prefixes --freeu-b1, the app its label): one sentence naming the constant
+    assert f"FreeU's {field} must be" in str(err.value) and str(err.value).endswith(".")
 
 
 # -- keyframe attention, group by group --------------------------------------------------------------
