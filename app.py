@@ -159,9 +159,13 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                                          elem_classes=["result-player"])
                 condition_path = gr.State()
                 gif = gr.UploadButton("Upload a GIF instead", file_types=[".gif"], size="sm", elem_id="gif-upload")
-                c["source_prompt"] = gr.Textbox(label="Source prompt", elem_id="source-prompt", max_lines=3,
-                                                info="Describes the input video; it conditions the inversion.",
-                                                placeholder="Type what the input video shows")  # not an example: it would read as input
+                c["source_prompt"] = gr.Textbox(
+                    label="Source prompt",
+                    elem_id="source-prompt",
+                    max_lines=3,
+                    info="Describes the input video; it conditions the inversion.",
+                    placeholder="Type what the input video shows",
+                )  # not an example: it would read as input
                 c["target_prompt"] = gr.Textbox(label="Target prompt", elem_id="target-prompt", max_lines=3,
                                                 info="Describes the video you want; press Enter to edit.",
                                                 placeholder="Type what the edited video should show")
@@ -236,8 +240,13 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                           api_visibility="private")
         # a new clip: no results of the previous one on screen (a cached example brings its edit); an unusable
         # file is said at once
-        clear = dict(fn=jobs.uploaded, inputs=c["video"], outputs=[status, *views, details, history, history_gallery, condition],
-                     queue=False, api_visibility="private")
+        clear = dict(
+            fn=jobs.uploaded,
+            inputs=c["video"],
+            outputs=[status, *views, details, history, history_gallery, condition],
+            queue=False,
+            api_visibility="private",
+        )
         c["video"].upload(**clear)
         c["video"].clear(**clear)
         # each editor's own negative prompt and FreeU default (the authors' for TokenFlow, FateZero's none)
@@ -341,23 +350,35 @@ def launch(demo: gr.Blocks, **kwargs):
 def parse_args(argv=None) -> argparse.Namespace:
     on_spaces = bool(os.environ.get("SPACE_ID"))
     parser = argparse.ArgumentParser(description="STEM video editing: the Gradio app.")
-    parser.add_argument("--model", default=os.environ.get("STEM_MODEL", DEFAULT_MODEL),
-                        help=f"SD 1.x/2.x hub id or local folder, or tiny-random (default: $STEM_MODEL or {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("STEM_MODEL", DEFAULT_MODEL),
+        help=f"SD 1.x/2.x hub id or local folder, or tiny-random (default: $STEM_MODEL or {DEFAULT_MODEL})",
+    )
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0" if on_spaces else "127.0.0.1"),
                         help="address to bind (default: 127.0.0.1; 0.0.0.0 on Hugging Face Spaces)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
                         help="port (default: $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
-    parser.add_argument("--mcp", action="store_true", default=os.environ.get("STEM_MCP", "").lower() in ("1", "true", "yes"),
-                        help="also serve /invert, /edit and /compare as MCP tools at /gradio_api/mcp/ (also $STEM_MCP=1)")
-    parser.add_argument("--cache-dir", default=None, help="latent cache folder (default: $STEM_CACHE_DIR or ~/.cache/stem)")
+    parser.add_argument(
+        "--mcp",
+        action="store_true",
+        default=os.environ.get("STEM_MCP", "").lower() in ("1", "true", "yes"),
+        help="also serve /invert, /edit and /compare as MCP tools at /gradio_api/mcp/ (also $STEM_MCP=1)",
+    )
+    parser.add_argument(
+        "--cache-dir", default=None, help="latent cache folder (default: $STEM_CACHE_DIR or ~/.cache/stem)"
+    )
     parser.add_argument("--max-frames-x-size", default=os.environ.get("STEM_MAX_FRAMES_X_SIZE"),
                         help=f"per-job limit as FRAMESxSIZE, i.e. frames * size^2 pixels "
                              f"(default: $STEM_MAX_FRAMES_X_SIZE, else {GPU_LIMIT} on a GPU, {CPU_LIMIT} on the CPU)")
-    parser.add_argument("--clip-model", default=os.environ.get("STEM_CLIP_MODEL"),
-                        help="score every edit with this CLIP model (e.g. openai/clip-vit-base-patch32, or tiny-random): "
-                             "CLIP text alignment, Frame-Acc and Tem-Con in the status and details (default: "
-                             "$STEM_CLIP_MODEL, else off)")
+    parser.add_argument(
+        "--clip-model",
+        default=os.environ.get("STEM_CLIP_MODEL"),
+        help="score every edit with this CLIP model (e.g. openai/clip-vit-base-patch32, or tiny-random): "
+        "CLIP text alignment, Frame-Acc and Tem-Con in the status and details (default: "
+        "$STEM_CLIP_MODEL, else off)",
+    )
     args = parser.parse_args(argv)
     try:
         args.max_pixels = parse_limit(args.max_frames_x_size) if args.max_frames_x_size else None

@@ -41,7 +41,9 @@ def bench_inversion(modes, frames, size, device, dtype, repeats, warmup, num_bas
     generator = torch.Generator().manual_seed(0)
     t = torch.tensor(500, device=device)
     for n in frames:
-        latents = torch.randn(n, unet.config.in_channels, side, side, generator=generator).to(device=device, dtype=dtype)
+        latents = torch.randn(n, unet.config.in_channels, side, side, generator=generator).to(
+            device=device, dtype=dtype
+        )
         text = torch.randn(n, 77, unet.config.cross_attention_dim, generator=generator).to(device=device, dtype=dtype)
 
         def case(mode, latents, text):
@@ -77,9 +79,13 @@ def fatezero_step(parts, trajectory, timesteps, alphas, text, batch_size):
     from stem.editing import EDITORS as EDIT_FUNCTIONS
     from stem.editing import FateZeroSettings
 
-    edit = FateZeroSettings(prompt="a bench clip", source_prompt="a test clip", self_replace=1.0, cross_replace=1.0).validate()
+    edit = FateZeroSettings(
+        prompt="a bench clip", source_prompt="a test clip", self_replace=1.0, cross_replace=1.0
+    ).validate()
     state = AttentionState(method="stem", num_groups=3)
-    return contextlib.nullcontext, lambda: EDIT_FUNCTIONS["fatezero"](parts, trajectory, timesteps, alphas, text, edit, state)
+    return contextlib.nullcontext, lambda: EDIT_FUNCTIONS["fatezero"](
+        parts, trajectory, timesteps, alphas, text, edit, state
+    )
 
 
 EDITORS = {"tokenflow": tokenflow_step, "fatezero": fatezero_step}
@@ -103,13 +109,15 @@ def bench_edit(editors, frames, size, device, dtype, repeats, warmup, batch_size
     for n in frames:
         trajectory = torch.randn(2, n, unet.config.in_channels, side, side, generator=generator)  # x_0, x_1 on the host
         text = torch.randn(3, 77, width, generator=generator)
-        samples = torch.randn(3 * n, unet.config.in_channels, side, side, generator=generator).to(device=device, dtype=dtype)
+        samples = torch.randn(3 * n, unet.config.in_channels, side, side, generator=generator).to(
+            device=device, dtype=dtype
+        )
         sample_text = text.repeat_interleave(n, dim=0).to(device=device, dtype=dtype)
         call = 3 * batch_size
 
         def per_frame():
             for start in range(0, 3 * n, call):
-                call_unet(unet, samples[start:start + call], t, sample_text[start:start + call])
+                call_unet(unet, samples[start:start + call], t, sample_text[start:start + call])  # noqa: F821 (del'd after the loop)
 
         cases = {"ddim": (contextlib.nullcontext, per_frame)}
         for editor in editors:

@@ -18,7 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from stem.attention import AttentionState, FrameAttnProcessor, attention_mode, processors_installed, self_attention_layers
+from stem.attention import (
+    AttentionState,
+    FrameAttnProcessor,
+    attention_mode,
+    processors_installed,
+    self_attention_layers,
+)
 
 MARK = "stem-bench-self-attention"
 
@@ -103,7 +109,7 @@ def calibrate(device: str = "cpu", size: int | None = None, frames=None, vae_siz
         for n in frames:
             x = torch.randn(n, 4, size // 8, size // 8, device=device, dtype=dtype)
             text = torch.randn(n, 77, 768, device=device, dtype=dtype)
-            peaks[n], at_layer = measure(lambda: unet(x, t, encoder_hidden_states=text))
+            peaks[n], at_layer = measure(lambda: unet(x, t, encoder_hidden_states=text))  # noqa: F821 (del'd after)
             held.append(at_layer / element / (n * L))
             print(f"unet {size} px, {n} samples: peak {peaks[n] / 2**20:.1f} MiB, at a self-attention layer "
                   f"{at_layer / 2**20:.1f} MiB ({held[-1]:.0f} per token per sample)", flush=True)

@@ -30,26 +30,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--frames", default=None, help="comma-separated N (default: 4,8,16; edit: 16)")
     parser.add_argument("--modes", default=None, help="comma-separated modes (default: ddim,inflated,stem,stem-naive "
                         "for attention; ddim,stem,inflated for inversion)")
-    parser.add_argument("--editors", default="tokenflow", help="edit: comma-separated editors compared with 3N per-frame "
-                        "UNet evaluations, tokenflow and/or fatezero (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="edit: TokenFlow frames per keyframe (default: %(default)s)")
-    parser.add_argument("--tokens", type=int, default=4096, help="attention: tokens per frame (default: %(default)s, a 64x64 latent)")
-    parser.add_argument("--size", type=int, default=None, help="inversion, edit: frame side in pixels (default: 256 on cpu, 512 on cuda)")
+    parser.add_argument(
+        "--editors",
+        default="tokenflow",
+        help="edit: comma-separated editors compared with 3N per-frame "
+        "UNet evaluations, tokenflow and/or fatezero (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="edit: TokenFlow frames per keyframe (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=4096, help="attention: tokens per frame (default: %(default)s, a 64x64 latent)"
+    )
+    parser.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="inversion, edit: frame side in pixels (default: 256 on cpu, 512 on cuda)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls; the median is reported (default: %(default)s)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed calls; the median is reported (default: %(default)s)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls first (default: %(default)s)")
     parser.add_argument("--bases", type=int, default=256, help="STEM: K (default: %(default)s)")
     parser.add_argument("--iters", type=int, default=5, help="STEM: R (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="merge the rows into this JSON file")
-    parser.add_argument("--md", type=Path, default=None, help="write the JSON file's rows as a markdown page (needs --json)")
+    parser.add_argument(
+        "--md", type=Path, default=None, help="write the JSON file's rows as a markdown page (needs --json)"
+    )
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG of seconds and peak memory against N")
     parser.add_argument("--unet", default="sd15", choices=("sd15", "tiny"), help=argparse.SUPPRESS)  # tests
     gpu = parser.add_argument_group("gpu")
-    gpu.add_argument("--out", type=Path, default=Path("assets"), help="gpu: folder of bench-gpu.{json,md,png} (default: %(default)s)")
+    gpu.add_argument(
+        "--out", type=Path, default=Path("assets"), help="gpu: folder of bench-gpu.{json,md,png} (default: %(default)s)"
+    )
     gpu.add_argument("--dry", action="store_true", help="gpu: the tiny dry run on the CPU (seconds)")
     gpu.add_argument("--sections", default=None, help="gpu: comma-separated sections (default: all, in order)")
-    gpu.add_argument("--deadline", type=float, default=None, help=f"gpu: seconds for the whole check (default: {DEADLINE})")
+    gpu.add_argument(
+        "--deadline", type=float, default=None, help=f"gpu: seconds for the whole check (default: {DEADLINE})"
+    )
     gpu.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                      help="gpu: each section in its own process (default: yes, except --dry)")
     gpu.add_argument("--section", default=None, help=argparse.SUPPRESS)  # the orchestrator's child processes
@@ -106,7 +127,9 @@ def main(argv=None) -> int:
         print(f"{row['bench']} {row['mode']:>10} N={row['frames']:<3} {shape}: {row['seconds']:.3f} s, "
               f"peak +{row['peak_mb']:.0f} MiB", flush=True)
 
-    common = dict(frames=args.frames, device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup, report=report)
+    common = dict(
+        frames=args.frames, device=device, dtype=dtype, repeats=args.repeats, warmup=args.warmup, report=report
+    )
     if args.bench == "attention":
         from .benches import bench_attention
 
@@ -114,7 +137,9 @@ def main(argv=None) -> int:
     elif args.bench == "inversion":
         from .benches import bench_inversion
 
-        bench_inversion(args.modes, size=args.size, unet_kind=args.unet, num_bases=args.bases, num_iters=args.iters, **common)
+        bench_inversion(
+            args.modes, size=args.size, unet_kind=args.unet, num_bases=args.bases, num_iters=args.iters, **common
+        )
     elif args.bench == "edit":
         from .benches import bench_edit
 

@@ -1,4 +1,5 @@
-"""CPU cost of canny structure guidance: one STEM inversion step and one TokenFlow step, with and without the ControlNet.
+"""CPU cost of canny structure guidance: one STEM inversion step and one TokenFlow step, with and without
+the ControlNet.
 
 SD-1.5 architecture (UNet and ControlNet with random weights, no download), 256 px, N = 8 frames:
     python -m benchmarks.control_cost [--frames 8] [--size 256] [--repeats 2] [--warmup 1] [--model sd15|tiny]
@@ -65,8 +66,11 @@ def main(argv=None) -> dict:
             x, t, text = torch.randn(n, 4, h, h, generator=generator), torch.tensor(500), torch.randn(n, 77, width)
             state = AttentionState(method="stem", num_bases=256, num_iters=5, seed=0, step=1)
             with attention_mode(unet, state):
-                times["inversion"] = alternating({c: lambda c=c: call_unet(unet, x, t, text, control=control if c else None)
-                                                  for c in ("", "canny")}, args.repeats, args.warmup)
+                times["inversion"] = alternating(
+                    {c: lambda c=c: call_unet(unet, x, t, text, control=control if c else None) for c in ("", "canny")},
+                    args.repeats,
+                    args.warmup,
+                )
         if args.only in (None, "tokenflow"):
             timesteps, alphas = ddim_schedule(parts.scheduler, 1)
             trajectory = torch.randn(2, n, 4, h, h, generator=generator)  # x_0, x_1

@@ -1,7 +1,8 @@
 """Benchmark: peak memory of a FateZero edit against the number of frames N and of steps T.
 
     python -m benchmarks fatezero --frames 4,8,16 --steps 2,4 --size 128 --json out.json --md out.md --plot out.png
-    python -m benchmarks fatezero --device cuda --dtype float16 --size 512 --frames 8,16,32,48 --steps 10,50 --json gpu.json
+    python -m benchmarks fatezero --device cuda --dtype float16 --size 512 --frames 8,16,32,48 \
+        --steps 10,50 --json gpu.json
 
 One row per (mode, N, T): a whole FateZero edit (`stem.editing.fatezero.edit_latents`, T denoising
 steps over N frames, the three-group batch, with blend words so that the self-attention mask pass
@@ -43,7 +44,8 @@ SOURCE_PROMPT = "a silver jeep driving down a curvy road in the countryside"   #
 TARGET_PROMPT = "a porsche car driving down a curvy road in the countryside"
 BLEND_WORDS = "jeep,car"
 MMAP_THRESHOLD = 1 << 20  # bytes; glibc's M_MMAP_THRESHOLD is mallopt parameter -3
-PUBLISHED = "FateZero (its docs/EditingGuidance.md): 8 frames, 50 steps, 512 px, fp16 on an RTX 3090: 100 GB host RAM, 12 GB GPU"
+PUBLISHED = ("FateZero (its docs/EditingGuidance.md): 8 frames, 50 steps, 512 px, fp16 on an RTX 3090: "
+             "100 GB host RAM, 12 GB GPU")
 
 
 def model_parts(device: torch.device, dtype: torch.dtype, unet_kind: str):
@@ -77,9 +79,17 @@ def run_edit(parts, mode: str, frames: int, size: int, steps: int, chunk_size: i
     edit = FateZeroSettings(TARGET_PROMPT, source_prompt=SOURCE_PROMPT, blend_words=BLEND_WORDS).validate()
     attention = AttentionState(method=mode, num_groups=NUM_GROUPS)
     with torch.inference_mode():
-        return measure({mode: (contextlib.nullcontext,
-                               lambda: edit_latents(parts, trajectory, timesteps, alphas, text, edit, attention, chunk_size))},
-                       parts.device, repeats=1, warmup=0)[mode]
+        return measure(
+            {
+                mode: (
+                    contextlib.nullcontext,
+                    lambda: edit_latents(parts, trajectory, timesteps, alphas, text, edit, attention, chunk_size),
+                )
+            },
+            parts.device,
+            repeats=1,
+            warmup=0,
+        )[mode]
 
 
 def _key(row: dict) -> tuple:
@@ -152,22 +162,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks fatezero", description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", default="4,8,16", help="comma-separated N (default: %(default)s)")
     parser.add_argument("--steps", default="2,4", help="comma-separated T (default: %(default)s)")
-    parser.add_argument("--modes", default="stem", help=f"comma-separated inversion methods of {', '.join(MODES)} (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=None, help="frame side in pixels (default: 128 on cpu, 512 on cuda)")
+    parser.add_argument(
+        "--modes",
+        default="stem",
+        help=f"comma-separated inversion methods of {', '.join(MODES)} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--size", type=int, default=None, help="frame side in pixels (default: 128 on cpu, 512 on cuda)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16"))
     parser.add_argument("--chunk-size", type=int, default=None, help="frames per UNet call (default: all at once)")
     parser.add_argument("--json", type=Path, default=None, help="merge the rows into this JSON file")
-    parser.add_argument("--md", type=Path, default=None, help="write the JSON file's rows as a markdown page (needs --json)")
-    parser.add_argument("--plot", type=Path, default=None, help="write a PNG of peak memory and time per step against N")
-    parser.add_argument("--report", action="store_true", help="run nothing: re-render --md/--plot from the rows of --json")
+    parser.add_argument(
+        "--md", type=Path, default=None, help="write the JSON file's rows as a markdown page (needs --json)"
+    )
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="write a PNG of peak memory and time per step against N"
+    )
+    parser.add_argument(
+        "--report", action="store_true", help="run nothing: re-render --md/--plot from the rows of --json"
+    )
     parser.add_argument("--unet", default="sd15", choices=("sd15", "tiny"), help=argparse.SUPPRESS)  # tests
     args = parser.parse_args(argv)
     args.frames = [int(n) for n in args.frames.split(",") if n]
     args.steps = [int(t) for t in args.steps.split(",") if t]
     args.modes = [m for m in args.modes.split(",") if m]
     if set(args.modes) - set(MODES):
-        parser.error(f"unknown mode(s) {', '.join(sorted(set(args.modes) - set(MODES)))}; choose from {', '.join(MODES)}")
+        parser.error(
+            f"unknown mode(s) {', '.join(sorted(set(args.modes) - set(MODES)))}; choose from {', '.join(MODES)}"
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
     if args.md and not args.json:

@@ -47,10 +47,19 @@ from .report import (
     full_jobs_table, machine_summary, markdown_document, markdown_table, merge_rows, plot, sections_table,
 )
 
-DEADLINE = 510        # seconds for the whole check: the goal is 8 minutes; the integrator runs it under a 9.8-minute limit
+DEADLINE = 510  # seconds for the whole check: the goal is 8 minutes; the integrator runs it under a 9.8-minute limit
 RESERVE = 15          # seconds kept for the report at the end
-BUDGETS = {"sdpa": 45, "pytest": 90, "bench": 100, "full-stem": 150, "full-stem-fused": 90, "full-ddim": 90, "full-edit": 150,
-           "full-canny": 200, "fatezero": 200}
+BUDGETS = {
+    "sdpa": 45,
+    "pytest": 90,
+    "bench": 100,
+    "full-stem": 150,
+    "full-stem-fused": 90,
+    "full-ddim": 90,
+    "full-edit": 150,
+    "full-canny": 200,
+    "fatezero": 200,
+}
 SECTIONS = tuple(BUDGETS)
 PROMPT, EDIT_PROMPT = "a test pattern sliding sideways", "a watercolor painting of a test pattern sliding sideways"
 
@@ -337,7 +346,9 @@ def section_sdpa(cfg: CheckConfig, rec: Recorder) -> str:
     missing = [f"{c['name']} d={c['head_dim']}" for c in result["cases"]
                if not any(c["usable"].get(b) == "yes" for b in ("flash", "efficient"))]
     print("  kernels that ran:", json.dumps(result["ran"], indent=1), flush=True)
-    return f"fused backends usable: {', '.join(fused) or 'none'}" + (f"; none for {', '.join(missing)}" if missing else "")
+    return f"fused backends usable: {', '.join(fused) or 'none'}" + (
+        f"; none for {', '.join(missing)}" if missing else ""
+    )
 
 
 def section_pytest(cfg: CheckConfig, rec: Recorder) -> str:
@@ -419,12 +430,15 @@ def section_full(cfg: CheckConfig, rec: Recorder, method: str, em_kernel: str = 
              "peak_mb": peak.allocated_mb or 0.0, "peak_reserved_mb": peak.reserved_mb, "finite": finite,
              "cache_hit": result.cache_hit, "note": _finite_note(finite, cfg.dtype)})
     registers = row.get("em_kernel")
-    kernel = f", EM kernel {registers['registers']} registers, {registers['spilled_registers']} spilled" if registers else ""
+    kernel = (
+        f", EM kernel {registers['registers']} registers, {registers['spilled_registers']} spilled" if registers else ""
+    )
     return f"{result.seconds:.1f} s{_peak_note(peak)}{kernel}" + ("" if finite else ", NON-FINITE")
 
 
 def run_edit(cfg: CheckConfig, rec: Recorder, editor: str, frames: int, steps: int, parts=None) -> str:
-    """One whole edit through `edit_video` (row bench "full-edit"); the STEM inversion comes from the cache when there."""
+    """One whole edit through `edit_video` (row bench "full-edit"); the STEM inversion comes from the cache
+    when there."""
     from stem.cache import LatentCache
     from stem.editing import FateZeroSettings, TokenFlowSettings, edit_video
     from stem.engine import Engine, InversionSettings
@@ -558,7 +572,9 @@ def run_check(out: Path, dry: bool = False, sections=None, isolate: bool | None 
     sections = list(sections or ([s for s in SECTIONS if s != "pytest"] if dry else SECTIONS))
     isolate = (not dry) if isolate is None else isolate
     if not dry and not torch.cuda.is_available():
-        print("error: the GPU check needs a CUDA device (torch sees none); run it with --dry on a CPU.", file=sys.stderr)
+        print(
+            "error: the GPU check needs a CUDA device (torch sees none); run it with --dry on a CPU.", file=sys.stderr
+        )
         return 2
     out.mkdir(parents=True, exist_ok=True)
     cfg = CheckConfig(out=out, cache_dir=Path(tempfile.mkdtemp(prefix="stem-gpu-cache-")), dry=dry)

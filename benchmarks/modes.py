@@ -66,7 +66,9 @@ def install(unet, mode: str, state: AttentionState):
     if mode != "stem-naive":
         return attention_mode(unet, state)
     layers = self_attention_layers(unet)
-    return processors_installed(unet, lambda name, _: NaiveStemAttnProcessor(state, name, layers[name]) if name in layers else None)
+    return processors_installed(
+        unet, lambda name, _: NaiveStemAttnProcessor(state, name, layers[name]) if name in layers else None
+    )
 
 
 def processor(mode: str, state: AttentionState):

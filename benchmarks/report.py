@@ -18,7 +18,16 @@ BENCHES = ("attention", "inversion", "edit", "full", "full-edit")
 MODES = {"attention": ("ddim", "inflated", "stem", "stem-naive"), "inversion": ("ddim", "stem", "inflated"),
          "edit": ("ddim", "tokenflow")}
 # every mode, in table order; for `edit`, "ddim" is the 3·N per-frame UNet evaluations the editors are compared with
-ALL_MODES = ("ddim", "inflated", "stem", "stem-fused", "stem-canny", "stem-naive", "tokenflow", "fatezero")  # stem-fused: CUDA + Triton
+ALL_MODES = (
+    "ddim",
+    "inflated",
+    "stem",
+    "stem-fused",
+    "stem-canny",
+    "stem-naive",
+    "tokenflow",
+    "fatezero",
+)  # stem-fused: CUDA + Triton
 PLOTTED = ("attention", "inversion", "edit")  # benches swept over N; full jobs are one N each
 FULL_JOB = (
     "full, full-edit: one whole job (every step, VAE included) on SD-1.5's architecture with random weights, "

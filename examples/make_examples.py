@@ -109,7 +109,9 @@ def drifting_clouds(rng: np.random.Generator) -> np.ndarray:
         for cx, cy, size, speed in clouds:
             x = (cx + speed * i) % (WIDTH + 2 * size) - size
             for dx, dy, s in ((0, 0, 1.0), (-0.6, 0.15, 0.7), (0.6, 0.1, 0.75), (0.25, -0.3, 0.6)):
-                cover += np.exp(-((xx - x - dx * size) ** 2 + (yy - cy - dy * size) ** 2) / (2 * (0.45 * s * size) ** 2))
+                cover += np.exp(
+                    -((xx - x - dx * size) ** 2 + (yy - cy - dy * size) ** 2) / (2 * (0.45 * s * size) ** 2)
+                )
         cover = np.clip(cover, 0, 1)[..., None]
         frame = sky * (1 - cover) + np.array([250, 250, 252], np.float32) * cover
         frame = frame * (1 - hills) + hill_colour * (0.8 + 0.3 * texture) * hills

@@ -37,7 +37,7 @@ import torch
 
 from stem import Engine, InversionSettings, StemError, inversion_metrics, read_video, write_video
 from stem.editing import (
-    DEFAULT_NEGATIVE_PROMPT, FateZeroSettings, FreeUSettings, TokenFlowSettings, edit_metrics, edit_video, parse_reweight,
+    FateZeroSettings, FreeUSettings, TokenFlowSettings, edit_metrics, edit_video, parse_reweight,
 )
 from stem.files import pid_alive
 from stem.settings import SettingError, for_face, spec
@@ -506,7 +506,8 @@ def has_audio(path: str | os.PathLike) -> bool:
 
 
 def probe_clip(path: str | os.PathLike) -> tuple[int | None, bool]:
-    """(frames in the file's first video stream, whether it has sound), from its container; (None, False) if unreadable."""
+    """(frames in the file's first video stream, whether it has sound), from its container; (None, False) if
+    unreadable."""
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
@@ -575,8 +576,14 @@ class Jobs:
     one denoising step and the next job starts.
     """
 
-    def __init__(self, engine: Engine, max_pixels: int, defaults: dict | None = None, results: ResultFolder | None = None,
-                 clip_scorer=None):
+    def __init__(
+        self,
+        engine: Engine,
+        max_pixels: int,
+        defaults: dict | None = None,
+        results: ResultFolder | None = None,
+        clip_scorer=None,
+    ):
         self.engine, self.max_pixels = engine, max_pixels
         self.clip_scorer = clip_scorer  # a stem.metrics.ClipScorer: edits also get CLIP metrics
         self.defaults = {**DEFAULTS, **(defaults or {})}
@@ -592,7 +599,8 @@ class Jobs:
     # - the Gradio-facing functions -
 
     def endpoint(self, kind: str) -> Callable:
-        """The Gradio function of `kind`: parameters ENDPOINT_INPUTS[kind] (the API's names), then progress and request."""
+        """The Gradio function of `kind`: parameters ENDPOINT_INPUTS[kind] (the API's names), then progress and
+        request."""
         names = ENDPOINT_INPUTS[kind]
         plain = inspect.Parameter.POSITIONAL_OR_KEYWORD
         signature = inspect.Signature(
@@ -775,7 +783,8 @@ class Jobs:
         return getattr(self, f"_{kind}")(values, progress)
 
     def gpu_seconds(self, kind: str, values: dict, progress=None) -> int:
-        """ZeroGPU's duration for `_compute(kind, values, progress)`: estimate_gpu_seconds for the frames it will use."""
+        """ZeroGPU's duration for `_compute(kind, values, progress)`: estimate_gpu_seconds for the frames it will
+        use."""
         return estimate_gpu_seconds(kind, *self._job_size(values))
 
     def slow_job_note(self, kind: str, values: dict) -> str:

@@ -60,7 +60,8 @@ class FrameAttnProcessor:
 
     @staticmethod
     def attention_call(attend, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
-        """`AttnProcessor2_0`'s skeleton (norms, projections, heads, output, residual) around `attend(attn, q, k, v, mask)`."""
+        """`AttnProcessor2_0`'s skeleton (norms, projections, heads, output, residual) around
+        `attend(attn, q, k, v, mask)`."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -216,5 +217,7 @@ def attention_mode(unet, state: AttentionState) -> Iterator[dict]:
         raise ValueError(f"unknown method {state.method!r}; choose one of {', '.join(METHODS)}")
     cls = PROCESSORS[state.method]
     layers = self_attention_layers(unet)
-    with processors_installed(unet, lambda name, _: cls(state, name, layers[name]) if name in layers else None) as installed:
+    with processors_installed(
+        unet, lambda name, _: cls(state, name, layers[name]) if name in layers else None
+    ) as installed:
         yield installed

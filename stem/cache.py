@@ -354,8 +354,11 @@ class LatentCache:
             return None
         stored = metadata.pop("stem_job", None)
         if job is not None and stored != _job_json(job):
-            warnings.warn(f"STEM cache entry {path} was made for another job ({_job_difference(stored, _job_json(job))}); "
-                          "recomputing.", stacklevel=2)
+            warnings.warn(
+                f"STEM cache entry {path} was made for another job ({_job_difference(stored, _job_json(job))}); "
+                "recomputing.",
+                stacklevel=2,
+            )
             return None
         try:
             os.utime(path)  # mtime is the LRU clock

@@ -20,7 +20,10 @@ import torch
 from .settings import SettingError
 
 CONTROL_KINDS = ("none", "canny", "depth")
-DEFAULT_CONTROL_MODELS = {"canny": "lllyasviel/control_v11p_sd15_canny", "depth": "lllyasviel/control_v11f1p_sd15_depth"}
+DEFAULT_CONTROL_MODELS = {
+    "canny": "lllyasviel/control_v11p_sd15_canny",
+    "depth": "lllyasviel/control_v11f1p_sd15_depth",
+}
 DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
 TINY_CONTROL = "tiny-random"  # the built-in random ControlNet / depth estimator of the tiny-random model
 
@@ -94,9 +97,19 @@ def build_tiny_depth_estimator(seed: int = 0):
     """A tiny random DPT depth estimator and its image processor (transformers), seeded."""
     from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
 
-    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
-                       image_size=64, patch_size=16, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 8, 16, 16],
-                       fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5], head_in_index=-1)
+    config = DPTConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=64,
+        patch_size=16,
+        backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[8, 8, 16, 16],
+        fusion_hidden_size=16,
+        reassemble_factors=[4, 2, 1, 0.5],
+        head_in_index=-1,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DPTForDepthEstimation(config)

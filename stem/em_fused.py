@@ -67,7 +67,9 @@ def _kernel():
         vs = tl.arange(0, BLOCK_CV)
         lanes = tl.arange(0, BLOCK_L)
         kc_ok = (ks[:, None] < K) & (cs[None, :] < C)
-        u = tl.load(ubases + b * K * C + ks[:, None] * C + cs[None, :], mask=kc_ok, other=0.0)  # (BK, BC) unit bases / tau
+        u = tl.load(
+            ubases + b * K * C + ks[:, None] * C + cs[None, :], mask=kc_ok, other=0.0
+        )  # (BK, BC) unit bases / tau
         key_sums = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
         value_sums = tl.zeros((BLOCK_K, BLOCK_CV), dtype=tl.float32)
         mass = tl.zeros((BLOCK_K,), dtype=tl.float32)

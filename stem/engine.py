@@ -27,8 +27,15 @@ from .inversion import (
 )
 from .memory import Job, MemoryPlan, ModelFacts, available_bytes, plan, unplanned
 from .control import (
-    CONTROL_KINDS, DEFAULT_CONTROL_MODELS, DEFAULT_DEPTH_MODEL, TINY_CONTROL, Control, canny_conditions, depth_conditions,
-    load_controlnet, load_depth_estimator,
+    CONTROL_KINDS,
+    DEFAULT_CONTROL_MODELS,
+    DEFAULT_DEPTH_MODEL,
+    TINY_CONTROL,
+    Control,
+    canny_conditions,
+    depth_conditions,
+    load_controlnet,
+    load_depth_estimator,
 )
 from .models import (
     DEFAULT_MODEL, TINY_MODEL, StableDiffusionParts, default_device, fingerprint_for, load_models, resolve_dtype,
@@ -75,8 +82,17 @@ class InversionSettings:
     num_iters: int = setting(5, label="EM iterations R", words="the number of EM iterations R", flag="--iters",
                              minimum=1, maximum=MAX_ITERS, step=1, note="the paper uses 5", when=_stem,
                              help="STEM: R EM iterations that estimate the bases")
-    num_steps: int = setting(50, label="DDIM steps", words="the number of DDIM steps", flag="--steps", minimum=1,
-                             maximum=MAX_STEPS, step=1, note="50 is usual", help="DDIM steps T (more: slower, more faithful)")
+    num_steps: int = setting(
+        50,
+        label="DDIM steps",
+        words="the number of DDIM steps",
+        flag="--steps",
+        minimum=1,
+        maximum=MAX_STEPS,
+        step=1,
+        note="50 is usual",
+        help="DDIM steps T (more: slower, more faithful)",
+    )
     num_frames: int | None = setting(None, label="Frames", words="the number of frames", flag="--frames", minimum=1,
                                      step=1, faces={"cli", "app", "api"},  # metrics.json records the video's count
                                      help="number of frames to use (None: all, up to the frame limit)")
@@ -92,9 +108,15 @@ class InversionSettings:
     control: str = setting("none", label="Structure guidance", words="the structure guidance", choices=CONTROL_KINDS,
                            when=_controlled,
                            help="structure guidance: none, canny or depth, a ControlNet in every UNet call")
-    control_model: str = setting("", label="ControlNet", words="the ControlNet model", faces={"cli", "metrics"},
-                                 when=_controlled, help="ControlNet hub id or folder (default: lllyasviel's SD 1.5 v1.1 canny "
-                                 "/ depth ControlNet; tiny-random's own for the tiny-random model)")
+    control_model: str = setting(
+        "",
+        label="ControlNet",
+        words="the ControlNet model",
+        faces={"cli", "metrics"},
+        when=_controlled,
+        help="ControlNet hub id or folder (default: lllyasviel's SD 1.5 v1.1 canny "
+        "/ depth ControlNet; tiny-random's own for the tiny-random model)",
+    )
     control_scale: float = setting(1.0, label="Structure strength", words="the structure strength", minimum=0,
                                    step=0.05, note="1.0 is the release's", when=_controlled,
                                    help="ControlNet conditioning scale (0: no structure guidance)")
@@ -104,9 +126,15 @@ class InversionSettings:
     canny_high: int = setting(200, label="Canny high threshold", words="the upper canny threshold", minimum=0,
                               maximum=MAX_CANNY, faces={"cli", "metrics"}, when=_canny,
                               help="canny: upper cv2.Canny threshold")
-    depth_model: str = setting("", label="Depth model", words="the depth model", faces={"cli", "metrics"},
-                               when=_depth, help="depth: transformers depth-estimation hub id or folder (default: "
-                               "depth-anything/Depth-Anything-V2-Small-hf; tiny-random's own for the tiny-random model)")
+    depth_model: str = setting(
+        "",
+        label="Depth model",
+        words="the depth model",
+        faces={"cli", "metrics"},
+        when=_depth,
+        help="depth: transformers depth-estimation hub id or folder (default: "
+        "depth-anything/Depth-Anything-V2-Small-hf; tiny-random's own for the tiny-random model)",
+    )
 
     def validate(self) -> "InversionSettings":
         """Raise SettingError with one sentence (in words) for the first setting out of range."""
@@ -212,7 +240,7 @@ class Engine:
         """Load the model now (reporting a "loading" phase) unless it is loaded already."""
         if self._parts is None and callback is not None:
             callback({"phase": "loading", "i": 0, "total": 1})
-            self.parts
+            _ = self.parts  # the property loads the model
             callback({"phase": "loading", "i": 1, "total": 1})
         return self.parts
 
@@ -307,15 +335,20 @@ class Engine:
 
     def _check_model(self, settings: InversionSettings) -> None:
         if settings.model != self.model:
-            raise StemError(f"This engine holds the model {self.model!r} but the job asks for {settings.model!r}; use one engine per model.")
+            raise StemError(
+                f"This engine holds the model {self.model!r} but the job asks for {settings.model!r}; "
+                "use one engine per model."
+            )
 
     @property
     def model_fingerprint(self) -> str:
-        """What identifies the loaded weights (hub commit, folder digest, tiny-random's build); part of every cache key."""
+        """What identifies the loaded weights (hub commit, folder digest, tiny-random's build); part of every cache
+        key."""
         return self.parts.fingerprint
 
     def model_identity(self) -> str:
-        """The model fingerprint and dtype that every cache key of this engine holds, e.g. ``"folder:9f2c... torch.float32"``.
+        """The model fingerprint and dtype that every cache key of this engine holds, e.g.
+        ``"folder:9f2c... torch.float32"``.
 
         Known without loading the weights when they are not loaded yet (`stem.models.fingerprint_for`), so
         a caller can tell whether a stored result was made with this model before it decides to load it.
@@ -451,7 +484,10 @@ class Engine:
         control = self.control_for(video, settings)  # a ControlNet for another base model is refused before any work
         job = self.job_for(video, settings, plan)
         key = job_key(job)
-        with self.cache.lock(key), self.applied(plan):  # one job per key: an identical job waits, then reads this one's entry
+        with (
+            self.cache.lock(key),
+            self.applied(plan),
+        ):  # one job per key: an identical job waits, then reads this one's entry
             return self._load_or_invert(video, settings, plan, job, key, callback, control)
 
     def _load_or_invert(self, video: Video, settings: InversionSettings, plan: MemoryPlan, job: dict, key: str,
@@ -476,7 +512,9 @@ class Engine:
             unwritable = _cache_warning(_cache_trouble(self.cache, error))
         timesteps, alphas = ddim_schedule(parts.scheduler, settings.num_steps)
         with torch.inference_mode():
-            latents = encode_frames(parts.vae, video.frames, plan.vae_batch_size, in_phase(callback, "encoding")).float()
+            latents = encode_frames(
+                parts.vae, video.frames, plan.vae_batch_size, in_phase(callback, "encoding")
+            ).float()
             text = encode_prompt(parts.tokenizer, parts.text_encoder, settings.prompt)
             state = self.attention_state(settings)
             eps = self.eps_fn(text, alphas, state, control=control, chunk_size=plan.chunk_size)
@@ -493,7 +531,9 @@ class Engine:
             reconstruction = decode(clean)
             seconds = time.perf_counter() - start
             roundtrip = decode(latents)
-        result = InversionResult(settings, key, trajectory.cpu().contiguous(), timesteps, reconstruction, roundtrip, False, seconds)
+        result = InversionResult(
+            settings, key, trajectory.cpu().contiguous(), timesteps, reconstruction, roundtrip, False, seconds
+        )
         result.cache_warning = unwritable or self._save(key, {
             "trajectory": result.trajectory, "timesteps": timesteps,
             "reconstruction": torch.from_numpy(reconstruction), "vae_roundtrip": torch.from_numpy(roundtrip),

@@ -50,7 +50,9 @@ def ddim_schedule(scheduler, num_steps: int) -> tuple[torch.Tensor, torch.Tensor
     scheduler.set_timesteps(num_steps)
     overshoot = int(scheduler.timesteps.max()) - (scheduler.config.num_train_timesteps - 1)
     if overshoot > 0:
-        scheduler = type(scheduler).from_config(scheduler.config, steps_offset=scheduler.config.steps_offset - overshoot)
+        scheduler = type(scheduler).from_config(
+            scheduler.config, steps_offset=scheduler.config.steps_offset - overshoot
+        )
         scheduler.set_timesteps(num_steps)
     timesteps = scheduler.timesteps.flip(0).clone()  # (T,) ascending
     alphas = torch.cat([scheduler.final_alpha_cumprod.reshape(1), scheduler.alphas_cumprod[timesteps]])

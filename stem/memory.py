@@ -112,8 +112,8 @@ class ModelFacts:
     heads: int = 8            # heads of the first self-attention level
     self_attention_elements: float = 2820.0  # S: Σ tokens · channels over self-attention layers, per latent token
     largest_unet_module_bytes: int = 0       # what a streamed (sequentially offloaded) UNet keeps on the GPU
-    vae_tile_pixels: int = 512 * 512         # pixels of one VAE tile when tiling
-    control_bytes: int = 0                   # a ControlNet's weights (a copy of the UNet's encoder half), if one is used
+    vae_tile_pixels: int = 512 * 512  # pixels of one VAE tile when tiling
+    control_bytes: int = 0  # a ControlNet's weights (a copy of the UNet's encoder half), if one is used
 
     @classmethod
     def of(cls, parts) -> "ModelFacts":
@@ -126,12 +126,18 @@ class ModelFacts:
         sample = getattr(parts.vae.config, "sample_size", 512)
         sample = sample[0] if isinstance(sample, (list, tuple)) else sample
         return cls(
-            unet_bytes=module_bytes(unet), vae_bytes=module_bytes(parts.vae), text_bytes=module_bytes(parts.text_encoder),
-            element_bytes=torch.finfo(parts.dtype).bits // 8, width=channels[0] / 320, heads=heads,
+            unet_bytes=module_bytes(unet),
+            vae_bytes=module_bytes(parts.vae),
+            text_bytes=module_bytes(parts.text_encoder),
+            element_bytes=torch.finfo(parts.dtype).bits // 8,
+            width=channels[0] / 320,
+            heads=heads,
             self_attention_elements=self_attention_elements(unet, channels, levels),
             largest_unet_module_bytes=max(module_bytes(m, recurse=False) for m in unet.modules()),
             vae_tile_pixels=sample * sample,
-            control_bytes=sum(module_bytes(m) for m in (unet.conv_in, unet.time_embedding, *unet.down_blocks, unet.mid_block)),
+            control_bytes=sum(
+                module_bytes(m) for m in (unet.conv_in, unet.time_embedding, *unet.down_blocks, unet.mid_block)
+            ),
         )
 
 
@@ -148,7 +154,9 @@ def self_attention_elements(unet, channels, levels) -> float:
     total = 0.0
     for name in self_attention_layers(unet):
         block, index = name.split(".")[0], name.split(".")[1]
-        level = levels - 1 if block == "mid_block" else int(index) if block == "down_blocks" else levels - 1 - int(index)
+        level = (
+            levels - 1 if block == "mid_block" else int(index) if block == "down_blocks" else levels - 1 - int(index)
+        )
         total += channels[level] / 4**level
     return total
 
@@ -176,7 +184,9 @@ class MemoryPlan:
             chunk = "all frames" if self.chunk_size is None else f"{self.chunk_size} frames"
             return f"not planned (no GPU budget): UNet on {chunk} per call, VAE on {self.vae_batch_size} frame(s)"
         chunk = "all frames" if self.chunk_size is None else f"{self.chunk_size} frames"
-        extra = (", tiled VAE" if self.vae_tiling else "") + (", UNet streamed from the CPU" if self.stream_unet else "")
+        extra = (", tiled VAE" if self.vae_tiling else "") + (
+            ", UNet streamed from the CPU" if self.stream_unet else ""
+        )
         return (f"about {self.estimate_bytes / GiB:.1f} GiB of {self.available_bytes / GiB:.1f} GiB: UNet on {chunk} "
                 f"per call, VAE on {self.vae_batch_size} frame(s){extra}")
 
@@ -285,7 +295,9 @@ def estimate(job: Job, facts: ModelFacts, chunk: int | None = None, vae_batch: i
     control = facts.control_bytes if job.control else 0  # with offload, the ControlNet is on the device beside the UNet
     guided = 1 + CONTROL_ACTIVATIONS if job.control else 1
     all_weights = facts.unet_bytes + facts.vae_bytes + facts.text_bytes + control
-    unet_weights = (facts.largest_unet_module_bytes if stream_unet else facts.unet_bytes) + control if offload else all_weights
+    unet_weights = (
+        (facts.largest_unet_module_bytes if stream_unet else facts.unet_bytes) + control if offload else all_weights
+    )
     vae_weights = facts.vae_bytes if offload else all_weights
 
     def total(weights, activations):

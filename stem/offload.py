@@ -5,9 +5,10 @@ to the GPU when it is called (for the VAE, `encode`/`decode`, which diffusers ro
 hook), first sending whichever other component is there back to the CPU, like diffusers'
 `enable_model_cpu_offload`. A ControlNet (`add_beside_unet`) takes its turn with the UNet: it moves to
 the GPU when it runs and stays there while the UNet runs, as diffusers' ControlNet pipelines keep
-it, and goes back to the CPU when the VAE or the text encoder runs. When even the UNet's weights and one frame do not fit, `stream_unet(True)`
-switches the UNet to accelerate's sequential offload: its weights stay on the CPU and each layer's
-are copied to the GPU for its own call (much slower; the memory plan asks for it only when needed).
+it, and goes back to the CPU when the VAE or the text encoder runs. When even the UNet's weights and one
+frame do not fit, `stream_unet(True)` switches the UNet to accelerate's sequential offload: its weights
+stay on the CPU and each layer's are copied to the GPU for its own call (much slower; the memory plan
+asks for it only when needed).
 """
 
 from __future__ import annotations

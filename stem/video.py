@@ -61,8 +61,10 @@ class SourceTooLarge(StemError):
 
     def __init__(self, path: Path, pixels: int, width: int | None = None, height: int | None = None):
         self.path, self.pixels, self.width, self.height = path, pixels, width, height
-        super().__init__(f"'{path}' has {self.frame_size} frames, more than the {MAX_SOURCE_PIXELS:,} pixels read here; "
-                         "scale it down (to 2048 pixels on the long side at most) and pass it again.")
+        super().__init__(
+            f"'{path}' has {self.frame_size} frames, more than the {MAX_SOURCE_PIXELS:,} pixels read here; "
+            "scale it down (to 2048 pixels on the long side at most) and pass it again."
+        )
 
     @property
     def frame_size(self) -> str:
@@ -159,7 +161,9 @@ def read_video(
     source = _open_source(path)
     limit = num_frames if num_frames is not None else max_frames
     try:
-        frames, capped = _take_frames(path, source.items, source.decode, stride, limit, size, report_cap=num_frames is None)
+        frames, capped = _take_frames(
+            path, source.items, source.decode, stride, limit, size, report_cap=num_frames is None
+        )
         rate = source.rate()  # may decode a few frames more for their timestamps, so before the problem report
         problem = source.problem()
     finally:
@@ -202,14 +206,20 @@ def _check_exists(path: Path) -> None:
     except OSError as err:
         if err.errno == errno.ELOOP:
             where = "is a symlink loop" if path.is_symlink() else "goes through a symlink loop"
-            raise StemError(f"'{path}' {where} (its links lead back to themselves); point it at the "
-                            "video file or folder of frames, or pass that path instead.") from err
+            raise StemError(
+                f"'{path}' {where} (its links lead back to themselves); point it at the "
+                "video file or folder of frames, or pass that path instead."
+            ) from err
         if path.is_symlink() and err.errno in (errno.ENOENT, errno.ENOTDIR):
-            raise StemError(f"'{path}' is a symlink to '{os.readlink(path)}', which does not exist; point it at the "
-                            "video file or folder of frames, or pass that path instead.") from err
+            raise StemError(
+                f"'{path}' is a symlink to '{os.readlink(path)}', which does not exist; point it at the "
+                "video file or folder of frames, or pass that path instead."
+            ) from err
         if err.errno in (errno.ENOENT, errno.ENOTDIR):
             raise StemError(f"'{path}' does not exist; pass the path of a video file or a folder of frames.") from err
-        raise StemError(f"'{path}' cannot be read ({err.strerror}); check its permissions or pass another video.") from err
+        raise StemError(
+            f"'{path}' cannot be read ({err.strerror}); check its permissions or pass another video."
+        ) from err
 
 
 def _check_options(num_frames: int | None, stride: int, size: int, fps: float | None) -> None:
@@ -249,7 +259,9 @@ def _open_source(path: Path) -> _Source:
         _check_image_size(path)
     decoder = _Decoder(path)
     items = decoder.frames()
-    return _Source(items, _to_rgb, lambda: decoder.rate(items), decoder.problem, lambda: (items.close(), decoder.close()))
+    return _Source(
+        items, _to_rgb, lambda: decoder.rate(items), decoder.problem, lambda: (items.close(), decoder.close())
+    )
 
 
 def _take_frames(path, items, decode, stride, limit, size, report_cap) -> tuple[list[np.ndarray], bool]:
@@ -267,7 +279,11 @@ def _take_frames(path, items, decode, stride, limit, size, report_cap) -> tuple[
         except (OSError, EOFError, SyntaxError, ValueError) as err:  # what pillow raises on a cut GIF
             if not frames:
                 raise _unreadable(path, str(err)) from err
-            warnings.warn(f"'{path}' stopped decoding after {len(frames)} kept frames; the file looks truncated, so only those are used.")
+            warnings.warn(
+                f"'{path}' stopped decoding after {len(frames)} kept frames; the file looks truncated, so only "
+                "those are used.",
+                stacklevel=2,
+            )
             break
         if len(frames) == limit:
             return frames, True
@@ -722,7 +738,11 @@ def _mux_with_audio(video, src, out) -> None:
 
     if remux:
         for p in src.demux(audio_in):
-            if p.pts is None or p.dts is None or not plays(float(p.pts * p.time_base) - start, float(p.duration * p.time_base)):
+            if (
+                p.pts is None
+                or p.dts is None
+                or not plays(float(p.pts * p.time_base) - start, float(p.duration * p.time_base))
+            ):
                 continue
             shift = round(start / p.time_base)
             p.pts, p.dts = p.pts - shift, p.dts - shift

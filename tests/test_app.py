@@ -251,7 +251,9 @@ def test_the_readme_snippet_runs_as_written_against_a_cpu_server(tmp_path, tiny_
     assert 'Client("http://127.0.0.1:7860/")' in snippet
     engine = Engine("tiny-random", cache=LatentCache(tmp_path / "cache")).use_parts(tiny_parts)
     # `python app.py` on a CPU: the CPU limit and the page's CPU defaults (8 frames at 256 px), fewer steps still
-    demo, _ = serve(engine, tmp_path, defaults=dict(steps=2, bases=8, iters=2), max_pixels=app_jobs.parse_limit(app_jobs.CPU_LIMIT))
+    demo, _ = serve(
+        engine, tmp_path, defaults=dict(steps=2, bases=8, iters=2), max_pixels=app_jobs.parse_limit(app_jobs.CPU_LIMIT)
+    )
     monkeypatch.chdir(ROOT)
     scope: dict = {}
     try:
@@ -265,16 +267,24 @@ def test_the_readme_snippet_runs_as_written_against_a_cpu_server(tmp_path, tiny_
 
 
 def test_the_apis_defaults_are_the_pages(served):
-    params = {p["parameter_name"]: p for p in served.client.view_api(return_format="dict")["named_endpoints"]["/edit"]["parameters"]}
+    params = {
+        p["parameter_name"]: p
+        for p in served.client.view_api(return_format="dict")["named_endpoints"]["/edit"]["parameters"]
+    }
     assert list(params) == list(app_jobs.ENDPOINT_INPUTS["edit"])
     assert {name: params[name]["parameter_default"] for name in SMALL} == SMALL
-    cpu = app.build_app(served.engine, max_pixels=app_jobs.parse_limit(app_jobs.CPU_LIMIT), results=app_jobs.ResultFolder())
-    gpu = app.build_app(served.engine, max_pixels=app_jobs.parse_limit(app_jobs.GPU_LIMIT), results=app_jobs.ResultFolder())
+    cpu = app.build_app(
+        served.engine, max_pixels=app_jobs.parse_limit(app_jobs.CPU_LIMIT), results=app_jobs.ResultFolder()
+    )
+    gpu = app.build_app(
+        served.engine, max_pixels=app_jobs.parse_limit(app_jobs.GPU_LIMIT), results=app_jobs.ResultFolder()
+    )
     tiny = app.build_app(served.engine, max_pixels=app_jobs.parse_limit("4x64"), results=app_jobs.ResultFolder())
     # the engine runs on the CPU: its page starts with CPU_DEFAULTS, within each limit
-    steps, frames, size = (app_jobs.CPU_DEFAULTS[name] for name in ("steps", "frames", "size"))
+    cpu_steps, cpu_frames, cpu_size = (app_jobs.CPU_DEFAULTS[name] for name in ("steps", "frames", "size"))
     cuda = app.build_app(Engine("tiny-random", device="cuda"), results=app_jobs.ResultFolder())  # not loaded
-    for demo, frames, size, steps in ((cpu, frames, size, steps), (gpu, frames, size, steps), (tiny, 4, 64, steps),
+    for demo, frames, size, steps in ((cpu, cpu_frames, cpu_size, cpu_steps), (gpu, cpu_frames, cpu_size, cpu_steps),
+                                      (tiny, 4, 64, cpu_steps),
                                       (cuda, 16, 512, 50)):  # a GPU keeps the full defaults
         info = {p["parameter_name"]: p["parameter_default"]
                 for p in demo.get_api_info()["named_endpoints"]["/edit"]["parameters"]}
@@ -330,7 +340,9 @@ def test_the_frames_x_size_limit_is_enforced(served, clip):
         served.client.predict(handle_file(str(clip)), SOURCE, frames=8, size=512, api_name="/compare")
     with pytest.raises(AppError, match=r"Value 0 is less than minimum value 1"):  # Gradio checks the sliders' ranges
         served.client.predict(handle_file(str(clip)), SOURCE, steps=0, api_name="/invert")
-    with pytest.raises(AppError, match=r"^Seed: the seed must be between 0 and 2\*\*63 - 1"):  # the engine's, with page labels
+    with pytest.raises(
+        AppError, match=r"^Seed: the seed must be between 0 and 2\*\*63 - 1"
+    ):  # the engine's, with page labels
         served.client.predict(handle_file(str(clip)), SOURCE, "a golden ball", seed=-1, api_name="/edit")
 
 
@@ -427,7 +439,9 @@ def test_one_bar_for_the_whole_job_with_the_step_and_the_time_left():
     for done in range(1, 5):
         now[0] += 1.0
         report({"phase": "inverting", "i": done, "total": 4})
-    report({"phase": "waiting for the cache", "i": 0, "total": 1})  # a phase the plan does not know: the bar stays where it is
+    report(
+        {"phase": "waiting for the cache", "i": 0, "total": 1}
+    )  # a phase the plan does not know: the bar stays where it is
     report({"phase": "decoding", "i": 1, "total": 1})
     report({"phase": "decoding", "i": 1, "total": 1})  # the second decoding (the round trip): a phase of its own
     report({"phase": "editing", "i": 0, "total": 8})
@@ -513,14 +527,26 @@ def test_jobs_run_under_spaces_gpu_with_a_duration_for_their_frames(served, clip
     assert asked == [app_jobs.estimate_gpu_seconds("invert", 6, SIZE, STEPS, "stem", 2)]
 
 
-@pytest.mark.parametrize("source, kind, detail, name", [
-    ("/tmp/g/city.mp4", "edited", "Glass skyscrapers at sunset, golden sky!", "city-edited-glass-skyscrapers-at-sunset-golden-sky.mp4"),
-    ("/tmp/g/city.mp4", "edited", "glass skyscrapers at sunset under a golden orange sky, seen from below",
-     "city-edited-glass-skyscrapers-at-sunset-under-a-golden.mp4"),  # cut at a word's end
-    ("/tmp/g/My Clip (1).MOV", "reconstruction", "stem", "my-clip-1-reconstruction-stem.mp4"),
-    ("/tmp/g/Café.webm", "ddim-vs-stem", "", "cafe-ddim-vs-stem.mp4"),
-    ("/tmp/g/视频.mp4", "edited", "x" * 80, "clip-edited-" + "x" * 48 + ".mp4"),
-])
+@pytest.mark.parametrize(
+    "source, kind, detail, name",
+    [
+        (
+            "/tmp/g/city.mp4",
+            "edited",
+            "Glass skyscrapers at sunset, golden sky!",
+            "city-edited-glass-skyscrapers-at-sunset-golden-sky.mp4",
+        ),
+        (
+            "/tmp/g/city.mp4",
+            "edited",
+            "glass skyscrapers at sunset under a golden orange sky, seen from below",
+            "city-edited-glass-skyscrapers-at-sunset-under-a-golden.mp4",
+        ),  # cut at a word's end
+        ("/tmp/g/My Clip (1).MOV", "reconstruction", "stem", "my-clip-1-reconstruction-stem.mp4"),
+        ("/tmp/g/Café.webm", "ddim-vs-stem", "", "cafe-ddim-vs-stem.mp4"),
+        ("/tmp/g/视频.mp4", "edited", "x" * 80, "clip-edited-" + "x" * 48 + ".mp4"),
+    ],
+)
 def test_output_names_say_which_clip_and_what_was_done(source, kind, detail, name):
     assert app_jobs.output_name(source, kind, detail) == name
 
@@ -621,7 +647,9 @@ def test_the_endpoints_take_one_list_of_inputs():
         assert params == [*names, "progress", "request"]
     settings_fields = set().union(*(typing.get_type_hints(cls) for cls in app_jobs.EDIT_SETTINGS.values()))
     assert set(app_jobs.EDIT_INPUTS) <= settings_fields | set(app_jobs.FREEU_INPUTS)
-    assert set(app_jobs.DEFAULTS) == set(app_jobs.INVERSION_INPUTS) | set(app_jobs.EDIT_INPUTS) | set(app_jobs.CONTROL_INPUTS)
+    assert set(app_jobs.DEFAULTS) == set(app_jobs.INVERSION_INPUTS) | set(app_jobs.EDIT_INPUTS) | set(
+        app_jobs.CONTROL_INPUTS
+    )
 
 
 # -- frames too large to decode: one sentence, before any pixel is decoded -------------------------
@@ -685,7 +713,9 @@ def test_structure_guidance_through_the_api(served, clip, tmp_path):
     shown = read_video(condition, size=SIZE).frames[..., 0] / 255.0
     assert Path(condition).name == "square-control-canny.mp4" and shown.shape == edges.shape
     assert np.abs(shown - edges).mean() < 0.1  # the same edges, through a lossy video codec
-    assert jobs._condition_video(jobs._clip(str(clip), settings)[0], jobs._settings({**values, "control": "none"})) is None
+    assert (
+        jobs._condition_video(jobs._clip(str(clip), settings)[0], jobs._settings({**values, "control": "none"})) is None
+    )
     with pytest.raises(AppError, match="Structure strength"):  # the engine's sentence, with the page's label
         served.client.predict(handle_file(str(clip)), SOURCE, control="canny", control_scale=-1, api_name="/invert")
 
@@ -863,14 +893,17 @@ def test_on_a_cpu_a_slow_job_says_how_long_it_takes_as_it_starts(clip, tmp_path)
     seconds = app_jobs.estimate_cpu_seconds(work, torch.get_num_threads())
     assert seconds > 60 and note.startswith(f" On this CPU it takes about {app_jobs._duration_text(seconds)}")
     assert app_jobs.estimate_cpu_seconds(work, 4) == pytest.approx(app_jobs.estimate_cpu_seconds(work, 2) / 2)
-    on_gpu = app_jobs.Jobs(Engine(model, device="cuda"), max_pixels=16 * 256**2, results=app_jobs.ResultFolder(tmp_path))
+    on_gpu = app_jobs.Jobs(
+        Engine(model, device="cuda"), max_pixels=16 * 256**2, results=app_jobs.ResultFolder(tmp_path)
+    )
     tiny = app_jobs.Jobs(Engine("tiny-random", device="cpu"), max_pixels=16 * 256**2,
                          results=app_jobs.ResultFolder(tmp_path))
     assert on_gpu.slow_job_note("edit", values) == "" and tiny.slow_job_note("edit", values) == ""
 
 
 def test_an_identical_edit_comes_from_the_result_cache_without_recomputing(served, clip, tmp_path):
-    """22.13: the same clip (by its bytes, not its path), inversion and edit settings: the stored video, no UNet call."""
+    """22.13: the same clip (by its bytes, not its path), inversion and edit settings: the stored video, no UNet
+    call."""
     import shutil
 
     client, unet = served.client, served.unet

@@ -134,7 +134,9 @@ def test_processors_are_restored_even_after_an_error(tiny_parts):
     before = dict(unet.attn_processors)
     with pytest.raises(RuntimeError):
         with attention_mode(unet, AttentionState(method="stem")):
-            assert isinstance(unet.attn_processors["mid_block.attentions.0.transformer_blocks.0.attn1.processor"], StemAttnProcessor)
+            assert isinstance(
+                unet.attn_processors["mid_block.attentions.0.transformer_blocks.0.attn1.processor"], StemAttnProcessor
+            )
             raise RuntimeError("boom")
     assert {k: type(v) for k, v in unet.attn_processors.items()} == {k: type(v) for k, v in before.items()}
 

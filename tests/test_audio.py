@@ -57,8 +57,12 @@ def sound(path) -> tuple[str, int, np.ndarray]:
     """(codec, sample rate, mono samples as float) of the first audio track."""
     with av.open(str(path)) as container:
         stream = container.streams.audio[0]
-        chunks = [f.to_ndarray().astype(np.float64).reshape(f.layout.nb_channels, -1, order="F" if f.format.is_packed else "C")[0]
-                  for f in container.decode(stream)]
+        chunks = [
+            f.to_ndarray()
+            .astype(np.float64)
+            .reshape(f.layout.nb_channels, -1, order="F" if f.format.is_packed else "C")[0]
+            for f in container.decode(stream)
+        ]
         return stream.codec_context.codec.canonical_name, stream.codec_context.sample_rate, np.concatenate(chunks)
 
 

@@ -17,15 +17,38 @@ def test_attention_and_inversion_benchmarks_write_one_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     main(["attention", "--tokens", "64", "--frames", "1,2", "--repeats", "1", "--bases", "8", "--iters", "2",
           "--json", str(out)])
-    main(["inversion", "--unet", "tiny", "--size", "64", "--frames", "1,2", "--repeats", "1", "--bases", "8",
-          "--iters", "2", "--json", str(out), "--md", str(tmp_path / "bench.md"), "--plot", str(tmp_path / "bench.png")])
+    main(
+        [
+            "inversion",
+            "--unet",
+            "tiny",
+            "--size",
+            "64",
+            "--frames",
+            "1,2",
+            "--repeats",
+            "1",
+            "--bases",
+            "8",
+            "--iters",
+            "2",
+            "--json",
+            str(out),
+            "--md",
+            str(tmp_path / "bench.md"),
+            "--plot",
+            str(tmp_path / "bench.png"),
+        ]
+    )
 
     rows = json.loads(out.read_text())["rows"]
     attention = [r for r in rows if r["bench"] == "attention"]
     inversion = [r for r in rows if r["bench"] == "inversion"]
     assert {(r["mode"], r["frames"]) for r in attention} == {
         (m, n) for m in ("ddim", "inflated", "stem", "stem-naive") for n in (1, 2)}
-    assert {(r["mode"], r["frames"]) for r in inversion} == {(m, n) for m in ("ddim", "stem", "inflated") for n in (1, 2)}
+    assert {(r["mode"], r["frames"]) for r in inversion} == {
+        (m, n) for m in ("ddim", "stem", "inflated") for n in (1, 2)
+    }
     for r in rows:
         assert ROW_KEYS <= r.keys() and r["device"] == "cpu" and r["dtype"] == "float32"
         assert r["seconds"] > 0 and r["peak_mb"] >= 0
@@ -39,7 +62,21 @@ def test_attention_and_inversion_benchmarks_write_one_table(tmp_path, capsys):
 
 def test_rerunning_a_mode_replaces_its_rows(tmp_path):
     out = tmp_path / "bench.json"
-    args = ["attention", "--tokens", "16", "--frames", "1", "--repeats", "1", "--bases", "4", "--iters", "1", "--json", str(out)]
+    args = [
+        "attention",
+        "--tokens",
+        "16",
+        "--frames",
+        "1",
+        "--repeats",
+        "1",
+        "--bases",
+        "4",
+        "--iters",
+        "1",
+        "--json",
+        str(out),
+    ]
     main(args + ["--modes", "ddim,stem"])
     main(args + ["--modes", "stem"])
     assert sorted(r["mode"] for r in json.loads(out.read_text())["rows"]) == ["ddim", "stem"]

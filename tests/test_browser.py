@@ -36,7 +36,9 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore"),
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing; install it with: apt-get install -y chromium"),
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing; install it with: apt-get install -y chromium"
+    ),
 ]
 
 
@@ -90,17 +92,21 @@ def gif(tmp_path) -> Path:
 
 def contrast(page, selector: str, pseudo: str | None = None) -> float:
     """WCAG contrast of an element's text (or placeholder) colour against its background colour."""
-    return page.evaluate("""([selector, pseudo]) => {
+    return page.evaluate(
+        """([selector, pseudo]) => {
         const el = document.querySelector(selector);
         const rgb = c => c.match(/[\\d.]+/g).slice(0, 3).map(Number);
-        const lum = c => { const [r, g, b] = rgb(c).map(v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+        const lum = c => { const [r, g, b] = rgb(c).map(v => {
+                               v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
                            return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
         let bg = el, background = "rgba(0, 0, 0, 0)";
         while (bg && (background = getComputedStyle(bg).backgroundColor).endsWith(", 0)")) bg = bg.parentElement;
         if (!bg) background = "rgb(255, 255, 255)";
         const [a, b] = [lum(getComputedStyle(el, pseudo).color), lum(background)];
         return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
-    }""", [selector, pseudo])
+    }""",
+        [selector, pseudo],
+    )
 
 
 def test_gif_edit_stop_second_edit_and_an_error_that_stays(server, browser, gif):
@@ -135,12 +141,16 @@ def test_gif_edit_stop_second_edit_and_an_error_that_stays(server, browser, gif)
     expect(page.locator("#edited")).to_contain_text("Waiting for the previous job to end its step")
     calls_then = gate.count(stopped_thread)
     gate.open.set()
-    expect(page.locator("#edited video")).to_have_attribute("src", re.compile(r"moving-square-edited-a-red-square-moving-over-a-gradient\.mp4$"))
+    expect(page.locator("#edited video")).to_have_attribute(
+        "src", re.compile(r"moving-square-edited-a-red-square-moving-over-a-gradient\.mp4$")
+    )
     assert gate.count(stopped_thread) == calls_then  # the stopped job made no UNet call after the one it was in
     expect(status).to_contain_text("inversion computed")
     expect(status).to_contain_text(f"Used {FRAMES} of 8 frames")
     # the inversion the edit had to compute is shown too
-    expect(page.locator("#reconstruction video")).to_have_attribute("src", re.compile(r"moving-square-reconstruction-stem\.mp4$"))
+    expect(page.locator("#reconstruction video")).to_have_attribute(
+        "src", re.compile(r"moving-square-reconstruction-stem\.mp4$")
+    )
     expect(page.locator("#edited video")).to_have_attribute("loop", "")  # a 0.6 s result plays on and on
 
     page.locator("#input-video").get_by_label("Clear").click()  # a new clip: the old results go
@@ -157,7 +167,9 @@ def test_gif_edit_stop_second_edit_and_an_error_that_stays(server, browser, gif)
     page.close()
 
 
-@pytest.mark.skipif(not os.environ.get("STEM_SCREENSHOTS"), reason="set STEM_SCREENSHOTS=1 to retake assets/screenshot*.png")
+@pytest.mark.skipif(
+    not os.environ.get("STEM_SCREENSHOTS"), reason="set STEM_SCREENSHOTS=1 to retake assets/screenshot*.png"
+)
 def test_retake_the_screenshots(server, browser):
     from playwright.sync_api import expect
 

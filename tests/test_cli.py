@@ -85,16 +85,30 @@ def bad_files(tmp_path, clip):
     return {"text": text, "empty": empty, "truncated": truncated, "missing": tmp_path / "missing.mp4", "clip": clip}
 
 
-@pytest.mark.parametrize("name,extra,word", [
-    ("text", [], "video"), ("empty", [], "empty"), ("truncated", [], "truncated"), ("missing", [], "does not exist"),
-    ("clip", ["--bases", "0"], "--bases"), ("clip", ["--iters", "0"], "--iters"), ("clip", ["--frames", "0"], "--frames"),
-    ("clip", ["--size", "10"], "--size"), ("clip", ["--method", "magic"], "method"), ("clip", ["--steps", "0"], "--steps"),
-    ("clip", ["--chunk-size", "0"], "--chunk-size"), ("clip", ["--device", "gpu"], "--device"),
-    ("clip", ["--fps", "0"], "--fps"), ("clip", ["--seed", str(2**70)], "--seed"),  # as `edit` refuses it
-])
+@pytest.mark.parametrize(
+    "name,extra,word",
+    [
+        ("text", [], "video"),
+        ("empty", [], "empty"),
+        ("truncated", [], "truncated"),
+        ("missing", [], "does not exist"),
+        ("clip", ["--bases", "0"], "--bases"),
+        ("clip", ["--iters", "0"], "--iters"),
+        ("clip", ["--frames", "0"], "--frames"),
+        ("clip", ["--size", "10"], "--size"),
+        ("clip", ["--method", "magic"], "method"),
+        ("clip", ["--steps", "0"], "--steps"),
+        ("clip", ["--chunk-size", "0"], "--chunk-size"),
+        ("clip", ["--device", "gpu"], "--device"),
+        ("clip", ["--fps", "0"], "--fps"),
+        ("clip", ["--seed", str(2**70)], "--seed"),  # as `edit` refuses it
+    ],
+)
 def test_bad_input_exits_non_zero_with_one_sentence_and_writes_nothing(bad_files, tmp_path, capsys, name, extra, word):
     out = tmp_path / "never"
-    code, stdout, err = run(["invert", bad_files[name], *FAST, *extra, "--out", out, "--cache-dir", tmp_path / "c"], capsys)
+    code, stdout, err = run(
+        ["invert", bad_files[name], *FAST, *extra, "--out", out, "--cache-dir", tmp_path / "c"], capsys
+    )
     assert code == 2
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and word in lines[0], err
@@ -111,8 +125,25 @@ def test_debug_shows_the_traceback(bad_files, tmp_path):
 
 def test_python_dash_m_stem_runs(clip, tmp_path):
     out = tmp_path / "sub"
-    proc = subprocess.run([sys.executable, "-m", "stem", "invert", str(clip), *FAST, "--method", "ddim", "--out", str(out),
-                           "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stem",
+            "invert",
+            str(clip),
+            *FAST,
+            "--method",
+            "ddim",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (out / "reconstruction.mp4").exists() and (out / "metrics.json").exists()
     proc = subprocess.run([sys.executable, "-m", "stem", "invert", str(tmp_path / "nope.mp4"), *FAST],
@@ -205,8 +236,23 @@ def test_a_failed_second_output_leaves_the_output_folder_as_it_was(clip, tmp_pat
 
 def test_edit_with_several_prompts_writes_all_videos_or_none(clip, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    args = ["edit", clip, *FAST, "--frames", "2", "--size", "64", "--prompt", "a red square", "--prompt", "a blue square",
-            "--out", out, "--cache-dir", tmp_path / "cache"]
+    args = [
+        "edit",
+        clip,
+        *FAST,
+        "--frames",
+        "2",
+        "--size",
+        "64",
+        "--prompt",
+        "a red square",
+        "--prompt",
+        "a blue square",
+        "--out",
+        out,
+        "--cache-dir",
+        tmp_path / "cache",
+    ]
     (out / "metrics.json").mkdir(parents=True)  # in the way: refused before any work
     code, _, err = run(args, capsys)
     assert code == 2 and "is a folder" in err and "loading the model" not in err
@@ -425,10 +471,15 @@ def test_latents_that_turn_non_finite_stop_the_job_with_one_sentence_and_write_n
 def test_an_fps_an_mp4_cannot_hold_is_refused_before_the_model_loads(clip, tmp_path, capsys, monkeypatch):
     no_model(monkeypatch)
     out = tmp_path / "out"
-    code, stdout, err = run(["invert", clip, *FAST, "--fps", "1e-9", "--out", out, "--cache-dir", tmp_path / "c"], capsys)
+    code, stdout, err = run(
+        ["invert", clip, *FAST, "--fps", "1e-9", "--out", out, "--cache-dir", tmp_path / "c"], capsys
+    )
     assert code == 2 and stdout == "", err
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "--fps: the frame rate must be a positive number of frames per second between 0.01 and 1000" in lines[0]
+    assert (
+        len(lines) == 1
+        and "--fps: the frame rate must be a positive number of frames per second between 0.01 and 1000" in lines[0]
+    )
     assert not out.exists() and not (tmp_path / "c").exists()
 
 
@@ -472,7 +523,9 @@ def test_a_variable_rate_input_gives_a_result_at_its_frames_rate(tmp_path, capsy
     assert len(packets) == 4 and seconds == pytest.approx(0.16, abs=1e-3)  # 4 frames of 40 ms, not 4 ms
 
 
-@pytest.mark.parametrize("flag, value", [("--steps", "1.5"), ("--bases", "2.5"), ("--frames", "nan"), ("--seed", "1e400")])
+@pytest.mark.parametrize(
+    "flag, value", [("--steps", "1.5"), ("--bases", "2.5"), ("--frames", "nan"), ("--seed", "1e400")]
+)
 def test_a_count_that_is_not_whole_is_refused_not_truncated(clip, tmp_path, capsys, monkeypatch, flag, value):
     no_model(monkeypatch)
     with pytest.raises(SystemExit) as exit_:
@@ -492,8 +545,21 @@ def test_whole_numbers_written_as_floats_are_taken():
 def test_an_edit_batch_size_that_is_not_whole_is_refused(clip, tmp_path, capsys, monkeypatch):
     no_model(monkeypatch)
     with pytest.raises(SystemExit):
-        main(["edit", str(clip), *FAST, "--source-prompt", "a square", "--prompt", "a red square", "--batch-size", "2.5",
-              "--out", str(tmp_path / "out")])
+        main(
+            [
+                "edit",
+                str(clip),
+                *FAST,
+                "--source-prompt",
+                "a square",
+                "--prompt",
+                "a red square",
+                "--batch-size",
+                "2.5",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
     assert "argument --batch-size: must be a whole number such as 2, got '2.5'" in capsys.readouterr().err
 
 

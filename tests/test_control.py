@@ -48,7 +48,9 @@ def test_depth_is_normalised_over_the_clip_not_per_frame(video):
     estimator, processor = build_tiny_depth_estimator()
     depth = depth_conditions(estimator, processor, video.frames)
     raw = estimator(**processor(images=list(video.frames), return_tensors="pt")).predicted_depth.float()
-    raw = torch.nn.functional.interpolate(raw[:, None], size=video.frames.shape[1:3], mode="bicubic", align_corners=False)
+    raw = torch.nn.functional.interpolate(
+        raw[:, None], size=video.frames.shape[1:3], mode="bicubic", align_corners=False
+    )
     expected = (raw - raw.min()) / (raw.max() - raw.min())  # one min / max for the whole clip
     torch.testing.assert_close(depth[:, :1], expected, rtol=0, atol=1e-6)
     assert depth.amin() == 0 and depth.amax() == 1
@@ -123,13 +125,17 @@ def test_save_pretrained_round_trip_of_controlnet_and_depth_estimator(tiny_parts
     loaded = load_controlnet(str(tmp_path / "controlnet"), tiny_parts.unet, "cpu", torch.float32)
     x, cond = torch.randn(2, 4, 8, 12), canny_conditions(video.frames[:2])
     text = torch.randn(2, 77, 32)
-    for a, b in zip(*(m(x, 10, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)[0] for m in (net, loaded))):
+    for a, b in zip(
+        *(m(x, 10, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)[0] for m in (net, loaded))
+    ):
         assert torch.equal(a, b)
     estimator, processor = build_tiny_depth_estimator()
     estimator.save_pretrained(tmp_path / "depth")
     processor.save_pretrained(tmp_path / "depth")
     estimator2, processor2 = load_depth_estimator(str(tmp_path / "depth"), "cpu")
-    assert torch.equal(depth_conditions(estimator, processor, video.frames), depth_conditions(estimator2, processor2, video.frames))
+    assert torch.equal(
+        depth_conditions(estimator, processor, video.frames), depth_conditions(estimator2, processor2, video.frames)
+    )
 
 
 # -- the release's ControlNet branch, in float64 ------------------------------------------------------
@@ -148,7 +154,9 @@ def release_controlnet_inversion(parts, controlnet, frames, latents, prompt, num
     final = scheduler.final_alpha_cumprod.double()
 
     def controlnet_pred(x, t, text, c):
-        down, mid = controlnet(x, t, encoder_hidden_states=text, controlnet_cond=c, conditioning_scale=1, return_dict=False)
+        down, mid = controlnet(
+            x, t, encoder_hidden_states=text, controlnet_cond=c, conditioning_scale=1, return_dict=False
+        )
         return parts.unet(x, t, encoder_hidden_states=text, cross_attention_kwargs={},
                           down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
 
@@ -209,8 +217,14 @@ def _fatezero(prompt):
     return FateZeroSettings(prompt, source_prompt="a square")
 
 
-@pytest.mark.parametrize("make_edit", [lambda: __import__("stem.editing", fromlist=["EditSettings"]).EditSettings("a dog", batch_size=2),
-                                       lambda: _fatezero("a circle")], ids=["tokenflow", "fatezero"])
+@pytest.mark.parametrize(
+    "make_edit",
+    [
+        lambda: __import__("stem.editing", fromlist=["EditSettings"]).EditSettings("a dog", batch_size=2),
+        lambda: _fatezero("a circle"),
+    ],
+    ids=["tokenflow", "fatezero"],
+)
 def test_edits_take_controlnet_residuals_for_every_group(engine, video, count_calls, make_edit):
     from stem.editing import edit_video
 
@@ -219,7 +233,9 @@ def test_edits_take_controlnet_residuals_for_every_group(engine, video, count_ca
     engine.invert(video, CANNY)  # cached: only the edit's calls are counted below
     net = engine.control_for(video, CANNY).net
     batches = []
-    handle = net.register_forward_pre_hook(lambda _m, args, kwargs: batches.append((args[0].shape[0], kwargs["controlnet_cond"])), with_kwargs=True)
+    handle = net.register_forward_pre_hook(
+        lambda _m, args, kwargs: batches.append((args[0].shape[0], kwargs["controlnet_cond"])), with_kwargs=True
+    )
     try:
         with count_calls(engine.parts.unet) as unet_calls:
             canny = edit_video(engine, video, CANNY, make_edit())
@@ -231,7 +247,7 @@ def test_edits_take_controlnet_residuals_for_every_group(engine, video, count_ca
     edit_passes = [(b, c) for b, c in batches if b % 3 == 0 and torch.equal(c[: b // 3], c[b // 3: 2 * b // 3])]
     assert edit_passes  # the three groups get the same (source) frames' conditions
     conditions = engine.conditions(video, CANNY)
-    for b, c in batches:  # every condition handed over is one of the source frames'
+    for _, c in batches:  # every condition handed over is one of the source frames'
         assert all(any(torch.equal(ci, f) for f in conditions) for ci in c)
 
 
@@ -257,7 +273,9 @@ def test_cli_invert_with_canny_writes_control_video_and_keys_the_cache(clip, tmp
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("flags, word", [(["--control", "pose"], "--control"), (["--control-scale", "-1"], "--control-scale")])
+@pytest.mark.parametrize(
+    "flags, word", [(["--control", "pose"], "--control"), (["--control-scale", "-1"], "--control-scale")]
+)
 def test_cli_bad_control_flags_are_one_sentence_and_write_nothing(clip, tmp_path, capsys, flags, word):
     from stem.cli import main
 

@@ -52,13 +52,24 @@ def parts(tiny_parts):
 
 # -- settings --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides, words", [
-    (dict(prompt=""), "prompt"), (dict(prompt="   "), "prompt"),
-    (dict(pnp_attn=1.5), "--pnp-attn"), (dict(pnp_attn=-0.1), "--pnp-attn"), (dict(pnp_conv=float("nan")), "--pnp-conv"),
-    (dict(batch_size=0), "--batch-size"), (dict(guidance=0.5), "--guidance"), (dict(guidance=float("inf")), "--guidance"),
-    (dict(attention="full"), "edit attention"), (dict(seed=-1), "--seed"), (dict(propagation="far"), "--propagation"),
-    (dict(freeu=FreeUSettings(s1=-0.5)), "--freeu-s1"), (dict(negative_prompt=None), "--negative-prompt"),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (dict(prompt=""), "prompt"),
+        (dict(prompt="   "), "prompt"),
+        (dict(pnp_attn=1.5), "--pnp-attn"),
+        (dict(pnp_attn=-0.1), "--pnp-attn"),
+        (dict(pnp_conv=float("nan")), "--pnp-conv"),
+        (dict(batch_size=0), "--batch-size"),
+        (dict(guidance=0.5), "--guidance"),
+        (dict(guidance=float("inf")), "--guidance"),
+        (dict(attention="full"), "edit attention"),
+        (dict(seed=-1), "--seed"),
+        (dict(propagation="far"), "--propagation"),
+        (dict(freeu=FreeUSettings(s1=-0.5)), "--freeu-s1"),
+        (dict(negative_prompt=None), "--negative-prompt"),
+    ],
+)
 def test_bad_settings_are_refused_with_one_sentence(overrides, words):
     with pytest.raises(StemError) as err:
         EditSettings(**{"prompt": "a dog", **overrides}).validate()
@@ -249,8 +260,20 @@ def test_one_frame_per_batch_without_injection_is_the_inflated_reconstruction(en
     prompt, no injection and no FreeU the edit group is the reconstruction (up to float rounding of the
     three-group batch). (The release's `previous` propagation blends every frame with the previous one.)"""
     video, settings = synthetic_video(5), inversion(method="inflated")
-    result = edit_video(engine, video, settings, EditSettings(
-        SOURCE_PROMPT, guidance=1, pnp_attn=0, pnp_conv=0, batch_size=1, propagation="nearest", freeu=FreeUSettings(enabled=False)))
+    result = edit_video(
+        engine,
+        video,
+        settings,
+        EditSettings(
+            SOURCE_PROMPT,
+            guidance=1,
+            pnp_attn=0,
+            pnp_conv=0,
+            batch_size=1,
+            propagation="nearest",
+            freeu=FreeUSettings(enabled=False),
+        ),
+    )
     difference = np.abs(result.frames.astype(int) - result.inversion.reconstruction.astype(int))
     assert difference.max() <= 1 and difference.mean() < 1e-3
 
@@ -271,7 +294,12 @@ def test_source_prompt_with_full_injection_stays_close_to_the_reconstruction(eng
     """
     video, settings = synthetic_video(7), inversion()
     off = FreeUSettings(enabled=False)
-    same = edit_video(engine, video, settings, EditSettings(SOURCE_PROMPT, guidance=1, pnp_attn=1, pnp_conv=1, batch_size=3, freeu=off))
+    same = edit_video(
+        engine,
+        video,
+        settings,
+        EditSettings(SOURCE_PROMPT, guidance=1, pnp_attn=1, pnp_conv=1, batch_size=3, freeu=off),
+    )
     other = edit_video(engine, video, settings, EditSettings("a dog", batch_size=3, freeu=off))
     reconstruction = same.inversion.reconstruction
     close, far = psnr(reconstruction, same.frames).mean(), psnr(reconstruction, other.frames).mean()
@@ -295,7 +323,9 @@ def test_chunked_unet_calls_give_the_same_edit(parts, tmp_path):
 
 def test_metrics_block(engine):
     video = synthetic_video(4)
-    result = edit_video(engine, video, inversion(), EditSettings("a dog", negative_prompt="blurry", batch_size=2, seed=3))
+    result = edit_video(
+        engine, video, inversion(), EditSettings("a dog", negative_prompt="blurry", batch_size=2, seed=3)
+    )
     block = edit_metrics(video, result)
     expected = {"inversion_cache_hit": False, "num_frames": 4, "fps": 12.0, "width": 64, "height": 64,
                 "prompt": "a dog", "negative_prompt": "blurry", "guidance": 7.5, "pnp_attn": 0.5, "pnp_conv": 0.8,
@@ -368,18 +398,27 @@ def test_freeu_options_are_refused_by_an_editor_without_freeu():
         with_freeu_options(settings, SimpleNamespace(freeu=False, freeu_b1=None))
 
 
-@pytest.mark.parametrize("extra, words", [
-    (["--prompt", ""], "prompt"), (["--prompt", "a dog", "--pnp-attn", "1.5"], "--pnp-attn"),
-    (["--prompt", "a dog", "--pnp-conv", "-1"], "--pnp-conv"), (["--prompt", "a dog", "--batch-size", "0"], "--batch-size"),
-    (["--prompt", "a dog", "--guidance", "0.5"], "--guidance"), (["--prompt", "a dog", "--edit-attention", "full"], "full"),
-    ([], "--prompt"), (["--prompt", "a dog", "--prompt", " "], "prompt"),
-    (["--prompt", "a dog", "--propagation", "far"], "--propagation"), (["--prompt", "a dog", "--freeu-b2", "nan"], "--freeu-b2"),
-    (["--prompt", "a dog", "--guidance", "1e300"], "--guidance"), (["--prompt", "a dog", "--freeu-b1", "1e300"], "--freeu-b1"),
-    (["--prompt", "a dog", "--blend-words", "cat"], "--blend-words"),
-    (["--prompt", "a dog", "--editor", "fatezero", "--pnp-attn", "0.3"], "--pnp-attn"),
-    (["--prompt", "a blue dog", "--editor", "fatezero", "--reweight", "blue=-1e30"], "--reweight"),
-    (["--prompt", "a blue dog", "--editor", "fatezero", "--reweight", "blue=1e300"], "--reweight"),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--prompt", ""], "prompt"),
+        (["--prompt", "a dog", "--pnp-attn", "1.5"], "--pnp-attn"),
+        (["--prompt", "a dog", "--pnp-conv", "-1"], "--pnp-conv"),
+        (["--prompt", "a dog", "--batch-size", "0"], "--batch-size"),
+        (["--prompt", "a dog", "--guidance", "0.5"], "--guidance"),
+        (["--prompt", "a dog", "--edit-attention", "full"], "full"),
+        ([], "--prompt"),
+        (["--prompt", "a dog", "--prompt", " "], "prompt"),
+        (["--prompt", "a dog", "--propagation", "far"], "--propagation"),
+        (["--prompt", "a dog", "--freeu-b2", "nan"], "--freeu-b2"),
+        (["--prompt", "a dog", "--guidance", "1e300"], "--guidance"),
+        (["--prompt", "a dog", "--freeu-b1", "1e300"], "--freeu-b1"),
+        (["--prompt", "a dog", "--blend-words", "cat"], "--blend-words"),
+        (["--prompt", "a dog", "--editor", "fatezero", "--pnp-attn", "0.3"], "--pnp-attn"),
+        (["--prompt", "a blue dog", "--editor", "fatezero", "--reweight", "blue=-1e30"], "--reweight"),
+        (["--prompt", "a blue dog", "--editor", "fatezero", "--reweight", "blue=1e300"], "--reweight"),
+    ],
+)
 def test_cli_refuses_bad_input_before_any_work(tmp_path, capsys, monkeypatch, extra, words):
     def no_model(*_, **__):
         raise AssertionError("the model must not load")

@@ -102,10 +102,18 @@ def test_bad_settings_are_refused_with_one_sentence(bad, word):
     assert str(error.value).count("\n") == 0
 
 
-@pytest.mark.parametrize("field, flag", [("num_steps", "The number of DDIM steps"), ("num_bases", "The number of bases K"),
-                                         ("num_iters", "The number of EM iterations R"),
-                                         ("num_frames", "The number of frames"), ("stride", "The stride"),
-                                         ("size", "The size"), ("seed", "The seed")])
+@pytest.mark.parametrize(
+    "field, flag",
+    [
+        ("num_steps", "The number of DDIM steps"),
+        ("num_bases", "The number of bases K"),
+        ("num_iters", "The number of EM iterations R"),
+        ("num_frames", "The number of frames"),
+        ("stride", "The stride"),
+        ("size", "The size"),
+        ("seed", "The seed"),
+    ],
+)
 @pytest.mark.parametrize("value", [1.5, 2.0, True])
 def test_counts_that_are_not_ints_are_refused_not_truncated(field, flag, value):
     # steps=1.5 used to pass as 1 <= 1.5 <= 1000 and run one step; 2.0 would split the cache key from 2

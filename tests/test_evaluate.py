@@ -99,7 +99,9 @@ def expected_ids() -> set[str]:
 def test_two_processes_run_every_job_once_and_match_one_process(two_processes, clips, tmp_path, capsys,
                                                                 counted_unet):
     root, proc = two_processes
-    assert len([line for line in proc.stdout.splitlines() if line.startswith("{")]) == 1  # only the main process reports
+    assert (
+        len([line for line in proc.stdout.splitlines() if line.startswith("{")]) == 1
+    )  # only the main process reports
     rows = rows_of(root / "out")
     ids = [row["id"] for row in rows]
     assert len(ids) == len(set(ids)) and set(ids) == expected_ids()
@@ -174,14 +176,21 @@ def test_manifest_per_clip_settings_and_yaml(clips, tmp_path):
     assert [len(g.jobs) for g in plan.groups] == [3, 3, 2, 2]
     settings = {(j.clip.name, j.inversion.method): j.inversion for j in plan.jobs}
     assert (settings["first", "stem"].num_frames, settings["first", "stem"].size) == (2, 128)
-    assert (settings["b", "inflated"].num_frames, settings["b", "inflated"].size, settings["b", "inflated"].prompt) == (3, 512, "a video")
+    assert (settings["b", "inflated"].num_frames, settings["b", "inflated"].size, settings["b", "inflated"].prompt) == (
+        3,
+        512,
+        "a video",
+    )
     assert {j.edit.guidance for j in plan.jobs if j.edit is not None} == {5.0}
 
 
 def test_manifest_per_clip_structure_guidance_is_the_command_lines(clips, tmp_path, capsys):
     # issue 20: an entry sets control, control_scale and the canny thresholds for its clip as --control ... would
     edges = {"control": "canny", "control_scale": 0.5, "canny_low": 50, "canny_high": 150}
-    manifest = [{"video": str(clips / "a.mp4"), "name": "plain"}, {"video": str(clips / "a.mp4"), "name": "edges", **edges}]
+    manifest = [
+        {"video": str(clips / "a.mp4"), "name": "plain"},
+        {"video": str(clips / "a.mp4"), "name": "edges", **edges},
+    ]
     (tmp_path / "m.json").write_text(json.dumps(manifest))
     args = [tmp_path / "m.json", *FAST, "--methods", "ddim", "--editors", "none"]
     plan = make_plan(build_parser().parse_args(["evaluate", *map(str, args)]))
@@ -230,12 +239,24 @@ BAD_MANIFESTS = [
     ('[{"video": "a.mp4", "target_prompts": ["x"]},\n {"video": "a.mp4" "target_prompts": []}]', "line 2"),
     ('{"video": "a.mp4"}', "list of clips"),
     ('[\n  "a.mp4"\n]', "line 2 (entry 1)"),
-    ('[\n  {"video": "a.mp4",\n   "target_prompt": ["x"]}\n]', "line 3 (entry 1): unknown field 'target_prompt'; did you mean 'target_prompts'"),
-    ('[{"video": "a.mp4", "target_prompts": ["x"]},\n {"video": "gone.mp4",\n  "target_prompts": ["x"]}]', "line 2 (entry 2): the video 'gone.mp4' does not exist"),
+    (
+        '[\n  {"video": "a.mp4",\n   "target_prompt": ["x"]}\n]',
+        "line 3 (entry 1): unknown field 'target_prompt'; did you mean 'target_prompts'",
+    ),
+    (
+        '[{"video": "a.mp4", "target_prompts": ["x"]},\n {"video": "gone.mp4",\n  "target_prompts": ["x"]}]',
+        "line 2 (entry 2): the video 'gone.mp4' does not exist",
+    ),
     ('[{"video": "a.mp4",\n  "target_prompts": "a red square"}]', "line 2 (entry 1): field 'target_prompts'"),
     ('[{"video": "a.mp4", "target_prompts": ["x"],\n  "frames": 0}]', "line 2 (entry 1): field 'frames'"),
-    ('[{"video": "a.mp4", "target_prompts": ["x"], "size": 10}]', "line 1 (entry 1): field 'size': the size must be between 64 and 2048"),
-    ('[{"video": "a.mp4", "target_prompts": ["x"]},\n {"video": "b.mp4", "target_prompts": ["x"], "name": "a"}]', "the name 'a' is taken"),
+    (
+        '[{"video": "a.mp4", "target_prompts": ["x"], "size": 10}]',
+        "line 1 (entry 1): field 'size': the size must be between 64 and 2048",
+    ),
+    (
+        '[{"video": "a.mp4", "target_prompts": ["x"]},\n {"video": "b.mp4", "target_prompts": ["x"], "name": "a"}]',
+        "the name 'a' is taken",
+    ),
     ('[{"video": "a.mp4", "target_prompts": ["x"]},\n {"video": "b.mp4"}]', "entry 2) (b.mp4) has no 'target_prompts'"),
     ("[]", "lists no clips"),
 ]

@@ -62,7 +62,9 @@ def dft_filter(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("height, width", [(8, 8), (5, 7), (2, 3), (1, 1), (4, 1)])
 def test_fourier_filter_matches_the_direct_dft_formula(height, width):
-    x = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(height * 10 + width), dtype=torch.float64)
+    x = torch.randn(
+        2, 3, height, width, generator=torch.Generator().manual_seed(height * 10 + width), dtype=torch.float64
+    )
     for scale in (0.2, 0.9, 1.0):
         assert torch.allclose(fourier_filter(x, scale), dft_filter(x, scale), rtol=0, atol=1e-12), scale
     half = fourier_filter(x.half(), 0.2)  # half precision in, float32 FFT inside, half precision out
@@ -85,8 +87,14 @@ FREEU_B2_RESNETS = {name for name, width in SD_ARRIVING_WIDTHS.items() if width 
 
 def sd_shaped_unet(scale: int = 20, **kw) -> UNet2DConditionModel:
     """SD 1.5's UNet layout (block types, 2 layers per block, widths 320/640/1280/1280) at 1/scale of the width."""
-    return UNet2DConditionModel(block_out_channels=tuple(c // scale for c in (320, 640, 1280, 1280)), layers_per_block=2,
-                                cross_attention_dim=8, attention_head_dim=2, norm_num_groups=8, **kw)
+    return UNet2DConditionModel(
+        block_out_channels=tuple(c // scale for c in (320, 640, 1280, 1280)),
+        layers_per_block=2,
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=8,
+        **kw,
+    )
 
 
 def test_freeu_chooses_the_resnets_by_the_width_of_their_incoming_hidden_states():
@@ -111,7 +119,9 @@ def test_freeu_rewrites_exactly_the_resnets_of_the_two_widths():
             store[name] = args[0].clone()
         return hook
 
-    handles = [unet.get_submodule(name).register_forward_pre_hook(recorder(before, name), prepend=True) for name in width]
+    handles = [
+        unet.get_submodule(name).register_forward_pre_hook(recorder(before, name), prepend=True) for name in width
+    ]
     x, text = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
     try:
         with torch.no_grad(), freeu_installed(unet, settings) as hooked:
@@ -153,7 +163,9 @@ def test_freeu_off_leaves_the_unet_exactly_as_it_was(tiny_parts):
     assert hooks() == count and torch.equal(run(), plain)
 
 
-@pytest.mark.parametrize("field, value", [("b1", -1.0), ("b2", float("nan")), ("s1", float("inf")), ("s2", "0.2"), ("b1", True)])
+@pytest.mark.parametrize(
+    "field, value", [("b1", -1.0), ("b2", float("nan")), ("s1", float("inf")), ("s2", "0.2"), ("b1", True)]
+)
 def test_bad_freeu_constants_are_refused(field, value):
     with pytest.raises(StemError) as err:
         TokenFlowSettings("a dog", freeu=FreeUSettings(**{field: value})).validate()
@@ -188,7 +200,9 @@ def test_keyframe_attention_source_group_per_frame_edit_groups_extended(parts64,
     name = "up_blocks.2.attentions.0.transformer_blocks.0.attn1"
     attn = parts64.unet.get_submodule(name)
     M, L = 3, 16
-    hidden = torch.randn(3 * M, L, attn.to_q.in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    hidden = torch.randn(
+        3 * M, L, attn.to_q.in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
     state = EditState(attention=AttentionState(num_groups=3))
     state.phase, state.inject_qk = KEYFRAMES, inject
     processor = TokenFlowAttnProcessor(state, name, InflatedAttnProcessor(state.edit_groups, name), injects_qk=True)
@@ -240,7 +254,12 @@ def edit_inputs(parts, num_frames, num_steps, seed=0):
     trajectory = torch.randn(num_steps + 1, num_frames, 4, 8, 8, generator=g, dtype=torch.float64).to(parts.dtype)
     timesteps, alphas = ddim_schedule(parts.scheduler, num_steps)
     with torch.no_grad():
-        text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p) for p in (SOURCE_PROMPT, NEGATIVE_PROMPT, TARGET_PROMPT)])
+        text = torch.cat(
+            [
+                encode_prompt(parts.tokenizer, parts.text_encoder, p)
+                for p in (SOURCE_PROMPT, NEGATIVE_PROMPT, TARGET_PROMPT)
+            ]
+        )
     return trajectory, timesteps, alphas, text
 
 
@@ -266,7 +285,9 @@ def test_propagation_matches_a_per_frame_reference(parts64, num_frames, propagat
                 checked.append((frame, layer))
                 assert torch.allclose(tensors["outputs"][:, i], expected, rtol=0, atol=1e-12), (layer, step, frame)
 
-    edit = TokenFlowSettings(TARGET_PROMPT, negative_prompt=NEGATIVE_PROMPT, batch_size=batch_size, propagation=propagation)
+    edit = TokenFlowSettings(
+        TARGET_PROMPT, negative_prompt=NEGATIVE_PROMPT, batch_size=batch_size, propagation=propagation
+    )
     with torch.no_grad():
         _, details = edit_latents(parts64, trajectory, timesteps, alphas, text, edit, AttentionState(num_groups=3),
                                   trace=trace, keyframe_chooser=given_keyframes(keyframes))
@@ -362,7 +383,9 @@ def release_edit(parts, trajectory, timesteps, alphas, text, keyframes, batch_si
 
                 def unet_call(frames):
                     latents = torch.cat([source[frames], x[frames], x[frames]]).to(parts.dtype)
-                    return unet(latents, t, encoder_hidden_states=text.repeat_interleave(len(frames), dim=0)).sample.double()
+                    return unet(
+                        latents, t, encoder_hidden_states=text.repeat_interleave(len(frames), dim=0)
+                    ).sample.double()
 
                 run["phase"], run["keyframes"] = "keyframes", kf
                 unet_call(kf)
@@ -390,7 +413,9 @@ def inverted_clip(tiny_parts, tmp_path_factory):
     from stem.engine import Engine
 
     engine = Engine(TINY_MODEL, cache=LatentCache(tmp_path_factory.mktemp("cache"))).use_parts(tiny_parts)
-    settings = InversionSettings(model=TINY_MODEL, method="stem", num_bases=8, num_iters=2, num_steps=10, size=64, prompt=SOURCE_PROMPT)
+    settings = InversionSettings(
+        model=TINY_MODEL, method="stem", num_bases=8, num_iters=2, num_steps=10, size=64, prompt=SOURCE_PROMPT
+    )
     return engine.invert(synthetic_video(12), settings).trajectory
 
 
@@ -416,7 +441,9 @@ def test_edit_without_freeu_matches_the_release_without_freeu(parts64):
     """--no-freeu is the release's pipeline with FreeU left out (a random trajectory, 8 frames, 3 steps)."""
     trajectory, timesteps, alphas, text = edit_inputs(parts64, 8, 3)
     keyframes = [[1, 6], [3, 4], [0, 7]]
-    edit = TokenFlowSettings(TARGET_PROMPT, negative_prompt=NEGATIVE_PROMPT, batch_size=4, freeu=FreeUSettings(enabled=False))
+    edit = TokenFlowSettings(
+        TARGET_PROMPT, negative_prompt=NEGATIVE_PROMPT, batch_size=4, freeu=FreeUSettings(enabled=False)
+    )
     with torch.no_grad():
         ours, _ = edit_latents(parts64, trajectory, timesteps, alphas, text, edit, AttentionState(num_groups=3),
                                keyframe_chooser=given_keyframes(keyframes))
@@ -456,7 +483,9 @@ def test_freeu_runs_while_editing_only(engine, monkeypatch):
         return filter_(*args, **kwargs)
 
     monkeypatch.setattr(freeu, "fourier_filter", counted)
-    settings = InversionSettings(model=TINY_MODEL, method="stem", num_bases=4, num_iters=1, num_steps=2, size=64, prompt=SOURCE_PROMPT)
+    settings = InversionSettings(
+        model=TINY_MODEL, method="stem", num_bases=4, num_iters=1, num_steps=2, size=64, prompt=SOURCE_PROMPT
+    )
     edit_video(engine, synthetic_video(3), settings, TokenFlowSettings(TARGET_PROMPT, batch_size=2),
                callback=lambda info: phase.update(now=info["phase"]))
     assert set(calls) == {"editing"}  # the progress names the phase: loading ... inverting, reconstructing, editing

@@ -50,24 +50,47 @@ def shared_engine(tiny_parts, tmp_path_factory):
 
 # -- settings --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides, words", [
-    (dict(prompt=""), "prompt"), (dict(guidance=0.5), "--guidance"),
-    (dict(self_replace=1.5), "--self-replace"), (dict(self_replace=-0.1), "--self-replace"),
-    (dict(cross_replace=float("nan")), "--cross-replace"), (dict(cross_replace=2), "--cross-replace"),
-    (dict(blend_threshold=0), "--blend-threshold"), (dict(blend_threshold=1.5), "--blend-threshold"),
-    (dict(blend_threshold=-0.3), "--blend-threshold"), (dict(word_map="swap"), "word map"),
-    (dict(blend_words="horse"), "source prompt"), (dict(blend_words="cat,horse"), "target prompt"),
-    (dict(blend_words="cat"), "--blend-words: the blend word 'cat' is not in the target prompt 'a dog'; name the target's word too: cat,TARGET_WORD"), (dict(blend_words="cat,dog,fox"), "--blend-words"),
-    (dict(blend_words=" ,dog"), "--blend-words"), (dict(reweight=(("horse", 2.0),)), "reweighted word"),
-    (dict(reweight=(("dog", float("inf")),)), "--reweight"), (dict(reweight=(("a dog", 2.0),)), "one word"),
-    (dict(blend_start=0.9), "blend start"), (dict(source_prompt=None), "--source-prompt"),
-    (dict(source_maps="x_i"), "--source-maps"), (dict(blend_level="previous"), "--blend-level"),
-    (dict(cross_replace_words=(("dog", 1.5),)), "--cross-replace-word: the cross-attention fusion of 'dog'"),
-    (dict(cross_replace_words=(("horse", 0.4),)), "cross-replace word"),
-    (dict(cross_replace_words=(("a dog", 0.4),)), "one word"), (dict(cross_replace_words=("dog",)), "WORD=FRACTION"),
-    (dict(blend_latents=1), "--blend-latents"), (dict(blend_self_attention="yes"), "--blend-self-attention"),
-    (dict(blend_words="cat,dog", blend_latents=False, blend_self_attention=False), "--blend-words: the blend words do nothing"),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (dict(prompt=""), "prompt"),
+        (dict(guidance=0.5), "--guidance"),
+        (dict(self_replace=1.5), "--self-replace"),
+        (dict(self_replace=-0.1), "--self-replace"),
+        (dict(cross_replace=float("nan")), "--cross-replace"),
+        (dict(cross_replace=2), "--cross-replace"),
+        (dict(blend_threshold=0), "--blend-threshold"),
+        (dict(blend_threshold=1.5), "--blend-threshold"),
+        (dict(blend_threshold=-0.3), "--blend-threshold"),
+        (dict(word_map="swap"), "word map"),
+        (dict(blend_words="horse"), "source prompt"),
+        (dict(blend_words="cat,horse"), "target prompt"),
+        (
+            dict(blend_words="cat"),
+            "--blend-words: the blend word 'cat' is not in the target prompt 'a dog'; name the target's word too: "
+            "cat,TARGET_WORD",
+        ),
+        (dict(blend_words="cat,dog,fox"), "--blend-words"),
+        (dict(blend_words=" ,dog"), "--blend-words"),
+        (dict(reweight=(("horse", 2.0),)), "reweighted word"),
+        (dict(reweight=(("dog", float("inf")),)), "--reweight"),
+        (dict(reweight=(("a dog", 2.0),)), "one word"),
+        (dict(blend_start=0.9), "blend start"),
+        (dict(source_prompt=None), "--source-prompt"),
+        (dict(source_maps="x_i"), "--source-maps"),
+        (dict(blend_level="previous"), "--blend-level"),
+        (dict(cross_replace_words=(("dog", 1.5),)), "--cross-replace-word: the cross-attention fusion of 'dog'"),
+        (dict(cross_replace_words=(("horse", 0.4),)), "cross-replace word"),
+        (dict(cross_replace_words=(("a dog", 0.4),)), "one word"),
+        (dict(cross_replace_words=("dog",)), "WORD=FRACTION"),
+        (dict(blend_latents=1), "--blend-latents"),
+        (dict(blend_self_attention="yes"), "--blend-self-attention"),
+        (
+            dict(blend_words="cat,dog", blend_latents=False, blend_self_attention=False),
+            "--blend-words: the blend words do nothing",
+        ),
+    ],
+)
 def test_bad_settings_are_refused_with_one_sentence(overrides, words):
     with pytest.raises(StemError) as err:
         fatezero(**overrides).validate()
@@ -81,7 +104,14 @@ def test_replace_with_different_word_counts_is_refused(tokenizer):
     with pytest.raises(StemError) as err:
         EditMaps.build(edit, tokenizer)
     message = str(err.value)
-    assert "The word map replace" in message and "--word-map replace" in cli_message(err.value) and "words" in message and "2" in message and "3" in message and "\n" not in message
+    assert (
+        "The word map replace" in message
+        and "--word-map replace" in cli_message(err.value)
+        and "words" in message
+        and "2" in message
+        and "3" in message
+        and "\n" not in message
+    )
 
 
 def test_good_settings_pass_and_are_hashable():
@@ -184,7 +214,9 @@ def test_per_word_cross_replace_fuses_that_word_for_its_own_steps(tokenizer):
     maps = EditMaps.build(fatezero("a dog", cross_replace=0.8, cross_replace_words=(("dog", 0.4),),
                                    reweight=(("dog", 2.0),)), tokenizer)
     steps = maps.cross_steps(10)
-    assert steps[2:5].tolist() == [4, 4, 4] and steps[[0, 1, 5]].tolist() == [8, 8, 8] and set(steps[5:].tolist()) == {8}
+    assert (
+        steps[2:5].tolist() == [4, 4, 4] and steps[[0, 1, 5]].tolist() == [8, 8, 8] and set(steps[5:].tolist()) == {8}
+    )
     g = torch.Generator().manual_seed(0)
     source, edit = torch.rand(2, 3, 77, generator=g), torch.rand(2, 3, 77, generator=g)
     alpha = torch.ones(77)
@@ -211,7 +243,9 @@ def test_per_word_cross_replace_in_the_edit(tiny_parts):
         tensors = {k: v for k, v in info.items() if torch.is_tensor(v)}
         if event != "cross":
             return
-        q, k, v = (x.double().view(NUM_GROUPS, n, *x.shape[1:]) for x in (tensors["query"], tensors["key"], tensors["value"]))
+        q, k, v = (
+            x.double().view(NUM_GROUPS, n, *x.shape[1:]) for x in (tensors["query"], tensors["key"], tensors["value"])
+        )
         out = tensors["output"].double().view(NUM_GROUPS, n, *tensors["output"].shape[1:])
         scale = q.shape[-1] ** -0.5
         source, own = (torch.softmax(q[g] @ k[g].transpose(-1, -2) * scale, dim=-1) for g in (SOURCE, COND))
@@ -311,7 +345,9 @@ def test_stem_fusion_matches_a_float64_reference(masked, tokenizer):
     expected = [bases_attention(q[SOURCE], mu_s, z_s.transpose(-1, -2) @ v[SOURCE]), None,
                 bases_attention(q[SOURCE], mu_s, z_s.transpose(-1, -2) @ v[COND])]   # the fused target group
     own = [UNCOND, COND] if masked else [UNCOND]
-    init = stem.initial_bases(torch.cat([k[g] for g in own]).float()).split(heads)  # the groups' own EMs, drawn together
+    init = stem.initial_bases(torch.cat([k[g] for g in own]).float()).split(
+        heads
+    )  # the groups' own EMs, drawn together
     for g, mu0 in zip(own, init):
         mu, z = reference_em(k[g], mu0, R, attention.tau)
         mine = bases_attention(q[g], mu, z.transpose(-1, -2) @ v[g])
@@ -319,7 +355,12 @@ def test_stem_fusion_matches_a_float64_reference(masked, tokenizer):
             inside = (torch.arange(n * L) % side <= 1).view(1, -1, 1)
             mine = torch.where(inside, mine, expected[COND])
         expected[g] = mine
-    core = torch.stack(expected).view(NUM_GROUPS, heads, n, L, d).permute(0, 2, 3, 1, 4).reshape(NUM_GROUPS * n, L, heads * d)
+    core = (
+        torch.stack(expected)
+        .view(NUM_GROUPS, heads, n, L, d)
+        .permute(0, 2, 3, 1, 4)
+        .reshape(NUM_GROUPS * n, L, heads * d)
+    )
     reference = core @ attn.to_out[0].weight.double().T + attn.to_out[0].bias.double()
     torch.testing.assert_close(out.double(), reference, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(reference[2 * n:], reference[:n], atol=1e-3)  # the fused group is not the source's output
@@ -358,7 +399,9 @@ def test_fusion_only_in_small_layers_and_in_the_configured_steps(tiny_parts, met
         tensors = {k: v for k, v in info.items() if torch.is_tensor(v)}
         if event not in seen:
             return
-        q, k, v = (x.double().view(NUM_GROUPS, n, *x.shape[1:]) for x in (tensors["query"], tensors["key"], tensors["value"]))
+        q, k, v = (
+            x.double().view(NUM_GROUPS, n, *x.shape[1:]) for x in (tensors["query"], tensors["key"], tensors["value"])
+        )
         out = tensors["output"].double().view(NUM_GROUPS, n, *tensors["output"].shape[1:])
         L, scale = q.shape[-2], q.shape[-1] ** -0.5
         all_frames = event == "self" and method == "inflated"
@@ -392,7 +435,9 @@ def test_source_prompt_with_full_fusion_reproduces_the_reconstruction(shared_eng
     30.4 dB); "a dog" at guidance 7.5 14.5 dB.
     """
     video, settings = synthetic_video(5), inversion()
-    same = edit_video(shared_engine, video, settings, fatezero(SOURCE_PROMPT, guidance=1, self_replace=1, cross_replace=1))
+    same = edit_video(
+        shared_engine, video, settings, fatezero(SOURCE_PROMPT, guidance=1, self_replace=1, cross_replace=1)
+    )
     other = edit_video(shared_engine, video, settings, fatezero("a dog"))
     reconstruction = same.inversion.reconstruction
     close, far = psnr(reconstruction, same.frames).mean(), psnr(reconstruction, other.frames).mean()
@@ -420,9 +465,10 @@ def test_an_empty_blend_mask_keeps_every_pixel_of_the_source(shared_engine, tiny
     text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p) for p in (SOURCE_PROMPT, "", "a dog")])
     edit = fatezero(blend_words="cat,dog", blend_threshold=1.0, blend_latents=True)
     with torch.inference_mode():
-        latents, details = edit_latents(parts, trajectory, timesteps, alphas, text, edit,
-                                        shared_engine.attention_state(settings, NUM_GROUPS),
-                                        trace=lambda info: blends.append((info["step"], info)) if info["phase"] == "blend" else None)
+        latents, details = edit_latents(
+            parts, trajectory, timesteps, alphas, text, edit, shared_engine.attention_state(settings, NUM_GROUPS),
+            trace=lambda info: blends.append((info["step"], info)) if info["phase"] == "blend" else None,
+        )
     assert details["blended_steps"] == [3, 2] and [step for step, _ in blends] == [3, 2]
     for step, tensors in blends:
         assert not tensors["mask"].any() and torch.equal(tensors["latents"], trajectory[step])
@@ -432,19 +478,26 @@ def test_an_empty_blend_mask_keeps_every_pixel_of_the_source(shared_engine, tiny
 @torch.no_grad()
 def test_blend_words_confine_the_edit(tiny_parts):
     """A 16x16 latent (blend layers at 4x4 tokens): the masks cover part of each frame; after each blended
-    step the latents outside the mask are the source's x_i (FateZero's blend level) and inside it the edit's own. The random
-    model's maps are flat (0.7-1.0 of each frame's maximum), so a threshold near 1 keeps about the 3x3
+    step the latents outside the mask are the source's x_i (FateZero's blend level) and inside it the edit's
+    own. The random model's maps are flat (0.7-1.0 of each frame's maximum), so a threshold near 1 keeps about the 3x3
     neighbourhood of each frame's maximum."""
     parts, steps, n = tiny_parts, 3, 2
     trajectory = torch.randn(steps + 1, n, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     timesteps, alphas = ddim_schedule(parts.scheduler, steps)
     text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p) for p in (SOURCE_PROMPT, "", "a dog")])
-    edit = fatezero(blend_words="cat,dog", blend_threshold=0.999, blend_start=0, blend_end=1,  # flat maps of random weights
-                    blend_latents=True)
+    edit = fatezero(
+        blend_words="cat,dog",
+        blend_threshold=0.999,
+        blend_start=0,
+        blend_end=1,  # flat maps of random weights
+        blend_latents=True,
+    )
     blends = []
-    latents, details = edit_latents(parts, trajectory, timesteps, alphas, text, edit,
-                                    AttentionState(method="stem", num_bases=8, num_iters=2, num_groups=NUM_GROUPS),
-                                    trace=lambda info: blends.append((info["step"], info)) if info["phase"] == "blend" else None)
+    latents, details = edit_latents(
+        parts, trajectory, timesteps, alphas, text, edit,
+        AttentionState(method="stem", num_bases=8, num_iters=2, num_groups=NUM_GROUPS),
+        trace=lambda info: blends.append((info["step"], info)) if info["phase"] == "blend" else None,
+    )
     assert details["blended_steps"] == [3, 2, 1] and len(blends) == 3
     for step, tensors in blends:
         mask, x = tensors["mask"].expand(-1, 4, -1, -1), tensors["latents"]
@@ -508,8 +561,26 @@ def fatezero_args(clip_file, tmp_path, *extra):
 
 
 def test_cli_fatezero_end_to_end(clip_file, tmp_path, capsys):
-    code = main(fatezero_args(clip_file, tmp_path, "--prompt", "a dog", "--blend-words", "cat,dog", "--reweight", "dog=2",
-                          "--self-replace", "0.5", "--cross-replace", "1", "--blend-threshold", "0.4", "--frames", "3"))
+    code = main(
+        fatezero_args(
+            clip_file,
+            tmp_path,
+            "--prompt",
+            "a dog",
+            "--blend-words",
+            "cat,dog",
+            "--reweight",
+            "dog=2",
+            "--self-replace",
+            "0.5",
+            "--cross-replace",
+            "1",
+            "--blend-threshold",
+            "0.4",
+            "--frames",
+            "3",
+        )
+    )
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["editor"] == "fatezero" and metrics["file"] == "edited.mp4"
@@ -519,14 +590,26 @@ def test_cli_fatezero_end_to_end(clip_file, tmp_path, capsys):
     assert edited.num_frames == 3 and edited.fps == pytest.approx(15)
 
 
-@pytest.mark.parametrize("extra, words", [
-    (["--self-replace", "1.5"], "--self-replace"), (["--cross-replace", "-1"], "--cross-replace"),
-    (["--blend-threshold", "0"], "--blend-threshold"), (["--blend-words", "horse"], "horse"),
-    (["--reweight", "dog"], "WORD=SCALE"), (["--reweight", "fox=2"], "fox"), (["--word-map", "swap"], "swap"),
-    (["--source-maps", "stored"], "--source-maps"), (["--blend-level", "x_i"], "--blend-level"),
-    (["--cross-replace-word", "dog"], "WORD=FRACTION"), (["--cross-replace-word", "dog=2"], "--cross-replace-word: the cross-attention fusion of 'dog'"),
-    (["--blend-words", "cat,dog", "--no-blend-latents", "--no-blend-self-attention"], "--blend-words: the blend words do nothing"),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--self-replace", "1.5"], "--self-replace"),
+        (["--cross-replace", "-1"], "--cross-replace"),
+        (["--blend-threshold", "0"], "--blend-threshold"),
+        (["--blend-words", "horse"], "horse"),
+        (["--reweight", "dog"], "WORD=SCALE"),
+        (["--reweight", "fox=2"], "fox"),
+        (["--word-map", "swap"], "swap"),
+        (["--source-maps", "stored"], "--source-maps"),
+        (["--blend-level", "x_i"], "--blend-level"),
+        (["--cross-replace-word", "dog"], "WORD=FRACTION"),
+        (["--cross-replace-word", "dog=2"], "--cross-replace-word: the cross-attention fusion of 'dog'"),
+        (
+            ["--blend-words", "cat,dog", "--no-blend-latents", "--no-blend-self-attention"],
+            "--blend-words: the blend words do nothing",
+        ),
+    ],
+)
 def test_cli_refuses_bad_fatezero_options_before_any_work(clip_file, tmp_path, capsys, monkeypatch, extra, words):
     def no_model(*_, **__):
         raise AssertionError("the model must not load")
@@ -539,7 +622,9 @@ def test_cli_refuses_bad_fatezero_options_before_any_work(clip_file, tmp_path, c
 
 
 def test_cli_refuses_replace_with_different_word_counts_before_inverting(clip_file, tmp_path, capsys):
-    assert main(fatezero_args(clip_file, tmp_path, "--prompt", "a big dog", "--word-map", "replace", "--frames", "2")) == 2
+    assert (
+        main(fatezero_args(clip_file, tmp_path, "--prompt", "a big dog", "--word-map", "replace", "--frames", "2")) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after "loading the model..."
     assert err.startswith("error: ") and "--word-map replace" in err
     assert not (tmp_path / "out").exists()

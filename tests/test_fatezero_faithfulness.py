@@ -47,7 +47,10 @@ def test_step_counts_are_fatezeros(num_steps):
         assert cross_replace_steps(f, num_steps) == reference_cross_steps(f, num_steps), (f, num_steps)
         assert self_replace_steps(f, num_steps) == reference_self_steps(f, num_steps), (f, num_steps)
         edit = FateZeroSettings("a dog", source_prompt="a cat", self_replace=f, cross_replace=f)
-        assert edit.num_fused_steps(num_steps) == (reference_self_steps(f, num_steps), reference_cross_steps(f, num_steps))
+        assert edit.num_fused_steps(num_steps) == (
+            reference_self_steps(f, num_steps),
+            reference_cross_steps(f, num_steps),
+        )
 
 
 def test_step_counts_at_the_known_edges():
@@ -67,12 +70,18 @@ FATEZERO_PAIRS = [
     ("A black cat walking on the floor next to a wall", "a yellow cute leopard walking on the floor next to a wall"),
     ("A gray dog sitting on the mat", "A robotic dog sitting on the mat"),
     ("A gray dog sitting on the mat", "A yellow corgi sitting on the mat"),
-    ("A man rides a wooden skateboard on the rail with a helmet and arms outstretched",
-     "A Batman rides a wooden skateboard on the rail and arms outstretched"),
-    ("A man rides a wooden skateboard on the rail with a helmet and arms outstretched",
-     "A Spider-Man  rides a wooden skateboard on the rail and arms outstretched"),
-    ("A man rides a wooden skateboard on the rail with a helmet and arms outstretched",
-     "A Wonder Woman rides a wooden skateboard on the rail with cowboy hat and arms outstretched"),
+    (
+        "A man rides a wooden skateboard on the rail with a helmet and arms outstretched",
+        "A Batman rides a wooden skateboard on the rail and arms outstretched",
+    ),
+    (
+        "A man rides a wooden skateboard on the rail with a helmet and arms outstretched",
+        "A Spider-Man  rides a wooden skateboard on the rail and arms outstretched",
+    ),
+    (
+        "A man rides a wooden skateboard on the rail with a helmet and arms outstretched",
+        "A Wonder Woman rides a wooden skateboard on the rail with cowboy hat and arms outstretched",
+    ),
     ("A rabbit is eating a watermelon", "pokemon cartoon of A rabbit is eating a watermelon"),
     ("A rabbit is eating strawberries", "A white rabbit is eating flower"),
     ("A rabbit is eating strawberries", "A white rabbit is eating leaves"),
@@ -81,23 +90,38 @@ FATEZERO_PAIRS = [
     ("A squirrel is eating a carrot", "A robot mouse is eating a screwdriver"),
     ("A squirrel is eating a carrot", "A robot squirrel is eating a carrot"),
     ("A squirrel is eating a carrot", "A white mouse is eating a peanut"),
-    ("a black swan with a red beak swimming in a river near a wall and bushes",
-     "a Swarovski crystal swan with a red beak swimming in a river near a wall and bushes"),
-    ("a black swan with a red beak swimming in a river near a wall and bushes",
-     "a pink flamingo with a red beak swimming in a river near a wall and bushes"),
-    ("a black swan with a red beak swimming in a river near a wall and bushes",
-     "a white duck with a yellow beak swimming in a river near a wall and bushes"),
-    ("a black swan with a red beak swimming in a river near a wall and bushes",
-     "cartoon photo of a black swan with a red beak swimming in a river near a wall and bushes"),
+    (
+        "a black swan with a red beak swimming in a river near a wall and bushes",
+        "a Swarovski crystal swan with a red beak swimming in a river near a wall and bushes",
+    ),
+    (
+        "a black swan with a red beak swimming in a river near a wall and bushes",
+        "a pink flamingo with a red beak swimming in a river near a wall and bushes",
+    ),
+    (
+        "a black swan with a red beak swimming in a river near a wall and bushes",
+        "a white duck with a yellow beak swimming in a river near a wall and bushes",
+    ),
+    (
+        "a black swan with a red beak swimming in a river near a wall and bushes",
+        "cartoon photo of a black swan with a red beak swimming in a river near a wall and bushes",
+    ),
     ("a brown bear walking on the rock against a wall", "a brown lion walking on the rock against a wall"),
     ("a brown bear walking on the rock against a wall", "a red tiger walking on the rock against a wall"),
     ("a brown bear walking on the rock against a wall", "a yellow leopard walking on the rock against a wall"),
-    ("a man with round helmet surfing on a white wave in blue ocean with a rope",
-     "The Ukiyo-e style painting of a man with round helmet surfing on a white wave in blue ocean with a rope"),
+    (
+        "a man with round helmet surfing on a white wave in blue ocean with a rope",
+        "The Ukiyo-e style painting of a man with round helmet surfing on a white wave in blue ocean with a rope",
+    ),
     ("a pink water lily", "Claude Monet painting of a pink water lily"),
-    ("a silver jeep driving down a curvy road in the countryside", "a Porsche car driving down a curvy road in the countryside"),
-    ("a silver jeep driving down a curvy road in the countryside",
-     "watercolor painting of a silver jeep driving down a curvy road in the countryside"),
+    (
+        "a silver jeep driving down a curvy road in the countryside",
+        "a Porsche car driving down a curvy road in the countryside",
+    ),
+    (
+        "a silver jeep driving down a curvy road in the countryside",
+        "watercolor painting of a silver jeep driving down a curvy road in the countryside",
+    ),
     ("a sleepy white duck", "a sleepy yellow rubber duck"),
     ("a white and blue bus on the road", "a black and green GPU on the road"),
     ("a white fox sitting in the grass", "a grey wolf sitting in the grass"),
@@ -227,7 +251,10 @@ def test_auto_chooses_replace_by_word_count_and_replace_is_fatezeros_mapper(toke
     replaced = 0
     for source_prompt, prompt in cases:
         mapping = word_map(tokenizer, source_prompt, prompt, "auto")
-        assert mapping.mode == ("replace" if reference_is_replace(source_prompt, prompt) else "refine"), (source_prompt, prompt)
+        assert mapping.mode == ("replace" if reference_is_replace(source_prompt, prompt) else "refine"), (
+            source_prompt,
+            prompt,
+        )
         if mapping.mode == "replace":
             replaced += 1
             mapper, weight = project_mapper(mapping)
@@ -248,8 +275,8 @@ def test_fatezeros_replace_shifts_the_tokens_after_a_longer_word(tokenizer):
     np.testing.assert_allclose(mapper, reference, rtol=0, atol=1e-7)
     sitting = reference_word_inds(prompt, 3, tokenizer)
     source_eos = len(tokenizer.encode(source_prompt)) - 1
-    assert [int(np.argmax(reference[:, j])) for j in sitting] == sitting         # by absolute position
-    assert any(j >= source_eos for j in sitting)                                  # ... up to the source's EOS and padding
+    assert [int(np.argmax(reference[:, j])) for j in sitting] == sitting  # by absolute position
+    assert any(j >= source_eos for j in sitting)  # ... up to the source's EOS and padding
 
 
 @pytest.mark.parametrize("pairs", ["fatezero", "random"])
@@ -317,7 +344,9 @@ def run_edit(tiny_parts, edit, steps=3, n=2, side=16):
     parts = tiny_parts
     trajectory = torch.randn(steps + 1, n, 4, side, side, generator=torch.Generator().manual_seed(0))
     timesteps, alphas = ddim_schedule(parts.scheduler, steps)
-    text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p) for p in (edit.source_prompt, "", edit.prompt)])
+    text = torch.cat(
+        [encode_prompt(parts.tokenizer, parts.text_encoder, p) for p in (edit.source_prompt, "", edit.prompt)]
+    )
     calls, blends = [], []
 
     def record(_module, args, kwargs):
@@ -328,9 +357,10 @@ def run_edit(tiny_parts, edit, steps=3, n=2, side=16):
     handle = parts.unet.register_forward_pre_hook(record, with_kwargs=True)
     try:
         with torch.no_grad():
-            latents, _ = edit_latents(parts, trajectory, timesteps, alphas, text, edit,
-                                      AttentionState(method="ddim", num_groups=NUM_GROUPS),
-                                      trace=lambda info: blends.append((info["step"], info)) if info["phase"] == "blend" else None)
+            latents, _ = edit_latents(
+                parts, trajectory, timesteps, alphas, text, edit, AttentionState(method="ddim", num_groups=NUM_GROUPS),
+                trace=lambda info: blends.append((info["step"], info)) if info["phase"] == "blend" else None,
+            )
     finally:
         handle.remove()
     return trajectory, timesteps, calls, blends
@@ -360,7 +390,7 @@ def test_the_latent_blend_keeps_fatezeros_source_level(tiny_parts, blend_level):
                             blend_start=0, blend_end=1, blend_level=blend_level, blend_latents=True).validate()
     trajectory, _, calls, blends = run_edit(tiny_parts, edit, steps)
     assert [step for step, _ in blends] == [3, 2, 1]
-    for cur_step, (step, tensors) in enumerate(blends):
+    for cur_step, (_, tensors) in enumerate(blends):
         level = reference_blend_source_level(cur_step, steps) - (blend_level == "output")
         mask, x = tensors["mask"].expand(-1, 4, -1, -1), tensors["latents"]
         assert 0 < mask.float().mean() < 1
@@ -376,7 +406,8 @@ def reference_word_inds_of(text: str, word: str, tokenizer) -> list[int]:
 
 
 def reference_alpha_time_words(prompts, num_steps: int, cross_replace_steps: dict, tokenizer) -> np.ndarray:
-    """ptp_utils.get_time_words_attention_alpha for one edit: (T + 1, 77) float64, row cur_step read at step cur_step."""
+    """ptp_utils.get_time_words_attention_alpha for one edit: (T + 1, 77) float64, row cur_step read at step
+    cur_step."""
     alpha = np.zeros((num_steps + 1, 77), dtype=np.float64)
 
     def update(bounds, inds):
@@ -401,8 +432,12 @@ def test_per_word_cross_replace_steps_are_fatezeros(tokenizer, num_steps):
               {"default_": 0.7, "wolf": 0.3, "snow": 0.58, "grey": 1.0}),
              ("a sleepy white duck", "a sleepy yellow rubber duck", {"default_": 0.5, "rubber": 0.0, "duck": 0.75})]
     for source_prompt, prompt, schedule in cases:
-        edit = FateZeroSettings(prompt, source_prompt=source_prompt, cross_replace=schedule["default_"],
-                                cross_replace_words=tuple((w, f) for w, f in schedule.items() if w != "default_")).validate()
+        edit = FateZeroSettings(
+            prompt,
+            source_prompt=source_prompt,
+            cross_replace=schedule["default_"],
+            cross_replace_words=tuple((w, f) for w, f in schedule.items() if w != "default_"),
+        ).validate()
         steps = EditMaps.build(edit, tokenizer).cross_steps(num_steps)
         alpha = reference_alpha_time_words([source_prompt, prompt], num_steps, schedule, tokenizer)
         for j in range(77):

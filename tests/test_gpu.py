@@ -20,7 +20,9 @@ from stem.video import Video
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 CUDA = torch.device("cuda")
-SETTINGS = InversionSettings(model=TINY_MODEL, method="stem", num_bases=8, num_iters=2, num_steps=3, size=64, prompt="a cat")
+SETTINGS = InversionSettings(
+    model=TINY_MODEL, method="stem", num_bases=8, num_iters=2, num_steps=3, size=64, prompt="a cat"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +115,9 @@ def test_fused_attention_kernels_accept_our_shapes():
 
 def test_offload_on_cuda_gives_the_same_result_and_keeps_one_part_on_the_gpu(tmp_path):
     video = clip()
-    reference = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "r")).use_parts(build_tiny(device=CUDA)).invert(video, SETTINGS)
+    reference = (
+        Engine(TINY_MODEL, cache=LatentCache(tmp_path / "r")).use_parts(build_tiny(device=CUDA)).invert(video, SETTINGS)
+    )
     parts = build_tiny(device=CUDA)
     engine = Engine(TINY_MODEL, cache=LatentCache(tmp_path / "o"), offload=True).use_parts(parts)
     result = engine.invert(video, SETTINGS)

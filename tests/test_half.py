@@ -15,8 +15,9 @@ float16 errors are the largest in units of u). Measured on this model (float16 /
     reconstruct-ddim 13 / 13  reconstruct-stem 44 / 16   edit-tokenflow 18 / 19      edit-tokenflow-stem 72 / 30
 
 Each case's bound is loose, 3-5x its largest measurement: other CPUs run other kernels and summation
-orders, and STEM's E-step turns a different last bit into a different responsibility; an error of order 1 (a wrong dtype path, EM statistics kept in half) fails
-them all, and an error of 0 (the half model silently running in float32) fails too.
+orders, and STEM's E-step turns a different last bit into a different responsibility; an error of order 1
+(a wrong dtype path, EM statistics kept in half) fails them all, and an error of 0 (the half model
+silently running in float32) fails too.
 
 Adding a path (FateZero editing, FreeU) is one entry in CASES: (a function of (parts, the float32
 inversion, a folder) returning float32 latents or uint8 frames, its bound in u), e.g.

@@ -109,7 +109,9 @@ def test_one_dict_per_step_and_a_sampling_callback_may_replace_the_latents(tiny_
     seen.clear()
     plain = ddim_sample(eps, trajectory[-1], timesteps, alphas, lambda info: seen.append(info) or True)  # not a tensor
     assert torch.equal(plain, ddim_sample(eps, trajectory[-1], timesteps, alphas))
-    assert [(d["i"], d["step"]) for d in seen] == [(k, 6 - k) for k in range(1, 6)] and torch.equal(seen[-1]["x"], plain)
+    assert [(d["i"], d["step"]) for d in seen] == [(k, 6 - k) for k in range(1, 6)] and torch.equal(
+        seen[-1]["x"], plain
+    )
     # a hook that puts the latents back on the inversion's trajectory after every step ends at x_0 exactly
     hooked = ddim_sample(eps, trajectory[-1], timesteps, alphas, lambda info: trajectory[info["step"] - 1])
     assert torch.equal(hooked, latents) and not torch.equal(plain, latents)

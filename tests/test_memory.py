@@ -28,9 +28,18 @@ SETTINGS = InversionSettings(model=TINY_MODEL, method="stem", num_bases=8, num_i
 
 # -- dtype ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, dtype", [("float16", torch.float16), ("fp16", torch.float16), ("bf16", torch.bfloat16),
-                                         ("bfloat16", torch.bfloat16), ("float32", torch.float32), (None, torch.float32),
-                                         (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "name, dtype",
+    [
+        ("float16", torch.float16),
+        ("fp16", torch.float16),
+        ("bf16", torch.bfloat16),
+        ("bfloat16", torch.bfloat16),
+        ("float32", torch.float32),
+        (None, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+    ],
+)
 def test_dtype_names_on_the_cpu(name, dtype):
     assert resolve_dtype(name, "cpu") == dtype
 
@@ -118,7 +127,9 @@ def test_offload_leaves_only_the_running_part_and_streaming_only_one_layer():
     full, offloaded = estimate(JOB, SD15, chunk=1), estimate(JOB, SD15, chunk=1, offload=True)
     assert full["unet"] - offloaded["unet"] == pytest.approx(SD15.vae_bytes + SD15.text_bytes, abs=2)
     streamed = estimate(JOB, SD15, chunk=1, offload=True, stream_unet=True)
-    assert offloaded["unet"] - streamed["unet"] == pytest.approx(SD15.unet_bytes - SD15.largest_unet_module_bytes, abs=2)
+    assert offloaded["unet"] - streamed["unet"] == pytest.approx(
+        SD15.unet_bytes - SD15.largest_unet_module_bytes, abs=2
+    )
 
 
 def test_an_editor_adds_its_phase():
@@ -246,7 +257,9 @@ def test_a_plan_made_for_an_edit_serves_its_inversion_and_another_jobs_plan_is_r
                                                                                        count_calls):
     facts = ModelFacts.of(tiny_parts)
     job = Job(video.num_frames, video.height, video.width, "stem", SETTINGS.num_steps)
-    budget = estimate(dataclasses.replace(job, editor="tokenflow", edit_batch_size=2), facts, chunk=1, vae_batch=1)["peak"]
+    budget = estimate(dataclasses.replace(job, editor="tokenflow", edit_batch_size=2), facts, chunk=1, vae_batch=1)[
+        "peak"
+    ]
     engine = Engine(TINY_MODEL, cache=LatentCache(tmp_path), memory_budget=lambda: budget).use_parts(tiny_parts)
     edit_plan = engine.plan(video, SETTINGS, SimpleNamespace(batch_size=2))
     assert "edit" in edit_plan.phases and edit_plan.estimate_bytes <= budget

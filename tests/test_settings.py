@@ -36,7 +36,13 @@ def test_specs_read_the_fields_metadata_in_order():
     names = [s.name for s in specs(Toy)]
     assert names == ["count", "limit", "scale", "kind", "pairs", "extra", "hidden", "inner"]
     count = spec(Toy, "count")
-    assert (count.type, count.default, count.label, count.words, count.flag) == (int, 3, "Count K", "the count K", "--count")
+    assert (count.type, count.default, count.label, count.words, count.flag) == (
+        int,
+        3,
+        "Count K",
+        "the count K",
+        "--count",
+    )
     assert (count.minimum, count.maximum, count.faces) == (1, 8, frozenset({"cli", "app", "api", "metrics"}))
     limit = spec(Toy, "limit")
     assert limit.words == "limit" and limit.optional and limit.base_type is int and limit.default is None
@@ -76,7 +82,10 @@ def test_for_face_puts_the_face_name_first():
     error = SettingError("count", "The count K must be between 1 and 8, got 0.")
     assert for_face(error, "--count") == "--count: the count K must be between 1 and 8, got 0."
     assert for_face(error, "Count K") == "Count K: the count K must be between 1 and 8, got 0."
-    assert for_face(SettingError("b1", "FreeU b1 must be a number."), "--freeu-b1") == "--freeu-b1: FreeU b1 must be a number."
+    assert (
+        for_face(SettingError("b1", "FreeU b1 must be a number."), "--freeu-b1")
+        == "--freeu-b1: FreeU b1 must be a number."
+    )
 
 
 def test_metrics_records_what_applies_flattening_nested_settings():
@@ -107,8 +116,16 @@ def old_inversion_block(s: InversionSettings) -> dict:
     return block
 
 
-@pytest.mark.parametrize("changes", [{}, dict(method="ddim"), dict(method="inflated", control="canny"),
-                                     dict(control="depth", control_scale=0), dict(control="canny", model="tiny-random")])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        dict(method="ddim"),
+        dict(method="inflated", control="canny"),
+        dict(control="depth", control_scale=0),
+        dict(control="canny", model="tiny-random"),
+    ],
+)
 def test_inversion_metrics_keep_their_keys_and_values(changes):
     s = dataclasses.replace(InversionSettings(), **changes)
     block = metrics(s)
@@ -188,8 +205,22 @@ def test_a_new_inversion_setting_reaches_help_errors_and_metrics_json(monkeypatc
     assert "--warmth WARMTH" in " ".join(capsys.readouterr().out.split())
     code, _, err = run_cli(["invert", clip_file, *FAST, "--warmth", "-1", "--out", tmp_path / "never"], capsys)
     assert code == 2 and err == "error: --warmth: warmth must be 0 or more, got -1.0.\n"
-    code, _, err = run_cli(["invert", clip_file, *FAST, "--method", "ddim", "--warmth", "0.5", "--out", tmp_path / "out",
-                            "--cache-dir", tmp_path / "cache"], capsys)
+    code, _, err = run_cli(
+        [
+            "invert",
+            clip_file,
+            *FAST,
+            "--method",
+            "ddim",
+            "--warmth",
+            "0.5",
+            "--out",
+            tmp_path / "out",
+            "--cache-dir",
+            tmp_path / "cache",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["warmth"] == 0.5
 
@@ -201,7 +232,9 @@ def test_a_new_edit_setting_reaches_help_and_metrics_json(monkeypatch, clip_file
     monkeypatch.setitem(options.EDITOR_SETTINGS, "tokenflow", with_new_setting(TokenFlowSettings, "sharpness"))
     with pytest.raises(SystemExit):
         run_cli(["edit", "--help"], capsys)
-    assert "--sharpness SHARPNESS the brand-new sharpness setting (default: 0.25)" in " ".join(capsys.readouterr().out.split())
+    assert "--sharpness SHARPNESS the brand-new sharpness setting (default: 0.25)" in " ".join(
+        capsys.readouterr().out.split()
+    )
     code, _, err = run_cli(["edit", clip_file, *FAST, "--method", "ddim", "--prompt", "a dog", "--sharpness", "2",
                             "--out", tmp_path / "out", "--cache-dir", tmp_path / "cache"], capsys)
     assert code == 0, err

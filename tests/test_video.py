@@ -235,7 +235,9 @@ def test_truncated_mp4_gives_fewer_frames_or_stem_error(tmp_path, faststart, fra
         else:
             assert 1 <= clip.num_frames < 30
     if not faststart:  # without an index at the start nothing can be decoded, and the sentence says why
-        with pytest.raises(StemError, match=r"is truncated or damaged and cannot be read \(it ends inside its 'mdat' box"):
+        with pytest.raises(
+            StemError, match=r"is truncated or damaged and cannot be read \(it ends inside its 'mdat' box"
+        ):
             read_video(cut, size=64)
 
 
@@ -388,7 +390,9 @@ def test_16_bit_gray_png_frames_are_scaled_not_clipped(tmp_path):
     ("libx264", "yuv420p10le", ".mp4", "rgb24", 100, 100),
     ("png", "rgb48be", ".mov", "rgb24", 180, 180),
 ])
-def test_high_bit_depth_and_gray_videos_convert_to_8_bit_rgb(tmp_path, codec, pix_fmt, suffix, frame_format, level, expected):
+def test_high_bit_depth_and_gray_videos_convert_to_8_bit_rgb(
+    tmp_path, codec, pix_fmt, suffix, frame_format, level, expected
+):
     shape = (3, 48, 64) if frame_format.startswith("gray") else (3, 48, 64, 3)
     dtype = np.uint16 if frame_format.endswith("16le") else np.uint8
     path = tmp_path / f"clip{suffix}"
@@ -516,9 +520,13 @@ def test_a_constant_rate_file_with_a_coarse_time_base_keeps_its_exact_rate(tmp_p
 
 @pytest.mark.parametrize("fps", [1e-9, 1e-5, 0.001, 1500.0, float("inf"), float("nan")])
 def test_a_rate_an_mp4_cannot_hold_is_refused_before_reading_or_writing(clip_path, tmp_path, fps):
-    with pytest.raises(StemError, match=r"^The frame rate must be a positive number of frames per second between 0.01 and 1000"):
+    with pytest.raises(
+        StemError, match=r"^The frame rate must be a positive number of frames per second between 0.01 and 1000"
+    ):
         read_video(clip_path, size=64, fps=fps)
-    with pytest.raises(StemError, match=r"Cannot write '.*never\.mp4' at .* fps; the fps must be between 0.01 and 1000"):
+    with pytest.raises(
+        StemError, match=r"Cannot write '.*never\.mp4' at .* fps; the fps must be between 0.01 and 1000"
+    ):
         write_video(tmp_path / "never.mp4", make_clip(2), fps)
     assert not (tmp_path / "never.mp4").exists()
 
@@ -579,7 +587,9 @@ def test_an_mp4_cut_inside_its_index_at_the_end_says_it_is_truncated(tmp_path):
     cut.write_bytes(data[: moov + 16])  # the index's first bytes only
     with av.open(str(cut)) as container:  # the premise: FFmpeg opens it, with no stream at all
         assert len(container.streams) == 0
-    _assert_stem_error(r"'.*cut\.mp4' is truncated or damaged and cannot be read \(it ends inside its 'moov' box", path=cut)
+    _assert_stem_error(
+        r"'.*cut\.mp4' is truncated or damaged and cannot be read \(it ends inside its 'moov' box", path=cut
+    )
     audio = tmp_path / "sound.mp4"  # a complete file without video still says just that
     with av.open(str(audio), "w") as container:
         stream = container.add_stream("aac", rate=8000)

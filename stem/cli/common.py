@@ -56,7 +56,9 @@ def parse_device(name: str | None):
     present = {"cpu": True, "cuda": torch.cuda.is_available(),
                "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
     if not present.get(device.type, False):
-        raise StemError(f"--device {name} is not available on this machine; leave --device out to use the best available one.")
+        raise StemError(
+            f"--device {name} is not available on this machine; leave --device out to use the best available one."
+        )
     return device
 
 

@@ -17,15 +17,22 @@ from .options import add_edit_options, add_inversion_options, edit_settings_for,
 def add_edit_command(subparsers) -> None:
     """Register the `edit` command on the `python -m stem` subparsers."""
     edit = subparsers.add_parser(
-        "edit", help="edit a video with a text prompt (TokenFlow or FateZero on its inversion); writes edited.mp4 and metrics.json")
+        "edit",
+        help="edit a video with a text prompt (TokenFlow or FateZero on its inversion); writes edited.mp4 and "
+        "metrics.json",
+    )
     add_inversion_options(edit, prompt_flags=("--source-prompt",),  # one --seed drives both
                           seed_help="seed of the EM initialisation and of the keyframe choice")
     edit.add_argument("--prompt", dest="prompts", action="append", default=None, metavar="TEXT",
                       help="target prompt; repeat it for several edits of the same inversion (one video each)")
     add_edit_options(edit)
-    edit.add_argument("--clip-model", default=None, metavar="NAME",
-                      help="also score each edit with this CLIP model (e.g. openai/clip-vit-base-patch32, or tiny-random): "
-                           "clip_text, frame_acc and tem_con in metrics.json (default: off)")
+    edit.add_argument(
+        "--clip-model",
+        default=None,
+        metavar="NAME",
+        help="also score each edit with this CLIP model (e.g. openai/clip-vit-base-patch32, or tiny-random): "
+        "clip_text, frame_acc and tem_con in metrics.json (default: off)",
+    )
     edit.set_defaults(run=cmd_edit)
 
 
@@ -54,7 +61,9 @@ def cmd_edit(args) -> dict:
         progress = TqdmProgress()
         results = []
         for edit in edits:
-            results.append(edit_video(engine, video, settings, edit, engine.plan(video, settings, edit, args.chunk_size), progress))
+            results.append(
+                edit_video(engine, video, settings, edit, engine.plan(video, settings, edit, args.chunk_size), progress)
+            )
             progress.close()
         blocks = []
         with staged_outputs(out, names) as stage:  # all outputs move into `out` together, or none
@@ -62,7 +71,9 @@ def cmd_edit(args) -> dict:
                 write_video(stage / name, result.frames, video.fps)
                 clip = scorer.edit_metrics(result.frames, settings.prompt, result.settings.prompt) if scorer else {}
                 blocks.append({"file": name, **edit_metrics(video, result), **clip})
-            write_json(stage / "metrics.json", blocks[0] if len(blocks) == 1 else {"video": str(args.video), "edits": blocks})
+            write_json(
+                stage / "metrics.json", blocks[0] if len(blocks) == 1 else {"video": str(args.video), "edits": blocks}
+            )
             write_control(stage, engine, video, settings)
         return {"out": str(out), "edits": [{k: b[k] for k in ("file", "prompt", "warp_error", "inversion_cache_hit",
                                                              "seconds_inversion", "seconds_editing")} for b in blocks]}

@@ -22,7 +22,9 @@ def add_invert_commands(subparsers) -> None:
     compare = subparsers.add_parser("compare", help="invert with DDIM and STEM (and inflated DDIM with --all); writes "
                                     "comparison.mp4 and metrics.json")
     add_inversion_options(compare, prompt_flags=PROMPT_FLAGS)
-    compare.add_argument("--all", action="store_true", help="also run the inflated DDIM baseline (slow: quadratic in frames)")
+    compare.add_argument(
+        "--all", action="store_true", help="also run the inflated DDIM baseline (slow: quadratic in frames)"
+    )
     compare.set_defaults(run=cmd_compare)
 
 
@@ -53,7 +55,9 @@ def cmd_compare(args) -> dict:
         progress = TqdmProgress()
         results = {}
         for settings in jobs:
-            results[settings.method] = engine.invert(video, settings, engine.plan(video, settings, chunk_size=args.chunk_size), progress)
+            results[settings.method] = engine.invert(
+                video, settings, engine.plan(video, settings, chunk_size=args.chunk_size), progress
+            )
             progress.close()
         motion = source_motion(video.frames)  # every reconstruction is judged against the clip's motion
         blocks = {m: inversion_metrics(video, r, engine, motion) for m, r in results.items()}
@@ -64,4 +68,7 @@ def cmd_compare(args) -> dict:
             write_video(stage / "comparison.mp4", panel, video.fps)
             write_control(stage, engine, video, jobs[0])
             write_json(stage / "metrics.json", {"video": str(args.video), "methods": blocks})
-        return {"out": str(out), **{m: {k: b[k] for k in ("psnr", "ssim", "warp_error", "cache_hit")} for m, b in blocks.items()}}
+        return {
+            "out": str(out),
+            **{m: {k: b[k] for k in ("psnr", "ssim", "warp_error", "cache_hit")} for m, b in blocks.items()},
+        }

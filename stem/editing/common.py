@@ -25,7 +25,15 @@ from ..engine import Engine, InversionResult, InversionSettings, non_finite_advi
 from ..errors import StemError
 from ..settings import SettingError, check, setting
 from ..inversion import (
-    Callback, NonFiniteLatents, call_unet, ddim_sample, ddim_schedule, decode_latents, encode_prompt, in_phase, to_epsilon,
+    Callback,
+    NonFiniteLatents,
+    call_unet,
+    ddim_sample,
+    ddim_schedule,
+    decode_latents,
+    encode_prompt,
+    in_phase,
+    to_epsilon,
 )
 from ..memory import MemoryPlan
 from ..video import Video
@@ -151,7 +159,9 @@ def unet_groups(parts, text: torch.Tensor, source: torch.Tensor, x: torch.Tensor
     return out.float().view(NUM_GROUPS, n, *x.shape[1:])
 
 
-def guided_noise(out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, guidance: float, prediction_type: str) -> torch.Tensor:
+def guided_noise(
+    out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, guidance: float, prediction_type: str
+) -> torch.Tensor:
     """(3, n, 4, h, w) UNet outputs -> (n, 4, h, w) the edit's classifier-free-guided noise."""
     uncond, cond = to_epsilon(out[UNCOND:], x, alpha, prediction_type)
     return uncond + guidance * (cond - uncond)
@@ -201,7 +211,10 @@ def edit_video(engine: Engine, video: Video, inversion: InversionSettings, edit:
     control = {} if control is None else {"control": control}
     timesteps, alphas = ddim_schedule(parts.scheduler, inversion.num_steps)
     if timesteps.tolist() != result.timesteps.tolist():
-        raise StemError("The cached inversion was made with other timesteps than this model's scheduler gives; clear the cache and try again.")
+        raise StemError(
+            "The cached inversion was made with other timesteps than this model's scheduler gives; clear the cache "
+            "and try again."
+        )
     with torch.inference_mode():
         text = torch.cat([encode_prompt(parts.tokenizer, parts.text_encoder, p)
                           for p in (inversion.prompt, edit.negative_prompt, edit.prompt)])
@@ -210,8 +223,16 @@ def edit_video(engine: Engine, video: Video, inversion: InversionSettings, edit:
         with engine.applied(plan):
             try:
                 latents, details = edit_latents(
-                    parts, result.trajectory, timesteps, alphas, text, edit, engine.attention_state(inversion, NUM_GROUPS),
-                    plan.chunk_size, in_phase(callback, "editing"), **control,
+                    parts,
+                    result.trajectory,
+                    timesteps,
+                    alphas,
+                    text,
+                    edit,
+                    engine.attention_state(inversion, NUM_GROUPS),
+                    plan.chunk_size,
+                    in_phase(callback, "editing"),
+                    **control,
                 )
             except NonFiniteLatents as error:
                 raise StemError(f"The edit became NaN or infinite at step {error.step} of {error.total}, so nothing "

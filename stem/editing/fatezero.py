@@ -131,9 +131,14 @@ class FateZeroSettings:
                                     "the edit may change the video")
     blend_threshold: float = setting(0.3, label="Blend threshold", words="the blend threshold", minimum=0, maximum=1,
                                      step=0.05, help="mask threshold on the per-frame normalised word maps, in (0, 1]")
-    blend_self_attention: bool = setting(True, label="Blend self-attention", words="the self-attention blend",
-                                         faces={"cli", "metrics"}, help="with blend words: keep the edit's own "
-                                         "self-attention inside the source words' mask (FateZero's blend_self_attention)")
+    blend_self_attention: bool = setting(
+        True,
+        label="Blend self-attention",
+        words="the self-attention blend",
+        faces={"cli", "metrics"},
+        help="with blend words: keep the edit's own "
+        "self-attention inside the source words' mask (FateZero's blend_self_attention)",
+    )
     # with blend words: blend the latents with the source's outside the masks; off as in FateZero's configs (only
     # its jeep_posche_local_latent_blend.yaml turns it on; the others leave it out: "performance not so good")
     blend_latents: bool = setting(False, label="Blend latents", words="the latent blend", faces={"cli", "metrics"},
@@ -211,10 +216,17 @@ class FateZeroSettings:
             raise self._error("blend_words", "The blend words take SRC or SRC,TGT (e.g. car or car,truck), got "
                               f"{self.blend_words!r}.")
         source_words, target_words = self.blend_word_lists()
-        for words, prompt, which in ((source_words, self.source_prompt, "source"), (target_words, self.prompt, "target")):
+        for words, prompt, which in (
+            (source_words, self.source_prompt, "source"),
+            (target_words, self.prompt, "target"),
+        ):
             for word in words:
                 if not contains_word(prompt, word):
-                    hint = "" if which == "source" or len(sides) == 2 else f"; name the target's word too: {word},TARGET_WORD"
+                    hint = (
+                        ""
+                        if which == "source" or len(sides) == 2
+                        else f"; name the target's word too: {word},TARGET_WORD"
+                    )
                     raise self._error("blend_words", f"The blend word {word!r} is not in the {which} prompt "
                                       f"{prompt!r}{hint}.")
 
@@ -396,7 +408,10 @@ class FateZeroAttnProcessor(FrameAttnProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  chunk: FrameChunk | None = None, **kwargs):
         if chunk is None:
-            raise ValueError(f"{self.name}: FateZero processors run with cross_attention_kwargs={{'chunk': FrameChunk}}")
+            raise ValueError(
+                f"{self.name}: FateZero processors run with cross_attention_kwargs={{'chunk': FrameChunk}}"
+            )
+
         # the lock-step chunks share the processors, so a call's chunk travels with the call, not on `self`
         def attend(attn, query, key, value, attention_mask=None):
             return self.attend_chunk(attn, query, key, value, chunk, attention_mask)
@@ -421,7 +436,9 @@ class FateZeroSelfAttnProcessor(FateZeroAttnProcessor):
 
     def __init__(self, state: FateZeroState, name: str, layer_index: int):
         super().__init__(state, name, layer_index)
-        self.stem = StemAttnProcessor(state.attention, name, layer_index)  # its EM (`bases`), seeded as in the inversion
+        self.stem = StemAttnProcessor(
+            state.attention, name, layer_index
+        )  # its EM (`bases`), seeded as in the inversion
 
     def attend_chunk(self, attn, query, key, value, chunk, attention_mask=None):
         state, G = self.edit, chunk.groups
@@ -443,15 +460,23 @@ class FateZeroSelfAttnProcessor(FateZeroAttnProcessor):
         if method == "ddim":
             return F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
         if method == "inflated":
-            return InflatedAttnProcessor(AttentionState(method="inflated", num_groups=groups)).attend(attn, query, key, value)
-        return self.attend_bases(attn, query, *whole_video(self.stem.bases, _frames_major(key, groups), _frames_major(value, groups)))
+            return InflatedAttnProcessor(AttentionState(method="inflated", num_groups=groups)).attend(
+                attn, query, key, value
+            )
+        return self.attend_bases(
+            attn, query, *whole_video(self.stem.bases, _frames_major(key, groups), _frames_major(value, groups))
+        )
 
     @staticmethod
     def attend_bases(attn, query, key_bases, value_bases) -> torch.Tensor:
         """(G*n, h, L, d) queries, (G, h, K, d|dv) bases -> (G*n, h, L, dv): each frame over its group's bases."""
         frames = query.shape[0] // key_bases.shape[0]
-        return F.scaled_dot_product_attention(query, key_bases.to(query.dtype).repeat_interleave(frames, dim=0),
-                                              value_bases.to(query.dtype).repeat_interleave(frames, dim=0), scale=attn.scale)
+        return F.scaled_dot_product_attention(
+            query,
+            key_bases.to(query.dtype).repeat_interleave(frames, dim=0),
+            value_bases.to(query.dtype).repeat_interleave(frames, dim=0),
+            scale=attn.scale,
+        )
 
     def fused_maps(self, attn, query, key, value, mask):
         """ddim / inflated: the target group attends with the source's queries and keys (the source's maps)."""
@@ -514,7 +539,9 @@ class FateZeroCrossAttnProcessor(FateZeroAttnProcessor):
                     chunk.record("target", target @ state.maps.target_blend)
                 if fuse:
                     groups = _groups(out, G)
-                    groups[COND] = (state.maps.fuse_cross(source, target, state.cross_alpha) @ v[COND].float()).to(out.dtype)
+                    groups[COND] = (state.maps.fuse_cross(source, target, state.cross_alpha) @ v[COND].float()).to(
+                        out.dtype
+                    )
                     out = torch.cat(groups)
         self.observe("cross", chunk, {"query": query, "key": key, "value": value, "output": out})
         return out
@@ -636,7 +663,15 @@ def edit_latents(
         state.fuse_self, state.fuse_cross = k <= self_steps, bool(state.cross_alpha.any())
         source = source_latents(trajectory, i - 1 if edit.source_maps == "inversion" else i, device)
         out, maps_of_step["source"], maps_of_step["target"] = unet_step(
-            parts, text, source, x, t, chunk_size, maps.blends and state.fuse_self and edit.blend_self_attention, control)
+            parts,
+            text,
+            source,
+            x,
+            t,
+            chunk_size,
+            maps.blends and state.fuse_self and edit.blend_self_attention,
+            control,
+        )
         return guided_noise(out, x, alphas[i], edit.guidance, parts.prediction_type)
 
     def blend(x, i):
@@ -646,7 +681,9 @@ def edit_latents(
         target_maps = step_maps if target_maps is None else target_maps + step_maps
         if blend_from < k <= blend_to:
             size = tuple(x.shape[-2:])
-            mask = blend_mask(maps_of_step["source"], size, edit.blend_threshold) | blend_mask(target_maps, size, edit.blend_threshold)
+            mask = blend_mask(maps_of_step["source"], size, edit.blend_threshold) | blend_mask(
+                target_maps, size, edit.blend_threshold
+            )
             x = torch.where(mask, x, source_latents(trajectory, i if edit.blend_level == "input" else i - 1, device))
             blended.append(i)
             if trace is not None:

@@ -4,8 +4,8 @@ STEM authors ship with their TokenFlow editing.
 Inside every up block, just before a resnet concatenates its skip connection, FreeU looks at the
 width of the hidden states arriving from below:
 
-    the UNet's widest width (1280 in SD 1.x/2.x):    first half of the hidden channels x b1, skip features filtered with s1
-    block_out_channels[1] (640 in SD 1.x/2.x):       first half of the hidden channels x b2, skip features filtered with s2
+    the UNet's widest width (1280 in SD 1.x/2.x):  first half of the hidden channels x b1, skip filtered with s1
+    block_out_channels[1] (640 in SD 1.x/2.x):     first half of the hidden channels x b2, skip filtered with s2
 
 The skip filter (`fourier_filter`) scales the lowest frequencies of each channel: a 2-D FFT over
 height and width (float32, or float64 for a float64 model), shifted so that frequency 0 sits at

@@ -56,8 +56,21 @@ from ..inversion import Callback
 from ..lockstep import whole_video
 from ..settings import metrics, setting
 from .common import (
-    DEFAULT_NEGATIVE_PROMPT, EDITORS, NUM_GROUPS, SOURCE, fraction_setting, from_source, guidance_setting, guided_noise,
-    negative_prompt_setting, sample_edit, source_latents, target_prompt_setting, unet_groups, validate_common, wide_dtype,
+    DEFAULT_NEGATIVE_PROMPT,
+    EDITORS,
+    NUM_GROUPS,
+    SOURCE,
+    fraction_setting,
+    from_source,
+    guidance_setting,
+    guided_noise,
+    negative_prompt_setting,
+    sample_edit,
+    source_latents,
+    target_prompt_setting,
+    unet_groups,
+    validate_common,
+    wide_dtype,
 )
 from .freeu import FreeUSettings, freeu_installed
 
@@ -156,7 +169,9 @@ def unit_features(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.to(wide_dtype(x.dtype)), dim=-1)
 
 
-def nearest_tokens(queries: torch.Tensor, keys: torch.Tensor, chunk_elements: int = DEFAULT_MATCH_CHUNK_ELEMENTS) -> torch.Tensor:
+def nearest_tokens(
+    queries: torch.Tensor, keys: torch.Tensor, chunk_elements: int = DEFAULT_MATCH_CHUNK_ELEMENTS
+) -> torch.Tensor:
     """Index of the most cosine-similar key token for every query token.
 
     Args:
@@ -343,7 +358,9 @@ def conv_injection(unet, state: EditState, layer: str = CONV_INJECTION_LAYER) ->
     """
     conv = f"{layer}.conv2"
     if conv not in dict(unet.named_modules()):
-        raise StemError(f"This UNet has no residual block named {layer!r}; editing needs a Stable Diffusion 1.x/2.x UNet.")
+        raise StemError(
+            f"This UNet has no residual block named {layer!r}; editing needs a Stable Diffusion 1.x/2.x UNet."
+        )
 
     def hook(_module, _args, output):
         if state.inject_conv:
@@ -432,7 +449,11 @@ def edit_latents(
         state.neighbours = state.frames = None
         return noise
 
-    with tokenflow_processors(unet, state, edit.attention), conv_injection(unet, state), freeu_installed(unet, edit.freeu):
+    with (
+        tokenflow_processors(unet, state, edit.attention),
+        conv_injection(unet, state),
+        freeu_installed(unet, edit.freeu),
+    ):
         latents = sample_edit(eps, trajectory, timesteps, alphas, device, callback)
     return latents, {"keyframes": chosen}
 

@@ -215,7 +215,9 @@ def word_map(tokenizer, source_prompt: str, target_prompt: str, mode: str = "aut
             f"{word_count(source_prompt)} and the target prompt {word_count(target_prompt)}; use {{word_map}} refine "
             "or auto.", mentions=WORD_MAP)
     if mode == "replace" or (mode == "auto" and same_words):
-        return WordMap("replace", fatezero_replace_columns(tokenizer, source_prompt, target_prompt, length), (1.0,) * length)
+        return WordMap(
+            "replace", fatezero_replace_columns(tokenizer, source_prompt, target_prompt, length), (1.0,) * length
+        )
     if mode == "tokens" and len(source) == len(target):
         return WordMap.from_index("replace", range(length), (1.0,) * length)
     index, weight = [0] * length, [0.0] * length

@@ -49,9 +49,16 @@ def add_evaluate_command(subparsers) -> None:
     add_edit_options(evaluate, overrides=dict(editor=dict(default=None, help=argparse.SUPPRESS)))
     evaluate.add_argument("--methods", default=DEFAULT_METHODS,
                           help="comma-separated inversion methods: stem, ddim, inflated (default: %(default)s)")
-    evaluate.add_argument("--editors", default="tokenflow",
-                          help=f"comma-separated editors ({', '.join(EDITOR_SETTINGS)}), or none for reconstructions only "
-                               "(default: %(default)s, the editor of the paper's main results)")
-    evaluate.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, metavar="NAME",
-                          help="CLIP for the edit metrics: hub id, local folder, tiny-random, or none (default: %(default)s)")
+    evaluate.add_argument(
+        "--editors",
+        default="tokenflow",
+        help=f"comma-separated editors ({', '.join(EDITOR_SETTINGS)}), or none for reconstructions only "
+        "(default: %(default)s, the editor of the paper's main results)",
+    )
+    evaluate.add_argument(
+        "--clip-model",
+        default=DEFAULT_CLIP_MODEL,
+        metavar="NAME",
+        help="CLIP for the edit metrics: hub id, local folder, tiny-random, or none (default: %(default)s)",
+    )
     evaluate.set_defaults(run=cmd_evaluate)

@@ -88,7 +88,9 @@ def read_manifest(path: str | os.PathLike, default_source_prompt: str = "") -> l
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise StemError(f"Cannot read the manifest '{path}' ({type(error).__name__}); pass a UTF-8 JSON or YAML file.") from error
+        raise StemError(
+            f"Cannot read the manifest '{path}' ({type(error).__name__}); pass a UTF-8 JSON or YAML file."
+        ) from error
     is_yaml = path.suffix.lower() in (".yaml", ".yml")
     entries = _yaml_entries(text, path.name) if is_yaml else _json_entries(text, path.name)
     if not entries:
@@ -148,13 +150,17 @@ def _yaml_entries(text: str, name: str) -> list[tuple[object, int, dict[str, int
     try:
         import yaml
     except ImportError as error:
-        raise StemError(f"{name} is YAML but PyYAML is not installed; `pip install pyyaml` or write the manifest as JSON.") from error
+        raise StemError(
+            f"{name} is YAML but PyYAML is not installed; `pip install pyyaml` or write the manifest as JSON."
+        ) from error
     try:
         data, root = yaml.safe_load(text), yaml.compose(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise StemError(f"{name}{where}: not valid YAML ({getattr(error, 'problem', None) or error}); fix the manifest.") from error
+        raise StemError(
+            f"{name}{where}: not valid YAML ({getattr(error, 'problem', None) or error}); fix the manifest."
+        ) from error
     _check_list(data, name)
     entries = []
     for value, node in zip(data, root.value):
@@ -198,7 +204,9 @@ def _clip(value, file: str, number: int, line: int, lines: dict[str, int], folde
         raise StemError(f"{at('video')}: the video '{entry.video}' does not exist (looked for '{resolved}'); fix the "
                         "path, which is relative to the manifest's folder.")
     if not all(p.strip() for p in entry.target_prompts):
-        raise StemError(f"{at('target_prompts')}: field 'target_prompts' must be {TEXTS}, got {entry.target_prompts!r}.")
+        raise StemError(
+            f"{at('target_prompts')}: field 'target_prompts' must be {TEXTS}, got {entry.target_prompts!r}."
+        )
     name = entry.name if entry.name is not None else slug(Path(entry.video).stem)
     if not NAME_RE.fullmatch(name):
         raise StemError(f"{at('name')}: field 'name' names the clip's files, so it must be letters, digits, '.', '_' "

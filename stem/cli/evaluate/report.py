@@ -111,13 +111,21 @@ def summary_markdown(header: dict, rows: list[dict]) -> str:
     edits = table_groups(rows, EDIT)
     if edits:
         clip = header["clip_model"]
-        lines += ["", "## Editing", "",
-                  "Mean ± standard deviation over edits (clip × target prompt). "
-                  + (f"CLIP `{clip}`: CLIP text = mean cosine similarity of each edited frame to the target prompt "
-                     "(TokenFlow), Frame-Acc = share of frames closer to the target prompt than to the source prompt "
-                     "(FateZero), Tem-Con = mean cosine similarity of consecutive frames (FateZero). "
-                     if clip else "No CLIP model (--clip-model none). ")
-                  + "Warp error of the edit with the source's optical flow; seconds of editing (denoising + decoding).", ""]
+        lines += [
+            "",
+            "## Editing",
+            "",
+            "Mean ± standard deviation over edits (clip × target prompt). "
+            + (
+                f"CLIP `{clip}`: CLIP text = mean cosine similarity of each edited frame to the target prompt "
+                "(TokenFlow), Frame-Acc = share of frames closer to the target prompt than to the source prompt "
+                "(FateZero), Tem-Con = mean cosine similarity of consecutive frames (FateZero). "
+                if clip
+                else "No CLIP model (--clip-model none). "
+            )
+            + "Warp error of the edit with the source's optical flow; seconds of editing (denoising + decoding).",
+            "",
+        ]
         if clip == TINY_CLIP:
             lines += ["The CLIP model is the built-in `tiny-random` (random weights): its scores mean nothing.", ""]
         lines += markdown_table(edits, EDIT_TABLE, "editor / method")

@@ -79,7 +79,10 @@ def run_group(group: Group, engine, scorer, out: Path, skip: set[str], process_i
                 raise
             rows.append(_failed(job, error, process_index, log))
             continue
-        log(f"{job.id}: {rows[-1]['seconds_job']:.1f} s" + (" (inversion from the cache)" if rows[-1]["cache_hit"] else ""))
+        log(
+            f"{job.id}: {rows[-1]['seconds_job']:.1f} s"
+            + (" (inversion from the cache)" if rows[-1]["cache_hit"] else "")
+        )
     return rows
 
 
@@ -142,7 +145,7 @@ def cmd_evaluate(args) -> dict:
         model = engine.model_identity() if main else ""  # the weights' fingerprint: no weights loaded for it
     except StemError:
         if not main:  # every process finds the same problem; the main one says it
-            raise SystemExit(EXIT_ERROR)
+            raise SystemExit(EXIT_ERROR) from None
         raise
 
     # which jobs are done: the main process looks, every process gets its answer (the same view for all)
@@ -158,13 +161,17 @@ def cmd_evaluate(args) -> dict:
     rows = []
     if mine:
         needs_clip = any(job.kind == EDIT and job.id not in done_ids for i in mine for job in plan.groups[i].jobs)
-        scorer = load_clip(plan.clip_model, device) if plan.clip_model and needs_clip else None  # the smaller download first
+        scorer = (
+            load_clip(plan.clip_model, device) if plan.clip_model and needs_clip else None
+        )  # the smaller download first
         progress = TqdmProgress() if count == 1 else None
         engine.load(progress)
         todo = sum(job.id not in done_ids for i in mine for job in plan.groups[i].jobs)
         log(f"{todo} jobs in {len(mine)} groups on {engine.parts.device}")
         for i in mine:
-            rows += run_group(plan.groups[i], engine, scorer, out, done_ids, index, progress, log, args.debug, args.chunk_size)
+            rows += run_group(
+                plan.groups[i], engine, scorer, out, done_ids, index, progress, log, args.debug, args.chunk_size
+            )
             if progress is not None:
                 progress.close()
     rows = gather_object(rows)
@@ -180,7 +187,9 @@ def cmd_evaluate(args) -> dict:
         state.destroy_process_group()
     failed = [row for row in table if row.get("error")]
     if failed:
-        raise StemError(f"{len(failed)} of {len(table)} jobs failed (the first: {failed[0]['id']}: {failed[0]['error']}); "
-                        f"every row is in {out / 'results.json'}; rerun the same command to retry the failed ones.")
+        raise StemError(
+            f"{len(failed)} of {len(table)} jobs failed (the first: {failed[0]['id']}: {failed[0]['error']}); "
+            f"every row is in {out / 'results.json'}; rerun the same command to retry the failed ones."
+        )
     return {"out": str(out), "jobs": len(table), "ran": len(rows), "skipped": len(table) - len(rows),
             "processes": count, "summary": str(out / "summary.md")}
