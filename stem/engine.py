@@ -543,8 +543,8 @@ class Engine:
 
 
 EM_KERNELS = ("auto", "fused", "torch")
-# The fused kernel has run only in Triton's interpreter so far: no GPU has compiled or timed it, and its per-block
-# partial sums are large at 48 frames (README, GPU). `auto` picks it once a GPU check has.
+# The fused kernel has run only in Triton's interpreter so far: no GPU has compiled or timed it (docs/performance.md,
+# "The fused EM kernel"). `auto` picks it once a GPU check has.
 FUSED_BY_DEFAULT = False
 
 

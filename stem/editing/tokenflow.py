@@ -2,7 +2,8 @@
 
 The STEM authors edit their inverted videos with TokenFlow (Geyer et al. 2023) on top of
 plug-and-play (PnP) feature injection (Tumanyan et al. 2023) and FreeU (Si et al. 2024), in their
-release's `TokenFlow-Edit/`; the defaults here reproduce that code (see the README's "Faithfulness").
+release's `TokenFlow-Edit/`; the defaults here reproduce that code (see docs/method-and-faithfulness.md,
+"TokenFlow editing against the authors' release").
 At each DDIM step i (T down to 1) the UNet batch holds the three groups of `common` (source,
 negative, target; `AttentionState.num_groups == 3`) and one step is:
 
