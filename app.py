@@ -126,7 +126,7 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
     on_spaces = bool(os.environ.get("SPACE_ID")) if on_spaces is None else on_spaces
 
     with gr.Blocks(title="STEM video editing", delete_cache=(OUTPUT_TTL_SECONDS, OUTPUT_TTL_SECONDS)) as demo:
-        # the results, placed in the right-hand column below (made first: the examples name them)
+        # the status (under the buttons) and the results (the right-hand column), made first: the examples name them
         status = gr.Markdown("Upload a clip or pick an example, describe it, then **Invert** or **Edit**.",
                              elem_id="status", label="Status", render=False)  # the API's name of this output
         player = dict(interactive=False, visible=False, loop=True, elem_classes=["result-player"], render=False)
@@ -175,6 +175,8 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit-button", **button)
                     compare_button = gr.Button("Compare DDIM vs STEM", elem_id="compare-button", **button)
                     stop_button = gr.Button("Stop", variant="stop", elem_id="stop-button", interactive=False, **button)
+                status.render()  # right under the buttons: on a phone the columns stack, and a job's answer and
+                # progress must not land a screen below the button that started it
                 with gr.Accordion("Advanced", open=False):
                     c.update(_inversion_controls(d, max_pixels))
                     randomize = gr.Checkbox(False, label="Randomise the seed on each run",
@@ -193,7 +195,7 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                         example_labels=[e["label"] for e in examples], label="Examples",
                         **examples_caching(on_spaces, jobs.example, [edited, status, details]))
             with gr.Column():
-                for component in (status, edited, reconstruction, comparison, table):
+                for component in (edited, reconstruction, comparison, table):
                     component.render()
                 with gr.Accordion("Details (JSON)", open=False):
                     details.render()

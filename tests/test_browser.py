@@ -278,3 +278,35 @@ def test_a_first_visit_bad_input_at_once_buttons_follow_the_job_and_settings_fol
     busy.locator("#input-video").get_by_label("Clear").click()
     expect(history).to_be_hidden()
     busy.close()
+
+
+def test_on_a_phone_the_status_is_right_under_the_buttons(server, browser):
+    """22.8: the columns stack on a phone; the status (where answers and progress show) sits under the buttons,
+    above the Advanced settings, whether they are open or not."""
+    url, _ = server
+    page = browser.new_page()
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto(url)
+    page.locator("#status").wait_for()
+    page.locator("#stop-button").wait_for()
+
+    def top(selector: str, edge: str = "top") -> float:  # in page coordinates: clicking may scroll
+        return page.evaluate(f"document.querySelector({selector!r}).getBoundingClientRect().{edge} + window.scrollY")
+
+    def gap() -> float:  # from the lowest job button to the status, once the layout has settled
+        buttons = ("#invert-button", "#edit-button", "#compare-button", "#stop-button")  # two rows on a phone
+        last = None
+        for _ in range(40):
+            now = top("#status") - max(top(b, "bottom") for b in buttons)
+            if now == last:
+                return now
+            last = now
+            page.wait_for_timeout(250)
+        return last
+
+    assert 0 <= gap() < 100  # the next thing below the buttons, no column in between
+    page.get_by_text("Advanced").click()
+    page.wait_for_timeout(300)
+    assert top("#status") < top("#tokenflow-settings")  # opening Advanced does not push the status down
+    assert 0 <= gap() < 100
+    page.close()
