@@ -29,23 +29,20 @@ from typing import Callable
 import gradio as gr
 import torch
 
-from stem import Engine, LatentCache, StemError
+from stem import Engine, InversionSettings, LatentCache, StemError
 from stem.app_jobs import (
-    CONTROL_HELP, CPU_DEFAULTS, CPU_LIMIT, DEFAULTS, EDITORS, ENDPOINT_INPUTS, GPU_LIMIT, OUTPUT_TTL_SECONDS, Jobs,
-    ResultFolder, add_to_history, button_states, check_numbers, describe_limit, made_visible, parse_limit,
-    stop_all_jobs,
+    CPU_LIMIT, GPU_LIMIT, OUTPUT_TTL_SECONDS, Jobs, ResultFolder, add_to_history, button_states, check_numbers,
+    describe_limit, made_visible, parse_limit, stop_all_jobs,
 )
-from stem.editing import DEFAULT_NEGATIVE_PROMPT
+from stem.app_settings import (
+    CPU_DEFAULTS, DEFAULTS, EDIT_SETTINGS, EDITOR_LABELS, ENDPOINT_INPUTS, PARAMETERS, editor_default,
+)
 from stem.models import DEFAULT_MODEL, TINY_MODEL, TINY_WARNING, default_device
-from stem.video import DEFAULT_MAX_FRAMES
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 MAX_UPLOAD = "200mb"
 PLAYER_HEIGHT = 360  # px: a portrait clip never pushes the prompts and buttons off a phone's screen
-METHODS = [("STEM", "stem"), ("DDIM", "ddim"), ("Inflated DDIM", "inflated")]
 TABLE_HEADERS = ["Method", "PSNR dB ↑", "SSIM ↑", "Warp error ↓", "Cached", "Seconds"]
-CONTROLS = [("None", "none"), ("Canny edges", "canny"), ("Depth", "depth")]
-FREEU_CHOICES = [("The editor's default (on for TokenFlow, off for FateZero)", "default"), ("On", "on"), ("Off", "off")]
 log = logging.getLogger("stem.app")
 
 
@@ -159,15 +156,12 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                                          elem_classes=["result-player"])
                 condition_path = gr.State()
                 gif = gr.UploadButton("Upload a GIF instead", file_types=[".gif"], size="sm", elem_id="gif-upload")
-                c["source_prompt"] = gr.Textbox(
-                    label="Source prompt",
-                    elem_id="source-prompt",
-                    max_lines=3,
-                    info="Describes the input video; it conditions the inversion.",
-                    placeholder="Type what the input video shows",
-                )  # not an example: it would read as input
-                c["target_prompt"] = gr.Textbox(label="Target prompt", elem_id="target-prompt", max_lines=3,
-                                                info="Describes the video you want; press Enter to edit.",
+                # the prompts' placeholders ask for input: an example sentence there would read as input
+                source, target = PARAMETERS["source_prompt"], PARAMETERS["target_prompt"]
+                c["source_prompt"] = gr.Textbox(label=source.label, elem_id="source-prompt", max_lines=3,
+                                                info=source.help, placeholder="Type what the input video shows")
+                c["target_prompt"] = gr.Textbox(label=target.label, elem_id="target-prompt", max_lines=3,
+                                                info=f"{target.help} Press Enter to edit.",
                                                 placeholder="Type what the edited video should show")
                 with gr.Row():
                     button = dict(min_width=120)  # four in a row on a desktop, two on a phone
@@ -252,8 +246,9 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
         c["video"].upload(**clear)
         c["video"].clear(**clear)
         # each editor's own negative prompt and FreeU default (the authors' for TokenFlow, FateZero's none)
-        c["editor"].change(_chose_editor, c["editor"], [c["negative_prompt"], *(editor_groups[n] for _, n in EDITORS)],
-                           queue=False, api_visibility="private")
+        c["editor"].change(_chose_editor, c["editor"],
+                           [c["negative_prompt"], *(editor_groups[n] for n in EDIT_SETTINGS)], queue=False,
+                           api_visibility="private")
         if examples and on_spaces:
             examples.load_input_event.then(lambda: gr.update(visible=True), None, edited, queue=False,
                                            api_visibility="private")
@@ -266,80 +261,78 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
     return demo
 
 
+def setting_control(name: str, value) -> gr.components.Component:
+    """The page's control of an endpoint parameter, from its setting's spec: a radio for a choice, a checkbox for
+    a switch, a slider over the page's range, a number box, or a text box; its label, and one line of help."""
+    p = PARAMETERS[name]
+    common = dict(label=p.label, info=p.help, elem_id=name.replace("_", "-"), visible=p.visible)
+    if p.kind == "choice":
+        return gr.Radio(list(p.choices), value=value, **common)
+    if p.kind == "switch":
+        return gr.Checkbox(value, **common)
+    if p.kind == "slider":
+        return gr.Slider(p.low, p.high, value, step=p.step or (1 if p.whole else 0.05), **common)
+    if p.kind == "number":
+        # no bounds: the settings check the range, in words ("the seed must be between 0 and 2**63 - 1")
+        return gr.Number(value, precision=0 if p.whole else None, step=p.step, **common)
+    return gr.Textbox(value, max_lines=2, **common)
+
+
+def _controls(names: list[str], d: dict) -> dict:
+    """The controls of `names`, a choice on a row of its own, the others two to a row."""
+    c, pending = {}, []
+
+    def flush():
+        if pending:
+            with gr.Row():
+                for n in pending:
+                    c[n] = setting_control(n, d[n])
+            pending.clear()
+
+    for name in names:
+        if PARAMETERS[name].kind == "choice":
+            flush()
+            c[name] = setting_control(name, d[name])
+        else:
+            pending.append(name)
+            if len(pending) == 2:
+                flush()
+    flush()
+    return c
+
+
 def _inversion_controls(d: dict, max_pixels: int) -> dict:
-    """The Advanced panel's inversion settings, by endpoint parameter name; each says what it changes (info=)."""
-    c = {}
-    info = lambda name: dict(info=CONTROL_HELP[name])  # noqa: E731
+    """The Advanced panel's inversion settings (every InversionSettings parameter but the prompt), by name."""
     gr.Markdown("**Inversion**")
-    c["method"] = gr.Radio(METHODS, value=d["method"], label="Inversion method", **info("method"))
-    with gr.Row():
-        c["bases"] = gr.Slider(1, 1024, d["bases"], step=1, label="Bases K (STEM)", **info("bases"))
-        c["iters"] = gr.Slider(1, 20, d["iters"], step=1, label="EM iterations R (STEM)", **info("iters"))
-    with gr.Row():
-        c["steps"] = gr.Slider(1, 100, d["steps"], step=1, label="DDIM steps", **info("steps"))
-        c["stride"] = gr.Slider(1, 8, d["stride"], step=1, label="Stride (every n-th frame)", **info("stride"))
-    with gr.Row():
-        c["frames"] = gr.Slider(0, DEFAULT_MAX_FRAMES, d["frames"], step=1, label="Frames (0 = all)", **info("frames"))
-        c["size"] = gr.Slider(64, 1024, d["size"], step=32, label="Size (long side, px)", **info("size"))
+    names = [n for n, p in PARAMETERS.items() if InversionSettings in p.owners and n != "source_prompt"]
+    c = _controls(names, d)
     gr.Markdown(f"Limit per job: {describe_limit(max_pixels)}.")
-    c["seed"] = gr.Number(d["seed"], precision=0, label="Seed", **info("seed"))
-    with gr.Row():
-        c["control"] = gr.Radio(CONTROLS, value=d["control"], label="Structure guidance", **info("control"))
-        c["control_scale"] = gr.Slider(0, 2, d["control_scale"], step=0.05, label="Structure strength",
-                                       **info("control_scale"))
     return c
 
 
 def _edit_controls(d: dict) -> tuple[dict, dict]:
-    """The Advanced panel's edit settings, by endpoint parameter name (EDIT_INPUTS), and each editor's own group
-    of them (shown only while that editor is chosen)."""
-    c, groups = {}, {}
-    info = lambda name: dict(info=CONTROL_HELP[name])  # noqa: E731
+    """The Advanced panel's edit settings, by name: the editor, what every editor takes, each editor's own group
+    (shown only while that editor is chosen), then FreeU's."""
+    edit = [n for n, p in PARAMETERS.items() if n not in ("target_prompt", "seed") and
+            (n == "editor" or any(o in EDIT_SETTINGS.values() for o in p.owners))]
+    shared = [n for n in edit if set(EDIT_SETTINGS.values()) <= set(PARAMETERS[n].owners) and not PARAMETERS[n].nested]
+    nested = [n for n in edit if PARAMETERS[n].nested]
     gr.Markdown("**Editing**")
-    c["editor"] = gr.Radio(EDITORS, value=d["editor"], label="Editor", elem_id="editor", **info("editor"))
-    with gr.Row():
-        c["guidance"] = gr.Slider(1, 20, d["guidance"], step=0.5, label="Guidance scale", **info("guidance"))
-        c["negative_prompt"] = gr.Textbox(d["negative_prompt"], label="Negative prompt", max_lines=2,
-                                          **info("negative_prompt"))
-    with gr.Column(visible=d["editor"] == "tokenflow", elem_id="tokenflow-settings") as groups["tokenflow"]:
-        gr.Markdown("TokenFlow")
-        with gr.Row():
-            c["batch_size"] = gr.Slider(1, 32, d["batch_size"], step=1, label="Batch size (frames per keyframe)",
-                                        **info("batch_size"))
-            c["propagation"] = gr.Radio([("Previous keyframe (the authors')", "previous"),
-                                         ("Nearest keyframes", "nearest")],
-                                        value=d["propagation"], label="Propagation", **info("propagation"))
-        with gr.Row():
-            c["pnp_attn"] = gr.Slider(0, 1, d["pnp_attn"], step=0.05, label="PnP attention threshold",
-                                      **info("pnp_attn"))
-            c["pnp_conv"] = gr.Slider(0, 1, d["pnp_conv"], step=0.05, label="PnP convolution threshold",
-                                      **info("pnp_conv"))
-    with gr.Column(visible=d["editor"] == "fatezero", elem_id="fatezero-settings") as groups["fatezero"]:
-        gr.Markdown("FateZero")
-        with gr.Row():
-            c["self_replace"] = gr.Slider(0, 1, d["self_replace"], step=0.05,
-                                          label="Self-attention fusion (fraction of steps)", **info("self_replace"))
-            c["cross_replace"] = gr.Slider(0, 1, d["cross_replace"], step=0.05,
-                                           label="Cross-attention fusion (fraction of steps)", **info("cross_replace"))
-        with gr.Row():
-            c["blend_words"] = gr.Textbox(d["blend_words"], label="Blend words", elem_id="blend-words", max_lines=1,
-                                          **info("blend_words"))
-            c["blend_threshold"] = gr.Slider(0.05, 1, d["blend_threshold"], step=0.05, label="Blend threshold",
-                                             **info("blend_threshold"))
-        c["reweight"] = gr.Textbox(d["reweight"], label="Reweight", max_lines=1, **info("reweight"))
+    c = _controls(["editor", *shared], d)
+    groups = {}
+    for editor, cls in EDIT_SETTINGS.items():
+        own = [n for n in edit if PARAMETERS[n].owners == (cls,) and not PARAMETERS[n].nested]
+        with gr.Column(visible=d["editor"] == editor, elem_id=f"{editor}-settings") as groups[editor]:
+            gr.Markdown(EDITOR_LABELS[editor])
+            c.update(_controls(own, d))
     gr.Markdown("FreeU in the editing UNet")
-    c["freeu"] = gr.Radio(FREEU_CHOICES, value=d["freeu"], label="FreeU", **info("freeu"))
-    with gr.Row():
-        for key in ("b1", "b2", "s1", "s2"):
-            c[f"freeu_{key}"] = gr.Number(d[f"freeu_{key}"], label=f"FreeU {key}", minimum=0, step=0.1,
-                                          **info(f"freeu_{key}"))
+    c.update(_controls(nested, d))
     return c, groups
 
 
 def _chose_editor(editor: str) -> tuple:
     """The editor's own negative prompt (the authors' for TokenFlow, FateZero's none) and only its settings shown."""
-    return (DEFAULT_NEGATIVE_PROMPT if editor == "tokenflow" else "",
-            *(gr.update(visible=editor == name) for _, name in EDITORS))
+    return (editor_default(editor, "negative_prompt"), *(gr.update(visible=editor == name) for name in EDIT_SETTINGS))
 
 
 def launch(demo: gr.Blocks, **kwargs):

@@ -23,7 +23,6 @@ import shutil
 import tempfile
 import threading
 import time
-import typing
 import unicodedata
 import uuid
 import weakref
@@ -36,11 +35,13 @@ import gradio as gr
 import torch
 
 from stem import Engine, InversionSettings, StemError, inversion_metrics, read_video, write_video
-from stem.editing import (
-    FateZeroSettings, FreeUSettings, TokenFlowSettings, edit_metrics, edit_video, parse_reweight,
+from stem.app_settings import (
+    DEFAULTS, EDITOR_LABELS, ENDPOINT_INPUTS, PARAMETERS, app_label,
+    edit_settings, inversion_settings, parse_number,
 )
+from stem.editing import FateZeroSettings, TokenFlowSettings, edit_metrics, edit_video
 from stem.files import pid_alive
-from stem.settings import SettingError, for_face, spec
+from stem.settings import SettingError, for_face
 from stem.models import TINY_MODEL, default_device
 from stem.video import DEFAULT_MAX_FRAMES, SourceTooLarge, Video, copy_audio, open_image, side_by_side
 
@@ -48,124 +49,8 @@ GPU_LIMIT, CPU_LIMIT = "48x512", "16x256"  # per job: frames x size, i.e. frames
 OUTPUT_TTL_SECONDS = 3600  # result files older than this are deleted
 RESULTS_PREFIX = "stem-app-"  # the per-process result folder in the temp folder: stem-app-<pid>-<random>
 
-# The endpoints' parameters, in order; the API names them so. A new setting is a name here, a control
-# of the same name in build_app, a DEFAULTS entry and, for an edit setting, a field of the same name in
-# an editor's settings (the page's value is converted to that field's type; editors without it ignore it).
-INVERSION_INPUTS = ("method", "bases", "iters", "steps", "frames", "stride", "size", "seed")
-EDITORS = [("TokenFlow", "tokenflow"), ("FateZero", "fatezero")]
-EDIT_SETTINGS = {"tokenflow": TokenFlowSettings, "fatezero": FateZeroSettings}
-FREEU_INPUTS = ("freeu", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2")  # -> the editor's FreeUSettings
-EDIT_INPUTS = ("editor", "guidance", "negative_prompt", "pnp_attn", "pnp_conv", "batch_size", "propagation",
-               "self_replace", "cross_replace", "blend_words", "blend_threshold", "reweight", *FREEU_INPUTS)
-CONTROL_INPUTS = ("control", "control_scale")  # structure guidance, last so that positional API calls keep working
-ENDPOINT_INPUTS = {
-    "invert": ("video", "source_prompt", *INVERSION_INPUTS, *CONTROL_INPUTS),
-    "edit": ("video", "source_prompt", "target_prompt", *INVERSION_INPUTS, *EDIT_INPUTS, *CONTROL_INPUTS),
-    "compare": ("video", "source_prompt", *(name for name in INVERSION_INPUTS if name != "method"), *CONTROL_INPUTS),
-}
-# What each endpoint parameter changes: the API's and the MCP tools' parameter descriptions.
-PARAMETER_HELP = {
-    "video": "the input video file (mp4, webm, mov or gif)",
-    "source_prompt": "what the input video shows; it conditions the inversion",
-    "target_prompt": "what the edited video should show",
-    "method": "inversion attention: stem (K bases from all frames), ddim (per frame) or inflated (all frames' keys)",
-    "bases": "STEM: K, the bases per layer (more: closer to full attention, slower)",
-    "iters": "STEM: R, the EM iterations that estimate the bases",
-    "steps": "DDIM steps T (more: slower, more faithful)",
-    "frames": "frames to use (0: all, up to the server's limit)",
-    "stride": "keep every n-th frame",
-    "size": "pixels on the frames' long side",
-    "seed": "seed of STEM's initial bases and TokenFlow's keyframe choice",
-    "editor": "tokenflow (whole-video edits) or fatezero (attention fusion, local edits)",
-    "guidance": "classifier-free guidance scale (higher: closer to the prompt)",
-    "negative_prompt": "what the edit should avoid",
-    "pnp_attn": "TokenFlow: fraction of steps whose self-attention comes from the source (keeps structure)",
-    "pnp_conv": "TokenFlow: fraction of steps whose residual features come from the source",
-    "batch_size": "TokenFlow: frames per keyframe",
-    "propagation": "TokenFlow: how keyframe features reach the other frames",
-    "self_replace": "FateZero: fraction of steps whose self-attention is the source's (keeps structure)",
-    "cross_replace": "FateZero: fraction of steps whose cross-attention maps are the source's (keeps layout)",
-    "blend_words": "FateZero: 'SRC,TGT' words whose attention masks confine a local edit",
-    "blend_threshold": "FateZero: mask threshold of the blend words' attention",
-    "reweight": "FateZero: 'word=scale' pairs that strengthen or weaken target words",
-    "freeu": "FreeU: the editor's default, on or off",
-    "freeu_b1": "FreeU backbone factor b1", "freeu_b2": "FreeU backbone factor b2",
-    "freeu_s1": "FreeU skip factor s1", "freeu_s2": "FreeU skip factor s2",
-    "control": "structure guidance: none, canny (edges) or depth, a ControlNet in every UNet call",
-    "control_scale": "structure strength (0: none; 1: the ControlNet's usual strength)",
-}
-# The one line under each control on the page: what it changes for the result.
-CONTROL_HELP = {
-    "method": "How frames see each other while inverting: STEM (K bases shared by all frames), DDIM (each frame "
-              "alone) or inflated DDIM (every frame's keys); a steadier inversion gives a steadier edit.",
-    "bases": "More bases: closer to full attention over all frames (steadier), slower. The paper uses 256.",
-    "iters": "EM iterations that fit the bases to the clip: more fit them better, each costs time. The paper uses 5.",
-    "steps": "Denoising steps of the inversion and the edit: more are more faithful and slower (cost grows linearly).",
-    "stride": "Keep every n-th frame: a longer stretch of the clip in the same frames; the result plays faster.",
-    "frames": "How many frames to invert and edit (0: all, up to the limit below); cost grows with the frames.",
-    "size": "The frames' long side in pixels: larger is sharper; cost grows with the square of the size.",
-    "seed": "Picks STEM's initial bases and TokenFlow's keyframes; the same seed gives the same result.",
-    "control": "A ControlNet keeps the clip's edges or depth through the edit (in the inversion, the "
-               "reconstruction and the edit).",
-    "control_scale": "How strongly the edges or depth hold the shape: 0 is no guidance, 1 the ControlNet's usual.",
-    "editor": "TokenFlow: global edits (style, appearance), as the STEM authors ran it. FateZero: attention "
-              "fusion; with blend words, local edits that keep the rest.",
-    "guidance": "How closely the edit follows the target prompt: higher follows it more, and strays further "
-                "from the clip.",
-    "negative_prompt": "What the edit should avoid (e.g. blur, artefacts).",
-    "batch_size": "Frames per keyframe: larger is faster; smaller follows fast motion better.",
-    "propagation": "Which keyframes' features the other frames take: the previous one (the authors') or the "
-                   "nearest on both sides (smoother between keyframes).",
-    "pnp_attn": "Fraction of the steps whose self-attention comes from the clip: higher keeps more of its "
-                "structure, lower lets the prompt change more.",
-    "pnp_conv": "Fraction of the steps whose residual features come from the clip: higher keeps more of its layout.",
-    "self_replace": "Fraction of the steps whose self-attention is the clip's: higher keeps more of its structure "
-                    "and motion.",
-    "cross_replace": "Fraction of the steps whose word-to-pixel attention is the clip's: higher keeps its layout.",
-    "blend_words": "SOURCE,TARGET words of the part to change, e.g. 'car,truck': only that part changes; "
-                   "empty: the whole frame.",
-    "blend_threshold": "How much attention a pixel needs to count as the blend word's: higher confines the edit "
-                       "to a smaller region.",
-    "reweight": "WORD=SCALE pairs that strengthen (or weaken) a target word, e.g. 'golden=2'.",
-    "freeu": "FreeU re-weights the UNet's backbone and skip features: often crisper detail, sometimes over-saturated.",
-    "freeu_b1": "Backbone factor of the first up block (> 1: stronger features, crisper detail).",
-    "freeu_b2": "Backbone factor of the second up block (> 1: stronger features, crisper detail).",
-    "freeu_s1": "Skip factor of the first up block (< 1: less high-frequency detail, fewer artefacts).",
-    "freeu_s2": "Skip factor of the second up block (< 1: less high-frequency detail, fewer artefacts).",
-}
-# An endpoint parameter's settings field where the names differ (the API keeps its short names).
-FIELD_NAMES = {"bases": "num_bases", "iters": "num_iters", "steps": "num_steps", "frames": "num_frames"}
-
-
-def _spec_default(name: str):
-    """The settings dataclasses' default of an endpoint parameter (FreeU's b1 for freeu_b1; TokenFlow's first)."""
-    if name.startswith("freeu_"):
-        return spec(FreeUSettings, name.removeprefix("freeu_")).default
-    for cls in (InversionSettings, TokenFlowSettings, FateZeroSettings):
-        try:
-            return spec(cls, FIELD_NAMES.get(name, name)).default
-        except KeyError:
-            continue
-    raise KeyError(name)
-
-
-# The page's defaults, by endpoint parameter name: the settings' own, but for the page's choices (16 frames
-# rather than all; the editor; FreeU as the editor's default; reweight as text); build_app(defaults=...)
-# overrides them.
-PAGE_CHOICES = dict(frames=16, editor="tokenflow", freeu="default", reweight="")
-DEFAULTS = {name: PAGE_CHOICES[name] if name in PAGE_CHOICES else _spec_default(name)
-            for name in dict.fromkeys((*INVERSION_INPUTS, *CONTROL_INPUTS, *EDIT_INPUTS))}
-# On a CPU the page starts with less work, so a visitor's first job ends in minutes (a GPU keeps DEFAULTS).
-CPU_DEFAULTS = dict(steps=10, frames=8, size=256)
-# Command-line flags named in the engine's messages -> the labels on this page.
-LABELS = {"--bases": "Bases K", "--iters": "EM iterations R", "--steps": "Steps", "--frames": "Frames",
-          "--stride": "Stride", "--size": "Size", "--guidance": "Guidance scale", "--seed": "Seed",
-          "--pnp-attn": "PnP attention threshold", "--pnp-conv": "PnP convolution threshold",
-          "--batch-size": "Batch size", "--negative-prompt": "Negative prompt", "--propagation": "Propagation",
-          "--self-replace": "Self-attention fusion", "--cross-replace": "Cross-attention fusion",
-          "--blend-words": "Blend words", "--blend-threshold": "Blend threshold", "--reweight": "Reweight",
-          "--freeu-b1": "FreeU b1", "--freeu-b2": "FreeU b2", "--freeu-s1": "FreeU s1", "--freeu-s2": "FreeU s2",
-          "--control-scale": "Structure strength", "--control": "Structure guidance"}
+# The endpoints' parameters (ENDPOINT_INPUTS), their defaults, labels and help come from the settings
+# dataclasses' specs: see stem.app_settings.
 STOPPED = "**Stopped.** Press a button to start again."
 NOT_A_VIDEO = "'{name}' is not a video this app can read; upload an mp4, webm, mov or gif clip."
 SAME_EDIT = ("♻️ **The same edit as before** (the same clip, inversion and edit settings), from the result cache: "
@@ -411,27 +296,14 @@ def _for_the_page(error: Exception) -> gr.Error:
     if isinstance(error, Stopped):
         return _bad("The job was stopped.")
     if isinstance(error, SettingError):  # the core's words after this page's label: "Seed: the seed must be ..."
-        return _bad(for_face(error, _app_label(error.setting, error.owner), _app_label))
+        return _bad(for_face(error, app_label(error.setting, error.owner), app_label))
     if isinstance(error, StemError):
-        message = str(error)
-        for flag, label in LABELS.items():
-            message = message.replace(flag, label)
-        return _bad(message)
+        return _bad(str(error))
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return _bad("The GPU ran out of memory; choose fewer frames, a smaller size or a smaller batch size.")
     log.error("job failed", exc_info=error)  # a bug or the environment
     return _bad(f"The job failed unexpectedly ({type(error).__name__}); try fewer frames or a smaller size, "
                 "or tell the person who runs this app (the server log has the details).")
-
-
-def _app_label(name: str, owner: type | None = None) -> str | None:
-    """The app's label of the setting `name` (of `owner`, else of any settings class the app uses); None if none."""
-    for cls in ([owner] if owner is not None else []) + [InversionSettings, *EDIT_SETTINGS.values(), FreeUSettings]:
-        try:
-            return spec(cls, name).label
-        except (KeyError, TypeError):
-            continue
-    return None
 
 
 def _how(cache_hit: bool, seconds: float) -> str:
@@ -455,43 +327,6 @@ def _describe(settings: InversionSettings, clip: Video, with_method: bool = True
 def made_visible(value) -> dict:
     """A result component's new value, made visible (results stay hidden until a job makes them)."""
     return gr.update(value=value, visible=True)
-
-
-def _typed(cls, values: dict) -> dict:
-    """The page's values converted to the types of `cls`'s fields of the same names (sliders give floats)."""
-    hints = typing.get_type_hints(cls)
-    convert = {int: lambda name, v: _number(name, v, whole=True), float: lambda name, v: _number(name, v, whole=False),
-               bool: lambda name, v: bool(v), str: lambda name, v: str(v or "").strip()}
-    return {name: convert.get(hints[name], lambda name, v: v)(name, value) for name, value in values.items()}
-
-
-def _parse_number(text: str, whole: bool = False) -> int | float:
-    """A number typed as text ("7.5", "256"); digits alone stay an exact int. ValueError if it is not one."""
-    return int(text) if whole and text.strip().lstrip("+-").isdigit() else float(text)
-
-
-def _number(name: str, value, whole: bool) -> int | float:
-    """A page or API value as an int (`whole`) or a float; an emptied box, text or a list is one sentence naming
-    the control (sliders and number boxes give floats such as 256.0, which are whole)."""
-    if isinstance(value, Refused):
-        raise _bad(value)
-    label = LABELS.get("--" + name.replace("_", "-"), name)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise _bad(f"The {label} box is empty; type a number in it.")
-    wrong = _bad(f"{label} must be {'a whole number' if whole else 'a number'}, got {value!r}.")
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise wrong
-    if isinstance(value, int):  # exact, however large (the settings say which range is allowed)
-        return value if whole else float(value)
-    try:
-        number = _parse_number(value, whole) if isinstance(value, str) else value
-    except ValueError:
-        raise wrong from None
-    if not whole:
-        return float(number)
-    if isinstance(number, float) and not number.is_integer():
-        raise wrong
-    return int(number)
 
 
 # -- media at the edges ---------------------------------------------------------------------------------
@@ -619,7 +454,7 @@ class Jobs:
         handler.__annotations__ = {"request": gr.Request}
         handler.__name__ = handler.__qualname__ = kind
         summary = getattr(self, f"_{kind}").__doc__.strip().splitlines()[0]
-        handler.__doc__ = summary + "\n\nArgs:\n" + "".join(f"    {name}: {PARAMETER_HELP[name]}\n" for name in names)
+        handler.__doc__ = summary + "\n\nArgs:\n" + "".join(f"    {name}: {PARAMETERS[name].help}\n" for name in names)
         return handler
 
     async def example(self, video, source_prompt, target_prompt, progress=gr.Progress(), request: gr.Request = None):
@@ -899,40 +734,11 @@ class Jobs:
 
     def _settings(self, values: dict, method: str | None = None) -> InversionSettings:
         """The page's values as validated InversionSettings (the cache key)."""
-        prompt = (values["source_prompt"] or "").strip()
-        if not prompt:
-            raise _bad("Describe the input video in the source prompt, e.g. 'a red ball bouncing on a "
-                       "wooden floor'; it conditions the inversion.")
-        v = {name: _number(name, values[name], whole=True) for name in INVERSION_INPUTS if name != "method"}
-        return InversionSettings(
-            model=self.engine.model, method=method or values["method"], num_bases=v["bases"],
-            num_iters=v["iters"], num_steps=v["steps"], num_frames=v["frames"] or None,
-            stride=v["stride"], size=v["size"], prompt=prompt, seed=v["seed"],
-            control=values.get("control") or "none",
-            control_scale=_number("control_scale", values.get("control_scale", 1.0), whole=False),
-        ).validate()
+        return inversion_settings(_refused(values), self.engine.model, method)
 
     def _edit_settings(self, values: dict) -> TokenFlowSettings | FateZeroSettings:
-        """The page's EDIT_INPUTS and prompts as the chosen editor's validated settings."""
-        target = (values["target_prompt"] or "").strip()
-        if not target:
-            raise _bad("Type a target prompt that describes the edited video, "
-                       "e.g. 'a shiny golden ball bouncing on a marble floor'.")
-        editor = values.get("editor") or "tokenflow"
-        if editor not in EDIT_SETTINGS:
-            raise _bad(f"Unknown editor {editor!r}; choose one of: {', '.join(EDIT_SETTINGS)}.")
-        cls = EDIT_SETTINGS[editor]
-        fields = set(typing.get_type_hints(cls)) - {"editor", "freeu", "reweight"}
-        edit = _typed(cls, {name: values[name] for name in EDIT_INPUTS if name in fields})
-        if editor == "fatezero":
-            edit.update(source_prompt=(values["source_prompt"] or "").strip(), reweight=parse_reweight(
-                [item for item in (values.get("reweight") or "").replace(",", " ").split() if item]))
-        default = cls.__dataclass_fields__["freeu"].default
-        choice = values.get("freeu") or "default"
-        freeu = FreeUSettings(enabled=default.enabled if choice == "default" else choice in ("on", True),
-                              **{key: _number(f"freeu_{key}", values[f"freeu_{key}"], whole=False)
-                                 for key in ("b1", "b2", "s1", "s2")})
-        return cls(prompt=target, seed=_number("seed", values["seed"], whole=True), freeu=freeu, **edit).validate()
+        """The page's values and prompts as the chosen editor's validated settings."""
+        return edit_settings(_refused(values))
 
     def _check_file(self, video, settings: InversionSettings | None) -> None:
         """The cheap checks of a clip: there is one, within the per-job limit (given settings), not empty, a
@@ -1024,6 +830,14 @@ class Refused(str):
     `_number`), so the refusal reaches the status line of the page it came from, not only a fading toast."""
 
 
+def _refused(values: dict) -> dict:
+    """The values, unless a control refused one (`Refused`): then its sentence, for the page it came from."""
+    for value in values.values():
+        if isinstance(value, Refused):
+            raise _bad(value)
+    return values
+
+
 def check_numbers(control) -> None:
     """Make a slider's or number box's bad values (text, a list, an emptied box, out of range) one sentence that
     names the control; Gradio's own words name a component index, or nothing at all."""
@@ -1036,7 +850,7 @@ def check_numbers(control) -> None:
             return Refused(f"The {label} box is empty; type a number in it.")
         if isinstance(payload, str):  # "7.5" from a script is a number
             try:
-                payload = _parse_number(payload, whole=True)
+                payload = parse_number(payload, whole=True)
             except ValueError:
                 return Refused(f"{label} must be a number, got {payload!r}.")
         if isinstance(payload, bool) or not isinstance(payload, (int, float)):
@@ -1070,7 +884,7 @@ def button_states(running: bool) -> tuple:
 
 
 def _editor_name(editor: str) -> str:
-    return dict((value, label) for label, value in EDITORS).get(editor, str(editor))
+    return EDITOR_LABELS.get(editor, str(editor))
 
 
 def stop_all_jobs() -> None:

@@ -75,13 +75,18 @@ class InversionSettings:
     model: str = setting(DEFAULT_MODEL, label="Model", words="the model", faces={"cli", "metrics"},
                          help="diffusers SD 1.x/2.x hub id or local folder, or tiny-random")
     method: str = setting("stem", label="Inversion method", words="the inversion method", choices=METHODS,
-                          help="self-attention during inversion: stem, ddim or inflated")
-    num_bases: int = setting(256, label="Bases K", words="the number of bases K", flag="--bases", minimum=1,
-                             maximum=MAX_BASES, step=1, note="the paper uses 256", when=_stem,
-                             help="STEM: K bases per layer (more: closer to full attention, slower)")
-    num_iters: int = setting(5, label="EM iterations R", words="the number of EM iterations R", flag="--iters",
-                             minimum=1, maximum=MAX_ITERS, step=1, note="the paper uses 5", when=_stem,
-                             help="STEM: R EM iterations that estimate the bases")
+                          choice_labels={"stem": "STEM", "ddim": "DDIM", "inflated": "Inflated DDIM"},
+                          help="how frames see each other while inverting: stem (K bases shared by all frames), ddim "
+                               "(each frame alone) or inflated (every frame's keys); a steadier inversion gives a "
+                               "steadier edit")
+    num_bases: int = setting(256, label="Bases K (STEM)", words="the number of bases K", flag="--bases", minimum=1,
+                             maximum=MAX_BASES, step=1, note="the paper uses 256", when=_stem, page_range=(1, 1024),
+                             help="STEM: K bases per layer; more are closer to full attention over all frames "
+                                  "(steadier) and slower; the paper uses 256")
+    num_iters: int = setting(5, label="EM iterations R (STEM)", words="the number of EM iterations R",
+                             flag="--iters", minimum=1, maximum=MAX_ITERS, step=1, note="the paper uses 5", when=_stem,
+                             page_range=(1, 20), help="STEM: R EM iterations that fit the bases to the clip; more fit "
+                                                       "them better, each costs time; the paper uses 5")
     num_steps: int = setting(
         50,
         label="DDIM steps",
@@ -91,23 +96,32 @@ class InversionSettings:
         maximum=MAX_STEPS,
         step=1,
         note="50 is usual",
-        help="DDIM steps T (more: slower, more faithful)",
+        page_range=(1, 100),
+        help="DDIM steps T of the inversion and the edit: more are more faithful and slower (cost grows linearly)",
     )
     num_frames: int | None = setting(None, label="Frames", words="the number of frames", flag="--frames", minimum=1,
                                      step=1, faces={"cli", "app", "api"},  # metrics.json records the video's count
-                                     help="number of frames to use (None: all, up to the frame limit)")
-    stride: int = setting(1, label="Stride", words="the stride", minimum=1, step=1, help="use every n-th frame")
-    size: int = setting(512, label="Size", words="the size", minimum=64, maximum=2048, step=32,
-                        note="pixels on the long side", help="pixels on the long side, rounded to multiples of 8")
+                                     page_range=(0, DEFAULT_MAX_FRAMES),  # 0 on the page: all
+                                     help="how many frames to invert and edit (none or 0: all, up to the frame limit); "
+                                          "cost grows with the frames")
+    stride: int = setting(1, label="Stride (every n-th frame)", words="the stride", minimum=1, step=1,
+                          page_range=(1, 8), help="keep every n-th frame: a longer stretch of the clip in the same "
+                                                  "frames; the result plays faster")
+    size: int = setting(512, label="Size (long side, px)", words="the size", minimum=64, maximum=2048, step=32,
+                        note="pixels on the long side", page_range=(64, 1024),
+                        help="the frames' long side in pixels (rounded to multiples of 8): larger is sharper; cost "
+                             "grows with the square of the size")
     prompt: str = setting("", label="Source prompt", words="the source prompt", flag="--source-prompt",
-                          help="text describing the video; conditions the inversion (guidance 1)")
+                          help="describes the input video; it conditions the inversion")
     seed: int = setting(0, label="Seed", words="the seed", minimum=0, maximum=2**63 - 1, when=_stem,  # torch's bound
-                        help="seed of the EM initialisation")
+                        help="picks STEM's initial bases (and TokenFlow's keyframes when editing); the same seed "
+                             "gives the same result")
     max_frames: int = setting(DEFAULT_MAX_FRAMES, label="Frame limit", words="the frame limit", minimum=1, faces=(),
                               help="the most frames a job may use")
     control: str = setting("none", label="Structure guidance", words="the structure guidance", choices=CONTROL_KINDS,
-                           when=_controlled,
-                           help="structure guidance: none, canny or depth, a ControlNet in every UNet call")
+                           when=_controlled, choice_labels={"none": "None", "canny": "Canny edges", "depth": "Depth"},
+                           help="none, canny (edges) or depth: a ControlNet keeps the clip's edges or depth through "
+                                "the edit (in the inversion, the reconstruction and the edit)")
     control_model: str = setting(
         "",
         label="ControlNet",
@@ -118,8 +132,9 @@ class InversionSettings:
         "/ depth ControlNet; tiny-random's own for the tiny-random model)",
     )
     control_scale: float = setting(1.0, label="Structure strength", words="the structure strength", minimum=0,
-                                   step=0.05, note="1.0 is the release's", when=_controlled,
-                                   help="ControlNet conditioning scale (0: no structure guidance)")
+                                   step=0.05, note="1.0 is the release's", when=_controlled, page_range=(0, 2),
+                                   help="how strongly the edges or depth hold the shape (the ControlNet's "
+                                        "conditioning scale): 0 is no guidance, 1 the ControlNet's usual")
     canny_low: int = setting(100, label="Canny low threshold", words="the lower canny threshold", minimum=0,
                              maximum=MAX_CANNY, faces={"cli", "metrics"}, when=_canny,
                              help="canny: lower cv2.Canny threshold")

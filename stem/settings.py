@@ -25,8 +25,9 @@ METADATA_KEY = "stem.setting"
 
 def setting(default=MISSING, *, label: str, help: str, words: str | None = None, flag: str | None = None,
             minimum=None, maximum=None, choices: tuple | None = None, step=None, faces: frozenset[str] = FACES,
-            default_factory=MISSING, note: str | None = None,
-            when: Callable[[object], bool] | None = None) -> dataclasses.Field:
+            default_factory=MISSING, note: str | None = None, when: Callable[[object], bool] | None = None,
+            api_name: str | None = None, page_range: tuple | None = None,
+            choice_labels: dict | None = None) -> dataclasses.Field:
     """A settings dataclass field with its metadata.
 
     Args:
@@ -39,9 +40,16 @@ def setting(default=MISSING, *, label: str, help: str, words: str | None = None,
         faces: where the setting appears, a subset of {"cli", "app", "api", "metrics"}.
         note: a hint added to an out-of-range error in brackets ("the paper uses 256").
         when: `when(settings)` is False where the setting does nothing (e.g. K outside STEM): not recorded then.
+        api_name: the app's and the API's parameter name (default: the flag without its dashes, "--bases" ->
+            "bases"; "freeu_b1" for a nested FreeU's --freeu-b1).
+        page_range: (low, high) of the app's slider, where the page offers less than the allowed range (K up
+            to 1024 of 4096); the app shows a number box for a setting with neither this nor both bounds.
+            low 0 for an optional count is "0 = all" (None).
+        choice_labels: the app's words for the choices ({"ddim": "DDIM"}; default: the choice itself).
     """
     meta = dict(label=label, help=help, words=words, flag=flag, minimum=minimum, maximum=maximum, choices=choices,
-                step=step, faces=frozenset(faces), note=note, when=when)
+                step=step, faces=frozenset(faces), note=note, when=when, api_name=api_name, page_range=page_range,
+                choice_labels=dict(choice_labels or {}))
     return dataclasses.field(default=default, default_factory=default_factory, metadata={METADATA_KEY: meta})
 
 
@@ -63,6 +71,9 @@ class Spec:
     faces: frozenset[str]
     note: str | None = None
     when: Callable[[object], bool] | None = None
+    api_name: str = ""              # the app's and the API's name ("bases")
+    page_range: tuple | None = None  # the app slider's (low, high) where narrower than the allowed range
+    choice_labels: dict = dataclasses.field(default_factory=dict, hash=False)  # the app's words for the choices
 
     @property
     def base_type(self) -> object:
@@ -110,7 +121,9 @@ def _specs(cls: type) -> tuple[Spec, ...]:
                 name=f.name, type=hints[f.name], default=default, label=meta["label"], help=meta["help"],
                 words=meta["words"] or meta["label"].lower(), flag=meta["flag"] or "--" + f.name.replace("_", "-"),
                 minimum=meta["minimum"], maximum=meta["maximum"], choices=meta["choices"], step=meta["step"],
-                faces=meta["faces"], note=meta["note"], when=meta["when"]))
+                faces=meta["faces"], note=meta["note"], when=meta["when"],
+                api_name=meta["api_name"] or (meta["flag"] or f.name).removeprefix("--").replace("-", "_"),
+                page_range=meta["page_range"], choice_labels=meta["choice_labels"]))
         _CACHE[cls] = tuple(found)
     return _CACHE[cls]
 

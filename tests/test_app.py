@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-import typing
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,8 +33,9 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app  # conftest.py has set GRADIO_ANALYTICS_ENABLED=False and HF_HUB_OFFLINE=1 before this
-from stem import app_jobs
+from stem import app_jobs, app_settings
 from stem import Engine, LatentCache, StemError
+from stem.editing import DEFAULT_NEGATIVE_PROMPT
 from stem.models import TINY_WARNING
 from stem.video import read_video, write_video
 
@@ -219,7 +219,7 @@ def test_a_cancelled_job_stops_within_one_step_and_the_next_one_runs(served, cli
 
 def test_closing_the_page_stops_its_job(served, clip, tmp_path):
     jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
-    values = {**app_jobs.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "steps": 6}
+    values = {**app_settings.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "steps": 6}
     page, outcome = SimpleNamespace(session_hash="page-1"), {}
 
     def job():
@@ -260,7 +260,7 @@ def test_the_readme_snippet_runs_as_written_against_a_cpu_server(tmp_path, tiny_
         exec(snippet.replace("http://127.0.0.1:7860/", demo.local_url), scope)
     finally:
         demo.close()
-    frames = app_jobs.CPU_DEFAULTS["frames"]
+    frames = app_settings.CPU_DEFAULTS["frames"]
     assert read_video(scope["video"], size=256, max_frames=None).num_frames == frames
     assert scope["status"].startswith("**Edit**") and f"{frames} frames at 256×" in scope["status"]
     assert scope["metrics"]["inversion_cache_hit"] is False
@@ -271,7 +271,7 @@ def test_the_apis_defaults_are_the_pages(served):
         p["parameter_name"]: p
         for p in served.client.view_api(return_format="dict")["named_endpoints"]["/edit"]["parameters"]
     }
-    assert list(params) == list(app_jobs.ENDPOINT_INPUTS["edit"])
+    assert list(params) == list(app_settings.ENDPOINT_INPUTS["edit"])
     assert {name: params[name]["parameter_default"] for name in SMALL} == SMALL
     cpu = app.build_app(
         served.engine, max_pixels=app_jobs.parse_limit(app_jobs.CPU_LIMIT), results=app_jobs.ResultFolder()
@@ -281,7 +281,7 @@ def test_the_apis_defaults_are_the_pages(served):
     )
     tiny = app.build_app(served.engine, max_pixels=app_jobs.parse_limit("4x64"), results=app_jobs.ResultFolder())
     # the engine runs on the CPU: its page starts with CPU_DEFAULTS, within each limit
-    cpu_steps, cpu_frames, cpu_size = (app_jobs.CPU_DEFAULTS[name] for name in ("steps", "frames", "size"))
+    cpu_steps, cpu_frames, cpu_size = (app_settings.CPU_DEFAULTS[name] for name in ("steps", "frames", "size"))
     cuda = app.build_app(Engine("tiny-random", device="cuda"), results=app_jobs.ResultFolder())  # not loaded
     for demo, frames, size, steps in ((cpu, cpu_frames, cpu_size, cpu_steps), (gpu, cpu_frames, cpu_size, cpu_steps),
                                       (tiny, 4, 64, cpu_steps),
@@ -314,7 +314,7 @@ def test_bad_input_is_a_sentence_and_the_app_keeps_serving(served, clip, tmp_pat
     ("/edit", dict(iters=[1, 2]), "EM iterations R (STEM) must be a number, got [1, 2]."),
     ("/edit", dict(freeu_b1=None), "The FreeU b1 box is empty; type a number in it."),  # an emptied number box
     ("/edit", dict(guidance="x"), "Guidance scale must be a number, got 'x'."),
-    ("/edit", dict(steps=1.5), "Steps must be a whole number, got 1.5."),
+    ("/edit", dict(steps=1.5), "DDIM steps must be a whole number, got 1.5."),
     ("/invert", dict(seed=2**70), "Seed: the seed must be between 0 and 2**63 - 1"),  # refused before inverting
     ("/edit", dict(seed=2**70), "Seed: the seed must be between 0 and 2**63 - 1"),
 ])
@@ -326,7 +326,8 @@ def test_wrong_typed_api_values_are_one_sentence_naming_the_control_before_any_w
         served.client.predict(handle_file(str(clip)), **args, api_name=api)
     assert str(error.value).startswith(sentence) and "Traceback" not in str(error.value)
     assert served.unet.count() == before  # nothing inverted, nothing cached
-    assert app_jobs._number("steps", "3", whole=True) == 3 and app_jobs._number("guidance", 256.0, whole=False) == 256.0
+    assert app_settings.number("steps", "3", whole=True) == 3
+    assert app_settings.number("guidance", 256.0, whole=False) == 256.0
 
 
 def test_edit_needs_a_target_prompt(served, clip):
@@ -348,7 +349,7 @@ def test_the_frames_x_size_limit_is_enforced(served, clip):
 
 def test_all_frames_means_all_up_to_the_limit_and_the_status_says_so(served, clip):
     jobs = app_jobs.Jobs(served.engine, max_pixels=3 * 64**2, results=app_jobs.ResultFolder())
-    settings = jobs._settings({**app_jobs.DEFAULTS, **SMALL, "source_prompt": SOURCE, "frames": 0})  # 0: all of them
+    settings = jobs._settings({**app_settings.DEFAULTS, **SMALL, "source_prompt": SOURCE, "frames": 0})  # 0: all
     video, note = jobs._clip(str(clip), settings)
     assert video.num_frames == 3 and note == " Used 3 of 6 frames (the limit at 64 px)."
     everything = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder())
@@ -521,7 +522,7 @@ def test_jobs_run_under_spaces_gpu_with_a_duration_for_their_frames(served, clip
 
     monkeypatch.setitem(sys.modules, "spaces", SimpleNamespace(GPU=gpu))
     jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
-    values = {**app_jobs.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "frames": 0}
+    values = {**app_settings.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "frames": 0}
     path, status, _, _condition = anyio.run(jobs.run, "invert", values, lambda *a, **k: None, None)
     assert num_frames(path) == 6  # all of the clip's 6 frames
     assert asked == [app_jobs.estimate_gpu_seconds("invert", 6, SIZE, STEPS, "stem", 2)]
@@ -642,14 +643,102 @@ def test_limits_and_command_line(monkeypatch):
 
 def test_the_endpoints_take_one_list_of_inputs():
     jobs = app_jobs.Jobs(Engine("tiny-random"), max_pixels=16 * 64**2, results=app_jobs.ResultFolder())
-    for kind, names in app_jobs.ENDPOINT_INPUTS.items():
+    for kind, names in app_settings.ENDPOINT_INPUTS.items():
         params = list(inspect.signature(jobs.endpoint(kind)).parameters)
         assert params == [*names, "progress", "request"]
-    settings_fields = set().union(*(typing.get_type_hints(cls) for cls in app_jobs.EDIT_SETTINGS.values()))
-    assert set(app_jobs.EDIT_INPUTS) <= settings_fields | set(app_jobs.FREEU_INPUTS)
-    assert set(app_jobs.DEFAULTS) == set(app_jobs.INVERSION_INPUTS) | set(app_jobs.EDIT_INPUTS) | set(
-        app_jobs.CONTROL_INPUTS
-    )
+    # the released positional order, as scripts call it (a new setting may only come after it)
+    released_edit = ("video", "source_prompt", "target_prompt", "method", "bases", "iters", "steps", "frames", "stride",
+                     "size", "seed", "editor", "guidance", "negative_prompt", "pnp_attn", "pnp_conv", "batch_size",
+                     "propagation", "self_replace", "cross_replace", "blend_words", "blend_threshold", "reweight",
+                     "freeu", "freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2", "control", "control_scale")
+    assert app_settings.ENDPOINT_INPUTS["edit"][:len(released_edit)] == released_edit
+    assert app_settings.ENDPOINT_INPUTS["compare"][:2] == ("video", "source_prompt")
+    assert "method" not in app_settings.ENDPOINT_INPUTS["compare"]  # /compare runs both
+
+
+def test_every_app_setting_of_the_settings_classes_is_a_parameter():
+    """Each field with the app face is a parameter named by its spec, owned by its class, with its default."""
+    from stem import FateZeroSettings, FreeUSettings, InversionSettings, TokenFlowSettings
+    from stem.settings import specs
+
+    for cls in (InversionSettings, TokenFlowSettings, FateZeroSettings):
+        for s in specs(cls):
+            if "app" not in s.faces:
+                continue
+            if s.nested:
+                assert {f"freeu_{k}" for k in ("b1", "b2", "s1", "s2")} | {"freeu"} <= set(app_settings.PARAMETERS)
+                continue
+            p = app_settings.PARAMETERS[s.api_name]
+            assert cls in p.owners and p.spec.name == s.name
+    assert app_settings.PARAMETERS["bases"].spec.name == "num_bases"
+    assert app_settings.PARAMETERS["freeu_s2"].default == FreeUSettings().s2
+    assert app_settings.PARAMETERS["seed"].owners == (InversionSettings, TokenFlowSettings)  # one seed box
+
+
+def test_page_values_become_the_settings_a_script_would_write():
+    """The conversion against settings written out by hand: sliders' floats, 0 frames, reweight text, FreeU."""
+    from stem import FateZeroSettings, FreeUSettings, InversionSettings, TokenFlowSettings
+
+    page = {**app_settings.DEFAULTS, "source_prompt": " a ball ", "target_prompt": "a golden ball", "bases": 64.0,
+            "frames": 0, "steps": 12.0, "size": 256.0, "seed": 3, "guidance": 5, "batch_size": 4.0}
+    assert app_settings.inversion_settings(page, "tiny-random") == InversionSettings(
+        model="tiny-random", method="stem", num_bases=64, num_iters=5, num_steps=12, num_frames=None, stride=1,
+        size=256, prompt="a ball", seed=3)
+    assert app_settings.inversion_settings(page, "tiny-random", method="ddim").method == "ddim"
+    assert app_settings.edit_settings(page) == TokenFlowSettings(prompt="a golden ball", guidance=5.0, batch_size=4,
+                                                                 seed=3)
+    fz = {**page, "editor": "fatezero", "negative_prompt": "", "reweight": "golden=2, ball=0.5", "freeu": "on",
+          "freeu_b1": 1.1,
+          "blend_words": "ball,ball"}
+    assert app_settings.edit_settings(fz) == FateZeroSettings(
+        prompt="a golden ball", source_prompt="a ball", guidance=5.0, reweight=(("golden", 2.0), ("ball", 0.5)),
+        blend_words="ball,ball", freeu=FreeUSettings(enabled=True, b1=1.1))
+    assert app_settings.edit_settings({**fz, "freeu": "default"}).freeu.enabled is False  # FateZero's own default
+    with pytest.raises(StemError, match="^The DDIM steps box is empty"):
+        app_settings.inversion_settings({**page, "steps": None}, "tiny-random")
+
+
+ADDED_FIELD = r"""
+import dataclasses, json, sys
+import stem, stem.engine
+from stem.settings import setting
+
+@dataclasses.dataclass(frozen=True)
+class WithSharpness(stem.engine.InversionSettings):
+    sharpness: float = setting(0.25, label="Sharpness", words="the sharpness", minimum=0, maximum=1, step=0.05,
+                               page_range=(0, 1), help="how sharp the reconstruction is kept")
+
+stem.engine.InversionSettings = stem.InversionSettings = WithSharpness  # as if the field had been written there
+import app
+from stem import app_jobs
+
+demo = app.build_app(stem.Engine("tiny-random"), results=app_jobs.ResultFolder(sys.argv[1]))
+info = demo.get_api_info()["named_endpoints"]
+jobs = app_jobs.Jobs(stem.Engine("tiny-random"), max_pixels=16 * 64**2, results=app_jobs.ResultFolder(sys.argv[1]))
+values = {**app_jobs.DEFAULTS, "source_prompt": "a ball", "sharpness": 0.5}
+print(json.dumps({
+    "api": {name: [p["parameter_name"] for p in info[name]["parameters"]] for name in ("/invert", "/edit", "/compare")},
+    "api_help": [p.get("description") for p in info["/invert"]["parameters"] if p["parameter_name"] == "sharpness"],
+    "controls": {b.label: [b.value, b.info] for b in demo.blocks.values() if type(b).__name__ == "Slider"},
+    "settings": jobs._settings(values).sharpness,
+}))
+"""
+
+
+def test_a_setting_added_to_the_settings_class_reaches_the_api_and_the_page(tmp_path):
+    """Issue 18.1: one field with its spec, no other edit: a parameter of /invert, /edit and /compare (after the
+    released ones), a slider with its label, range, default and help, and the job's settings."""
+    import json
+
+    out = subprocess.run([sys.executable, "-c", ADDED_FIELD, str(tmp_path)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    for name in ("/invert", "/edit", "/compare"):
+        assert found["api"][name][-1] == "sharpness", found["api"][name]
+        assert found["api"][name][:-1] == list(app_settings.ENDPOINT_INPUTS[name.strip("/")])
+    assert found["controls"]["Sharpness"] == [0.25, "How sharp the reconstruction is kept."]
+    assert found["settings"] == 0.5
 
 
 # -- frames too large to decode: one sentence, before any pixel is decoded -------------------------
@@ -706,7 +795,7 @@ def test_structure_guidance_through_the_api(served, clip, tmp_path):
     assert num_frames(guided) == FRAMES and details["control"] == "canny" and "control" not in plain_details
     assert not np.array_equal(read_video(guided, size=SIZE).frames, read_video(plain, size=SIZE).frames)
     jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
-    values = {**app_jobs.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "control": "canny"}
+    values = {**app_settings.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "control": "canny"}
     *_, condition = jobs._invert(values, lambda *a, **k: None)  # the page shows the edges beside the input
     settings = jobs._settings(values)
     edges = served.engine.conditions(jobs._clip(str(clip), settings)[0], settings)[:, 0].numpy()
@@ -724,7 +813,7 @@ def test_empty_prompt_boxes_show_an_instruction_not_an_example_and_the_refusal_d
     demo = app.build_app(served.engine, defaults=SMALL, results=app_jobs.ResultFolder())
     boxes = {block.elem_id: block for block in demo.blocks.values() if getattr(block, "elem_id", None)}
     jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder())
-    values = {**app_jobs.DEFAULTS, **SMALL, "source_prompt": "", "target_prompt": ""}
+    values = {**app_settings.DEFAULTS, **SMALL, "source_prompt": "", "target_prompt": ""}
     for elem_id, refuse in (("source-prompt", lambda: jobs._settings(values)),
                             ("target-prompt", lambda: jobs._edit_settings(values))):
         placeholder = boxes[elem_id].placeholder
@@ -758,9 +847,9 @@ def test_the_endpoints_are_mcp_tools_with_their_parameters_described(served):
     assert set(tools) == {"invert", "edit", "compare"}
     for name, tool in tools.items():
         properties = tool["inputSchema"]["properties"]
-        assert list(properties) == list(app_jobs.ENDPOINT_INPUTS[name])
+        assert list(properties) == list(app_settings.ENDPOINT_INPUTS[name])
         for parameter, schema in properties.items():
-            assert schema["description"] == app_jobs.PARAMETER_HELP[parameter]
+            assert schema["description"] == app_settings.PARAMETERS[parameter].help
     assert tools["edit"]["description"].startswith("Edit the clip towards the target prompt")
     assert app.parse_args(["--mcp"]).mcp and not app.parse_args([]).mcp
 
@@ -780,10 +869,10 @@ def test_the_page_step_refuses_bad_input_at_once_and_the_status_keeps_the_senten
 
     jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
     request = SimpleNamespace(session_hash="page-1")
-    names = {name: name for name in app_jobs.ENDPOINT_INPUTS["edit"]} | {"randomize": "randomize"}
+    names = {name: name for name in app_settings.ENDPOINT_INPUTS["edit"]} | {"randomize": "randomize"}
     start = jobs.starting("edit", names)
-    good = {**app_jobs.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "target_prompt": "a golden ball",
-            "randomize": False}
+    good = {**app_settings.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE,
+            "target_prompt": "a golden ball", "randomize": False}
     with jobs._model_lock:  # another job holds the model: the answer does not wait for it
         for bad, sentence in ((dict(target_prompt=""), "Type a target prompt"),
                               (dict(source_prompt=" "), "Describe the input video in the source prompt"),
@@ -827,7 +916,7 @@ def test_each_editors_settings_show_only_while_it_is_chosen(served):
     negative, tokenflow, fatezero = app._chose_editor("fatezero")
     assert negative == "" and not tokenflow["visible"] and fatezero["visible"]
     negative, tokenflow, fatezero = app._chose_editor("tokenflow")
-    assert negative == app.DEFAULT_NEGATIVE_PROMPT and tokenflow["visible"] and not fatezero["visible"]
+    assert negative == DEFAULT_NEGATIVE_PROMPT and tokenflow["visible"] and not fatezero["visible"]
 
 
 def _descendants(block):
@@ -840,13 +929,16 @@ def test_every_setting_says_what_it_changes(served):
     demo = app.build_app(served.engine, defaults=SMALL, results=app_jobs.ResultFolder())
     controls = [b for b in demo.blocks.values() if getattr(b, "interactive", None) is not False
                 and type(b).__name__ in ("Slider", "Number", "Radio", "Textbox", "Checkbox")]
-    assert len(controls) >= len(app_jobs.CONTROL_HELP)
     for control in controls:
         assert control.info and len(control.info) > 20, control.label
         if type(control).__name__ == "Slider":  # no "Reset to default value" stops (22.14); None would show one
             assert control.buttons == [], control.label
-    assert set(app_jobs.CONTROL_HELP) == {n for names in app_jobs.ENDPOINT_INPUTS.values() for n in names} - {
-        "video", "source_prompt", "target_prompt"}
+    # every parameter of the endpoints has a control, labelled and explained as its setting says
+    by_label = {control.label: control for control in controls}
+    for name in {n for names in app_settings.ENDPOINT_INPUTS.values() for n in names} - {"video"}:
+        p = app_settings.PARAMETERS[name]
+        assert p.label in by_label, name
+        assert by_label[p.label].info.startswith(p.help), name
 
 
 def _theme_colours(css: str, block: str) -> dict:
@@ -884,7 +976,7 @@ def test_on_a_cpu_a_slow_job_says_how_long_it_takes_as_it_starts(clip, tmp_path)
     """22.12: a real model on a CPU: the start's status gives the time the cost model predicts; a GPU says nothing."""
     import torch
 
-    values = {**app_jobs.DEFAULTS, **app_jobs.CPU_DEFAULTS, "video": str(clip), "size": 256, "frames": 0}
+    values = {**app_settings.DEFAULTS, **app_settings.CPU_DEFAULTS, "video": str(clip), "size": 256, "frames": 0}
     model = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # named, never loaded
     jobs = app_jobs.Jobs(Engine(model, device="cpu"), max_pixels=16 * 256**2, results=app_jobs.ResultFolder(tmp_path))
     note = jobs.slow_job_note("edit", values)
@@ -926,7 +1018,7 @@ def test_the_pages_defaults_are_the_settings_own_but_for_the_pages_choices():
     from stem import InversionSettings
     from stem.editing import FreeUSettings, TokenFlowSettings
 
-    assert app_jobs.DEFAULTS["bases"] == InversionSettings().num_bases and app_jobs.DEFAULTS["steps"] == 50
-    assert app_jobs.DEFAULTS["pnp_attn"] == TokenFlowSettings(prompt="x").pnp_attn
-    assert app_jobs.DEFAULTS["freeu_b1"] == FreeUSettings().b1
-    assert app_jobs.DEFAULTS["frames"] == 16 and InversionSettings().num_frames is None  # a page choice
+    assert app_settings.DEFAULTS["bases"] == InversionSettings().num_bases and app_settings.DEFAULTS["steps"] == 50
+    assert app_settings.DEFAULTS["pnp_attn"] == TokenFlowSettings(prompt="x").pnp_attn
+    assert app_settings.DEFAULTS["freeu_b1"] == FreeUSettings().b1
+    assert app_settings.DEFAULTS["frames"] == 16 and InversionSettings().num_frames is None  # a page choice

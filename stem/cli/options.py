@@ -15,7 +15,7 @@ import os
 from dataclasses import replace
 
 from ..editing import DEFAULT_NEGATIVE_PROMPT, FateZeroSettings, FreeUSettings, TokenFlowSettings
-from ..editing.fatezero import parse_cross_replace_words, parse_reweight
+from ..editing.fatezero import WORD_VALUE_PARSERS
 from ..engine import EM_KERNELS, InversionSettings
 from ..errors import StemError
 from ..models import DEFAULT_MODEL
@@ -26,7 +26,7 @@ from ..video import check_fps
 EDITOR_SETTINGS = {"tokenflow": TokenFlowSettings, "fatezero": FateZeroSettings}
 SETTINGS_CLASSES = (InversionSettings, TokenFlowSettings, FateZeroSettings, FreeUSettings)
 # word-pair settings: how the repeated WORD=NUMBER options become pairs (with a sentence naming the form)
-PAIR_PARSERS = {"reweight": parse_reweight, "cross_replace_words": parse_cross_replace_words}
+PAIR_PARSERS = WORD_VALUE_PARSERS
 METAVARS = {"reweight": "WORD=SCALE", "cross_replace_words": "WORD=FRACTION", "blend_words": "SRC[,TGT]"}
 
 

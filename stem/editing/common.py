@@ -99,23 +99,26 @@ def leading_steps(fraction: float, num_steps: int) -> int:
 
 def fraction_setting(default: float, *, label: str, words: str, help: str, **more):
     """A fraction of the denoising steps, in [0, 1], as a setting."""
-    return setting(default, label=label, words=words, help=help, minimum=0, maximum=1, step=0.05, **more)
+    return setting(default, label=label, words=words, help=help, minimum=0, maximum=1, step=0.05, page_range=(0, 1),
+                   **more)
 
 
 def target_prompt_setting():
     """The target prompt every editor takes (required; the CLI's repeatable --prompt)."""
-    return setting(label="Target prompt", words="the target prompt", flag="--prompt",
-                   help="what the edited video should show")
+    return setting(label="Target prompt", words="the target prompt", flag="--prompt", api_name="target_prompt",
+                   help="describes the video you want")
 
 
 def negative_prompt_setting(default: str):
     return setting(default, label="Negative prompt", words="the negative prompt",
-                   help="unconditional text of the guidance: what the edit should avoid")
+                   help="what the edit should avoid (the guidance's unconditional text), e.g. blur, artefacts")
 
 
 def guidance_setting():
     return setting(7.5, label="Guidance scale", words="the guidance scale", minimum=1, maximum=MAX_GUIDANCE, step=0.5,
-                   note="7.5 is usual", help="classifier-free guidance scale (higher: closer to the prompt)")
+                   note="7.5 is usual", page_range=(1, 20),
+                   help="classifier-free guidance scale: higher follows the target prompt more closely, and strays "
+                        "further from the clip")
 
 
 def validate_common(edit: EditSettingsBase) -> None:

@@ -110,10 +110,11 @@ class FateZeroSettings:
     negative_prompt: str = negative_prompt_setting("")  # FateZero's: none
     guidance: float = guidance_setting()
     self_replace: float = fraction_setting(0.6, label="Self-attention fusion", words="the self-attention fusion",
-                                           help="fraction of steps whose self-attention (layers of <= 32x32 tokens) "
-                                                "is the source's")
+                                           help="fraction of the steps whose self-attention (layers of <= 32x32 "
+                                                "tokens) is the clip's: higher keeps more of its structure and motion")
     cross_replace: float = fraction_setting(0.8, label="Cross-attention fusion", words="the cross-attention fusion",
-                                            help="fraction of steps whose cross-attention maps come from the source's")
+                                            help="fraction of the steps whose word-to-pixel (cross-attention) maps "
+                                                 "are the clip's: higher keeps its layout")
     # (target word, fraction): that word's own cross_replace (FateZero's cross_replace_steps {word: fraction})
     cross_replace_words: tuple[tuple[str, float], ...] = setting(
         (), label="Cross-attention fusion per word", words="the per-word cross-attention fusion",
@@ -124,13 +125,17 @@ class FateZeroSettings:
                                  "have as many space-separated words, else refine), replace, refine or tokens (replace "
                                  "token by token when they have as many tokens, else refine)")
     reweight: tuple[tuple[str, float], ...] = setting(
-        (), label="Reweight", words="the reweighting", help="WORD=SCALE pairs that scale the cross-attention of target "
-        "words while the maps are fused")
+        (), label="Reweight", words="the reweighting",
+        help="WORD=SCALE pairs that strengthen (or weaken) a target word's cross-attention while the maps are "
+             "fused, e.g. golden=2")
     blend_words: str = setting("", label="Blend words", words="the blend words",
-                               help="local edit: SRC[,TGT], the source (and target) words whose attention masks where "
-                                    "the edit may change the video")
+                               help="local edit: SRC[,TGT], the source (and target) words of the part to change, e.g. "
+                                    "car,truck: their attention masks where the edit may change the video; empty: the "
+                                    "whole frame")
     blend_threshold: float = setting(0.3, label="Blend threshold", words="the blend threshold", minimum=0, maximum=1,
-                                     step=0.05, help="mask threshold on the per-frame normalised word maps, in (0, 1]")
+                                     step=0.05, page_range=(0.05, 1),
+                                     help="mask threshold on the per-frame normalised word maps: higher confines the "
+                                          "edit to a smaller region")
     blend_self_attention: bool = setting(
         True,
         label="Blend self-attention",
@@ -262,6 +267,10 @@ def parse_reweight(items: str | Iterable[str] | None) -> tuple[tuple[str, float]
 def parse_cross_replace_words(items: str | Iterable[str] | None) -> tuple[tuple[str, float], ...]:
     """"WORD=FRACTION" strings (FateZero's `cross_replace_steps: {word: fraction}`) -> ((word, fraction), ...)."""
     return parse_word_values(items, "cross_replace_words", "WORD=FRACTION (e.g. tiger=0.4)")
+
+
+# the word-pair settings' parsers, by field name: what the CLI's repeated options and the app's text become
+WORD_VALUE_PARSERS = {"reweight": parse_reweight, "cross_replace_words": parse_cross_replace_words}
 
 
 def parse_word_values(items: str | Iterable[str] | None, name: str, form: str) -> tuple[tuple[str, float], ...]:

@@ -43,7 +43,7 @@ THRESHOLD = 1  # half the side of the scaled block of lowest frequencies (FreeU'
 def _constant(default: float, key: str, what: str):
     """One of FreeU's four constants as a setting (flag --freeu-KEY, in metrics.json as freeu_KEY)."""
     return setting(default, label=f"FreeU {key}", words=f"FreeU's {key}", flag=f"--freeu-{key}", minimum=0,
-                   maximum=MAX_SCALE, step=0.1, note="FreeU's are 1.2, 1.4, 0.9, 0.2", help=f"FreeU {what}")
+                   maximum=MAX_SCALE, step=0.1, note="FreeU's are 1.2, 1.4, 0.9, 0.2", help=f"FreeU's {what}")
 
 
 @dataclass(frozen=True)
@@ -51,15 +51,16 @@ class FreeUSettings:
     """FreeU in the editing UNet; the defaults are the constants the STEM authors edit with."""
 
     enabled: bool = setting(True, label="FreeU", words="the FreeU switch", flag="--freeu",
-                            help="FreeU in the editing UNet (default: the editor's; on for tokenflow, as the STEM "
-                                 "authors ran it)")
+                            help="FreeU re-weights the editing UNet's backbone and skip features: often crisper "
+                                 "detail, sometimes over-saturated (default: the editor's; on for tokenflow, as "
+                                 "the STEM authors ran it)")
     # backbone scale where the arriving hidden states have the UNet's widest width
-    b1: float = _constant(1.2, "b1", "backbone scale at the widest up-block width")
+    b1: float = _constant(1.2, "b1", "backbone scale at the widest up-block width (> 1: crisper)")
     # backbone scale where they have the second width (block_out_channels[1])
-    b2: float = _constant(1.4, "b2", "backbone scale at the second width")
+    b2: float = _constant(1.4, "b2", "backbone scale at the second width (> 1: crisper)")
     # scale of the skip features' lowest frequencies at the widest width
-    s1: float = _constant(0.9, "s1", "skip low-frequency scale at the widest width")
-    s2: float = _constant(0.2, "s2", "skip low-frequency scale at the second width")  # the same at the second width
+    s1: float = _constant(0.9, "s1", "skip low-frequency scale at the widest width (< 1: weaker skips)")
+    s2: float = _constant(0.2, "s2", "skip low-frequency scale at the second width (< 1: weaker skips)")
 
     def validate(self) -> "FreeUSettings":
         """Raise SettingError with one sentence (in words) for the first constant out of range."""

@@ -99,21 +99,27 @@ class TokenFlowSettings:
     negative_prompt: str = negative_prompt_setting(DEFAULT_NEGATIVE_PROMPT)  # the STEM authors'
     guidance: float = guidance_setting()
     pnp_attn: float = fraction_setting(0.5, label="PnP attention threshold", words="the PnP attention fraction",
-                                       help="fraction of steps that inject the source's self-attention queries/keys")
+                                       help="fraction of the steps whose self-attention queries and keys come from "
+                                            "the clip: higher keeps more of its structure, lower lets the prompt "
+                                            "change more")
     pnp_conv: float = fraction_setting(0.8, label="PnP convolution threshold", words="the PnP convolution fraction",
-                                       help="fraction of steps that inject the source's conv (residual) features")
-    batch_size: int = setting(8, label="Batch size", words="the batch size", minimum=1, step=1,
-                              help="frames per TokenFlow batch, one keyframe each")
+                                       help="fraction of the steps whose residual (convolution) features come "
+                                            "from the clip: higher keeps more of its layout")
+    batch_size: int = setting(8, label="Batch size (frames per keyframe)", words="the batch size", minimum=1, step=1,
+                              page_range=(1, 32), help="frames per TokenFlow batch, one keyframe each: larger is "
+                                                       "faster; smaller follows fast motion better")
     attention: str = setting("extended", label="Edit attention", words="the edit attention", flag="--edit-attention",
                              choices=EDIT_ATTENTION, faces={"cli", "metrics"},
                              help="the edit groups' keyframe attention: extended (TokenFlow's) or stem (STEM bases)")
     propagation: str = setting("previous", label="Propagation", words="the propagation", choices=PROPAGATION,
+                               choice_labels={"previous": "Previous keyframe (the authors')",
+                                              "nearest": "Nearest keyframes"},
                                help="which two keyframes each frame's attention comes from: previous (its batch's and "
                                     "the previous batch's, as the STEM authors ran it) or nearest (the two nearest)")
     freeu: FreeUSettings = setting(FreeUSettings(), label="FreeU settings", words="the FreeU settings",
                                    help="FreeU in the editing UNet, on as in the release")
     seed: int = setting(0, label="Seed", words="the seed", minimum=0, maximum=2**63 - 1,
-                        help="seed of the keyframe choice")
+                        help="picks TokenFlow's keyframes at each step")
 
     def validate(self) -> "TokenFlowSettings":
         """Raise SettingError with one sentence (in words) for the first setting out of range."""
