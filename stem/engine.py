@@ -75,7 +75,8 @@ class InversionSettings:
     model: str = setting(DEFAULT_MODEL, label="Model", words="the model", faces={"cli", "metrics"},
                          help="diffusers SD 1.x/2.x hub id or local folder, or tiny-random")
     method: str = setting("stem", label="Inversion method", words="the inversion method", choices=METHODS,
-                          help="self-attention during inversion: stem, ddim or inflated")
+                          help="self-attention during inversion and reconstruction: stem, ddim (per frame) or inflated "
+                               "(all frames, slow)")
     num_bases: int = setting(256, label="Bases K", words="the number of bases K", flag="--bases", minimum=1,
                              maximum=MAX_BASES, step=1, note="the paper uses 256", when=_stem,
                              help="STEM: K bases per layer (more: closer to full attention, slower)")
