@@ -15,7 +15,7 @@ run it from the repository root, where `python -m` finds both `benchmarks` and `
 states, for the modes ddim, inflated, stem and stem-naive (the reference in `modes.py`).
 `inversion`: one inversion step, i.e. one UNet call over all N frames with the mode's processors,
 of SD-1.5's UNet architecture with random weights (same cost as the real model).
-`edit`: one editing step (TokenFlow: keyframe pass and propagation, through `stem.editing.edit_latents`
+`edit`: one editing step (TokenFlow: keyframe pass and propagation, through `stem.editing.tokenflow.edit_latents`
 on a one-step schedule) against 3·N plain per-frame UNet evaluations (mode "ddim") at the same size.
 `fatezero`: a whole FateZero edit's peak memory against N and the steps T (`fatezero.py`).
 `gpu`: the one-command GPU check (`gpu.py`).

@@ -62,7 +62,7 @@ def bench_inversion(modes, frames, size, device, dtype, repeats, warmup, num_bas
 
 def tokenflow_step(parts, trajectory, timesteps, alphas, text, batch_size):
     """(setup, call) of one TokenFlow step: the keyframe pass and the propagation over every frame."""
-    from stem.editing import EditSettings, edit_latents
+    from stem.editing.tokenflow import EditSettings, edit_latents
 
     # injecting in this step, as the first steps of a real edit do
     edit = EditSettings(prompt="bench", batch_size=batch_size, pnp_attn=1.0, pnp_conv=1.0).validate()
@@ -94,7 +94,7 @@ EDITORS = {"tokenflow": tokenflow_step, "fatezero": fatezero_step}
 def bench_edit(editors, frames, size, device, dtype, repeats, warmup, batch_size, report, unet_kind="sd15"):
     """Time one editing step per editor against 3·N plain per-frame UNet evaluations (mode "ddim").
 
-    The editing step is one denoising step of `stem.editing.edit_latents` on a one-step schedule
+    The editing step is one denoising step of `stem.editing.tokenflow.edit_latents` on a one-step schedule
     (keyframe pass, propagation, guidance). The baseline evaluates the UNet with its default
     processors on 3·N samples in calls of 3·batch_size samples, the size of the propagation's calls.
     """

@@ -6,7 +6,7 @@ SD-1.5 architecture (UNet and ControlNet with random weights, no download), 256 
 The runs with and without the ControlNet alternate (none, canny, none, canny, ...) so a shared CPU's
 load weighs on both alike. Prints the mean seconds of each and their ratio:
     inversion  one UNet call over the N frames (STEM attention installed)
-    tokenflow  one denoising step of `stem.editing.edit_latents` on a one-step schedule (the keyframe pass
+    tokenflow  one denoising step of `stem.editing.tokenflow.edit_latents` on a one-step schedule (the keyframe pass
                and the propagation over every frame, three groups, injecting as a real edit's first steps do)
 """
 
@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
 
     from stem.attention import AttentionState, attention_mode
     from stem.control import Control, canny_conditions
-    from stem.editing import EditSettings, edit_latents
+    from stem.editing.tokenflow import EditSettings, edit_latents
     from stem.inversion import call_unet, ddim_schedule
 
     from .models import unet_only_parts

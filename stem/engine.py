@@ -77,8 +77,8 @@ class InversionSettings:
     method: str = setting("stem", label="Inversion method", words="the inversion method", choices=METHODS,
                           choice_labels={"stem": "STEM", "ddim": "DDIM", "inflated": "Inflated DDIM"},
                           help="how frames see each other while inverting: stem (K bases shared by all frames), ddim "
-                               "(each frame alone) or inflated (every frame's keys); a steadier inversion gives a "
-                               "steadier edit")
+                               "(each frame alone) or inflated (every frame's keys, slow); a steadier inversion "
+                               "gives a steadier edit")
     num_bases: int = setting(256, label="Bases K (STEM)", words="the number of bases K", flag="--bases", minimum=1,
                              maximum=MAX_BASES, step=1, note="the paper uses 256", when=_stem, page_range=(1, 1024),
                              help="STEM: K bases per layer; more are closer to full attention over all frames "

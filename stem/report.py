@@ -67,9 +67,9 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_json(path: Path, doc: dict, indent: int = 1, allow_nan: bool = True) -> None:
+def write_json(path: Path, doc: dict, indent: int = 1, allow_nan: bool = True, final_newline: bool = True) -> None:
     """Write `doc` as JSON atomically; with `allow_nan=False` a NaN fails before anything is written."""
-    write_text(path, json.dumps(doc, indent=indent, allow_nan=allow_nan) + "\n")
+    write_text(path, json.dumps(doc, indent=indent, allow_nan=allow_nan) + ("\n" if final_newline else ""))
 
 
 def save_figure(fig, path: Path, dpi: int = 120) -> None:
@@ -85,12 +85,13 @@ def save_figure(fig, path: Path, dpi: int = 120) -> None:
 def write_report(doc: dict, *, json_path: Path | None = None, csv_path: Path | None = None,
                  md_path: Path | None = None, png_path: Path | None = None,
                  markdown: Callable[[dict], str] | None = None, plot: Callable[[list[dict], Path], None] | None = None,
-                 csv_first: Sequence[str] = (), indent: int = 1, allow_nan: bool = True) -> None:
+                 csv_first: Sequence[str] = (), indent: int = 1, allow_nan: bool = True,
+                 final_newline: bool = True) -> None:
     """Write the files of a report that are asked for, each atomically, in this order.
 
     Args:
         doc: the document, `{..., "rows": [dict, ...]}`.
-        json_path: the document as JSON (`indent`, `allow_nan` as for `write_json`).
+        json_path: the document as JSON (`indent`, `allow_nan`, `final_newline` as for `write_json`).
         csv_path: the rows as CSV, the columns `csv_first` first (`rows_csv`).
         md_path: the page `markdown(doc)`.
         png_path: what `plot(doc["rows"], path)` draws (e.g. with `save_figure`).
@@ -98,7 +99,7 @@ def write_report(doc: dict, *, json_path: Path | None = None, csv_path: Path | N
     if (md_path and markdown is None) or (png_path and plot is None):
         raise ValueError("a markdown page needs `markdown`, a PNG needs `plot`")
     if json_path:
-        write_json(json_path, doc, indent, allow_nan)
+        write_json(json_path, doc, indent, allow_nan, final_newline)
     if csv_path:
         write_text(csv_path, rows_csv(doc["rows"], csv_first))
     if md_path:

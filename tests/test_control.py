@@ -220,7 +220,7 @@ def _fatezero(prompt):
 @pytest.mark.parametrize(
     "make_edit",
     [
-        lambda: __import__("stem.editing", fromlist=["EditSettings"]).EditSettings("a dog", batch_size=2),
+        lambda: __import__("stem.editing", fromlist=["TokenFlowSettings"]).TokenFlowSettings("a dog", batch_size=2),
         lambda: _fatezero("a circle"),
     ],
     ids=["tokenflow", "fatezero"],

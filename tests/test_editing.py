@@ -13,9 +13,11 @@ import torch
 
 from stem.cache import LatentCache
 from stem.cli import cli_message, main
-from stem.editing import (
-    COND, CONV_INJECTION_LAYER, DEFAULT_NEGATIVE_PROMPT, NUM_GROUPS, SOURCE, UNCOND, EditSettings, FreeUSettings,
-    choose_keyframes, edit_latents, edit_metrics, edit_video, keyframe_neighbours, nearest_tokens, qk_injection_layers,
+from stem.editing import DEFAULT_NEGATIVE_PROMPT, FreeUSettings, edit_metrics, edit_video
+from stem.editing.common import COND, NUM_GROUPS, SOURCE, UNCOND
+from stem.editing.tokenflow import (
+    CONV_INJECTION_LAYER, EditSettings, choose_keyframes, edit_latents, keyframe_neighbours, nearest_tokens,
+    qk_injection_layers,
 )
 from stem.engine import Engine, InversionSettings
 from stem.errors import StemError

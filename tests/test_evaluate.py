@@ -14,7 +14,7 @@ import torch
 
 from conftest import make_frames
 from stem.cli import build_parser, main
-from stem.cli.evaluate import make_plan, markdown_table, read_manifest
+from stem.cli.evaluate import make_plan, mean_std_table, read_manifest
 from stem.metrics import (
     build_tiny_clip, clip_text_alignment, frame_accuracy, load_clip, temporal_consistency,
 )
@@ -338,7 +338,7 @@ def test_summary_table_bolds_the_best_mean_and_reports_the_sample_std():
                      {"kind": "reconstruction", "psnr": 12.0, "warp_error": 0.1}],
             "stem": [{"kind": "reconstruction", "psnr": 13.0, "warp_error": 0.4}]}
     columns = (("psnr", "PSNR", 1, "{:.2f}"), ("warp_error", "warp", -1, "{:.2f}"))
-    lines = markdown_table(rows, columns, "method")
+    lines = mean_std_table(rows, columns, "method").splitlines()
     assert lines[0] == "| method | n | PSNR ↑ | warp ↓ |"
     assert lines[2] == "| ddim | 2 | 11.00 ± 1.41 | **0.30 ± 0.28** |"  # sample std of (10, 12) = sqrt(2)
     assert lines[3] == "| stem | 1 | **13.00 ± 0.00** | 0.40 ± 0.00 |"

@@ -15,9 +15,9 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from stem.attention import AttentionState, InflatedAttnProcessor, StemAttnProcessor
-from stem.editing import FreeUSettings, TokenFlowSettings, choose_keyframes, edit_latents, freeu_installed
-from stem.editing.freeu import fourier_filter, freeu_resnets
-from stem.editing.tokenflow import KEYFRAMES, EditState, TokenFlowAttnProcessor
+from stem.editing import FreeUSettings, TokenFlowSettings
+from stem.editing.freeu import fourier_filter, freeu_installed, freeu_resnets
+from stem.editing.tokenflow import KEYFRAMES, EditState, TokenFlowAttnProcessor, choose_keyframes, edit_latents
 from stem.engine import InversionSettings
 from stem.errors import StemError
 from stem.inversion import ddim_schedule, encode_prompt

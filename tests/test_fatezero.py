@@ -15,15 +15,14 @@ from stem.attention import AttentionState, StemAttnProcessor
 from stem import em_reference
 from stem.cache import LatentCache
 from stem.cli import cli_message, main
-from stem.editing import (
-    COND, NUM_GROUPS, SOURCE, UNCOND, FateZeroSettings, EditSettings, align_tokens, edit_metrics, edit_video,
-    parse_reweight, word_map,
-)
+from stem.editing import FateZeroSettings, edit_metrics, edit_video, parse_reweight
+from stem.editing.common import COND, NUM_GROUPS, SOURCE, UNCOND
 from stem.editing.fatezero import (
     EDIT_PASS, MAX_FUSED_TOKENS, EditMaps, FateZeroSelfAttnProcessor, FateZeroState, FrameChunk, blend_mask,
     edit_latents, token_grid,
 )
-from stem.editing.wordmap import reweight_scales, word_positions
+from stem.editing.tokenflow import EditSettings
+from stem.editing.wordmap import align_tokens, reweight_scales, word_map, word_positions
 from stem.engine import Engine
 from stem.errors import StemError
 from stem.inversion import ddim_schedule, decode_latents, encode_prompt

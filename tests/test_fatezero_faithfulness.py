@@ -337,7 +337,7 @@ def reference_blend_source_level(cur_step: int, num_steps: int) -> int:
 
 def run_edit(tiny_parts, edit, steps=3, n=2, side=16):
     from stem.attention import AttentionState
-    from stem.editing import NUM_GROUPS
+    from stem.editing.common import NUM_GROUPS
     from stem.editing.fatezero import edit_latents
     from stem.inversion import ddim_schedule, encode_prompt
 

@@ -33,7 +33,8 @@ import torch
 
 from stem.attention import AttentionState, StemAttnProcessor
 from stem.cache import LatentCache
-from stem.editing import EDITORS, NUM_GROUPS, FateZeroSettings, FreeUSettings, TokenFlowSettings
+from stem.editing import EDITORS, FateZeroSettings, FreeUSettings, TokenFlowSettings
+from stem.editing.common import NUM_GROUPS
 from stem.em import channel_stats, estimate_bases
 from stem.engine import Engine, InversionSettings
 from stem.inversion import ddim_schedule, encode_prompt

@@ -8,7 +8,6 @@ it was (and the next run removes what a killed one left).
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import sys
 import weakref
@@ -16,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from .. import report
 from ..cache import LatentCache
 from ..engine import Engine
 from ..errors import StemError
-from ..files import atomic_output, check_output_folder, output_lock, remove_dead_stages
+from ..files import check_output_folder, output_lock, remove_dead_stages
 from ..video import read_video, write_video
 
 EXIT_ERROR = 2
@@ -83,10 +83,8 @@ def claimed_out_dir(args, names):
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    text = json.dumps(data, indent=2, allow_nan=False)  # fails before anything is written
-    with atomic_output(path) as tmp:
-        tmp.write_text(text)
+    """Write JSON atomically (temp file + rename); a NaN fails before anything is written."""
+    report.write_json(path, data, indent=2, allow_nan=False, final_newline=False)
 
 
 class TqdmProgress:

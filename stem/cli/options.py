@@ -158,7 +158,8 @@ def add_inversion_options(parser: argparse.ArgumentParser, prompt_flags=("--sour
         help="frames per UNet call (default: as many as fit in the GPU's free memory, all at once on a CPU); "
              "STEM still uses all frames for its bases")
     add("--dtype", default=None, choices=("float16", "bfloat16", "float32"),
-        help="model precision (default: float16 on a GPU, float32 on the CPU); EM statistics and softmax stay float32")
+        help="model precision: float16, bfloat16 (GPUs with bf16 support) or float32 (default: float16 on a GPU, "
+             "float32 on the CPU); EM statistics and softmax stay float32")
     add("--em-kernel", default="auto", choices=EM_KERNELS,
         help="STEM's EM: fused (one Triton pass per iteration, CUDA with Triton; not yet measured on a GPU), "
              "torch (streamed, any device) or auto (default: torch until the fused kernel is measured on a GPU)")
@@ -186,7 +187,7 @@ def add_edit_options(parser, overrides: dict[str, dict] | None = None) -> None:
     `overrides` rewords the first three by dest."""
     add = option_adder(parser, overrides)
     add("--editor", default="tokenflow", choices=list(EDITOR_SETTINGS),
-        help="the editing method (default: %(default)s)")
+        help="the editing method: tokenflow or fatezero (default: %(default)s)")
     add("--negative-prompt", default=None,
         help=f'unconditional text of the guidance; "" for none (default: the editor\'s: {DEFAULT_NEGATIVE_PROMPT!r} '
              'for tokenflow, as the STEM authors ran it; empty for fatezero, as FateZero ran it)')

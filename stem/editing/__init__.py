@@ -9,24 +9,18 @@ inversion) and runs the editor that `edit_settings.editor` names:
 FreeU (`freeu`) is a module any editor can use on the editing UNet: a `FreeUSettings` field in the
 editor's settings (with the editor's own default) and `freeu_installed(unet, settings.freeu)` around
 its denoising loop.
+
+What a library user needs is here: the editors' settings, `edit_video`, `edit_metrics`, `EditResult`,
+`EDITORS` (editor name -> its denoising loop), `DEFAULT_NEGATIVE_PROMPT`, `parse_reweight`. Everything else
+stays importable from its module (`stem.editing.tokenflow`, `.fatezero`, `.wordmap`, `.freeu`, `.common`).
 """
 
-from .common import (
-    COND, DEFAULT_NEGATIVE_PROMPT, EDITOR_CHECKS, EDITORS, NUM_GROUPS, SOURCE, UNCOND, EditResult, edit_metrics,
-    edit_video,
-)
-from .fatezero import MAX_FUSED_TOKENS, FateZeroSettings, parse_reweight
-from .freeu import FreeUSettings, freeu_installed
-from .tokenflow import (
-    CONV_INJECTION_LAYER, EDIT_ATTENTION, PROPAGATION, EditSettings, TokenFlowSettings, choose_keyframes, edit_latents,
-    keyframe_neighbours, nearest_tokens, qk_injection_layers,
-)
-from .wordmap import WORD_MAPS, WordMap, align_tokens, word_map
+from .common import DEFAULT_NEGATIVE_PROMPT, EDITORS, EditResult, edit_metrics, edit_video
+from .fatezero import FateZeroSettings, parse_reweight
+from .freeu import FreeUSettings
+from .tokenflow import TokenFlowSettings
 
 __all__ = [
-    "COND", "CONV_INJECTION_LAYER", "DEFAULT_NEGATIVE_PROMPT", "EDITORS", "EDITOR_CHECKS", "EDIT_ATTENTION",
-    "MAX_FUSED_TOKENS", "NUM_GROUPS", "PROPAGATION", "SOURCE", "UNCOND", "WORD_MAPS", "EditResult", "EditSettings",
-    "FateZeroSettings", "FreeUSettings", "TokenFlowSettings", "WordMap", "align_tokens", "choose_keyframes",
-    "edit_latents", "edit_metrics", "edit_video", "freeu_installed", "keyframe_neighbours", "nearest_tokens",
-    "parse_reweight", "qk_injection_layers", "word_map",
+    "DEFAULT_NEGATIVE_PROMPT", "EDITORS", "EditResult", "FateZeroSettings", "FreeUSettings", "TokenFlowSettings",
+    "edit_metrics", "edit_video", "parse_reweight",
 ]

@@ -115,7 +115,8 @@ class TokenFlowSettings:
                                choice_labels={"previous": "Previous keyframe (the authors')",
                                               "nearest": "Nearest keyframes"},
                                help="which two keyframes each frame's attention comes from: previous (its batch's and "
-                                    "the previous batch's, as the STEM authors ran it) or nearest (the two nearest)")
+                                    "the previous batch's, as the STEM authors ran it) or nearest (the two nearest, "
+                                    "blended linearly)")
     freeu: FreeUSettings = setting(FreeUSettings(), label="FreeU settings", words="the FreeU settings",
                                    help="FreeU in the editing UNet, on as in the release")
     seed: int = setting(0, label="Seed", words="the seed", minimum=0, maximum=2**63 - 1,

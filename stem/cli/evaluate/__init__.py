@@ -25,10 +25,10 @@ from ...metrics import DEFAULT_CLIP_MODEL
 from ..options import EDITOR_SETTINGS, add_edit_options, add_inversion_options
 from .manifest import PER_CLIP, Clip, read_manifest
 from .plan import Job, Plan, make_plan
-from .report import markdown_table, summary_markdown, write_results
+from .report import mean_std_table, summary_markdown, write_results
 from .run import cmd_evaluate, run_job
 
-__all__ = ["Clip", "Job", "Plan", "add_evaluate_command", "cmd_evaluate", "make_plan", "markdown_table",
+__all__ = ["Clip", "Job", "Plan", "add_evaluate_command", "cmd_evaluate", "make_plan", "mean_std_table",
            "read_manifest", "run_job", "summary_markdown", "write_results"]
 DEFAULT_METHODS = "ddim,stem"
 

@@ -1,17 +1,18 @@
-"""The tables of an evaluation: results.json / .csv, and summary.md / .png with the paper's mean ± std."""
+"""The tables of an evaluation: results.json / .csv, and summary.md / .png with the paper's mean ± std.
+
+The files are written by `stem.report`, the one report writer (the benchmarks' too); this module says what
+the summary page and figure show.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import numpy as np
 
-from ...files import atomic_output
 from ...metrics import TINY_CLIP
 from ...models import TINY_MODEL
-from ..common import write_json
+from ...report import Column, markdown_table, save_figure, write_report
 from .plan import EDIT, RECONSTRUCTION, Plan
 
 RESULT_FILES = ("results.json", "results.csv", "summary.md", "summary.png")  # written last, by the main process
@@ -38,17 +39,10 @@ def write_results(out: Path, plan: Plan, args, rows: list[dict], num_processes: 
     header = {"manifest": str(args.video), "model": args.model, "methods": plan.methods, "editors": plan.editors,
               "clip_model": plan.clip_model, "num_steps": args.steps, "num_bases": args.bases,
               "num_iters": args.iters, "seed": args.seed, "num_processes": num_processes}
-    write_json(out / "results.json", {**header, "rows": rows})
-    buffer = io.StringIO()
-    columns = list(COLUMNS) + sorted({k for row in rows for k in row} - set(COLUMNS))
-    writer = csv.DictWriter(buffer, columns, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    for name, text in (("results.csv", buffer.getvalue()), ("summary.md", summary_markdown(header, rows))):
-        with atomic_output(out / name) as tmp:
-            tmp.write_text(text)
-    with atomic_output(out / "summary.png") as tmp:
-        plot_summary(rows, tmp)
+    write_report({**header, "rows": rows}, json_path=out / "results.json", csv_path=out / "results.csv",
+                 md_path=out / "summary.md", png_path=out / "summary.png", csv_first=COLUMNS,
+                 markdown=lambda doc: summary_markdown(header, doc["rows"]), plot=plot_summary,
+                 indent=2, allow_nan=False, final_newline=False)
 
 
 def table_groups(rows: list[dict], kind: str) -> dict[str, list[dict]]:
@@ -74,24 +68,29 @@ def mean_std(rows: list[dict], key: str) -> tuple[float, float, int] | None:
     return float(np.mean(values)), std, len(values)
 
 
-def markdown_table(groups: dict[str, list[dict]], columns, first: str) -> list[str]:
+def mean_std_table(groups: dict[str, list[dict]], columns, first: str) -> str:
     """A paper-style table: mean ± std per row, the best mean of each column in bold."""
-    stats = {label: {key: mean_std(rows, key) for key, *_ in columns} for label, rows in groups.items()}
+    table = [{"label": label, "n": len(rows), **{key: mean_std(rows, key) for key, *_ in columns}}
+             for label, rows in groups.items()]
     best = {}
     for key, _, sign, _ in columns:
-        means = [s[key][0] for s in stats.values() if s[key] is not None]
+        means = [row[key][0] for row in table if row[key] is not None]
         best[key] = max(means, key=lambda m: sign * m) if len(means) > 1 else None
+
+    def cell(key: str, fmt: str):
+        """The cell of one metric: mean ± std, in bold when the best mean; a dash when no row has it."""
+        def text(row: dict) -> str:
+            if row[key] is None:
+                return "–"
+            mean, std, _ = row[key]
+            value = f"{fmt.format(mean)} ± {fmt.format(std)}"
+            return f"**{value}**" if mean == best[key] else value
+        return text
+
     arrows = {1: "↑", -1: "↓"}
-    lines = [f"| {first} | n | " + " | ".join(f"{title} {arrows[sign]}" for _, title, sign, _ in columns) + " |",
-             "|---|---:|" + "---:|" * len(columns)]
-    for label, row_stats in stats.items():
-        cells = []
-        for key, _, _, fmt in columns:
-            s = row_stats[key]
-            cell = "–" if s is None else f"{fmt.format(s[0])} ± {fmt.format(s[1])}"
-            cells.append(f"**{cell}**" if s is not None and s[0] == best[key] else cell)
-        lines.append(f"| {label} | {len(groups[label])} | " + " | ".join(cells) + " |")
-    return lines
+    shown = [Column(first, lambda row: row["label"]), Column("n", lambda row: row["n"], right=True)]
+    shown += [Column(f"{title} {arrows[sign]}", cell(key, fmt), right=True) for key, title, sign, fmt in columns]
+    return markdown_table(shown, table)
 
 
 def summary_markdown(header: dict, rows: list[dict]) -> str:
@@ -107,7 +106,7 @@ def summary_markdown(header: dict, rows: list[dict]) -> str:
               "Mean ± standard deviation over clips. PSNR and SSIM against the input frames, PSNR vs VAE against "
               "the VAE round trip (the best any latent method can do), warp error with the input's optical flow "
               "(lower is steadier), seconds of inversion + reconstruction (inversions from the cache left out).", ""]
-    lines += markdown_table(table_groups(rows, RECONSTRUCTION), RECONSTRUCTION_TABLE, "method")
+    lines.append(mean_std_table(table_groups(rows, RECONSTRUCTION), RECONSTRUCTION_TABLE, "method"))
     edits = table_groups(rows, EDIT)
     if edits:
         clip = header["clip_model"]
@@ -128,7 +127,7 @@ def summary_markdown(header: dict, rows: list[dict]) -> str:
         ]
         if clip == TINY_CLIP:
             lines += ["The CLIP model is the built-in `tiny-random` (random weights): its scores mean nothing.", ""]
-        lines += markdown_table(edits, EDIT_TABLE, "editor / method")
+        lines.append(mean_std_table(edits, EDIT_TABLE, "editor / method"))
     failed = [row for row in rows if row.get("error")]
     if failed:
         lines += ["", f"## Failed jobs ({len(failed)})", ""] + [f"- `{row['id']}`: {row['error']}" for row in failed]
@@ -158,6 +157,4 @@ def plot_summary(rows: list[dict], path: Path) -> None:
         ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
         ax.set_title(f"{kind}: {title} {'↑' if sign > 0 else '↓'}", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
