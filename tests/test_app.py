@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import anyio
 import av
+import httpx
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
@@ -352,6 +353,10 @@ def test_an_api_calls_bad_input_is_refused_before_it_queues_behind_a_running_job
         with pytest.raises(ValidationError) as error:
             refused.result(timeout=60)  # queued behind the held job, it would still be waiting here
         assert not running.done() and unet.count() == before  # answered while the other job is still inside the gate
+        settings = [{**app_jobs.DEFAULTS, **SMALL}[name] for name in app_jobs.ENDPOINT_INPUTS["edit"][3:]]
+        over_http = httpx.post(f"{served.url}gradio_api/call/edit", json={"data": [None, SOURCE, "", *settings]},
+                               timeout=60)
+        assert not running.done()
         wrong = served.client.submit(handle_file(str(clip)), SOURCE, "a golden ball", steps=1.5, api_name="/edit")
         with pytest.raises(ValidationError) as wrong_error:
             wrong.result(timeout=60)
@@ -360,6 +365,9 @@ def test_an_api_calls_bad_input_is_refused_before_it_queues_behind_a_running_job
         unet.open.set()
     assert str(error.value) == f"1 parameter(s) failed validation:\n- target_prompt: {sentence}"
     assert str(wrong_error.value).endswith("\n- steps: Steps must be a whole number, got 1.5.")
+    refusals = [entry for entry in over_http.json()["detail"] if not entry["is_valid"]]  # the HTTP API's words
+    assert over_http.status_code == 422 and [(r["parameter_name"], r["message"]) for r in refusals] == [
+        ("target_prompt", sentence)]
     path, status, _ = running.result(timeout=120)  # the held job was not disturbed
     assert "computed" in status and num_frames(path) == FRAMES
     jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder())
@@ -375,7 +383,7 @@ def test_the_frames_x_size_limit_is_enforced(served, clip):
     # 16x256 is 16 frames at 256 px, so 4 at 512 px: 8 frames at 512 px is too much
     with pytest.raises(ValidationError, match=r"8 frames at 512 px is over this app's limit of 4 frames"):
         served.client.predict(handle_file(str(clip)), SOURCE, frames=8, size=512, api_name="/compare")
-    with pytest.raises(ValidationError, match=r"- steps: DDIM steps: Value 0 is less than minimum value 1"):  # the range
+    with pytest.raises(ValidationError, match=r"- steps: DDIM steps: Value 0 is less than minimum value 1"):  # range
         served.client.predict(handle_file(str(clip)), SOURCE, steps=0, api_name="/invert")
     with pytest.raises(
         ValidationError, match=r"\n- seed: Seed: the seed must be between 0 and 2\*\*63 - 1"
