@@ -220,8 +220,9 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
             failed = dict(fn=jobs.failed, inputs=[target, table], outputs=[status, target, table, *buttons],
                           queue=False, api_visibility="private")
             start.failure(**failed)
+            # a script's call skips that step: its validator checks the input before it joins the queue
             job = start.success(jobs.endpoint(kind), inputs[kind], outputs[kind], api_name=kind,
-                                show_progress_on=[target], **gpu)
+                                show_progress_on=[target], validator=jobs.validator(kind), **gpu)
             job.failure(**failed)
             job.success(lambda: button_states(running=False), None, buttons, queue=False, api_visibility="private")
             job.success(lambda path: gr.update(value=path, visible=bool(path)), condition_path, condition, queue=False,

@@ -512,6 +512,52 @@ class Jobs:
         except StemError as error:
             raise _for_the_page(error) from error
 
+    def validator(self, kind: str) -> Callable:
+        """The Gradio `validator=` of the job `kind`'s event: `check` before the call joins the queue, so a script's
+        bad input is refused at once even while another job holds the model (the page's own calls pass `starting`
+        first). It takes the endpoint's parameters and returns one `gr.validate` per parameter: Gradio answers a
+        refusal with HTTP 422 naming the parameter and the sentence, which gradio_client raises as a
+        ValidationError (a raised gr.Error would reach the client as a bare HTTP 400 without its words)."""
+        names = ENDPOINT_INPUTS[kind]
+
+        def validate(*args):
+            values = dict(zip(names, args))
+            try:
+                refused = self.refusal(kind, values)
+            except Exception:  # noqa: BLE001 - not a sentence: the job's own check reports it, as before
+                refused = None
+            name, sentence = refused or (None, "")
+            return [gr.validate(n != name, sentence if n == name else "") for n in names]
+
+        validate.__signature__ = inspect.Signature(
+            [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names])
+        validate.__name__ = validate.__qualname__ = f"check_{kind}"
+        return validate
+
+    def refusal(self, kind: str, values: dict) -> tuple[str, str] | None:
+        """What `check` refuses, as (the parameter it is about, the sentence); None when the input is fine.
+
+        The parameter is the first whose page default (any text, for a prompt) changes the sentence, the clip
+        when the sentence is about the file; the checks that find it never open the file."""
+        def sentence(values: dict) -> str | None:
+            try:
+                self.check(kind, values)
+            except gr.Error as error:
+                return error.message
+            return None
+
+        refused = sentence(values)
+        if refused is None:
+            return None
+        unfiled = {**values, "video": None}  # every check but the file's; then "Upload a video" is the sentence
+        if sentence(unfiled) != refused:
+            return "video", refused
+        for name in ENDPOINT_INPUTS[kind][1:]:
+            good = "a clip" if name.endswith("_prompt") else self.defaults[name]
+            if sentence({**unfiled, name: good}) != refused:
+                return name, refused
+        return "video", refused
+
     def starting(self, kind: str, names: dict) -> Callable:
         """The page's unqueued step before a job: check its input, pick the seed, say it started, show the
         result's player (for the progress bar) and disable the job buttons, enable Stop, until the job ends.

@@ -26,10 +26,11 @@ from types import SimpleNamespace
 
 import anyio
 import av
+import httpx
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
-from gradio_client.exceptions import AppError
+from gradio_client.exceptions import AppError, ValidationError
 from PIL import Image
 
 import app  # conftest.py has set GRADIO_ANALYTICS_ENABLED=False and HF_HUB_OFFLINE=1 before this
@@ -292,17 +293,18 @@ def test_the_apis_defaults_are_the_pages(served):
 
 
 @pytest.mark.parametrize("name, content, args, sentence", [
-    ("notes.mp4", b"this is a text file, not a video\n", (SOURCE,), "'notes.mp4' is not a video this app can read"),
-    ("empty.mp4", b"", (SOURCE,), "'empty.mp4' is empty (0 bytes)"),
-    ("clip", None, ("  ",), "Describe the input video in the source prompt"),
+    ("notes.mp4", b"this is a text file, not a video\n", (SOURCE,),
+     "- video: 'notes.mp4' is not a video this app can read"),
+    ("empty.mp4", b"", (SOURCE,), "- video: 'empty.mp4' is empty (0 bytes)"),
+    ("clip", None, ("  ",), "- source_prompt: Describe the input video in the source prompt"),
 ])
 def test_bad_input_is_a_sentence_and_the_app_keeps_serving(served, clip, tmp_path, name, content, args, sentence):
     path = clip if content is None else tmp_path / name
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(AppError) as error:
+    with pytest.raises(ValidationError) as error:  # refused before it joins the queue, naming the parameter
         served.client.predict(handle_file(str(path)), *args, api_name="/invert")
-    assert sentence in str(error.value)
+    assert f"\n{sentence}" in str(error.value)
     assert "Traceback" not in str(error.value)
     path, _, _ = served.client.predict(handle_file(str(clip)), SOURCE, api_name="/invert")  # still serving
     assert num_frames(path) == FRAMES
@@ -322,27 +324,70 @@ def test_wrong_typed_api_values_are_one_sentence_naming_the_control_before_any_w
                                                                                   sentence):
     args = {"source_prompt": SOURCE, **({"target_prompt": "a golden ball"} if api == "/edit" else {}), **values}
     before = served.unet.count()
-    with pytest.raises(AppError) as error:
+    (name,) = values
+    with pytest.raises(ValidationError) as error:
         served.client.predict(handle_file(str(clip)), **args, api_name=api)
-    assert str(error.value).startswith(sentence) and "Traceback" not in str(error.value)
+    assert str(error.value).startswith(f"1 parameter(s) failed validation:\n- {name}: {sentence}")
+    assert "Traceback" not in str(error.value)
     assert served.unet.count() == before  # nothing inverted, nothing cached
     assert app_settings.number("steps", "3", whole=True) == 3
     assert app_settings.number("guidance", 256.0, whole=False) == 256.0
 
 
 def test_edit_needs_a_target_prompt(served, clip):
-    with pytest.raises(AppError, match="Type a target prompt"):
+    with pytest.raises(ValidationError, match="Type a target prompt"):
         served.client.predict(handle_file(str(clip)), SOURCE, "", api_name="/edit")
+
+
+def test_an_api_calls_bad_input_is_refused_before_it_queues_behind_a_running_job(served, clip):
+    """A script's call (no page step before it) is checked before it joins the queue (22.3): while another job holds
+    the model, an empty target prompt comes back at once, with the page's sentence and the parameter's name."""
+    sentence = ("Type a target prompt that describes the edited video, e.g. 'a shiny golden ball bouncing on a "
+                "marble floor'.")
+    unet = served.unet
+    unet.close()
+    running = served.client.submit(handle_file(str(clip)), SOURCE, steps=6, api_name="/invert")
+    try:
+        assert unet.entered.wait(60)  # the job holds the one slot, inside a UNet call the gate keeps waiting
+        before = unet.count()
+        refused = served.client.submit(handle_file(str(clip)), SOURCE, "  ", api_name="/edit")
+        with pytest.raises(ValidationError) as error:
+            refused.result(timeout=60)  # queued behind the held job, it would still be waiting here
+        assert not running.done() and unet.count() == before  # answered while the other job is still inside the gate
+        settings = [{**app_jobs.DEFAULTS, **SMALL}[name] for name in app_jobs.ENDPOINT_INPUTS["edit"][3:]]
+        over_http = httpx.post(f"{served.url}gradio_api/call/edit", json={"data": [None, SOURCE, "", *settings]},
+                               timeout=60)
+        assert not running.done()
+        wrong = served.client.submit(handle_file(str(clip)), SOURCE, "a golden ball", steps=1.5, api_name="/edit")
+        with pytest.raises(ValidationError) as wrong_error:
+            wrong.result(timeout=60)
+        assert not running.done()
+    finally:
+        unet.open.set()
+    assert str(error.value) == f"1 parameter(s) failed validation:\n- target_prompt: {sentence}"
+    assert str(wrong_error.value).endswith("\n- steps: Steps must be a whole number, got 1.5.")
+    refusals = [entry for entry in over_http.json()["detail"] if not entry["is_valid"]]  # the HTTP API's words
+    assert over_http.status_code == 422 and [(r["parameter_name"], r["message"]) for r in refusals] == [
+        ("target_prompt", sentence)]
+    path, status, _ = running.result(timeout=120)  # the held job was not disturbed
+    assert "computed" in status and num_frames(path) == FRAMES
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder())
+    names = {name: name for name in app_jobs.ENDPOINT_INPUTS["edit"]} | {"randomize": "randomize"}
+    page = {**app_jobs.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE, "target_prompt": "  ",
+            "randomize": False}
+    with pytest.raises(Exception) as on_the_page:
+        jobs.starting("edit", names)(page, SimpleNamespace(session_hash="page-1"))
+    assert on_the_page.value.message == sentence  # the same words as the page's
 
 
 def test_the_frames_x_size_limit_is_enforced(served, clip):
     # 16x256 is 16 frames at 256 px, so 4 at 512 px: 8 frames at 512 px is too much
-    with pytest.raises(AppError, match=r"8 frames at 512 px is over this app's limit of 4 frames"):
+    with pytest.raises(ValidationError, match=r"8 frames at 512 px is over this app's limit of 4 frames"):
         served.client.predict(handle_file(str(clip)), SOURCE, frames=8, size=512, api_name="/compare")
-    with pytest.raises(AppError, match=r"Value 0 is less than minimum value 1"):  # Gradio checks the sliders' ranges
+    with pytest.raises(ValidationError, match=r"- steps: DDIM steps: Value 0 is less than minimum value 1"):  # range
         served.client.predict(handle_file(str(clip)), SOURCE, steps=0, api_name="/invert")
     with pytest.raises(
-        AppError, match=r"^Seed: the seed must be between 0 and 2\*\*63 - 1"
+        ValidationError, match=r"\n- seed: Seed: the seed must be between 0 and 2\*\*63 - 1"
     ):  # the engine's, with page labels
         served.client.predict(handle_file(str(clip)), SOURCE, "a golden ball", seed=-1, api_name="/edit")
 
@@ -805,7 +850,7 @@ def test_structure_guidance_through_the_api(served, clip, tmp_path):
     assert (
         jobs._condition_video(jobs._clip(str(clip), settings)[0], jobs._settings({**values, "control": "none"})) is None
     )
-    with pytest.raises(AppError, match="Structure strength"):  # the engine's sentence, with the page's label
+    with pytest.raises(ValidationError, match="- control_scale: Structure strength"):  # the engine's, the page's label
         served.client.predict(handle_file(str(clip)), SOURCE, control="canny", control_scale=-1, api_name="/invert")
 
 
