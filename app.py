@@ -35,7 +35,8 @@ from stem.app_jobs import (
     describe_limit, made_visible, parse_limit, stop_all_jobs,
 )
 from stem.app_settings import (
-    CPU_DEFAULTS, DEFAULTS, EDIT_SETTINGS, EDITOR_LABELS, ENDPOINT_INPUTS, PARAMETERS, editor_default,
+    CPU_DEFAULTS, DEFAULTS, EDIT_SETTINGS, EDITOR_LABELS, ENDPOINT_INPUTS, PARAMETERS, ZERO_GPU_DEFAULTS,
+    editor_default,
 )
 from stem.models import DEFAULT_MODEL, TINY_MODEL, TINY_WARNING, default_device
 
@@ -109,7 +110,8 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
     on_cpu = torch.device(engine.device or default_device()).type == "cpu"
     if max_pixels is None:
         max_pixels = parse_limit(CPU_LIMIT if on_cpu else GPU_LIMIT)
-    d = {**DEFAULTS, **(CPU_DEFAULTS if on_cpu else {}), **(defaults or {})}
+    zero_gpu = not on_cpu and bool(os.environ.get("SPACES_ZERO_GPU"))
+    d = {**DEFAULTS, **(CPU_DEFAULTS if on_cpu else ZERO_GPU_DEFAULTS if zero_gpu else {}), **(defaults or {})}
     if d["frames"] * d["size"] ** 2 > max_pixels and "size" not in (defaults or {}):
         # start within the limit (on a CPU: 8 frames at 256 px), so the defaults always run
         d["size"] = max(64, math.isqrt(max_pixels // max(d["frames"], 1)) // 32 * 32)
@@ -145,6 +147,10 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
             gr.Markdown(f"⏱ **This server runs on a CPU: a job takes minutes.** The page starts with {d['frames']} "
                         f"frames and {d['steps']} steps; the status says how long a job will take as it starts.",
                         elem_id="cpu-note")
+        if zero_gpu:
+            gr.Markdown(f"⏱ **Hugging Face counts each visitor's GPU time on this Space** (a few minutes a day; more "
+                        f"when logged in). The page starts with {d['frames']} frames, a job that fits; more frames, "
+                        f"steps or pixels ask for more.", elem_id="zero-gpu-note")
         c: dict[str, gr.components.Component] = {}  # the endpoints' inputs, by parameter name
         with gr.Row():
             with gr.Column():

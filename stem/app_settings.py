@@ -148,6 +148,11 @@ DEFAULTS = {name: PAGE_CHOICES.get(name, p.default) for name, p in PARAMETERS.it
             if name not in ("video", "source_prompt", "target_prompt")}
 # On a CPU the page starts with less work, so a visitor's first job ends in minutes (a GPU keeps DEFAULTS).
 CPU_DEFAULTS = dict(steps=10, frames=8, size=256)
+# On ZeroGPU the first edit fits the daily GPU quota of a visitor who is not logged in (2 minutes in Hugging
+# Face's ZeroGPU docs, 2026; `spaces` asks for 1.5x the app's duration on its half RTX Pro 6000 card):
+# 8 frames at 512 px, 50 steps, estimated at 61 s, asks for 92 s.
+ZERO_GPU_DEFAULTS = dict(frames=8)
+ZERO_GPU_ANONYMOUS_SECONDS, ZERO_GPU_DURATION_FACTOR = 120, 1.5  # the documented quota; `spaces`' stretch
 
 
 def label_of(name: str) -> str:

@@ -365,7 +365,7 @@ def test_an_api_calls_bad_input_is_refused_before_it_queues_behind_a_running_job
     finally:
         unet.open.set()
     assert str(error.value) == f"1 parameter(s) failed validation:\n- target_prompt: {sentence}"
-    assert str(wrong_error.value).endswith("\n- steps: Steps must be a whole number, got 1.5.")
+    assert str(wrong_error.value).endswith("\n- steps: DDIM steps must be a whole number, got 1.5.")
     refusals = [entry for entry in over_http.json()["detail"] if not entry["is_valid"]]  # the HTTP API's words
     assert over_http.status_code == 422 and [(r["parameter_name"], r["message"]) for r in refusals] == [
         ("target_prompt", sentence)]
@@ -1067,3 +1067,20 @@ def test_the_pages_defaults_are_the_settings_own_but_for_the_pages_choices():
     assert app_settings.DEFAULTS["pnp_attn"] == TokenFlowSettings(prompt="x").pnp_attn
     assert app_settings.DEFAULTS["freeu_b1"] == FreeUSettings().b1
     assert app_settings.DEFAULTS["frames"] == 16 and InversionSettings().num_frames is None  # a page choice
+
+
+def test_on_zerogpu_the_first_edit_fits_an_anonymous_visitors_daily_quota(monkeypatch):
+    """ZeroGPU refuses a job whose requested duration is over the visitor's quota left: the page's defaults
+    ask for less than a whole day's quota of a visitor who is not logged in, after `spaces`' own stretch."""
+    monkeypatch.setenv("SPACES_ZERO_GPU", "1")
+    engine = Engine("tiny-random", device="cuda")  # as make_engine builds it on ZeroGPU (nothing is loaded here)
+    demo = app.build_app(engine, results=app_jobs.ResultFolder())
+    boxes = _components(demo)
+    frames, size, steps = (boxes[name].value for name in ("frames", "size", "steps"))
+    assert frames == app_settings.ZERO_GPU_DEFAULTS["frames"] and (size, steps) == (512, 50)
+    for kind in ("invert", "edit", "compare"):
+        asked = app_jobs.estimate_gpu_seconds(kind, frames, size, steps) * app_settings.ZERO_GPU_DURATION_FACTOR
+        assert asked <= app_settings.ZERO_GPU_ANONYMOUS_SECONDS, kind
+    assert "zero-gpu-note" in boxes
+    monkeypatch.delenv("SPACES_ZERO_GPU")
+    assert _components(app.build_app(engine, results=app_jobs.ResultFolder()))["frames"].value == 16  # a GPU

@@ -153,7 +153,7 @@ def test_gif_edit_stop_second_edit_and_an_error_that_stays(server, browser, gif)
     )
     expect(page.locator("#edited video")).to_have_attribute("loop", "")  # a 0.6 s result plays on and on
 
-    page.locator("#input-video").get_by_label("Clear").click()  # a new clip: the old results go
+    page.locator("#input-video").get_by_label("Clear").first.click()  # a new clip: the old results go
     page.locator("#input-video input[type=file]").set_input_files(str(ROOT / "examples" / "ball.mp4"))
     expect(page.locator("#edited")).to_be_hidden()
     expect(page.locator("#reconstruction")).to_be_hidden()
@@ -250,7 +250,7 @@ def test_a_first_visit_bad_input_at_once_buttons_follow_the_job_and_settings_fol
         for name, content, sentence in (("notes.mp4", b"this is a text file\n", "is not a video this app can read"),
                                         ("empty.mp4", b"", "is empty (0 bytes)")):
             (tmp_path / name).write_bytes(content)
-            page.locator("#input-video").get_by_label("Clear").click()
+            page.locator("#input-video").get_by_label("Clear").first.click()
             page.locator("#input-video input[type=file]").set_input_files(str(tmp_path / name))
             expect(status).to_contain_text(sentence, timeout=10_000)
         assert "corner" not in status.inner_text()
@@ -275,7 +275,7 @@ def test_a_first_visit_bad_input_at_once_buttons_follow_the_job_and_settings_fol
     busy.locator("#edit-button").click()  # the same edit again: from the result cache, and no second entry
     expect(busy.locator("#status")).to_contain_text("The same edit as before")
     expect(history.locator("video, img")).to_have_count(2)
-    busy.locator("#input-video").get_by_label("Clear").click()
+    busy.locator("#input-video").get_by_label("Clear").first.click()
     expect(history).to_be_hidden()
     busy.close()
 
