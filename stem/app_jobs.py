@@ -68,7 +68,7 @@ METHOD_COST = {"ddim": 1.0, "stem": 1.1, "inflated": 1.5}  # inversion UNet call
 # UNet frame-calls per denoising step of an edit of n frames with m keyframes.
 EDITOR_STEP_COST = {"tokenflow": lambda n, m: 3 * (n + m),  # 3 groups (source, negative, target) x (keyframes + all)
                     "fatezero": lambda n, m: 3 * n}  # 3 groups x all frames, once
-# ZeroGPU: seconds of one frame through the SD-1.5 UNet at 512 px on its H200 slice in fp16, with a margin
+# ZeroGPU: seconds of one frame through the SD-1.5 UNet at 512 px on its GPU slice in fp16, with a margin
 # of about 2x over published throughput, plus a fixed part for text encoding, moving data and writing the
 # videos. On a whole H200 (assets/bench-gpu.md) a 48-frame STEM inversion estimated at 125 s took 40.7 s.
 GPU_SECONDS_PER_UNIT, GPU_FIXED_SECONDS = 0.02, 15
