@@ -136,3 +136,37 @@ def test_each_option_tables_meaning_starts_with_the_options_help():
         if not words(meaning).startswith(words(text)):
             wrong.append(f"{where} {sorted(flags)}: {words(meaning)!r} does not start with {words(text)!r}")
     assert not wrong, "\n".join(wrong)
+
+
+def api_rows() -> dict[str, str]:
+    """docs/app.md's API table: endpoint -> its parameters cell, plus "all" -> the line every endpoint ends with."""
+    text = (ROOT / "docs" / "app.md").read_text()
+    section = text[text.index("## API"):text.index("## Examples")]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(/\w+)` \| (.+?) \| [^|]+ \|$", section, re.M)}
+    rows["all"] = re.search(r"^All three end with (.+?)\(structure guidance\)", section, re.M).group(1)
+    return rows
+
+
+def test_the_api_table_names_every_parameter_with_its_default():
+    """A parameter added to an endpoint (from a new setting) must reach docs/app.md's API table, and every
+    default the table writes is the page's (GPU) default."""
+    from stem import app_settings
+
+    rows = api_rows()
+    named = {kind: set(re.findall(r"\b([a-z][a-z0-9_]*)\b(?=[=,`\s]|$)", rows[kind])) for kind in rows}
+    for endpoint, cell in rows.items():
+        if endpoint == "all":
+            continue
+        kind = endpoint.strip("/")
+        covered = named[endpoint] | named["all"] | (named["/invert"] if "the `/invert` settings" in cell or
+                                                   "as for `/invert`" in cell else set())
+        missing = set(app_settings.ENDPOINT_INPUTS[kind]) - covered
+        assert not missing, f"docs/app.md's API table lacks {sorted(missing)} of {endpoint}"
+    written = {}
+    for cell in rows.values():
+        for name, value in re.findall(r"\b([a-z][a-z0-9_]*)=(\"[^\"]*\"|[-\d.]+)", cell):
+            written[name] = value.strip('"') if value.startswith('"') else float(value)
+    assert {"bases", "steps", "guidance", "freeu_b1", "control_scale"} <= set(written)
+    for name, value in written.items():
+        default = app_settings.DEFAULTS[name]
+        assert value == (default if isinstance(value, str) else float(default)), (name, value, default)
