@@ -329,6 +329,11 @@ def made_visible(value) -> dict:
     return gr.update(value=value, visible=True)
 
 
+def shown_if_any(value) -> dict:
+    """A result component's new value, visible only when there is one (a condition video without guidance: none)."""
+    return gr.update(value=value, visible=not _empty(value))
+
+
 # -- media at the edges ---------------------------------------------------------------------------------
 
 def has_audio(path: str | os.PathLike) -> bool:
@@ -471,7 +476,7 @@ class Jobs:
         try:
             self.check(kind, values)  # an API call's bad input: refused before the model or a GPU is asked for
             key = await anyio.to_thread.run_sync(self._edit_key, values) if kind == "edit" else None
-            if key is not None and key in self._edits and all(Path(p).is_file() for p in self._edits[key][::3]):
+            if key is not None and key in self._edits and _files_kept(self._edits[key]):
                 path, status, metrics, *rest = self._edits[key]
                 return (path, f"{SAME_EDIT} {status}", {**metrics, "result_cache_hit": True}, *rest)
             result = await anyio.to_thread.run_sync(
@@ -597,7 +602,7 @@ class Jobs:
                 self._check_file(video, None)
             except gr.Error as error:
                 status = f"⚠️ {error.message}"
-        return status, hidden, hidden, hidden, hidden, None, [], hidden, hidden
+        return status, hidden, hidden, hidden, hidden, None, [], hidden, hidden, hidden
 
     def page_closed(self, request: gr.Request = None) -> None:
         """A page was closed (or its Stop pressed): stop its jobs."""
@@ -724,7 +729,11 @@ class Jobs:
                 self._condition_video(clip, settings))
 
     def _edit(self, values: dict, progress) -> tuple:
-        """Edit the clip towards the target prompt, inverting it first unless its inversion is cached."""
+        """Edit the clip towards the target prompt, inverting it first unless its inversion is cached.
+
+        (edited video, status, metrics, then for the page only: the reconstruction, the condition video or None,
+        and the "Input | Edited" video).
+        """
         settings = self._settings(values)
         edit = self._edit_settings(values)
         clip, note = self._clip(values["video"], settings)
@@ -734,6 +743,9 @@ class Jobs:
         path, sound = self._write(output_name(clip.source, "edited", edit.prompt), result.frames, clip, settings)
         reconstruction, _ = self._write(output_name(clip.source, "reconstruction", settings.method),
                                         result.inversion.reconstruction, clip, settings)
+        # the frames that were inverted beside their edit, in one video: they play in step, download together
+        both, _ = self._write(output_name(clip.source, "input-vs-edited", edit.prompt),
+                              side_by_side([clip.frames, result.frames], ["Input", "Edited"]), clip, settings)
         status = (f"**Edit** with {_editor_name(edit.editor)} to “{edit.prompt}” ({_describe(settings, clip)}): "
                   "inversion "
                   f"{_how(result.inversion_cache_hit, result.seconds_inversion)}; "
@@ -745,7 +757,7 @@ class Jobs:
             status += (f" CLIP text alignment {scores['clip_text']:.3f}, Frame-Acc {scores['frame_acc']:.2f}, "
                        f"Tem-Con {scores['tem_con']:.3f} ({scores['clip_model']}).")
         return (path, status, {**_jsonable(metrics), "result_cache_hit": False}, reconstruction,
-                self._condition_video(clip, settings))
+                self._condition_video(clip, settings), both)
 
     def _compare(self, values: dict, progress) -> tuple:
         """Invert the clip with DDIM and with STEM; a side-by-side video and a table of metrics."""
@@ -860,6 +872,12 @@ _LIVE_JOBS: weakref.WeakSet[Jobs] = weakref.WeakSet()  # for stopping every job 
 def _empty(value) -> bool:
     """A result component's value holds nothing (no video; a table without rows)."""
     return value is None or (hasattr(value, "__len__") and len(value) == 0)
+
+
+def _files_kept(edit: tuple) -> bool:
+    """Whether the result files of a stored edit's outputs (see `Jobs._edit`) are all still there."""
+    path, _status, _metrics, *files = edit
+    return all(Path(p).is_file() for p in (path, *files) if p is not None)  # no condition video without guidance
 
 
 def _session(request) -> str:

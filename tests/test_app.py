@@ -1067,3 +1067,44 @@ def test_the_pages_defaults_are_the_settings_own_but_for_the_pages_choices():
     assert app_settings.DEFAULTS["pnp_attn"] == TokenFlowSettings(prompt="x").pnp_attn
     assert app_settings.DEFAULTS["freeu_b1"] == FreeUSettings().b1
     assert app_settings.DEFAULTS["frames"] == 16 and InversionSettings().num_frames is None  # a page choice
+
+
+def decoded(path) -> np.ndarray:
+    """(N, H, W, 3) uint8: every frame of a video file as stored, not resized."""
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def test_an_edit_shows_the_frames_it_inverted_beside_the_edited_ones(served, clip, tmp_path):
+    """22.13: "Input | Edited" is one video of the input frames the job used (stride, frames, size) and the edit."""
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
+    values = {**app_settings.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE,
+              "target_prompt": "a blue ball", "stride": 2, "frames": 0}  # every 2nd of 6 frames: 3
+    edited, _, details, _, _, both = anyio.run(jobs.run, "edit", values, lambda *a, **k: None, None)
+    assert Path(both).name == "square-input-vs-edited-a-blue-ball.mp4"
+    panel, out = decoded(both), decoded(edited)
+    used = read_video(clip, stride=2, size=SIZE).frames  # what the job inverted, read here on its own
+    assert len(used) == 3 and panel.shape[0] == out.shape[0] == 3
+    width = out.shape[2]
+    assert panel.shape[2] == 2 * width  # side by side, no gap (64 + 64: even, no padding)
+    strip = panel.shape[1] - out.shape[1]  # side_by_side labels each half on a strip above it
+    assert 16 <= strip <= 32
+    left, right = panel[:, strip:, :width].astype(float), panel[:, strip:, width:].astype(float)
+    assert np.abs(left - used).mean() < 8  # through two lossy encodings
+    assert np.abs(right - out).mean() < 8
+    assert np.abs(left - out).mean() > np.abs(right - out).mean()  # the halves are not swapped
+
+    # the same edit again comes from the result cache, with the same video beside it
+    again = anyio.run(jobs.run, "edit", values, lambda *a, **k: None, None)
+    assert again[2]["result_cache_hit"] is True and again[5] == both
+    Path(both).unlink()  # a result file gone (its folder's TTL): the edit is made again, with a new one
+    made = anyio.run(jobs.run, "edit", values, lambda *a, **k: None, None)
+    assert made[2]["result_cache_hit"] is False and Path(made[5]).is_file()
+
+
+def test_the_edit_endpoint_still_returns_the_video_the_status_and_the_metrics(served, clip):
+    demo = app.build_app(served.engine, defaults=SMALL, results=app_jobs.ResultFolder())
+    returns = demo.get_api_info()["named_endpoints"]["/edit"]["returns"]
+    assert [r["label"] for r in returns] == ["Edited", "Status", "Metrics and timings"]
+    video, status, details = served.client.predict(handle_file(str(clip)), SOURCE, "a grey ball", api_name="/edit")
+    assert num_frames(video) == FRAMES and "editing took" in status and details["prompt"] == "a grey ball"
