@@ -157,6 +157,7 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                                          elem_id="condition", interactive=False, visible=False, loop=True,
                                          elem_classes=["result-player"])
                 condition_path = gr.State()
+                depth_request = gr.State()  # the page's values of a depth preview, for the GPU slot
                 gif = gr.UploadButton("Upload a GIF instead", file_types=[".gif"], size="sm", elem_id="gif-upload")
                 # the prompts' placeholders ask for input: an example sentence there would read as input
                 source, target = PARAMETERS["source_prompt"], PARAMETERS["target_prompt"]
@@ -247,7 +248,15 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
             queue=False,
             api_visibility="private",
         )
-        c["video"].upload(**clear)
+        # the structure guidance's condition frames as soon as it is chosen or a clip arrives: edges at once, depth
+        # on the GPU slot (it needs the depth model); none, or no clip: no preview. Queued, but in a group of its
+        # own without a limit, so it waits for no job: Gradio fires a State's change only after a queued event
+        preview_names = {c[name]: name for name in ENDPOINT_INPUTS["invert"]}
+        preview = dict(fn=jobs.previewing(preview_names), inputs=set(preview_names), outputs=[condition, depth_request],
+                       concurrency_limit=None, concurrency_id="preview", api_visibility="private")
+        c["control"].change(**preview)
+        depth_request.change(jobs.preview_depth, depth_request, condition, api_visibility="private", **gpu)
+        c["video"].upload(**clear).then(**preview)
         c["video"].clear(**clear)
         # each editor's own negative prompt and FreeU default (the authors' for TokenFlow, FateZero's none)
         c["editor"].change(_chose_editor, c["editor"],
@@ -255,10 +264,10 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                            api_visibility="private")
         if examples and on_spaces:
             examples.load_input_event.then(lambda: gr.update(visible=True), None, edited, queue=False,
-                                           api_visibility="private")
+                                           api_visibility="private").then(**preview)
         elif examples:
-            examples.load_input_event.then(**clear)
-        gif.upload(jobs.gif_to_video, gif, c["video"], api_visibility="private").success(**clear)
+            examples.load_input_event.then(**clear).then(**preview)
+        gif.upload(jobs.gif_to_video, gif, c["video"], api_visibility="private").success(**clear).then(**preview)
         demo.unload(jobs.page_closed)
         demo.load(None, js=PAGE_JS)
     demo.queue(default_concurrency_limit=1, max_size=32)

@@ -79,6 +79,7 @@ PHASE_NAMES = {"loading": ("Loading the model", ""), "encoding": ("Encoding", "f
                "inverting": ("Inverting", "step"), "reconstructing": ("Reconstructing", "step"),
                "decoding": ("Decoding", "frame"), "editing": ("Editing", "step")}
 COMPARED = ("DDIM", "STEM")  # the inversions of /compare, in order
+DEPTH_COST = 0.5  # one frame through the depth estimator (DPT at 384 px), in UNet calls of one frame at 512 px
 
 
 def job_phases(kind: str, frames: int, steps: int, method: str = "stem", batch_size: int = 8,
@@ -95,6 +96,8 @@ def job_phases(kind: str, frames: int, steps: int, method: str = "stem", batch_s
 
     if kind == "invert":
         return inversion(method)
+    if kind == "conditions":  # the structure guidance's preview: its condition frames only
+        return [("conditions", DEPTH_COST * frames)]
     if kind == "compare":
         return [(f"{label} · {phase}", work) for label in COMPARED for phase, work in inversion(label.lower())]
     keyframes = math.ceil(frames / max(batch_size, 1))
@@ -432,6 +435,7 @@ class Jobs:
         self._running: dict[str, set[threading.Event]] = {}  # session -> stop flags of its jobs
         self._errors: dict[str, str] = {}  # session -> the status line of its last failed or stopped job
         self._edits: dict[tuple, tuple] = {}  # (clip's sha256, inversion and edit settings) -> an edit's outputs
+        self._previews: dict[str, str] = {}  # session -> the id of its last structure preview (see `previewing`)
         self._local = threading.local()  # the worker thread's stop flag
         self._on_gpu = on_gpu(self._compute, duration=self.gpu_seconds)
         _LIVE_JOBS.add(self)
@@ -586,6 +590,49 @@ class Jobs:
             return pick_seed(values["seed"], randomize), status, *shown, *button_states(running=True)
         return start
 
+    def previewing(self, names: dict) -> Callable:
+        """The page's step (queued apart from the jobs, waiting for none) when the structure guidance is chosen or
+        a clip arrives: the edges at once; for depth a request for `preview_depth` on the GPU slot (the player
+        shown, empty, for its progress); the player hidden without guidance or without a clip a job would take.
+        Never an error: a bad value or a missing clip just shows no preview (a job's own check says why).
+
+        Its input is {component: value}; `names` maps each component to its parameter name. Its outputs: the
+        condition player, the depth request (a gr.State whose change starts `preview_depth`)."""
+        hidden = gr.update(value=None, visible=False)
+
+        def preview(inputs: dict, request: gr.Request = None) -> tuple:
+            values = {names[component]: value for component, value in inputs.items()}
+            asked = self._previews[_session(request)] = uuid.uuid4().hex  # what this page asked for last
+            while len(self._previews) > 1000:  # pages that have gone
+                self._previews.pop(next(iter(self._previews)))
+            try:
+                settings = self._settings(values, prompt_needed=False)
+                self._check_file(values.get("video"), settings)
+                if settings.control == "depth":  # a fresh request each time, so the State changes
+                    return gr.update(value=None, visible=True), {**values, "request": asked}
+                return shown_if_any(self._conditions(values)), gr.skip()
+            except (gr.Error, StemError):
+                return hidden, gr.skip()
+        return preview
+
+    async def preview_depth(self, values: dict | None, progress=gr.Progress(), request: gr.Request = None) -> dict:
+        """The depth preview `previewing` asked for, computed in the worker (the depth model runs on the GPU, one
+        job at a time): the condition player's update; hidden if it cannot be made (the server log says why),
+        nothing once the page has asked for another preview (another guidance or clip) meanwhile."""
+        def superseded() -> bool:
+            return self._previews.get(_session(request)) != values["request"]
+
+        if not values or superseded():
+            return gr.skip()
+        settings = {name: value for name, value in values.items() if name != "request"}
+        try:
+            path = await anyio.to_thread.run_sync(functools.partial(
+                self._in_worker, "conditions", settings, progress, threading.Event()), abandon_on_cancel=True)
+        except gr.Error as error:
+            log.warning("no depth preview: %s", error.message)
+            path = None
+        return gr.skip() if superseded() else shown_if_any(path)
+
     def stop(self, edited, reconstruction, comparison, table, request: gr.Request = None) -> tuple:
         """The Stop button: stop this page's jobs (the queue drops them at once); hide results left empty."""
         self.page_closed(request)
@@ -664,7 +711,8 @@ class Jobs:
             raise _for_the_page(error) from error
 
     def _compute(self, kind: str, values: dict, progress) -> tuple:
-        """The job itself (on the GPU under ZeroGPU): check the server, then invert, edit or compare."""
+        """The job itself (on the GPU under ZeroGPU): check the server, then invert, edit, compare or make the
+        depth preview (`conditions`)."""
         self._check_server(progress)
         return getattr(self, f"_{kind}")(values, progress)
 
@@ -790,9 +838,9 @@ class Jobs:
 
     # - page values -> settings, clip, files -
 
-    def _settings(self, values: dict, method: str | None = None) -> InversionSettings:
+    def _settings(self, values: dict, method: str | None = None, prompt_needed: bool = True) -> InversionSettings:
         """The page's values as validated InversionSettings (the cache key)."""
-        return inversion_settings(_refused(values), self.engine.model, method)
+        return inversion_settings(_refused(values), self.engine.model, method, prompt_needed)
 
     def _edit_settings(self, values: dict) -> TokenFlowSettings | FateZeroSettings:
         """The page's values and prompts as the chosen editor's validated settings."""
@@ -835,6 +883,15 @@ class Jobs:
         clip = Video(clip.frames[:cap], clip.fps, clip.source)
         available, _ = probe_clip(path)
         return clip, frames_note(clip.num_frames, available, settings.stride, settings.num_frames or 0, cap, size)
+
+    def _conditions(self, values: dict, progress=None) -> str | None:
+        """The structure guidance's preview: the clip's condition frames for the page's frames, stride and size, as
+        a video (None without guidance); no source prompt needed."""
+        settings = self._settings(values, prompt_needed=False)
+        clip, _ = self._clip(values["video"], settings)
+        if progress is not None and settings.control == "depth":
+            progress(0.0, desc="Estimating depth…")
+        return self._condition_video(clip, settings)
 
     def _condition_video(self, clip: Video, settings: InversionSettings) -> str | None:
         """The job's condition frames (edges or depth, as the ControlNet saw them) as a video; None without guidance."""

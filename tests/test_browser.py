@@ -3,8 +3,9 @@
 One flow as a user meets it: upload a GIF through the page, start an edit with Enter in the target
 prompt, press Stop while it is inside a UNet call, start a second edit at once (it runs as soon as the
 stopped one has ended its step; the stopped one makes no further UNet call), see the edit, the input
-beside it and the reconstruction it computed, a new upload that clears them, then an error sentence
-that is still in the status line 15 s later.
+beside it and the reconstruction it computed, a new upload that clears them, the depth the ControlNet
+would follow as soon as depth guidance is chosen, then an error sentence that is still in the status
+line 15 s later.
 Along the way: the status line is announced (aria-live), the examples have names, hints and
 placeholders have 4.5:1 contrast.
 
@@ -163,6 +164,12 @@ def test_gif_edit_stop_second_edit_and_an_error_that_stays(server, browser, gif)
     expect(page.locator("#reconstruction")).to_be_hidden()
     expect(page.locator("#input-vs-edited")).to_be_hidden()
     expect(status).to_contain_text("New clip")
+    # the structure guidance's condition frames as soon as it is chosen: depth on the GPU slot, none hides them
+    page.get_by_text("Advanced").click()
+    page.locator("#control").get_by_test_id("Depth-radio-label").click()
+    expect(page.locator("#condition video")).to_have_attribute("src", re.compile(r"ball-control-depth\.mp4$"))
+    page.locator("#control").get_by_test_id("None-radio-label").click()
+    expect(page.locator("#condition")).to_be_hidden()
 
     page.locator("#target-prompt textarea").fill("")
     page.locator("#edit-button").click()
