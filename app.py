@@ -32,7 +32,7 @@ import torch
 from stem import Engine, InversionSettings, LatentCache, StemError
 from stem.app_jobs import (
     CPU_LIMIT, GPU_LIMIT, OUTPUT_TTL_SECONDS, Jobs, ResultFolder, add_to_history, button_states, check_numbers,
-    describe_limit, made_visible, parse_limit, stop_all_jobs,
+    describe_limit, made_visible, parse_limit, shown_if_any, stop_all_jobs,
 )
 from stem.app_settings import (
     CPU_DEFAULTS, DEFAULTS, EDIT_SETTINGS, EDITOR_LABELS, ENDPOINT_INPUTS, PARAMETERS, ZERO_GPU_DEFAULTS,
@@ -130,6 +130,8 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                              elem_id="status", label="Status", render=False)  # the API's name of this output
         player = dict(interactive=False, visible=False, loop=True, elem_classes=["result-player"], render=False)
         edited = gr.Video(label="Edited", elem_id="edited", **player)
+        # the frames the edit inverted beside the edited ones, in one video: they play in step, download together
+        input_vs_edited = gr.Video(label="Input | Edited", elem_id="input-vs-edited", **player)
         reconstruction = gr.Video(label="Reconstruction", elem_id="reconstruction", **player)
         comparison = gr.Video(label="Input | DDIM | STEM", elem_id="comparison", **player)
         table = gr.Dataframe(headers=TABLE_HEADERS, label="Reconstruction quality", interactive=False, wrap=True,
@@ -161,6 +163,7 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                                          elem_id="condition", interactive=False, visible=False, loop=True,
                                          elem_classes=["result-player"])
                 condition_path = gr.State()
+                depth_request = gr.State()  # the page's values of a depth preview, for the GPU slot
                 gif = gr.UploadButton("Upload a GIF instead", file_types=[".gif"], size="sm", elem_id="gif-upload")
                 # the prompts' placeholders ask for input: an example sentence there would read as input
                 source, target = PARAMETERS["source_prompt"], PARAMETERS["target_prompt"]
@@ -195,11 +198,12 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                         example_labels=[e["label"] for e in examples], label="Examples",
                         **examples_caching(on_spaces, jobs.example, [edited, status, details]))
             with gr.Column():
-                for component in (edited, reconstruction, comparison, table):
+                for component in (edited, input_vs_edited, reconstruction, comparison, table):
                     component.render()
                 with gr.Accordion("Details (JSON)", open=False):
                     details.render()
                 edit_reconstruction = gr.State()  # the path of an edit's reconstruction, shown after the edit
+                edit_side_by_side = gr.State()  # the path of its "Input | Edited" video (not an /edit output)
                 history = gr.State([])  # this clip's edits, newest first: (video, caption)
                 history_gallery = gr.Gallery(label="This clip's edits (click one to replay it; download it from "
                                                    "the preview)", elem_id="history", columns=3, height=260,
@@ -210,7 +214,7 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
         inputs = {kind: [c[name] for name in names] for kind, names in ENDPOINT_INPUTS.items()}
         gpu = dict(concurrency_limit=1, concurrency_id="gpu")
         outputs = {"invert": [reconstruction, status, details, condition_path],
-                   "edit": [edited, status, details, edit_reconstruction, condition_path],
+                   "edit": [edited, status, details, edit_reconstruction, condition_path, edit_side_by_side],
                    "compare": [comparison, table, status, details, condition_path]}
         triggers = {"invert": [invert_button.click], "edit": [edit_button.click, c["target_prompt"].submit],
                     "compare": [compare_button.click]}
@@ -231,11 +235,11 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                                 show_progress_on=[target], validator=jobs.validator(kind), **gpu)
             job.failure(**failed)
             job.success(lambda: button_states(running=False), None, buttons, queue=False, api_visibility="private")
-            job.success(lambda path: gr.update(value=path, visible=bool(path)), condition_path, condition, queue=False,
-                        api_visibility="private")
+            job.success(shown_if_any, condition_path, condition, queue=False, api_visibility="private")
             job_events.append(job)
             if kind == "edit":
                 job.success(made_visible, edit_reconstruction, reconstruction, queue=False, api_visibility="private")
+                job.success(shown_if_any, edit_side_by_side, input_vs_edited, queue=False, api_visibility="private")
                 job.success(add_to_history, [history, edited, details], [history, history_gallery], queue=False,
                             api_visibility="private")
         views = [*players, table]
@@ -246,11 +250,19 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
         clear = dict(
             fn=jobs.uploaded,
             inputs=c["video"],
-            outputs=[status, *views, details, history, history_gallery, condition],
+            outputs=[status, *views, details, history, history_gallery, condition, input_vs_edited],
             queue=False,
             api_visibility="private",
         )
-        c["video"].upload(**clear)
+        # the structure guidance's condition frames as soon as it is chosen or a clip arrives: edges at once, depth
+        # on the GPU slot (it needs the depth model); none, or no clip: no preview. Queued, but in a group of its
+        # own without a limit, so it waits for no job: Gradio fires a State's change only after a queued event
+        preview_names = {c[name]: name for name in ENDPOINT_INPUTS["invert"]}
+        preview = dict(fn=jobs.previewing(preview_names), inputs=set(preview_names), outputs=[condition, depth_request],
+                       concurrency_limit=None, concurrency_id="preview", api_visibility="private")
+        c["control"].change(**preview)
+        depth_request.change(jobs.preview_depth, depth_request, condition, api_visibility="private", **gpu)
+        c["video"].upload(**clear).then(**preview)
         c["video"].clear(**clear)
         # each editor's own negative prompt and FreeU default (the authors' for TokenFlow, FateZero's none)
         c["editor"].change(_chose_editor, c["editor"],
@@ -258,10 +270,10 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                            api_visibility="private")
         if examples and on_spaces:
             examples.load_input_event.then(lambda: gr.update(visible=True), None, edited, queue=False,
-                                           api_visibility="private")
+                                           api_visibility="private").then(**preview)
         elif examples:
-            examples.load_input_event.then(**clear)
-        gif.upload(jobs.gif_to_video, gif, c["video"], api_visibility="private").success(**clear)
+            examples.load_input_event.then(**clear).then(**preview)
+        gif.upload(jobs.gif_to_video, gif, c["video"], api_visibility="private").success(**clear).then(**preview)
         demo.unload(jobs.page_closed)
         demo.load(None, js=PAGE_JS)
     demo.queue(default_concurrency_limit=1, max_size=32)

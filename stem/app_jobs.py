@@ -79,6 +79,7 @@ PHASE_NAMES = {"loading": ("Loading the model", ""), "encoding": ("Encoding", "f
                "inverting": ("Inverting", "step"), "reconstructing": ("Reconstructing", "step"),
                "decoding": ("Decoding", "frame"), "editing": ("Editing", "step")}
 COMPARED = ("DDIM", "STEM")  # the inversions of /compare, in order
+DEPTH_COST = 0.5  # one frame through the depth estimator (DPT at 384 px), in UNet calls of one frame at 512 px
 
 
 def job_phases(kind: str, frames: int, steps: int, method: str = "stem", batch_size: int = 8,
@@ -95,6 +96,8 @@ def job_phases(kind: str, frames: int, steps: int, method: str = "stem", batch_s
 
     if kind == "invert":
         return inversion(method)
+    if kind == "conditions":  # the structure guidance's preview: its condition frames only
+        return [("conditions", DEPTH_COST * frames)]
     if kind == "compare":
         return [(f"{label} · {phase}", work) for label in COMPARED for phase, work in inversion(label.lower())]
     keyframes = math.ceil(frames / max(batch_size, 1))
@@ -329,6 +332,11 @@ def made_visible(value) -> dict:
     return gr.update(value=value, visible=True)
 
 
+def shown_if_any(value) -> dict:
+    """A result component's new value, visible only when there is one (a condition video without guidance: none)."""
+    return gr.update(value=value, visible=not _empty(value))
+
+
 # -- media at the edges ---------------------------------------------------------------------------------
 
 def has_audio(path: str | os.PathLike) -> bool:
@@ -427,6 +435,7 @@ class Jobs:
         self._running: dict[str, set[threading.Event]] = {}  # session -> stop flags of its jobs
         self._errors: dict[str, str] = {}  # session -> the status line of its last failed or stopped job
         self._edits: dict[tuple, tuple] = {}  # (clip's sha256, inversion and edit settings) -> an edit's outputs
+        self._previews: dict[str, str] = {}  # session -> the id of its last structure preview (see `previewing`)
         self._local = threading.local()  # the worker thread's stop flag
         self._on_gpu = on_gpu(self._compute, duration=self.gpu_seconds)
         _LIVE_JOBS.add(self)
@@ -471,7 +480,7 @@ class Jobs:
         try:
             self.check(kind, values)  # an API call's bad input: refused before the model or a GPU is asked for
             key = await anyio.to_thread.run_sync(self._edit_key, values) if kind == "edit" else None
-            if key is not None and key in self._edits and all(Path(p).is_file() for p in self._edits[key][::3]):
+            if key is not None and key in self._edits and _files_kept(self._edits[key]):
                 path, status, metrics, *rest = self._edits[key]
                 return (path, f"{SAME_EDIT} {status}", {**metrics, "result_cache_hit": True}, *rest)
             result = await anyio.to_thread.run_sync(
@@ -581,6 +590,49 @@ class Jobs:
             return pick_seed(values["seed"], randomize), status, *shown, *button_states(running=True)
         return start
 
+    def previewing(self, names: dict) -> Callable:
+        """The page's step (queued apart from the jobs, waiting for none) when the structure guidance is chosen or
+        a clip arrives: the edges at once; for depth a request for `preview_depth` on the GPU slot (the player
+        shown, empty, for its progress); the player hidden without guidance or without a clip a job would take.
+        Never an error: a bad value or a missing clip just shows no preview (a job's own check says why).
+
+        Its input is {component: value}; `names` maps each component to its parameter name. Its outputs: the
+        condition player, the depth request (a gr.State whose change starts `preview_depth`)."""
+        hidden = gr.update(value=None, visible=False)
+
+        def preview(inputs: dict, request: gr.Request = None) -> tuple:
+            values = {names[component]: value for component, value in inputs.items()}
+            asked = self._previews[_session(request)] = uuid.uuid4().hex  # what this page asked for last
+            while len(self._previews) > 1000:  # pages that have gone
+                self._previews.pop(next(iter(self._previews)))
+            try:
+                settings = self._settings(values, prompt_needed=False)
+                self._check_file(values.get("video"), settings)
+                if settings.control == "depth":  # a fresh request each time, so the State changes
+                    return gr.update(value=None, visible=True), {**values, "request": asked}
+                return shown_if_any(self._conditions(values)), gr.skip()
+            except (gr.Error, StemError):
+                return hidden, gr.skip()
+        return preview
+
+    async def preview_depth(self, values: dict | None, progress=gr.Progress(), request: gr.Request = None) -> dict:
+        """The depth preview `previewing` asked for, computed in the worker (the depth model runs on the GPU, one
+        job at a time): the condition player's update; hidden if it cannot be made (the server log says why),
+        nothing once the page has asked for another preview (another guidance or clip) meanwhile."""
+        def superseded() -> bool:
+            return self._previews.get(_session(request)) != values["request"]
+
+        if not values or superseded():
+            return gr.skip()
+        settings = {name: value for name, value in values.items() if name != "request"}
+        try:
+            path = await anyio.to_thread.run_sync(functools.partial(
+                self._in_worker, "conditions", settings, progress, threading.Event()), abandon_on_cancel=True)
+        except gr.Error as error:
+            log.warning("no depth preview: %s", error.message)
+            path = None
+        return gr.skip() if superseded() else shown_if_any(path)
+
     def stop(self, edited, reconstruction, comparison, table, request: gr.Request = None) -> tuple:
         """The Stop button: stop this page's jobs (the queue drops them at once); hide results left empty."""
         self.page_closed(request)
@@ -597,7 +649,7 @@ class Jobs:
                 self._check_file(video, None)
             except gr.Error as error:
                 status = f"⚠️ {error.message}"
-        return status, hidden, hidden, hidden, hidden, None, [], hidden, hidden
+        return status, hidden, hidden, hidden, hidden, None, [], hidden, hidden, hidden
 
     def page_closed(self, request: gr.Request = None) -> None:
         """A page was closed (or its Stop pressed): stop its jobs."""
@@ -659,7 +711,8 @@ class Jobs:
             raise _for_the_page(error) from error
 
     def _compute(self, kind: str, values: dict, progress) -> tuple:
-        """The job itself (on the GPU under ZeroGPU): check the server, then invert, edit or compare."""
+        """The job itself (on the GPU under ZeroGPU): check the server, then invert, edit, compare or make the
+        depth preview (`conditions`)."""
         self._check_server(progress)
         return getattr(self, f"_{kind}")(values, progress)
 
@@ -724,7 +777,11 @@ class Jobs:
                 self._condition_video(clip, settings))
 
     def _edit(self, values: dict, progress) -> tuple:
-        """Edit the clip towards the target prompt, inverting it first unless its inversion is cached."""
+        """Edit the clip towards the target prompt, inverting it first unless its inversion is cached.
+
+        (edited video, status, metrics, then for the page only: the reconstruction, the condition video or None,
+        and the "Input | Edited" video).
+        """
         settings = self._settings(values)
         edit = self._edit_settings(values)
         clip, note = self._clip(values["video"], settings)
@@ -734,6 +791,9 @@ class Jobs:
         path, sound = self._write(output_name(clip.source, "edited", edit.prompt), result.frames, clip, settings)
         reconstruction, _ = self._write(output_name(clip.source, "reconstruction", settings.method),
                                         result.inversion.reconstruction, clip, settings)
+        # the frames that were inverted beside their edit, in one video: they play in step, download together
+        both, _ = self._write(output_name(clip.source, "input-vs-edited", edit.prompt),
+                              side_by_side([clip.frames, result.frames], ["Input", "Edited"]), clip, settings)
         status = (f"**Edit** with {_editor_name(edit.editor)} to “{edit.prompt}” ({_describe(settings, clip)}): "
                   "inversion "
                   f"{_how(result.inversion_cache_hit, result.seconds_inversion)}; "
@@ -745,7 +805,7 @@ class Jobs:
             status += (f" CLIP text alignment {scores['clip_text']:.3f}, Frame-Acc {scores['frame_acc']:.2f}, "
                        f"Tem-Con {scores['tem_con']:.3f} ({scores['clip_model']}).")
         return (path, status, {**_jsonable(metrics), "result_cache_hit": False}, reconstruction,
-                self._condition_video(clip, settings))
+                self._condition_video(clip, settings), both)
 
     def _compare(self, values: dict, progress) -> tuple:
         """Invert the clip with DDIM and with STEM; a side-by-side video and a table of metrics."""
@@ -778,9 +838,9 @@ class Jobs:
 
     # - page values -> settings, clip, files -
 
-    def _settings(self, values: dict, method: str | None = None) -> InversionSettings:
+    def _settings(self, values: dict, method: str | None = None, prompt_needed: bool = True) -> InversionSettings:
         """The page's values as validated InversionSettings (the cache key)."""
-        return inversion_settings(_refused(values), self.engine.model, method)
+        return inversion_settings(_refused(values), self.engine.model, method, prompt_needed)
 
     def _edit_settings(self, values: dict) -> TokenFlowSettings | FateZeroSettings:
         """The page's values and prompts as the chosen editor's validated settings."""
@@ -824,6 +884,15 @@ class Jobs:
         available, _ = probe_clip(path)
         return clip, frames_note(clip.num_frames, available, settings.stride, settings.num_frames or 0, cap, size)
 
+    def _conditions(self, values: dict, progress=None) -> str | None:
+        """The structure guidance's preview: the clip's condition frames for the page's frames, stride and size, as
+        a video (None without guidance); no source prompt needed."""
+        settings = self._settings(values, prompt_needed=False)
+        clip, _ = self._clip(values["video"], settings)
+        if progress is not None and settings.control == "depth":
+            progress(0.0, desc="Estimating depth…")
+        return self._condition_video(clip, settings)
+
     def _condition_video(self, clip: Video, settings: InversionSettings) -> str | None:
         """The job's condition frames (edges or depth, as the ControlNet saw them) as a video; None without guidance."""
         if settings.control == "none":
@@ -860,6 +929,12 @@ _LIVE_JOBS: weakref.WeakSet[Jobs] = weakref.WeakSet()  # for stopping every job 
 def _empty(value) -> bool:
     """A result component's value holds nothing (no video; a table without rows)."""
     return value is None or (hasattr(value, "__len__") and len(value) == 0)
+
+
+def _files_kept(edit: tuple) -> bool:
+    """Whether the result files of a stored edit's outputs (see `Jobs._edit`) are all still there."""
+    path, _status, _metrics, *files = edit
+    return all(Path(p).is_file() for p in (path, *files) if p is not None)  # no condition video without guidance
 
 
 def _session(request) -> str:

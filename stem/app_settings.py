@@ -218,10 +218,12 @@ def _fields(cls: type, values: dict) -> dict:
             if cls in p.owners and not p.nested and p.spec is not None and name in values}
 
 
-def inversion_settings(values: dict, model: str, method: str | None = None) -> InversionSettings:
-    """The page's values as validated InversionSettings (the cache key); `method` for /compare's runs."""
+def inversion_settings(values: dict, model: str, method: str | None = None,
+                       prompt_needed: bool = True) -> InversionSettings:
+    """The page's values as validated InversionSettings (the cache key); `method` for /compare's runs; without
+    `prompt_needed`, an empty source prompt passes (the structure guidance's preview needs none)."""
     prompt = str(values.get("source_prompt") or "").strip()
-    if not prompt:
+    if not prompt and prompt_needed:
         raise ParameterError("Describe the input video in the source prompt, e.g. 'a red ball bouncing on a "
                              "wooden floor'; it conditions the inversion.")
     fields = _fields(InversionSettings, {name: v for name, v in values.items() if name != "method" or not method})

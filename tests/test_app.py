@@ -1084,3 +1084,93 @@ def test_on_zerogpu_the_first_edit_fits_an_anonymous_visitors_daily_quota(monkey
     assert "zero-gpu-note" in boxes
     monkeypatch.delenv("SPACES_ZERO_GPU")
     assert _components(app.build_app(engine, results=app_jobs.ResultFolder()))["frames"].value == 16  # a GPU
+
+
+def decoded(path) -> np.ndarray:
+    """(N, H, W, 3) uint8: every frame of a video file as stored, not resized."""
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def test_an_edit_shows_the_frames_it_inverted_beside_the_edited_ones(served, clip, tmp_path):
+    """22.13: "Input | Edited" is one video of the input frames the job used (stride, frames, size) and the edit."""
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
+    values = {**app_settings.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": SOURCE,
+              "target_prompt": "a blue ball", "stride": 2, "frames": 0}  # every 2nd of 6 frames: 3
+    edited, _, details, _, _, both = anyio.run(jobs.run, "edit", values, lambda *a, **k: None, None)
+    assert Path(both).name == "square-input-vs-edited-a-blue-ball.mp4"
+    panel, out = decoded(both), decoded(edited)
+    used = read_video(clip, stride=2, size=SIZE).frames  # what the job inverted, read here on its own
+    assert len(used) == 3 and panel.shape[0] == out.shape[0] == 3
+    width = out.shape[2]
+    assert panel.shape[2] == 2 * width  # side by side, no gap (64 + 64: even, no padding)
+    strip = panel.shape[1] - out.shape[1]  # side_by_side labels each half on a strip above it
+    assert 16 <= strip <= 32
+    left, right = panel[:, strip:, :width].astype(float), panel[:, strip:, width:].astype(float)
+    assert np.abs(left - used).mean() < 8  # through two lossy encodings
+    assert np.abs(right - out).mean() < 8
+    assert np.abs(left - out).mean() > np.abs(right - out).mean()  # the halves are not swapped
+
+    # the same edit again comes from the result cache, with the same video beside it
+    again = anyio.run(jobs.run, "edit", values, lambda *a, **k: None, None)
+    assert again[2]["result_cache_hit"] is True and again[5] == both
+    Path(both).unlink()  # a result file gone (its folder's TTL): the edit is made again, with a new one
+    made = anyio.run(jobs.run, "edit", values, lambda *a, **k: None, None)
+    assert made[2]["result_cache_hit"] is False and Path(made[5]).is_file()
+
+
+def test_the_edit_endpoint_still_returns_the_video_the_status_and_the_metrics(served, clip):
+    demo = app.build_app(served.engine, defaults=SMALL, results=app_jobs.ResultFolder())
+    returns = demo.get_api_info()["named_endpoints"]["/edit"]["returns"]
+    assert [r["label"] for r in returns] == ["Edited", "Status", "Metrics and timings"]
+    video, status, details = served.client.predict(handle_file(str(clip)), SOURCE, "a grey ball", api_name="/edit")
+    assert num_frames(video) == FRAMES and "editing took" in status and details["prompt"] == "a grey ball"
+
+
+def test_choosing_structure_guidance_previews_its_condition_frames(served, clip, tmp_path):
+    """Edges at once when canny is chosen (no source prompt needed), depth asked of the GPU slot, nothing without
+    guidance or a clip, and never an error."""
+    import gradio as gr
+
+    jobs = app_jobs.Jobs(served.engine, max_pixels=16 * 64**2, results=app_jobs.ResultFolder(tmp_path))
+    names = {name: name for name in app_settings.ENDPOINT_INPUTS["invert"]}  # the page's inversion controls
+    preview = jobs.previewing(names)
+    page = {**app_settings.DEFAULTS, **SMALL, "video": str(clip), "source_prompt": "", "control": "canny"}
+    values = {name: page[name] for name in names}
+    before = served.unet.count()
+    shown, depth = preview(values)
+    assert shown["visible"] is True and depth == gr.skip()
+    assert Path(shown["value"]).name == "square-control-canny.mp4"
+    expected = len(read_video(clip, num_frames=FRAMES, size=SIZE).frames)  # the page's 4 frames of 6
+    assert expected == FRAMES and num_frames(shown["value"]) == expected
+    edges = decoded(shown["value"])
+    assert 0 < (edges > 128).mean() < 0.5  # white edges on black: the square's outline
+    assert served.unet.count() == before  # no model call for edges
+
+    for other in (dict(control="none"), dict(video=None), dict(steps=app_jobs.Refused("The Steps box is empty.")),
+                  dict(video=str(tmp_path / "missing.mp4"))):
+        hidden, depth = preview({**values, **other})
+        assert hidden["visible"] is False and hidden["value"] is None and depth == gr.skip(), other
+
+    shown, request = preview({**values, "control": "depth"})  # the player shows, empty, for the queued step's bar
+    assert shown["visible"] is True and shown["value"] is None and request["control"] == "depth"
+    latest = preview({**values, "control": "depth"})[1]
+    assert latest != request  # a new request each time: the State changes
+    assert anyio.run(jobs.preview_depth, request, lambda *a, **k: None) == gr.skip()  # superseded: not computed
+    request = latest
+    # on ZeroGPU it asks for the GPU for its frames through the depth model: more than the fixed part, less than a job
+    est = app_jobs.estimate_gpu_seconds
+    assert app_jobs.GPU_FIXED_SECONDS < est("conditions", 48, 512, 50) < est("invert", 48, 512, 50)
+    assert jobs.gpu_seconds("conditions", request) == est("conditions", FRAMES, SIZE, STEPS)
+    made = anyio.run(jobs.preview_depth, request, lambda *a, **k: None)
+    assert made["visible"] is True and num_frames(made["value"]) == FRAMES
+    assert Path(made["value"]).name == "square-control-depth.mp4"
+    assert anyio.run(jobs.preview_depth, None, lambda *a, **k: None) == gr.skip()
+    # depth, then none before the depth came: the late depth does not bring the player back
+    _, late = preview({**values, "control": "depth"})
+    assert preview({**values, "control": "none"})[0]["visible"] is False
+    assert anyio.run(jobs.preview_depth, late, lambda *a, **k: None) == gr.skip()
+    other_page = SimpleNamespace(session_hash="another-page")  # another page's choice is its own
+    _, theirs = preview({**values, "control": "depth"}, other_page)
+    preview({**values, "control": "none"})
+    assert anyio.run(jobs.preview_depth, theirs, lambda *a, **k: None, other_page)["visible"] is True

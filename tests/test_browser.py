@@ -2,9 +2,10 @@
 
 One flow as a user meets it: upload a GIF through the page, start an edit with Enter in the target
 prompt, press Stop while it is inside a UNet call, start a second edit at once (it runs as soon as the
-stopped one has ended its step; the stopped one makes no further UNet call), see the edit and the
-reconstruction it computed, a new upload that clears them, then an error sentence that is still in
-the status line 15 s later.
+stopped one has ended its step; the stopped one makes no further UNet call), see the edit, the input
+beside it and the reconstruction it computed, a new upload that clears them, the depth the ControlNet
+would follow as soon as depth guidance is chosen, then an error sentence that is still in the status
+line 15 s later.
 Along the way: the status line is announced (aria-live), the examples have names, hints and
 placeholders have 4.5:1 contrast.
 
@@ -152,12 +153,23 @@ def test_gif_edit_stop_second_edit_and_an_error_that_stays(server, browser, gif)
         "src", re.compile(r"moving-square-reconstruction-stem\.mp4$")
     )
     expect(page.locator("#edited video")).to_have_attribute("loop", "")  # a 0.6 s result plays on and on
+    # the frames it inverted beside the edited ones, in one video (22.13)
+    expect(page.locator("#input-vs-edited video")).to_have_attribute(
+        "src", re.compile(r"moving-square-input-vs-edited-a-red-square-moving-over-a-gradient\.mp4$")
+    )
 
     page.locator("#input-video").get_by_label("Clear").first.click()  # a new clip: the old results go
     page.locator("#input-video input[type=file]").set_input_files(str(ROOT / "examples" / "ball.mp4"))
     expect(page.locator("#edited")).to_be_hidden()
     expect(page.locator("#reconstruction")).to_be_hidden()
+    expect(page.locator("#input-vs-edited")).to_be_hidden()
     expect(status).to_contain_text("New clip")
+    # the structure guidance's condition frames as soon as it is chosen: depth on the GPU slot, none hides them
+    page.get_by_text("Advanced").click()
+    page.locator("#control").get_by_test_id("Depth-radio-label").click()
+    expect(page.locator("#condition video")).to_have_attribute("src", re.compile(r"ball-control-depth\.mp4$"))
+    page.locator("#control").get_by_test_id("None-radio-label").click()
+    expect(page.locator("#condition")).to_be_hidden()
 
     page.locator("#target-prompt textarea").fill("")
     page.locator("#edit-button").click()
