@@ -261,6 +261,8 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
         preview = dict(fn=jobs.previewing(preview_names), inputs=set(preview_names), outputs=[condition, depth_request],
                        concurrency_limit=None, concurrency_id="preview", api_visibility="private")
         c["control"].change(**preview)
+        for name in ("frames", "stride", "size"):  # the frames the ControlNet would see change with these
+            c[name].release(**preview)
         depth_request.change(jobs.preview_depth, depth_request, condition, api_visibility="private", **gpu)
         c["video"].upload(**clear).then(**preview)
         c["video"].clear(**clear)

@@ -1174,3 +1174,14 @@ def test_choosing_structure_guidance_previews_its_condition_frames(served, clip,
     _, theirs = preview({**values, "control": "depth"}, other_page)
     preview({**values, "control": "none"})
     assert anyio.run(jobs.preview_depth, theirs, lambda *a, **k: None, other_page)["visible"] is True
+
+
+def test_the_preview_follows_the_controls_that_change_the_condition_frames(served):
+    """Choosing the guidance, and letting go of the frames, stride or size slider, re-run the preview step."""
+    demo = app.build_app(served.engine, defaults=SMALL, results=app_jobs.ResultFolder())
+    boxes = _components(demo)
+    condition = boxes["condition"]._id
+    triggers = {(target[0], target[1]) for dep in demo.config["dependencies"] if condition in dep["outputs"]
+                and dep.get("api_visibility", "private") == "private" for target in dep["targets"]}
+    for name, event in (("control", "change"), ("frames", "release"), ("stride", "release"), ("size", "release")):
+        assert (boxes[name]._id, event) in triggers, name
