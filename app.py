@@ -32,7 +32,7 @@ import torch
 from stem import Engine, InversionSettings, LatentCache, StemError
 from stem.app_jobs import (
     CPU_LIMIT, GPU_LIMIT, OUTPUT_TTL_SECONDS, Jobs, ResultFolder, add_to_history, button_states, check_numbers,
-    describe_limit, made_visible, parse_limit, shown_if_any, stop_all_jobs,
+    describe_limit, job_condition, made_visible, parse_limit, shown_if_any, stop_all_jobs,
 )
 from stem.app_settings import (
     CPU_DEFAULTS, DEFAULTS, EDIT_SETTINGS, EDITOR_LABELS, ENDPOINT_INPUTS, PARAMETERS, ZERO_GPU_DEFAULTS,
@@ -235,7 +235,7 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
                                 show_progress_on=[target], validator=jobs.validator(kind), **gpu)
             job.failure(**failed)
             job.success(lambda: button_states(running=False), None, buttons, queue=False, api_visibility="private")
-            job.success(shown_if_any, condition_path, condition, queue=False, api_visibility="private")
+            job.success(job_condition, condition_path, condition, queue=False, api_visibility="private")
             job_events.append(job)
             if kind == "edit":
                 job.success(made_visible, edit_reconstruction, reconstruction, queue=False, api_visibility="private")

@@ -337,6 +337,12 @@ def shown_if_any(value) -> dict:
     return gr.update(value=value, visible=not _empty(value))
 
 
+def job_condition(path) -> dict:
+    """The condition player after a job: the frames its ControlNet followed; a job without guidance leaves the
+    player as it is (the preview of a guidance chosen while that job ran stays)."""
+    return gr.skip() if _empty(path) else shown_if_any(path)
+
+
 # -- media at the edges ---------------------------------------------------------------------------------
 
 def has_audio(path: str | os.PathLike) -> bool:

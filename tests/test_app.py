@@ -1185,3 +1185,11 @@ def test_the_preview_follows_the_controls_that_change_the_condition_frames(serve
                 and dep.get("api_visibility", "private") == "private" for target in dep["targets"]}
     for name, event in (("control", "change"), ("frames", "release"), ("stride", "release"), ("size", "release")):
         assert (boxes[name]._id, event) in triggers, name
+
+
+def test_a_job_without_guidance_leaves_the_structure_preview_as_it_is(tmp_path):
+    import gradio as gr
+
+    assert app_jobs.job_condition(None) == gr.skip()  # a preview chosen while the job ran stays
+    path = str(tmp_path / "clip-control-canny.mp4")
+    assert app_jobs.job_condition(path) == gr.update(value=path, visible=True)
