@@ -25,8 +25,6 @@ from ..video import check_fps
 # editor name -> its settings dataclass; the edit command's --editor choices, in this order
 EDITOR_SETTINGS = {"tokenflow": TokenFlowSettings, "fatezero": FateZeroSettings}
 SETTINGS_CLASSES = (InversionSettings, TokenFlowSettings, FateZeroSettings, FreeUSettings)
-# word-pair settings: how the repeated WORD=NUMBER options become pairs (with a sentence naming the form)
-PAIR_PARSERS = WORD_VALUE_PARSERS
 METAVARS = {"reweight": "WORD=SCALE", "cross_replace_words": "WORD=FRACTION", "blend_words": "SRC[,TGT]"}
 
 
@@ -82,7 +80,7 @@ def option_keywords(s: Spec) -> dict:
     if kind is bool:
         return {**words, "action": argparse.BooleanOptionalAction,
                 "help": s.help + ("" if default is None else f" (default: {'on' if default else 'off'})")}
-    if s.name in PAIR_PARSERS:
+    if s.name in WORD_VALUE_PARSERS:
         return {"action": "append", "default": None, "metavar": METAVARS[s.name], "help": s.help + "; repeatable"}
     if s.name in METAVARS:
         words["metavar"] = METAVARS[s.name]
@@ -107,8 +105,8 @@ def given_settings(cls, args, skip=()) -> dict:
         if "cli" not in s.faces or s.nested or s.name in skip:
             continue
         value = getattr(args, dest_of([s.flag]), None)
-        if s.name in PAIR_PARSERS:
-            value = PAIR_PARSERS[s.name](value) if value is not None else None
+        if s.name in WORD_VALUE_PARSERS:
+            value = WORD_VALUE_PARSERS[s.name](value) if value is not None else None
         if value is not None:
             values[s.name] = value
     return values
