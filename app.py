@@ -131,9 +131,10 @@ def build_app(engine_or_model: Engine | str = DEFAULT_MODEL, *, cache_dir: str |
         player = dict(interactive=False, visible=False, loop=True, elem_classes=["result-player"], render=False)
         edited = gr.Video(label="Edited", elem_id="edited", **player)
         # the frames the edit inverted beside the edited ones, in one video: they play in step, download together
-        input_vs_edited = gr.Video(label="Input | Edited", elem_id="input-vs-edited", **player)
+        # (its frames carry their own labels, which the player's label badge would cover: no badge)
+        input_vs_edited = gr.Video(label="Input | Edited", elem_id="input-vs-edited", show_label=False, **player)
         reconstruction = gr.Video(label="Reconstruction", elem_id="reconstruction", **player)
-        comparison = gr.Video(label="Input | DDIM | STEM", elem_id="comparison", **player)
+        comparison = gr.Video(label="Input | DDIM | STEM", elem_id="comparison", show_label=False, **player)
         table = gr.Dataframe(headers=TABLE_HEADERS, label="Reconstruction quality", interactive=False, wrap=True,
                              # widths in px: on a phone the table scrolls sideways instead of breaking numbers
                              column_widths=["165px", "90px", "75px", "100px", "70px", "80px"], visible=False,
