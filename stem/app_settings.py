@@ -247,8 +247,8 @@ def edit_settings(values: dict) -> TokenFlowSettings | FateZeroSettings:
         inner = {p.spec.name: _value(p, values[name]) for name, p in PARAMETERS.items()
                  if p.nested == field and cls in p.owners and p.kind != "choice" and name in values}
         switch = next(name for name, p in PARAMETERS.items() if p.nested == field and p.kind == "choice")
-        choice = values.get(switch) or "default"
-        enabled = default.enabled if choice == "default" else choice in ("on", True)
+        choice = values.get(switch)
+        enabled = default.enabled if choice in (None, "", "default") else choice in ("on", True)
         fields[field] = dataclasses.replace(default, enabled=enabled, **inner)
     return cls(**fields).validate()
 

@@ -739,6 +739,8 @@ def test_page_values_become_the_settings_a_script_would_write():
         prompt="a golden ball", source_prompt="a ball", guidance=5.0, reweight=(("golden", 2.0), ("ball", 0.5)),
         blend_words="ball,ball", freeu=FreeUSettings(enabled=True, b1=1.1))
     assert app_settings.edit_settings({**fz, "freeu": "default"}).freeu.enabled is False  # FateZero's own default
+    assert app_settings.edit_settings({**page, "freeu": False}).freeu.enabled is False  # off, not the default
+    assert app_settings.edit_settings({**page, "freeu": None}).freeu.enabled is True  # TokenFlow's own default
     with pytest.raises(StemError, match="^The DDIM steps box is empty"):
         app_settings.inversion_settings({**page, "steps": None}, "tiny-random")
 
