@@ -613,10 +613,12 @@ class Jobs:
                 self._previews.pop(next(iter(self._previews)))
             try:
                 settings = self._settings(values, prompt_needed=False)
-                self._check_file(values.get("video"), settings)
+                if settings.control == "none":
+                    return hidden, gr.skip()
                 if settings.control == "depth":  # a fresh request each time, so the State changes
+                    self._check_file(values.get("video"), settings)
                     return gr.update(value=None, visible=True), {**values, "request": asked}
-                return shown_if_any(self._conditions(values)), gr.skip()
+                return shown_if_any(self._conditions(values, settings=settings)), gr.skip()
             except (gr.Error, StemError):
                 return hidden, gr.skip()
         return preview
@@ -890,11 +892,11 @@ class Jobs:
         available, _ = probe_clip(path)
         return clip, frames_note(clip.num_frames, available, settings.stride, settings.num_frames or 0, cap, size)
 
-    def _conditions(self, values: dict, progress=None) -> str | None:
+    def _conditions(self, values: dict, progress=None, settings: InversionSettings | None = None) -> str | None:
         """The structure guidance's preview: the clip's condition frames for the page's frames, stride and size, as
-        a video (None without guidance); no source prompt needed."""
-        settings = self._settings(values, prompt_needed=False)
-        clip, _ = self._clip(values["video"], settings)
+        a video (None without guidance); no source prompt needed (`settings`: the values' own, if made already)."""
+        settings = settings or self._settings(values, prompt_needed=False)
+        clip, _ = self._clip(values["video"], settings)  # checks the file first
         if progress is not None and settings.control == "depth":
             progress(0.0, desc="Estimating depth…")
         return self._condition_video(clip, settings)

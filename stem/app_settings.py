@@ -64,10 +64,11 @@ def _from_spec(s: Spec, owner: type, nested: str = "") -> Parameter:
         widget, choices = "text", ()
     if typing.get_origin(kind) is tuple:  # word pairs, typed as text: "golden=2, gold=1.5"
         default = ", ".join(f"{word}={number:g}" for word, number in default)
-    if s.optional and default is None and s.page_range and s.page_range[0] == 0:
-        default = 0  # 0 on the page: None (all)
+    zero_is_all = s.optional and bool(s.page_range) and s.page_range[0] == 0  # 0 on the page: None (all)
+    if zero_is_all and default is None:
+        default = 0
     low, high = (s.page_range or (s.minimum, s.maximum)) if kind in (int, float) else (None, None)
-    label = s.label + (" (0 = all)" if s.optional and s.page_range and s.page_range[0] == 0 else "")
+    label = s.label + (" (0 = all)" if zero_is_all else "")
     return Parameter(name=s.api_name, label=label, help=sentence_case(s.help) + ".", default=default, kind=widget,
                      whole=kind is int, choices=choices, low=low, high=high, step=s.step, spec=s, owners=(owner,),
                      nested=nested, visible="app" in s.faces)
@@ -128,7 +129,7 @@ RELEASED = {
 def _endpoint_inputs(kind: str) -> tuple[str, ...]:
     """The endpoint's parameters: its released ones, then every later setting it takes."""
     def takes(p: Parameter) -> bool:
-        if p.name == "video" or p.name == "source_prompt":
+        if p.name in ("video", "source_prompt"):
             return True
         if kind == "compare" and p.name == "method":  # /compare runs both methods
             return False
